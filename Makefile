@@ -1,0 +1,43 @@
+# cxr-node: the two commands the README opens with.
+#   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
+#   make test  install the test extra (+ Debian peers when root with apt), then run pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/cxr-node.toml
+DEBS := dcmtk dicom3tools orthanc pixelmed-apps
+
+.PHONY: run test venv debs bench clean
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build (FIELD-NOTES).
+$(BIN)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+debs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	else echo "not root or no apt-get: tests needing $(DEBS) will skip (and fail under CI=true)"; fi
+
+run: venv
+	$(BIN)/cxr-node --config $(CONFIG) db upgrade
+	$(BIN)/cxr-node --config $(CONFIG) serve
+
+test: venv debs
+	$(BIN)/python -m pytest
+
+bench: venv debs
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,303 @@
+"""Settings from a TOML file, validated once at start and passed explicitly.
+
+The file is named by ``--config`` or the ``CXR_NODE_CONFIG`` environment variable. Relative
+paths inside it are resolved against the directory that holds the file, never against the
+working directory. Every rule failure names the key and the rule, e.g.::
+
+    config/cxr-node.toml: [node] port: must be an integer from 1 to 65535 (got 70000)
+
+``config/cxr-node.toml`` documents every key with its default; keep it in step with
+``_SCHEMA`` below (a test checks that they agree).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cxr_node.errors import ConfigError
+
+ENV_VAR = "CXR_NODE_CONFIG"
+DEFAULT_DATA_DIR = "/var/lib/cxr-node"
+#: The model bundled with the package (issue 3); an empty ``[model] checkpoint`` means this.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "cxr-densenet121.pt"
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "CXRNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_pdu: int = 131072
+    max_associations: int = 16
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    drain_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Temp files being written; same filesystem as the spool so rename is atomic."""
+        return self.data_dir / "incoming"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    quiet_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    checkpoint: Path = BUNDLED_CHECKPOINT
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings
+    storage: StorageSettings
+    database: DatabaseSettings
+    study: StudySettings
+    model: ModelSettings
+    logging: LoggingSettings
+    destinations: tuple[Destination, ...] = ()
+    source: Path | None = None
+
+    def destination(self, name: str) -> Destination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"no destination named {name!r} in [[destinations]] (known: {known})")
+
+
+# --------------------------------------------------------------------------- validators
+
+
+class _Rule(Exception):
+    """A rule broken by one value; turned into a ConfigError naming the key."""
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise _Rule(f"must be an integer from {lo} to {hi} (got {v!r})")
+        return v
+
+    return check
+
+
+def _number(lo: float, hi: float) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise _Rule(f"must be a number from {lo:g} to {hi:g} (got {v!r})")
+        return float(v)
+
+    return check
+
+
+def _ae_title(v: Any) -> str:
+    # PS3.5 AE VR: 1-16 characters of the default repertoire, no backslash or control chars;
+    # leading/trailing spaces are not significant.
+    if not isinstance(v, str):
+        raise _Rule(f"must be a string (got {v!r})")
+    s = v.strip()
+    if not 1 <= len(s) <= 16:
+        raise _Rule(f"must be 1 to 16 characters, not counting spaces (got {v!r})")
+    if any(c == "\\" or ord(c) < 32 or ord(c) > 126 for c in s):
+        raise _Rule(f"must be printable ASCII without backslash (got {v!r})")
+    return s
+
+
+def _ae_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise _Rule(f"must be a list of AE titles (got {v!r})")
+    return tuple(_ae_title(x) for x in v)
+
+
+def _cidr_list(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(v, list):
+        raise _Rule(f"must be a list of CIDR networks like \"10.1.0.0/16\" (got {v!r})")
+    out = []
+    for x in v:
+        try:
+            out.append(ipaddress.ip_network(str(x), strict=False))
+        except ValueError:
+            raise _Rule(f"must be a list of CIDR networks like \"10.1.0.0/16\" ({x!r} is not one)")
+    return tuple(out)
+
+
+def _host(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _Rule(f"must be a non-empty host name or IP address (got {v!r})")
+    return v.strip()
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Rule(f"must be a string (got {v!r})")
+    return v
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or v.upper() not in {o.upper() for o in options}:
+            raise _Rule(f"must be one of {', '.join(options)} (got {v!r})")
+        return v.lower() if options[0].islower() else v.upper()
+
+    return check
+
+
+# section -> key -> (validator, default). Defaults are the raw TOML values.
+_SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "node": {
+        "ae_title": (_ae_title, "CXRNODE"),
+        "host": (_host, "0.0.0.0"),
+        "port": (_int(1, 65535), 11112),
+        "allowed_calling_aets": (_ae_list, []),
+        "allowed_hosts": (_cidr_list, []),
+        "max_pdu": (_int(0, 2**32 - 1), 131072),
+        "max_associations": (_int(1, 1000), 16),
+        "network_timeout": (_number(1, 3600), 60),
+        "acse_timeout": (_number(1, 3600), 30),
+        "dimse_timeout": (_number(1, 3600), 60),
+        "drain_seconds": (_number(0, 3600), 30),
+    },
+    "storage": {"data_dir": (_str, DEFAULT_DATA_DIR)},
+    "database": {"url": (_str, "")},
+    "study": {"quiet_seconds": (_number(0.1, 86400), 30)},
+    "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto")},
+    "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
+}
+_DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535)}
+
+
+def schema_defaults() -> dict[str, dict[str, Any]]:
+    """The documented default of every key, as raw TOML values."""
+    return {sec: {k: d for k, (_, d) in keys.items()} for sec, keys in _SCHEMA.items()}
+
+
+def config_path_from(arg: str | os.PathLike[str] | None) -> Path | None:
+    """The file named by ``--config``, else by ``CXR_NODE_CONFIG``, else None (defaults)."""
+    if arg:
+        return Path(arg)
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else None
+
+
+def load(path: str | os.PathLike[str] | None) -> Settings:
+    """Read and validate a config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        return parse({}, base_dir=Path(DEFAULT_DATA_DIR), source=None)
+    p = Path(path).expanduser().resolve()
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (pass --config or set {ENV_VAR})")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}")
+    return parse(raw, base_dir=p.parent, source=p)
+
+
+def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Settings:
+    where = f"{source}: " if source else ""
+
+    def fail(key: str, rule: str) -> ConfigError:
+        return ConfigError(f"{where}{key}: {rule}")
+
+    unknown = set(raw) - set(_SCHEMA) - {"destinations"}
+    if unknown:
+        raise fail(f"[{sorted(unknown)[0]}]", f"unknown section (known: {', '.join(sorted(_SCHEMA))}, destinations)")
+
+    values: dict[str, dict[str, Any]] = {}
+    for sec, keys in _SCHEMA.items():
+        table = raw.get(sec, {})
+        if not isinstance(table, dict):
+            raise fail(f"[{sec}]", "must be a table")
+        extra = set(table) - set(keys)
+        if extra:
+            raise fail(f"[{sec}] {sorted(extra)[0]}", f"unknown key (known: {', '.join(keys)})")
+        values[sec] = {}
+        for key, (check, default) in keys.items():
+            try:
+                values[sec][key] = check(table.get(key, default))
+            except _Rule as r:
+                raise fail(f"[{sec}] {key}", str(r))
+
+    dests_raw = raw.get("destinations", [])
+    if not isinstance(dests_raw, list):
+        raise fail("[[destinations]]", "must be an array of tables ([[destinations]])")
+    dests: list[Destination] = []
+    for i, d in enumerate(dests_raw):
+        label = f"[[destinations]] #{i + 1}"
+        if not isinstance(d, dict):
+            raise fail(label, "must be a table")
+        extra = set(d) - set(_DESTINATION_KEYS)
+        if extra:
+            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(_DESTINATION_KEYS)})")
+        kw = {}
+        for key, check in _DESTINATION_KEYS.items():
+            if key not in d:
+                raise fail(f"{label} {key}", "is required")
+            try:
+                kw[key] = check(d[key])
+            except _Rule as r:
+                raise fail(f"{label} {key}", str(r))
+        if not kw["name"].strip():
+            raise fail(f"{label} name", "must not be empty")
+        if any(x.name == kw["name"] for x in dests):
+            raise fail(f"{label} name", f"must be unique ({kw['name']!r} is used twice)")
+        dests.append(Destination(**kw))
+
+    def resolve(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (base_dir / q).resolve()
+
+    data_dir = resolve(values["storage"]["data_dir"])
+    url = values["database"]["url"] or f"sqlite:///{data_dir / 'cxr-node.db'}"
+    ckpt = values["model"]["checkpoint"]
+    return Settings(
+        node=NodeSettings(**values["node"]),
+        storage=StorageSettings(data_dir=data_dir),
+        database=DatabaseSettings(url=url),
+        study=StudySettings(**values["study"]),
+        model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"]),
+        logging=LoggingSettings(**values["logging"]),
+        destinations=tuple(dests),
+        source=source,
+    )

@@ -1,0 +1,40 @@
+"""One root exception for cxr-node, and a subclass per stage.
+
+Each carries a message that says what went wrong and, where it can, what to do about it.
+"""
+
+
+class CxrNodeError(Exception):
+    """Root of every error cxr-node raises on purpose."""
+
+
+class ConfigError(CxrNodeError):
+    """The configuration file is missing, unreadable or breaks a rule."""
+
+
+class DatabaseError(CxrNodeError):
+    """The audit database cannot be reached or is not at the expected schema."""
+
+
+class SpoolError(CxrNodeError):
+    """An instance could not be made durable (disk full, permissions, I/O error)."""
+
+
+class InvalidInstanceError(CxrNodeError):
+    """A received dataset cannot be understood (does not decode, lacks required UIDs)."""
+
+
+class SOPClassMismatchError(CxrNodeError):
+    """The dataset's SOP Class or Instance UID disagrees with the C-STORE request."""
+
+
+class PreprocessError(CxrNodeError):
+    """An image is not a usable 2-D greyscale radiograph."""
+
+
+class CheckpointError(CxrNodeError):
+    """A model checkpoint is missing, incomplete, mismatched or tampered with."""
+
+
+class NetworkError(CxrNodeError):
+    """A DICOM peer could not be reached or refused us."""
