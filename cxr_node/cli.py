@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `cxr-node audit | head`
+        sys.stderr.close()
+        return 0
 
 
 def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001 - Settings

@@ -1,0 +1,91 @@
+"""Record and query audit events.
+
+Event types are part of the interface (admins script against them); add, never rename.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cxr_node.db.models import AuditEvent, utcnow
+
+EVENTS: dict[str, str] = {
+    "node.started": "the daemon started listening",
+    "node.stopped": "the daemon stopped (SIGTERM/SIGINT)",
+    "association.opened": "an A-ASSOCIATE-RQ arrived",
+    "association.accepted": "the association was accepted",
+    "association.rejected": "the association was refused (reason says why)",
+    "association.released": "the peer released the association",
+    "association.aborted": "the association was aborted",
+    "echo.received": "a C-ECHO was answered",
+    "instance.stored": "an instance was made durable and recorded",
+    "instance.duplicate": "an already stored SOP Instance UID arrived again (not stored twice)",
+    "instance.failed": "an instance was refused (status and reason say why)",
+    "instance.recovered": "a spooled file without a database row was registered at start-up",
+    "instance.not_for_triage": "an instance was stored but will not be triaged (reason says why)",
+    "spool.partial_removed": "a partial temp file from an interrupted write was removed at start-up",
+    "study.receiving": "a new study started arriving",
+    "study.reopened": "an instance arrived after completion; the study's version went up",
+    "study.complete": "nothing arrived for quiet_seconds",
+    "study.queued": "the complete study was queued for processing",
+}
+
+#: The stable field names of ``cxr-node audit --format json|csv``.
+FIELDS: tuple[str, ...] = (
+    "id", "time", "event", "outcome", "association_id", "calling_aet", "called_aet", "host", "port",
+    "study_uid", "series_uid", "sop_instance_uid", "sop_class_uid", "patient_id", "transfer_syntax",
+    "bytes", "status", "reason", "detail",
+)
+
+
+def record(session: Session, event: str, outcome: str = "success", *, ts: dt.datetime | None = None,
+           **fields: Any) -> AuditEvent:
+    """Add one audit row to the session's transaction (the caller commits)."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown audit event type {event!r}")
+    row = AuditEvent(event=event, outcome=outcome, ts=ts or utcnow(), **fields)
+    session.add(row)
+    return row
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    study_uid: str | None = None
+    events: Sequence[str] = ()
+    calling_aet: str | None = None
+    limit: int | None = None
+
+
+def query(session: Session, q: AuditQuery) -> list[AuditEvent]:
+    stmt = select(AuditEvent)
+    if q.since:
+        stmt = stmt.where(AuditEvent.ts >= q.since)
+    if q.until:
+        stmt = stmt.where(AuditEvent.ts < q.until)
+    if q.study_uid:
+        stmt = stmt.where(AuditEvent.study_uid == q.study_uid)
+    if q.events:
+        stmt = stmt.where(AuditEvent.event.in_(list(q.events)))
+    if q.calling_aet:
+        stmt = stmt.where(AuditEvent.calling_aet == q.calling_aet)
+    stmt = stmt.order_by(AuditEvent.id)
+    if q.limit:
+        stmt = stmt.limit(q.limit)
+    return list(session.scalars(stmt))
+
+
+def as_dict(row: AuditEvent) -> dict[str, Any]:
+    d = {f: getattr(row, f) for f in FIELDS if f not in ("time",)}
+    d["time"] = row.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {f: d[f] for f in FIELDS}
+
+
+def as_dicts(rows: Iterable[AuditEvent]) -> list[dict[str, Any]]:
+    return [as_dict(r) for r in rows]

@@ -1,0 +1,99 @@
+"""SQLAlchemy models. The schema is owned by Alembic (``migrations/``); never create_all()."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+UID = String(64)
+AET = String(16)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; use datetime.now(timezone.utc)")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AuditEvent(Base):
+    """One row per thing that happened. Append-only. Holds UIDs, patient ID, AE titles and
+    hosts, never patient names."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True, default=utcnow)
+    event: Mapped[str] = mapped_column(String(40), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    association_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    calling_aet: Mapped[str | None] = mapped_column(AET, index=True)
+    called_aet: Mapped[str | None] = mapped_column(AET)
+    host: Mapped[str | None] = mapped_column(String(64))
+    port: Mapped[int | None] = mapped_column(Integer)
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    transfer_syntax: Mapped[str | None] = mapped_column(UID)
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict | None] = mapped_column(JSON)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    state_changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    triage_eligible: Mapped[bool] = mapped_column(Boolean)
+    not_for_triage_reason: Mapped[str | None] = mapped_column(Text)
+    study_version: Mapped[int] = mapped_column(Integer)
+    association_id: Mapped[str | None] = mapped_column(String(36))
+    calling_aet: Mapped[str | None] = mapped_column(AET)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
