@@ -1,0 +1,1 @@
+"""Model training, calibration and evaluation for cxr-node (imports preprocessing from cxr_node)."""

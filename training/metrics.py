@@ -1,0 +1,202 @@
+"""Classification metrics in numpy/scipy only (no scikit-learn dependency).
+
+All functions take integer targets ``y`` (N,) and probabilities ``p`` (N, K) or scores (N,).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Binary ROC AUC via the Mann-Whitney U statistic (ties count one half). NaN if one class is absent."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), thresholds descending; a point for each distinct score (+ the origin)."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.where(np.diff(s))[0], y.size - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (1 + distinct) - tps
+    P, N = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    tpr = np.r_[0.0, tps / P]
+    fpr = np.r_[0.0, fps / N]
+    thr = np.r_[np.inf, s[distinct]]
+    return fpr, tpr, thr
+
+
+def macro_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean one-vs-rest AUC over classes present with both positives and negatives."""
+    aucs = [roc_auc(y == k, p[:, k]) for k in range(p.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y, dtype=int), np.asarray(pred, dtype=int)), 1)
+    return cm
+
+
+def _div(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def binary_stats(y_pos: np.ndarray, pred_pos: np.ndarray) -> dict[str, float]:
+    y_pos, pred_pos = np.asarray(y_pos, bool), np.asarray(pred_pos, bool)
+    tp = int((y_pos & pred_pos).sum())
+    fp = int((~y_pos & pred_pos).sum())
+    fn = int((y_pos & ~pred_pos).sum())
+    tn = int((~y_pos & ~pred_pos).sum())
+    sens, ppv = _div(tp, tp + fn), _div(tp, tp + fp)
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "sensitivity": sens, "specificity": _div(tn, tn + fp),
+            "ppv": ppv, "npv": _div(tn, tn + fn),
+            "f1": _div(2 * tp, 2 * tp + fp + fn)}
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> tuple[float, dict[str, list]]:
+    """Top-label ECE with equal-width confidence bins; also returns the reliability table."""
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    table: dict[str, list] = {"bin_lower": [], "bin_upper": [], "count": [], "confidence": [], "accuracy": []}
+    for b in range(n_bins):
+        m = idx == b
+        n = int(m.sum())
+        table["bin_lower"].append(float(edges[b]))
+        table["bin_upper"].append(float(edges[b + 1]))
+        table["count"].append(n)
+        if n:
+            c, a = float(conf[m].mean()), float(correct[m].mean())
+            ece += n / len(y) * abs(c - a)
+            table["confidence"].append(c)
+            table["accuracy"].append(a)
+        else:
+            table["confidence"].append(None)
+            table["accuracy"].append(None)
+    return float(ece), table
+
+
+def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                     alpha: float = 0.05) -> dict[str, Any]:
+    """Percentile bootstrap CIs (resampling films) for each one-vs-rest AUC and the macro AUC."""
+    rng = np.random.default_rng(seed)
+    k = p.shape[1]
+    n = len(y)
+    per: list[list[float]] = [[] for _ in range(k)]
+    macro: list[float] = []
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        yb, pb = y[i], p[i]
+        vals = [roc_auc(yb == c, pb[:, c]) for c in range(k)]
+        for c, v in enumerate(vals):
+            if not math.isnan(v):
+                per[c].append(v)
+        ok = [v for v in vals if not math.isnan(v)]
+        if ok:
+            macro.append(float(np.mean(ok)))
+
+    def ci(v: Sequence[float]) -> list[float]:
+        if not v:
+            return [float("nan"), float("nan")]
+        return [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
+
+    return {"per_class": [ci(v) for v in per], "macro": ci(macro), "n_boot": n_boot, "seed": seed}
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    p = softmax(logits, temperature)
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature minimising validation NLL (bounded scalar search over log T in [-3, 3])."""
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda lt: nll(logits, y, math.exp(lt)), bounds=(-3.0, 3.0), method="bounded",
+                          options={"xatol": 1e-4})
+    return float(math.exp(res.x))
+
+
+def threshold_for_sensitivity(y_pos: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The highest threshold t with sensitivity(score >= t) >= target (most specific such point)."""
+    y_pos = np.asarray(y_pos, bool)
+    s = np.sort(np.asarray(score, dtype=np.float64)[y_pos])[::-1]
+    if s.size == 0:
+        raise ValueError("no positive cases to set a sensitivity threshold")
+    need = int(math.ceil(target * s.size - 1e-9))
+    need = min(max(need, 1), s.size)
+    return float(s[need - 1])
+
+
+def threshold_max_youden(y_pos: np.ndarray, score: np.ndarray) -> float:
+    fpr, tpr, thr = roc_curve(y_pos, score)
+    j = tpr - fpr
+    i = int(np.argmax(j[1:])) + 1
+    return float(thr[i])
+
+
+def summarize(y: np.ndarray, p: np.ndarray, labels: Sequence[str], thresholds: dict[str, float] | None = None,
+              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Everything metrics.json holds. Per-class binary stats use the class's operating threshold
+    when one is given (one-vs-rest, p >= t), else the argmax prediction."""
+    y = np.asarray(y, dtype=int)
+    k = len(labels)
+    pred = p.argmax(axis=1)
+    cm = confusion_matrix(y, pred, k)
+    per_class: dict[str, Any] = {}
+    f1s = []
+    for c, name in enumerate(labels):
+        auc = roc_auc(y == c, p[:, c])
+        argmax_stats = binary_stats(y == c, pred == c)
+        f1s.append(argmax_stats["f1"])
+        entry: dict[str, Any] = {"auc": auc, "n": int((y == c).sum()), "argmax": argmax_stats}
+        if thresholds and name in thresholds:
+            entry["threshold"] = float(thresholds[name])
+            entry["at_threshold"] = binary_stats(y == c, p[:, c] >= thresholds[name])
+        ops = entry.get("at_threshold", argmax_stats)
+        for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+            entry[key] = ops[key]
+        per_class[name] = entry
+    ece, rel = expected_calibration_error(y, p)
+    ci = bootstrap_auc_ci(y, p, n_boot=n_boot, seed=seed)
+    for c, name in enumerate(labels):
+        per_class[name]["auc_ci95"] = ci["per_class"][c]
+    return {
+        "n": int(len(y)),
+        "labels": list(labels),
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "macro_auc": macro_auc(y, p),
+        "macro_auc_ci95": ci["macro"],
+        "macro_f1": float(np.nanmean(f1s)) if f1s else float("nan"),
+        "ece": ece,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_axes": "rows = true label, columns = predicted (argmax)",
+        "reliability": rel,
+        "bootstrap": {"n_boot": ci["n_boot"], "seed": ci["seed"], "method": "percentile, films resampled"},
+    }

@@ -1,0 +1,415 @@
+"""Train a chest X-ray classifier: ``python -m training.train --data DIR_OR_MANIFEST --out RUN_DIR``.
+
+Pipeline: read the dataset (folder-per-class tree or manifest CSV) -> grouped stratified 70/15/15
+split with a fixed seed (saved as RUN_DIR/split.csv + split.json) -> preprocess every film once
+with ``cxr_node.preprocess.base_transform`` into a uint8 cache -> train with class-weighted
+cross-entropy, MONAI Rand* augmentation, AdamW and ReduceLROnPlateau -> early stopping on the
+validation macro AUC. Writes RUN_DIR/best.pt, RUN_DIR/last.pt (with optimizer state for
+``--resume``), history.json and curves.png.
+
+On CUDA: mixed precision (autocast + GradScaler) and channels_last. Under ``torchrun`` it uses
+DistributedDataParallel (nccl on CUDA, gloo on CPU) with a DistributedSampler.
+
+After training, run ``python -m training.calibrate`` (temperature + operating points on the
+validation split) and ``python -m training.evaluate --split test`` once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger("training.train")
+
+DEFAULT_CRITICAL = "COVID"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[-1] if __doc__ else None,
+        epilog="""examples:
+  # the bundled model (CPU, about 10-15 min per epoch on 2 cores)
+  python -m training.train --data /path/covid19-radiography/manifest.csv --out runs/densenet128 \\
+      --input-size 128 --epochs 6 --threads 2
+  # continue an interrupted run from RUN_DIR/last.pt
+  python -m training.train --data ... --out runs/densenet128 --resume
+  # GPU, mixed precision, 2 GPUs
+  torchrun --nproc_per_node 2 -m training.train --data ... --out runs/gpu --device cuda --input-size 224
+
+then: python -m training.calibrate --checkpoint RUN_DIR/best.pt --data ...
+      python -m training.evaluate --checkpoint RUN_DIR/best.pt --data ... --split test --out RUN_DIR/test
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="folder-per-class directory, or a manifest CSV (path,label,...)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, split, history, curves")
+    p.add_argument("--arch", default="densenet121",
+                   choices=["densenet121", "resnet50", "efficientnet-b0", "efficientnet-b3"])
+    p.add_argument("--input-size", type=int, default=224, help="model input side in px (default 224)")
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--patience", type=int, default=4, help="early stopping: epochs without val macro AUC gain")
+    p.add_argument("--lr-patience", type=int, default=1, help="ReduceLROnPlateau patience (epochs)")
+    p.add_argument("--seed", type=int, default=42, help="split, init, shuffling and augmentation seed")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--cache-dir", default=None, help="where the uint8 preprocessed cache lives (default RUN_DIR/cache)")
+    p.add_argument("--critical", default=None,
+                   help=f"critical class for urgent flags (default {DEFAULT_CRITICAL} if present)")
+    p.add_argument("--no-augment", action="store_true", help="disable augmentation")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--version", dest="model_version", default=None,
+                   help="model version string recorded in the checkpoint (default <arch>-<input>-<date>)")
+    p.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)  # tests / smoke runs
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+# --------------------------------------------------------------------------- data
+
+
+class CachedDataset:
+    """Items from the uint8 cache: ([1,S,S] float tensor normalised, label index)."""
+
+    def __init__(self, cache: np.ndarray, indices: Sequence[int], targets: Sequence[int], params: dict,
+                 augment: bool, seed: int) -> None:
+        from cxr_node.preprocess import normalize_transform
+
+        self.cache = cache
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.norm = normalize_transform(params)
+        self.aug = make_augment() if augment else None
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        x = torch.from_numpy(self.cache[self.indices[i]].astype(np.float32) / 255.0)[None]
+        if self.aug is not None:
+            # deterministic per (seed, epoch, item): independent of worker count and resume point
+            self.aug.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 100_003 + int(i)) % (2**32))
+            x = self.aug(x)
+            x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+        return self.norm(x).contiguous(), int(self.targets[i])
+
+
+def make_augment():
+    """Small rotation, zoom, contrast/window and noise on a [0, 1] (1, S, S) image (MONAI Rand*)."""
+    from monai.transforms import (Compose, RandAdjustContrast, RandGaussianNoise, RandRotate, RandZoom,
+                                  ScaleIntensityRange)
+
+    from cxr_node.preprocess import RandWindowJitter
+
+    return Compose([
+        RandRotate(range_x=math.radians(8), prob=0.5, padding_mode="border", keep_size=True),
+        RandZoom(min_zoom=0.92, max_zoom=1.08, prob=0.5, padding_mode="edge", keep_size=True),
+        RandWindowJitter(prob=0.4, max_shift=0.06, gamma_range=(0.85, 1.18)),
+        RandAdjustContrast(prob=0.3, gamma=(0.85, 1.18)),
+        RandGaussianNoise(prob=0.3, mean=0.0, std=0.015),
+        ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+    ])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def class_weights(targets: np.ndarray, k: int) -> np.ndarray:
+    """Inverse class frequency, scaled so the weights average 1 over samples: N / (K * n_c)."""
+    counts = np.bincount(targets, minlength=k).astype(np.float64)
+    if (counts == 0).any():
+        raise ValueError(f"every class needs training images (counts {counts.tolist()})")
+    return len(targets) / (k * counts)
+
+
+def predict_logits(model, cache: np.ndarray, indices: Sequence[int], params: dict, device, batch_size: int = 64,
+                   amp: bool = False, channels_last: bool = False) -> np.ndarray:
+    """Logits (N, K) for cached films, in order, no augmentation."""
+    import torch
+
+    from cxr_node.preprocess import normalize_transform
+
+    norm = normalize_transform(params)
+    model.eval()
+    out = []
+    idx = np.asarray(indices, dtype=np.int64)
+    with torch.inference_mode():
+        for s in range(0, len(idx), batch_size):
+            b = torch.from_numpy(cache[idx[s:s + batch_size]].astype(np.float32) / 255.0)[:, None]
+            x = norm(b).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, enabled=amp):
+                out.append(model(x).float().cpu().numpy())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax[0].plot(ep, [h["val_loss"] for h in history], "o-", label="val loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    ax[1].plot(ep, [h["val_macro_auc"] for h in history], "o-", label="val macro AUC")
+    ax[1].plot(ep, [h["val_accuracy"] for h in history], "o-", label="val accuracy")
+    ax[1].set_xlabel("epoch")
+    ax[1].legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    from monai.data import set_track_meta
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    from cxr_node.model import atomic_torch_save, build_model, make_checkpoint, read_checkpoint, resolve_device
+    from cxr_node.preprocess import make_params
+    from training import data as D
+    from training.metrics import macro_auc, softmax
+
+    set_track_meta(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world, rank, local_rank = _dist_info()
+    distributed = world > 1
+    device = resolve_device(args.device)
+    if distributed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+    is_main = rank == 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    amp = device.type == "cuda"
+    channels_last = device.type == "cuda"
+
+    records = D.read_dataset(args.data)
+    labels = sorted({r.label for r in records})
+    label_idx = {n: i for i, n in enumerate(labels)}
+    critical = args.critical or (DEFAULT_CRITICAL if DEFAULT_CRITICAL in labels else labels[0])
+    if critical not in labels:
+        raise SystemExit(f"--critical {critical!r} is not a label ({', '.join(labels)})")
+    params = make_params(input_size=args.input_size)
+
+    split_csv = out / "split.csv"
+    if args.resume and split_csv.is_file():
+        assign = D.load_split(split_csv)
+    else:
+        assign = D.grouped_stratified_split(records, seed=args.seed)
+        if is_main:
+            D.save_split(assign, records, out, args.seed, str(args.data))
+    idx = {s: [i for i, r in enumerate(records) if assign.get(r.relpath) == s] for s in D.SPLITS}
+    targets = np.array([label_idx[r.label] for r in records], dtype=np.int64)
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    if is_main:
+        cache = D.build_cache(records, params, cache_dir)
+    if distributed:
+        dist.barrier()
+    if not is_main:
+        cache = D.build_cache(records, params, cache_dir, show_progress=False)
+
+    tr_idx, va_idx = idx["train"], idx["val"]
+    weights = class_weights(targets[tr_idx], len(labels))
+    if is_main:
+        log.info("labels %s; split train %d / val %d / test %d; critical class %s", labels, len(tr_idx),
+                 len(va_idx), len(idx["test"]), critical)
+        log.info("class weights (inverse frequency): %s",
+                 ", ".join(f"{n}={w:.3f}" for n, w in zip(labels, weights)))
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, len(labels)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=args.lr_patience)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    crit = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+
+    start_epoch, best_auc, bad_epochs, history = 1, -1.0, 0, []
+    version = args.model_version or f"{args.arch}-{args.input_size}-{time.strftime('%Y%m%d', time.gmtime())}"
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if args.resume:
+        if not last_path.is_file():
+            raise SystemExit(f"--resume: {last_path} not found")
+        ck = read_checkpoint(last_path)
+        if ck["meta"]["labels"] != labels or ck["meta"]["arch"] != args.arch \
+                or ck["meta"]["input_size"] != args.input_size:
+            raise SystemExit(f"--resume: {last_path} was trained with labels/arch/input size "
+                             f"{ck['meta']['labels']}/{ck['meta']['arch']}/{ck['meta']['input_size']}")
+        model.load_state_dict(ck["state_dict"])
+        st = ck["train_state"]
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        if amp and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        start_epoch, best_auc, bad_epochs = st["epoch"] + 1, st["best_auc"], st["bad_epochs"]
+        history = st["history"]
+        version = ck["meta"]["version"]
+        if is_main:
+            log.info("resumed from %s at epoch %d (best val macro AUC %.4f)", last_path, st["epoch"], best_auc)
+
+    net = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_ds = CachedDataset(cache, tr_idx, targets[tr_idx], params, augment=not args.no_augment, seed=args.seed)
+    if distributed:
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    else:
+        sampler = None
+    base_meta = {
+        "labels": labels, "arch": args.arch, "input_size": args.input_size, "preprocess": params,
+        "thresholds": {critical: 0.5}, "temperature": 1.0, "critical_labels": [critical],
+        "data_manifest_sha256": D.manifest_sha256(records), "version": version,
+        "calibrated": False, "seed": args.seed, "class_weights": [float(w) for w in weights],
+        "train_counts": {n: int((targets[tr_idx] == i).sum()) for i, n in enumerate(labels)},
+    }
+
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        train_ds.epoch = epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                                pin_memory=device.type == "cuda", drop_last=False)
+        else:
+            g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=RandomSampler(train_ds, generator=g),
+                                num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=False)
+        net.train()
+        t0 = time.perf_counter()
+        seen, loss_sum = 0, 0.0
+        n_batches = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=not is_main,
+                   mininterval=10.0, file=sys.stderr)
+        for b, (x, y) in enumerate(loader):
+            if b >= n_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=amp):
+                loss = crit(net(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} batch {b}")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            seen += len(y)
+            loss_sum += float(loss.detach()) * len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+        bar.close()
+        train_time = time.perf_counter() - t0
+        stats = torch.tensor([loss_sum, seen, train_time], dtype=torch.float64, device=device)
+        if distributed:
+            dist.all_reduce(stats)
+        train_loss = float(stats[0] / max(stats[1], 1))
+        imgs_per_s = float(stats[1]) / (float(stats[2]) / world)
+
+        # validation on rank 0; result broadcast so every rank steps its scheduler the same way
+        val = torch.zeros(3, dtype=torch.float64, device=device)
+        if is_main:
+            logits = predict_logits(model, cache, va_idx, params, device, amp=amp, channels_last=channels_last)
+            pv = softmax(logits)
+            yv = targets[va_idx]
+            val_auc = macro_auc(yv, pv)
+            val_loss = float(-np.mean(np.log(np.clip(pv[np.arange(len(yv)), yv], 1e-12, None))))
+            val_acc = float((pv.argmax(1) == yv).mean())
+            val = torch.tensor([val_auc, val_loss, val_acc], dtype=torch.float64, device=device)
+        if distributed:
+            dist.broadcast(val, src=0)
+        val_auc, val_loss, val_acc = (float(v) for v in val)
+        sched.step(val_auc)
+        improved = val_auc > best_auc + 1e-5
+        if improved:
+            best_auc, bad_epochs = val_auc, 0
+        else:
+            bad_epochs += 1
+        rec = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_macro_auc": val_auc,
+               "val_accuracy": val_acc, "images_per_s": imgs_per_s, "train_seconds": float(stats[2]) / world,
+               "lr": opt.param_groups[0]["lr"], "world_size": world, "device": device.type}
+        history.append(rec)
+        if is_main:
+            log.info("epoch %d/%d loss %.4f val_loss %.4f val_macro_auc %.4f val_acc %.3f %.1f img/s lr %.2g%s",
+                     epoch, args.epochs, train_loss, val_loss, val_auc, val_acc, imgs_per_s,
+                     opt.param_groups[0]["lr"], " *best*" if improved else "")
+            meta = dict(base_meta, metrics={"val_macro_auc": val_auc, "val_accuracy": val_acc, "epoch": epoch,
+                                            "val_loss": val_loss})
+            if improved:
+                atomic_torch_save(make_checkpoint(model, meta), best_path)
+            ck = make_checkpoint(model, meta)
+            ck["train_state"] = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                 "scaler": scaler.state_dict() if amp else {}, "epoch": epoch,
+                                 "best_auc": best_auc, "bad_epochs": bad_epochs, "history": history}
+            atomic_torch_save(ck, last_path)
+            (out / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+            plot_curves(history, out / "curves.png")
+        if bad_epochs >= args.patience:
+            if is_main:
+                log.info("early stopping: no val macro AUC gain for %d epochs (best %.4f)", bad_epochs, best_auc)
+            break
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"best_val_macro_auc": best_auc, "epochs": len(history), "history": history}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+    for noisy in ("PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
