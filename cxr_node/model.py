@@ -203,9 +203,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu"
                     ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the network named in the metadata, load the verified weights (as fp32), eval mode."""
+    """Build the network named in the metadata, load the verified weights (as fp32), eval mode.
+
+    Returns ``(model, meta)``; ``meta`` is a copy of the checkpoint metadata plus ``weights_sha256``."""
     ck = read_checkpoint(path)
-    meta = ck["meta"]
+    meta = dict(ck["meta"])
+    meta["weights_sha256"] = ck["sha256"]
     model = build_model(meta["arch"], len(meta["labels"]))
     n_out = output_features(model)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in ck["state_dict"].items()}

@@ -489,11 +489,14 @@ def preprocess_dict_transform(params: Mapping[str, Any], keys: KeysCollection = 
     ])
 
 
-def load_display_image(src: Any, params: Mapping[str, Any]) -> np.ndarray:
-    """The film as shown to a person (VOI applied, no CLAHE), downscaled: float32 (H, W) in [0, 1]."""
+def preprocess_with_display(src: Any, params: Mapping[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode once; return the model input ``(1, S, S)`` (as :func:`preprocess_transform`) and the
+    film as a person sees it (VOI applied, no CLAHE, area-downscaled): float32 ``(H, W)`` in [0, 1]."""
     p = check_params(params)
-    img = LoadRadiograph(p["percentiles"], p["min_size"])(src)
-    return AreaDownscale(p["downscale_max"])(img)[0]
+    small = AreaDownscale(p["downscale_max"])(LoadRadiograph(p["percentiles"], p["min_size"])(src))
+    x = CLAHE(p["clahe_clip_limit"], p["clahe_kernel_fraction"], p["clahe_nbins"])(small)
+    x = NormalizeIntensity(p["normalize"])(ResizeSquare(p["input_size"])(x))
+    return x, small[0]
 
 
 def to_uint8(img: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -1,0 +1,178 @@
+"""Inference: a checkpoint loaded once -> frozen :class:`Prediction` records with Grad-CAM maps.
+
+    predictor = Predictor("cxr_node/models/cxr-densenet121.pt", device="cpu")
+    x = predictor.preprocess("film.dcm")           # (1, S, S) tensor, the checkpoint's preprocessing
+    [pred] = predictor.predict([x])                 # or a (B, 1, S, S) batch
+    pred.top_label, pred.probabilities, pred.urgent, pred.cam
+
+Probabilities are ``softmax(logits / temperature)`` with the checkpoint's temperature; the urgent
+flag and priority come from :class:`cxr_node.triage.TriagePolicy` with the checkpoint's operating
+points. A Predictor is not thread-safe (Grad-CAM hooks live on it): give each worker its own, or
+serialise calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cxr_node.errors import PreprocessError
+from cxr_node.model import GRADCAM_LAYERS, load_checkpoint, resolve_device
+from cxr_node.triage import TriagePolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    top_label: str
+    top_probability: float
+    urgent: bool
+    priority: str
+    reasons: tuple[str, ...]
+    model_version: str
+    model_arch: str
+    weights_sha256: str
+    cam: np.ndarray | None = None  # (S, S) float32 in [0, 1], read-only; for ``cam_label``
+    cam_label: str | None = None
+
+    def probability(self, label: str) -> float:
+        return self.probabilities[self.labels.index(label)]
+
+    def as_dict(self, include_cam: bool = False) -> dict[str, Any]:
+        d = {"probabilities": dict(zip(self.labels, self.probabilities)), "top_label": self.top_label,
+             "top_probability": self.top_probability, "urgent": self.urgent, "priority": self.priority,
+             "reasons": list(self.reasons), "model_version": self.model_version, "model_arch": self.model_arch,
+             "weights_sha256": self.weights_sha256, "cam_label": self.cam_label}
+        if include_cam and self.cam is not None:
+            d["cam"] = self.cam.tolist()
+        return d
+
+
+class Predictor:
+    """Loads and verifies a checkpoint once; :meth:`predict` runs batches."""
+
+    def __init__(self, checkpoint: str | os.PathLike[str], device: str | None = "cpu") -> None:
+        self.device = resolve_device(device)
+        self.checkpoint = str(checkpoint)
+        self.model, self.meta = load_checkpoint(checkpoint, self.device)
+        self.weights_sha256: str = self.meta["weights_sha256"]
+        self.labels: tuple[str, ...] = tuple(self.meta["labels"])
+        self.params: dict[str, Any] = dict(self.meta["preprocess"])
+        self.temperature = float(self.meta["temperature"])
+        self.version = str(self.meta["version"])
+        self.arch = str(self.meta["arch"])
+        self.policy = TriagePolicy.from_meta(self.meta)
+        self.target_layer = GRADCAM_LAYERS[self.arch]
+        self._cam = None
+        self._preprocess = None
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input_size"])
+
+    def preprocess(self, src: Any) -> torch.Tensor:
+        """A path (DICOM/PNG/JPEG) or pydicom Dataset -> (1, S, S) tensor; PreprocessError if unusable."""
+        if self._preprocess is None:
+            from cxr_node.preprocess import preprocess_transform
+
+            self._preprocess = preprocess_transform(self.params)
+        try:
+            out = self._preprocess(src)
+        except PreprocessError:
+            raise
+        except Exception as e:  # MONAI wraps transform errors; unwrap ours, re-raise others with context
+            cause = e
+            while cause is not None and not isinstance(cause, PreprocessError):
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, PreprocessError):
+                raise cause from None
+            raise PreprocessError(f"preprocessing failed: {type(e).__name__}: {e}") from e
+        return torch.as_tensor(out, dtype=torch.float32)
+
+    def preprocess_with_display(self, src: Any) -> tuple[torch.Tensor, np.ndarray]:
+        """Like :meth:`preprocess`, plus the film for display (H, W) in [0, 1]; decodes once."""
+        from cxr_node.preprocess import preprocess_with_display
+
+        return preprocess_with_display(src, self.params)
+
+    def _gradcam(self):
+        if self._cam is None:
+            from monai.visualize import GradCAM
+
+            self._cam = GradCAM(nn_module=self.model, target_layers=self.target_layer)
+        return self._cam
+
+    def _stack(self, images: torch.Tensor | Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            x = images if images.ndim == 4 else images[None]
+        else:
+            if len(images) == 0:
+                raise ValueError("predict() needs at least one image")
+            x = torch.stack([torch.as_tensor(i, dtype=torch.float32) for i in images])
+        s = self.input_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (1, s, s):
+            raise ValueError(f"images must be (B, 1, {s}, {s}) preprocessed tensors (got {tuple(x.shape)})")
+        return x.to(self.device, dtype=torch.float32)
+
+    def logits(self, images: torch.Tensor | Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
+        x = self._stack(images)
+        with torch.inference_mode():
+            return self.model(x).float()
+
+    def predict(self, images: torch.Tensor | Sequence[torch.Tensor | np.ndarray], explain: bool = True
+                ) -> list[Prediction]:
+        """Predictions for a batch of preprocessed images (from :meth:`preprocess`)."""
+        x = self._stack(images)
+        with torch.inference_mode():
+            logits = self.model(x).float()
+        probs = torch.softmax(logits / self.temperature, dim=1).cpu().numpy().astype(np.float64)
+        top = probs.argmax(axis=1)
+        cams: list[np.ndarray | None] = [None] * len(x)
+        if explain:
+            cam = self._gradcam()
+            # GradCAM with one class index per call: group the batch by top class
+            for k in np.unique(top):
+                sel = np.nonzero(top == k)[0]
+                with torch.enable_grad():
+                    maps = cam(x[torch.as_tensor(sel, device=x.device)].clone(), class_idx=int(k))
+                maps = maps.detach().float().cpu().numpy()
+                for j, i in enumerate(sel):
+                    m = np.nan_to_num(maps[j, 0].astype(np.float32), nan=0.0)
+                    m.setflags(write=False)
+                    cams[i] = m
+        out = []
+        for i in range(len(x)):
+            p = tuple(float(v) for v in probs[i])
+            d = self.policy.decide(p)
+            out.append(Prediction(labels=self.labels, probabilities=p, top_label=self.labels[top[i]],
+                                  top_probability=p[top[i]], urgent=d.urgent, priority=d.priority,
+                                  reasons=d.reasons, model_version=self.version, model_arch=self.arch,
+                                  weights_sha256=self.weights_sha256, cam=cams[i],
+                                  cam_label=self.labels[top[i]] if explain else None))
+        return out
+
+    def predict_sources(self, sources: Sequence[Any], explain: bool = True, batch_size: int = 8
+                        ) -> list[Prediction | PreprocessError]:
+        """Preprocess and predict paths/datasets; an unusable source yields its PreprocessError in place."""
+        results: list[Prediction | PreprocessError | None] = [None] * len(sources)
+        ready: list[tuple[int, torch.Tensor]] = []
+        for i, src in enumerate(sources):
+            try:
+                ready.append((i, self.preprocess(src)))
+            except PreprocessError as e:
+                results[i] = e
+        for s in range(0, len(ready), batch_size):
+            chunk = ready[s:s + batch_size]
+            preds = self.predict([t for _, t in chunk], explain=explain)
+            for (i, _), p in zip(chunk, preds):
+                results[i] = p
+        return results  # type: ignore[return-value]
+
