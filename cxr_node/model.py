@@ -121,7 +121,9 @@ def make_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], meta
     if missing:
         raise CheckpointError(f"cannot save checkpoint: metadata lacks {', '.join(missing)}")
     meta = _plain(dict(meta), "meta")
-    meta["weights_dtype"] = "float16" if fp16 else "float32"
+    meta.pop("weights_sha256", None)  # added by load_checkpoint; the digest lives beside meta
+    halves = any(v.dtype == torch.float16 for v in out.values())
+    meta["weights_dtype"] = "float16" if halves else "float32"
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": out,
             "sha256": state_dict_sha256(out), "meta": meta}
 

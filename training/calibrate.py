@@ -1,0 +1,116 @@
+"""Calibrate a checkpoint on the VALIDATION split: temperature scaling + per-class operating points.
+
+    python -m training.calibrate --checkpoint RUN/best.pt --data DIR_OR_MANIFEST [--out RUN/calibrated.pt]
+
+* temperature T minimises the validation negative log-likelihood of ``softmax(logits / T)``;
+* the critical class (``meta["critical_labels"]``, COVID by default) gets the highest threshold
+  whose validation sensitivity is >= ``--target-sensitivity`` (0.95);
+* every other class gets the threshold maximising Youden's J (sensitivity + specificity - 1).
+
+Both are written into the checkpoint metadata (``temperature``, ``thresholds``, ``calibration``);
+the weights and their sha256 are unchanged. The test split is never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger("training.calibrate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint to calibrate (e.g. RUN/best.pt)")
+    p.add_argument("--data", required=True, help="the training data (folder-per-class dir or manifest CSV)")
+    p.add_argument("--out", default=None, help="write the calibrated checkpoint here (default: overwrite --checkpoint)")
+    p.add_argument("--split-file", default=None, help="split.csv (default: next to the checkpoint)")
+    p.add_argument("--split", default="val", help="split to calibrate on (default val; never test)")
+    p.add_argument("--critical", action="append", default=None,
+                   help="critical class(es) (default: the checkpoint's critical_labels)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=None, help="uint8 preprocessing cache folder (default: a temp dir)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def calibrate(args: argparse.Namespace) -> dict:
+    import torch
+
+    from cxr_node.model import load_checkpoint, read_checkpoint, resolve_device, save_checkpoint
+    from training.common import logits_for, split_records
+    from training.metrics import (binary_stats, expected_calibration_error, fit_temperature, nll, softmax,
+                                  threshold_for_sensitivity, threshold_max_youden)
+
+    if args.split == "test":
+        raise SystemExit("calibrating on the test split would leak it into the operating points; use val")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.checkpoint)
+    device = resolve_device(args.device)
+    model, meta = load_checkpoint(ckpt, device)
+    labels = list(meta["labels"])
+    recs = split_records(args.data, ckpt, args.split, args.split_file, labels)
+    y = np.array([labels.index(r.label) for r in recs])
+    logits = logits_for(recs, model, meta["preprocess"], device, args.cache_dir)
+    t = fit_temperature(logits, y)
+    p0, p = softmax(logits, 1.0), softmax(logits, t)
+    critical = args.critical or list(meta.get("critical_labels") or [])
+    for c in critical:
+        if c not in labels:
+            raise SystemExit(f"--critical {c!r} is not a label ({', '.join(labels)})")
+    thresholds, points = {}, {}
+    for k, name in enumerate(labels):
+        yk = y == k
+        if not yk.any() or yk.all():
+            log.warning("class %s: no positives or no negatives in %s; no threshold", name, args.split)
+            continue
+        if name in critical:
+            th = threshold_for_sensitivity(yk, p[:, k], args.target_sensitivity)
+            rule = f"sensitivity >= {args.target_sensitivity}"
+        else:
+            th = threshold_max_youden(yk, p[:, k])
+            rule = "max Youden J"
+        thresholds[name] = float(min(max(th, 0.0), 1.0))
+        st = binary_stats(yk, p[:, k] >= thresholds[name])
+        points[name] = {"threshold": thresholds[name], "rule": rule, "sensitivity": st["sensitivity"],
+                        "specificity": st["specificity"], "ppv": st["ppv"], "npv": st["npv"]}
+        log.info("%s: threshold %.4f (%s) -> %s sensitivity %.3f specificity %.3f", name, thresholds[name], rule,
+                 args.split, st["sensitivity"], st["specificity"])
+    ece0, _ = expected_calibration_error(y, p0)
+    ece1, _ = expected_calibration_error(y, p)
+    cal = {"split": args.split, "n": int(len(y)), "temperature": t, "nll_before": nll(logits, y, 1.0),
+           "nll_after": nll(logits, y, t), "ece_before": ece0, "ece_after": ece1,
+           "target_sensitivity": args.target_sensitivity, "operating_points": points}
+    log.info("temperature %.4f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", t, cal["nll_before"], cal["nll_after"],
+             ece0, ece1)
+    raw = read_checkpoint(ckpt)
+    new_meta = dict(raw["meta"], temperature=t, thresholds=thresholds, critical_labels=critical,
+                    calibration=cal, calibrated=True)
+    out = Path(args.out) if args.out else ckpt
+    save_checkpoint(out, raw["state_dict"], new_meta)
+    log.info("wrote calibrated checkpoint %s", out)
+    return cal
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.common import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    cal = calibrate(args)
+    sys.stdout.write(json.dumps(cal, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared by calibrate / evaluate / export: records of a split -> logits under a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from training import data as D
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+    for noisy in ("PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def split_records(data: str, checkpoint: Path, split: str | None, split_file: str | None,
+                  labels: Sequence[str]) -> list[D.Record]:
+    """The dataset's records in ``split`` (``all`` or None: every record), checked against ``labels``."""
+    records = D.read_dataset(data)
+    unknown = sorted({r.label for r in records} - set(labels))
+    if unknown:
+        raise SystemExit(f"{data}: classes {unknown} are not labels of the checkpoint ({', '.join(labels)})")
+    assign = None
+    if split not in (None, "all"):
+        sf = Path(split_file) if split_file else D.find_split_file(checkpoint)
+        if sf is None or not sf.is_file():
+            raise SystemExit(f"--split {split}: no split file (looked for split.csv next to {checkpoint}; "
+                             "pass --split-file)")
+        assign = D.load_split(sf)
+        log.info("split %s from %s", split, sf)
+    sel = D.select(records, assign, split)
+    if not sel:
+        raise SystemExit(f"no images in split {split!r} of {data}")
+    return sel
+
+
+def logits_for(records: Sequence[D.Record], model: Any, params: dict, device: Any, cache_dir: str | None,
+               batch_size: int = 64) -> np.ndarray:
+    """Preprocess (cached as uint8, exactly as training) and run the model; (N, K) logits."""
+    from training.train import predict_logits
+
+    if cache_dir:
+        cache = D.build_cache(records, params, Path(cache_dir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="cxr-eval-") as tmp:
+            cache = D.build_cache(records, params, Path(tmp))
+    amp = getattr(device, "type", str(device)) == "cuda"
+    return predict_logits(model, cache, range(len(records)), params, device, batch_size=batch_size, amp=amp)
