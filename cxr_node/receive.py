@@ -137,6 +137,7 @@ def read_header(file_bytes: bytes) -> Header:
     """Decode a Part 10 byte stream far enough to trust it; raise InvalidInstanceError if not."""
     try:
         ds = dcmread(BytesIO(file_bytes))
+        _check_complete(ds)
         raw = {k: ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
         patient_id = ds.get("PatientID")
     except InvalidInstanceError:
@@ -152,6 +153,17 @@ def read_header(file_bytes: bytes) -> Header:
         raise InvalidInstanceError(f"malformed {', '.join(bad)}")
     return Header(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"],
                   uids["SOPClassUID"], str(patient_id).strip() if patient_id else None)
+
+
+def _check_complete(ds: Dataset) -> None:
+    """pydicom returns a short value when an element's declared length runs past the end of the
+    data; a dataset like that is truncated, not stored. Checks raw top-level elements only."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
+            raise InvalidInstanceError(f"dataset does not decode: {tag} truncated ({len(value)} of {length} B)")
 
 
 def triage_eligibility(sop_class_uid: str) -> str | None:

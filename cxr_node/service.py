@@ -20,6 +20,12 @@ from cxr_node.spool import Spool
 log = logging.getLogger(__name__)
 
 
+def _in_flight(receiver: Receiver) -> list:
+    """Established associations. A bare TCP connection that never sent an A-ASSOCIATE-RQ (a port
+    probe, a health check) has nothing in flight and is not waited for."""
+    return [a for a in receiver.ae.active_associations if a.is_established]
+
+
 def serve(settings: Settings) -> int:
     stop = threading.Event()
     received: list[str] = []
@@ -64,9 +70,9 @@ def serve(settings: Settings) -> int:
              received[0] if received else "stop", n.drain_seconds)
     server.shutdown()  # closes the listening socket; running associations carry on
     deadline = time.monotonic() + n.drain_seconds
-    while receiver.ae.active_associations and time.monotonic() < deadline:
+    while _in_flight(receiver) and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = receiver.ae.active_associations
+    left = _in_flight(receiver)
     for assoc in left:
         assoc.abort()
     scheduler.shutdown(wait=True)

@@ -1,0 +1,209 @@
+"""Shared fixtures: the real daemon as a subprocess on a free port, real dcmtk tools, real films.
+
+A test that needs a Debian tool skips with the package name on a developer's machine and fails
+under CI (CI=true), where `make test` installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def require_tool(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path:
+        return path
+    msg = f"{tool} not found: install the Debian package {package} (make test does this as root)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def cli(*args: str, config: Path | None = None, timeout: float = 60, check: bool = True,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "cxr_node"] + (["--config", str(config)] if config else []) + list(args)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                       env={**os.environ, **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}")
+    return p
+
+
+class Node:
+    """One `cxr-node serve` subprocess with its own config, data dir and log."""
+
+    def __init__(self, root: Path, *, ae_title: str = "CXRNODE", quiet_seconds: float = 30,
+                 extra_node: str = "", extra: str = "", db_url: str | None = None, port: int | None = None,
+                 log_level: str = "INFO") -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.data_dir = root / "data"
+        self.config = root / "cxr-node.toml"
+        self.log_path = root / "cxr-node.log"
+        root.mkdir(parents=True, exist_ok=True)
+        db = f'\n[database]\nurl = "{db_url}"\n' if db_url else ""
+        self.config.write_text(
+            f'[node]\nae_title = "{ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f"drain_seconds = 20\n{extra_node}\n"
+            f'[storage]\ndata_dir = "{self.data_dir}"\n{db}'
+            f"[study]\nquiet_seconds = {quiet_seconds}\n[logging]\nlevel = \"{log_level}\"\n{extra}\n"
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def upgrade(self) -> None:
+        cli("db", "upgrade", config=self.config)
+
+    def start(self, prefix: list[str] | None = None, upgrade: bool = True) -> "Node":
+        if upgrade:
+            self.upgrade()
+        self._log = open(self.log_path, "ab")
+        cmd = (prefix or []) + [PY, "-m", "cxr_node", "--config", str(self.config), "serve"]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def audit(self, *args: str) -> list[dict]:
+        return json.loads(cli("audit", "--format", "json", *args, config=self.config).stdout)
+
+    def events(self, event: str, **match) -> list[dict]:
+        return [r for r in self.audit("--event", event) if all(r.get(k) == v for k, v in match.items())]
+
+    def wait_for_event(self, event: str, timeout: float = 20, **match) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.events(event, **match)
+            if rows:
+                return rows
+            time.sleep(0.3)
+        raise TimeoutError(f"no {event} {match} within {timeout}s; log:\n{self.log[-3000:]}")
+
+    def spool_files(self) -> list[Path]:
+        return sorted((self.data_dir / "spool").rglob("*")) if (self.data_dir / "spool").exists() else []
+
+    def db(self):
+        import sqlite3
+
+        return sqlite3.connect(self.data_dir / "cxr-node.db")
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    nodes: list[Node] = []
+
+    def make(name: str = "node", **kw) -> Node:
+        n = Node(tmp_path / name, **kw)
+        nodes.append(n)
+        return n
+
+    yield make
+    for n in nodes:
+        if n.proc and n.proc.poll() is None:
+            n.proc.kill()
+            n.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def films() -> dict[str, Path]:
+    """Real CR chest films (and the tibia control) from the PyPI package pydicom-data."""
+    try:
+        from pydicom.data import get_testdata_file
+    except ImportError:  # pragma: no cover
+        pytest.skip("pydicom not installed")
+    out = {}
+    for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_J2KI.dcm"):
+        p = get_testdata_file(name)
+        if p is None:
+            msg = f"{name} not found: pip install pydicom-data (the test extra)"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(msg)
+            pytest.skip(msg)
+        out[name.removesuffix(".dcm")] = Path(p)
+    return out
+
+
+def storescu(port: int, *files: Path, aet: str = "MODALITY", aec: str = "CXRNODE", args: tuple = (),
+             timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = require_tool("storescu", "dcmtk")
+    return subprocess.run([exe, "-v", "-aet", aet, "-aec", aec, *args, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, aet: str = "MODALITY", aec: str = "CXRNODE", timeout: float = 30) -> subprocess.CompletedProcess:
+    exe = require_tool("echoscu", "dcmtk")
+    return subprocess.run([exe, "-aet", aet, "-aec", aec, "-to", "10", "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class StoreSCP:
+    """dcmtk storescp writing exactly what it receives (-B, bit-preserving) into a directory."""
+
+    def __init__(self, out_dir: Path, port: int | None = None, ae_title: str = "STORESCP") -> None:
+        self.exe = require_tool("storescp", "dcmtk")
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "StoreSCP":
+        self.proc = subprocess.Popen([self.exe, "-B", "+xa", "-aet", self.ae_title, "--max-pdu", "131072",
+                                      "-od", str(self.out_dir), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

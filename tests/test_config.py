@@ -1,0 +1,64 @@
+"""Configuration: validated once, errors name the key and the rule, the sample documents defaults."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli
+from cxr_node import config as cfg
+from cxr_node.errors import ConfigError
+
+
+def _parse(text: str, base: Path = Path("/etc/cxr")):
+    return cfg.parse(tomllib.loads(text), base_dir=base)
+
+
+def test_sample_config_documents_every_default():
+    raw = tomllib.loads((REPO / "config" / "cxr-node.toml").read_text())
+    defaults = cfg.schema_defaults()
+    defaults["storage"]["data_dir"] = "../var"  # the sample keeps data next to the checkout
+    assert raw == defaults
+
+
+def test_defaults_and_relative_paths_resolve_against_the_config_file():
+    s = _parse('[storage]\ndata_dir = "data"\n', base=Path("/srv/cxr"))
+    assert s.storage.data_dir == Path("/srv/cxr/data")
+    assert s.database.url == "sqlite:////srv/cxr/data/cxr-node.db"
+    assert s.node.ae_title == "CXRNODE" and s.node.port == 11112 and s.node.max_pdu == 131072
+    assert s.node.allowed_calling_aets == () and s.node.allowed_hosts == ()
+
+
+@pytest.mark.parametrize("text, key, rule", [
+    ("[node]\nport = 70000", "[node] port", "integer from 1 to 65535"),
+    ("[node]\nae_title = \"A_VERY_LONG_AE_TITLE\"", "[node] ae_title", "1 to 16 characters"),
+    ("[node]\nallowed_hosts = [\"10.0.0.0/33\"]", "[node] allowed_hosts", "CIDR"),
+    ("[node]\nbogus = 1", "[node] bogus", "unknown key"),
+    ("[study]\nquiet_seconds = 0", "[study] quiet_seconds", "number from 0.1"),
+    ("[extra]\nx = 1", "[extra]", "unknown section"),
+    ("[[destinations]]\nname = \"p\"\nae_title = \"P\"\nhost = \"h\"", "[[destinations]] #1 port", "is required"),
+    ("[[destinations]]\nname = \"p\"\nae_title = \"P\"\nhost = \"h\"\nport = 1\n"
+     "[[destinations]]\nname = \"p\"\nae_title = \"Q\"\nhost = \"h\"\nport = 2", "[[destinations]] #2 name", "unique"),
+])
+def test_invalid_values_name_the_key_and_the_rule(text, key, rule):
+    with pytest.raises(ConfigError) as e:
+        _parse(text)
+    assert key in str(e.value) and rule in str(e.value)
+
+
+def test_check_config_cli(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[node]\nae_title = "TRIAGE1"\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 4242\n')
+    out = cli("check-config", config=good).stdout
+    assert "configuration OK" in out and "TRIAGE1" in out and "pacs: PACS@127.0.0.1:4242" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nport = \"eleven\"\n")
+    p = cli("check-config", config=bad, check=False)
+    assert p.returncode == 2 and "[node] port: must be an integer" in p.stderr
+    # CXR_NODE_CONFIG is honoured when --config is absent
+    p = cli("check-config", check=False, env={"CXR_NODE_CONFIG": str(bad)})
+    assert p.returncode == 2 and "bad.toml" in p.stderr
+    p = cli("check-config", check=False, env={"CXR_NODE_CONFIG": str(tmp_path / "missing.toml")})
+    assert p.returncode == 2 and "config file not found" in p.stderr

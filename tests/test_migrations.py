@@ -1,0 +1,33 @@
+"""Alembic migrations: upgrade, real downgrade, and serve refusing an unmigrated database."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from conftest import cli
+
+
+def _tables(db):
+    with sqlite3.connect(db) as c:
+        return {r[0] for r in c.execute("select name from sqlite_master where type='table'")}
+
+
+def test_upgrade_downgrade_upgrade(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
+    db = tmp_path / "d" / "cxr-node.db"
+    assert "0001" in cli("db", "upgrade", config=cfg).stdout
+    assert {"audit_events", "studies", "instances"} <= _tables(db)
+    assert cli("db", "current", config=cfg).stdout.strip() == "0001"
+    cli("db", "downgrade", "base", config=cfg)
+    assert _tables(db) & {"audit_events", "studies", "instances"} == set()
+    cli("db", "upgrade", config=cfg)
+    assert {"audit_events", "studies", "instances"} <= _tables(db)
+
+
+def test_serve_refuses_an_unmigrated_database(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n[node]\nport = 1\n')
+    p = cli("serve", config=cfg, check=False, timeout=60)
+    assert p.returncode == 1
+    assert "run `cxr-node db upgrade` first" in p.stderr
