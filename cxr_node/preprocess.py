@@ -263,6 +263,9 @@ class LoadRadiograph(Transform):
                     ds = pydicom.dcmread(path)
                 except Exception as e:  # pydicom raises several types for broken files
                     raise PreprocessError(f"{path.name}: not a readable DICOM file: {e}") from e
+                if len(ds) == 0:
+                    raise PreprocessError(f"{path.name}: not a readable DICOM file: no data elements after "
+                                          "the preamble")
                 try:
                     img = dicom_to_float(ds, self.percentiles, self.min_size)
                 except PreprocessError as e:

@@ -1,0 +1,114 @@
+"""Offline triage: Predictor on the real CR films, and the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from helpers_model import LABELS, bundled_or_tiny, make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").is_file() else sys.executable
+
+
+@pytest.fixture(scope="module")
+def films():
+    from pydicom.data import get_testdata_file
+
+    return {n: Path(get_testdata_file(n)) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_J2KI.dcm")}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return bundled_or_tiny(tmp_path_factory.mktemp("triage"))
+
+
+def triage(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "cxr_node", "triage", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def test_uncompressed_and_j2k_lossless_give_same_probabilities(films, checkpoint):
+    from cxr_node.infer import Predictor
+
+    pred = Predictor(checkpoint)
+    a, b = pred.predict_sources([films["RG1_UNCR.dcm"], films["RG1_J2KR.dcm"]])
+    assert np.max(np.abs(np.array(a.probabilities) - np.array(b.probabilities))) < 1e-3
+    assert a.top_label == b.top_label and a.urgent == b.urgent
+    assert a.model_version == pred.meta["version"]
+
+
+def test_cli_table_with_bad_file_and_overlay(films, checkpoint, tmp_path):
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    rgb = tmp_path / "colour.png"
+    from PIL import Image
+
+    a = np.zeros((100, 100, 3), np.uint8)
+    a[..., 1] = 255
+    Image.fromarray(a).save(rgb)
+    ov = tmp_path / "overlays"
+    p = triage(str(films["RG1_UNCR.dcm"]), str(bad), str(rgb), str(films["RG3_J2KI.dcm"]),
+               "--checkpoint", str(checkpoint), "--overlay-dir", str(ov), "--device", "cpu")
+    assert p.returncode == 1, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split()[:4] == ["file", "COVID", "Normal", "Viral"]
+    uncr = next(line for line in lines if "RG1_UNCR.dcm" in line)
+    probs = [float(v) for v in uncr.split()[1:4]]
+    assert abs(sum(probs) - 1.0) < 3e-3
+    assert any(tag in uncr for tag in ("URGENT", " no "))
+    assert "broken.dcm" in p.stderr and "not a readable DICOM file" in p.stderr
+    assert "colour.png" in p.stderr and "colour image" in p.stderr
+    assert any("broken.dcm" in line and "ERROR" in line for line in lines)
+    assert any("RG3_J2KI.dcm" in line and "ERROR" not in line for line in lines)  # others still processed
+    img = np.asarray(Image.open(ov / "RG1_UNCR.gradcam.png"))
+    assert img.ndim == 3 and img.shape[2] == 3 and max(img.shape[:2]) == 512
+    coloured = (np.abs(img[..., 0].astype(int) - img[..., 2]) > 30).mean()
+    grey = (img[..., 0] == img[..., 1]).mean()
+    assert 0.0 < coloured < 1.0 and grey > 0.05  # heat above the threshold, plain grey film below it
+
+
+def test_cli_json_and_exit_zero_when_all_good(films, checkpoint):
+    p = triage(str(films["RG1_UNCR.dcm"]), "--checkpoint", str(checkpoint), "--format", "json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    [r] = doc["results"]
+    assert set(r["probabilities"]) == set(doc["labels"])
+    assert r["top_label"] == max(r["probabilities"], key=r["probabilities"].get)
+    assert isinstance(r["urgent"], bool) and r["model_version"] == doc["model_version"]
+
+
+def test_cli_refuses_tampered_checkpoint(films, tmp_path):
+    import torch
+
+    ck = make_checkpoint(tmp_path / "ok.pt", input_size=64)
+    raw = torch.load(ck, weights_only=True)
+    raw["state_dict"]["class_layers.out.bias"][0] += 0.5
+    torch.save(raw, tmp_path / "evil.pt")
+    p = triage(str(films["RG1_UNCR.dcm"]), "--checkpoint", str(tmp_path / "evil.pt"))
+    assert p.returncode == 1
+    assert "sha256 mismatch" in p.stderr and p.stdout == ""
+
+
+def test_run_triage_in_process_uses_settings_defaults(films, tmp_path):
+    import io
+
+    from cxr_node.triage_cli import run_triage
+
+    ck = make_checkpoint(tmp_path / "m.pt", input_size=64, thresholds={"COVID": 0.0})
+    settings = SimpleNamespace(model=SimpleNamespace(checkpoint=ck, device="cpu"))
+    args = SimpleNamespace(files=[str(films["RG1_UNCR.dcm"]), str(tmp_path / "missing.png")], checkpoint=None,
+                           overlay_dir=None, device=None, format="json")
+    out = io.StringIO()
+    assert run_triage(settings, args, out) == 1
+    doc = json.loads(out.getvalue())
+    ok, missing = doc["results"]
+    assert ok["urgent"] is True and ok["priority"] == "urgent"  # threshold 0 -> always urgent
+    assert doc["labels"] == LABELS and "file not found" in missing["error"]
