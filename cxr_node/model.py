@@ -134,6 +134,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is read by the daemon's own user
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
