@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="critical class(es) (default: the checkpoint's critical_labels)")
     p.add_argument("--target-sensitivity", type=float, default=0.95)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="uint8 preprocessing cache folder (default: a temp dir)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
 

@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-split", default="val", help="split of --check-data to use (default val)")
     p.add_argument("--check-max", type=int, default=256, help="at most this many films for the check")
     p.add_argument("--tolerance", type=float, default=5e-3, help="max allowed probability difference")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
 
