@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,11 +37,12 @@ DEFAULT_CRITICAL = "COVID"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.train",
-        description="Train a chest X-ray classifier (MONAI DenseNet121 by default) on a folder-per-class "
-        "tree or a manifest CSV: grouped stratified 70/15/15 split saved next to the checkpoints, "
-        "films preprocessed once into a uint8 cache with cxr_node.preprocess, class-weighted "
-        "cross-entropy, augmentation, AdamW + ReduceLROnPlateau, early stopping on the validation "
-        "macro AUC. CUDA: mixed precision + channels_last. Works under torchrun (DDP).",
+        description=textwrap.fill(
+            "Train a chest X-ray classifier (MONAI DenseNet121 by default) on a folder-per-class tree or a "
+            "manifest CSV: grouped stratified 70/15/15 split saved next to the checkpoints, films "
+            "preprocessed once into a uint8 cache with cxr_node.preprocess, class-weighted cross-entropy, "
+            "augmentation, AdamW + ReduceLROnPlateau, early stopping on the validation macro AUC. CUDA: "
+            "mixed precision + channels_last. Works under torchrun (DDP).", 88),
         epilog="""examples:
   # the bundled model (CPU, about 10-15 min per epoch on 2 cores)
   python -m training.train --data /path/covid19-radiography/manifest.csv --out runs/densenet128 \\
