@@ -73,3 +73,15 @@ def complete_quiet_studies(db: Database, quiet_seconds: float) -> list[str]:
     for uid in done:
         log.info("study %s complete after %gs quiet; queued", uid, quiet_seconds)
     return done
+
+
+def frontal_chest_reason(ds) -> str | None:  # noqa: ANN001 - a pydicom Dataset
+    """None when the header allows a frontal chest film, else why it is not analysed.
+    BodyPartExamined must be CHEST (or absent) and ViewPosition PA or AP (or absent)."""
+    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body and body != "CHEST":
+        return f"BodyPartExamined is {body}, not CHEST"
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view and view not in ("PA", "AP"):
+        return f"ViewPosition is {view}: only frontal (PA/AP) films are analysed"
+    return None

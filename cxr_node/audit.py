@@ -33,6 +33,17 @@ EVENTS: dict[str, str] = {
     "study.reopened": "an instance arrived after completion; the study's version went up",
     "study.complete": "nothing arrived for quiet_seconds",
     "study.queued": "the complete study was queued for processing",
+    "study.processing": "a worker claimed the study",
+    "study.processed": "the study's results are encoded and in the outbox (detail: priority, counts, model)",
+    "study.failed": "processing failed (reason says why)",
+    "image.triaged": "an image was analysed (detail: probabilities, top class, urgent, model version)",
+    "image.skipped": "an image was not analysed (reason says why: view, body part, pixels, SOP class)",
+    "outbox.queued": "a result object was queued for a destination",
+    "outbox.sent": "a result object was stored by the destination",
+    "outbox.retry": "a send failed transiently; it will be retried (detail: retry_in_seconds)",
+    "outbox.dead": "a send failed permanently or too often; the item is dead-lettered",
+    "outbox.requeued": "an admin put an item back to pending",
+    "outbox.purged": "an admin removed a sent or dead item",
 }
 
 #: The stable field names of ``cxr-node audit --format json|csv``.

@@ -70,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=None, help="at most this many rows")
     audit.add_argument("--format", choices=["table", "json", "csv"], default="table")
 
+    ob = sub.add_parser("outbox", help="list, retry or purge results waiting to be sent",
+                        description="The outbox holds result objects (Secondary Captures, SRs) for each "
+                        "destination: pending (to send or retrying), sent, or dead (gave up; see last_error).")
+    obs = ob.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    ol = obs.add_parser("list", help="list outbox items")
+    ol.add_argument("--state", choices=["pending", "sent", "dead"])
+    ol.add_argument("--format", choices=["table", "json"], default="table")
+    orr = obs.add_parser("retry", help="put dead items (or the given IDs) back to pending, due now")
+    orr.add_argument("ids", nargs="*", type=int, metavar="ID")
+    orr.add_argument("--all-dead", action="store_true", help="every dead item")
+    op = obs.add_parser("purge", help="delete sent and/or dead items and their files (never pending ones)")
+    op.add_argument("--sent", action="store_true")
+    op.add_argument("--dead", action="store_true")
+    op.add_argument("--older-than", type=float, metavar="DAYS", help="only items created more than DAYS ago")
+
     tri = sub.add_parser("triage", help="triage image files offline (DICOM, PNG or JPEG)",
                          description="Per file: class probabilities, top class, urgent flag and model "
                          "version. A file that cannot be used gets an error line; the others are "
@@ -145,6 +160,10 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001 - Sett
         from cxr_node.audit_cli import run_audit
 
         return run_audit(settings, args, sys.stdout)
+    if cmd == "outbox":
+        from cxr_node.outbox_cli import run_outbox
+
+        return run_outbox(settings, args, sys.stdout)
     if cmd == "triage":
         from cxr_node.triage_cli import run_triage
 

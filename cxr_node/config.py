@@ -59,6 +59,11 @@ class StorageSettings:
         return self.data_dir / "spool"
 
     @property
+    def outbox_dir(self) -> Path:
+        """Result objects waiting to be sent (written before their outbox row exists)."""
+        return self.data_dir / "outbox"
+
+    @property
     def incoming_dir(self) -> Path:
         """Temp files being written; same filesystem as the spool so rename is atomic."""
         return self.data_dir / "incoming"
@@ -78,6 +83,15 @@ class StudySettings:
 class ModelSettings:
     checkpoint: Path = BUNDLED_CHECKPOINT
     device: str = "auto"
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    poll_seconds: float = 2.0
+    retry_base_seconds: float = 10.0
+    retry_max_seconds: float = 900.0
+    max_attempts: int = 15
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class Settings:
     database: DatabaseSettings
     study: StudySettings
     model: ModelSettings
+    outbox: OutboxSettings
     logging: LoggingSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
@@ -199,7 +214,14 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "storage": {"data_dir": (_str, DEFAULT_DATA_DIR)},
     "database": {"url": (_str, "")},
     "study": {"quiet_seconds": (_number(0.1, 86400), 30)},
-    "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto")},
+    "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
+              "batch_size": (_int(1, 256), 8)},
+    "outbox": {
+        "poll_seconds": (_number(0.1, 3600), 2),
+        "retry_base_seconds": (_number(0.1, 86400), 10),
+        "retry_max_seconds": (_number(1, 86400), 900),
+        "max_attempts": (_int(1, 1000), 15),
+    },
     "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
 }
 _DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535)}
@@ -296,7 +318,9 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         storage=StorageSettings(data_dir=data_dir),
         database=DatabaseSettings(url=url),
         study=StudySettings(**values["study"]),
-        model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"]),
+        model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"],
+                            batch_size=values["model"]["batch_size"]),
+        outbox=OutboxSettings(**values["outbox"]),
         logging=LoggingSettings(**values["logging"]),
         destinations=tuple(dests),
         source=source,

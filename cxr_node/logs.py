@@ -23,4 +23,6 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("pynetdicom", "apscheduler", "alembic", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "job skipped: maximum number of running instances reached" every tick while a job runs
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     configure._done = True  # type: ignore[attr-defined]

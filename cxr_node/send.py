@@ -1,6 +1,10 @@
-"""Outgoing DICOM: C-ECHO now; C-STORE of results through the outbox comes with issue 4."""
+"""Outgoing DICOM: C-ECHO, and C-STORE of result files for the outbox."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -30,3 +34,88 @@ def echo(settings: Settings, dest: Destination, timeout: float = 10.0) -> int:
     if "Status" not in rsp:
         raise NetworkError(f"{where} sent no C-ECHO response within {timeout:g}s")
     return int(rsp.Status)
+
+
+# ---------------------------------------------------------------------------------- C-STORE
+
+SENT, TRANSIENT, PERMANENT = "sent", "transient", "permanent"
+#: Success and the warnings that mean "stored" (coercion, elements discarded, not checked).
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    kind: str               # sent | transient | permanent
+    status: int | None      # the DIMSE status, when there was one
+    reason: str
+
+
+def classify_status(status: int) -> SendOutcome:
+    """A C-STORE response status -> what the outbox does with the item (PS3.4 B.2.3, PS3.7 C)."""
+    if status in _STORED:
+        return SendOutcome(SENT, status, "stored" if status == 0 else f"stored with warning 0x{status:04X}")
+    if 0xA700 <= status <= 0xA7FF:
+        return SendOutcome(TRANSIENT, status, f"0x{status:04X} out of resources at the destination")
+    if 0xA900 <= status <= 0xA9FF:
+        return SendOutcome(PERMANENT, status, f"0x{status:04X} dataset does not match SOP class")
+    if 0xC000 <= status <= 0xCFFF:
+        return SendOutcome(PERMANENT, status, f"0x{status:04X} cannot understand")
+    if status in (0x0122, 0x0124, 0x0117, 0x0110):
+        return SendOutcome(PERMANENT, status, f"0x{status:04X} refused by the destination")
+    return SendOutcome(TRANSIENT, status, f"0x{status:04X} unexpected status")
+
+
+@dataclass(frozen=True)
+class FileToSend:
+    path: Path
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+def store_files(settings: Settings, dest: Destination, files: Sequence[FileToSend],
+                timeout: float = 30.0) -> list[SendOutcome]:
+    """C-STORE ``files`` to ``dest`` over one association proposing only the SOP classes and
+    transfer syntaxes they need. Returns one outcome per file, in order; never raises for
+    network trouble (that is a transient outcome)."""
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes on disk as they are, in chunks
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    needed: dict[str, set[str]] = {}
+    for f in files:
+        needed.setdefault(f.sop_class_uid, set()).add(f.transfer_syntax)
+    for sop_class, syntaxes in needed.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
+    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu)
+    except OSError as e:
+        return [SendOutcome(TRANSIENT, None, f"cannot reach {where}: {e}")] * len(files)
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        kind = PERMANENT if rj.result == 0x01 else TRANSIENT
+        why = f"{where} rejected the association ({rj.result_str}: {rj.reason_str})"
+        return [SendOutcome(kind, None, why)] * len(files)
+    if not assoc.is_established:
+        return [SendOutcome(TRANSIENT, None, f"could not associate with {where} (down, or no answer in {timeout:g}s)")] \
+            * len(files)
+    out: list[SendOutcome] = []
+    try:
+        for f in files:
+            if not assoc.is_established:
+                out.append(SendOutcome(TRANSIENT, None, f"association with {where} ended before this file"))
+                continue
+            try:
+                rsp = assoc.send_c_store(f.path)
+            except ValueError as e:  # no accepted presentation context for this object
+                out.append(SendOutcome(PERMANENT, None, f"{where} accepts no context for it: {e}"))
+                continue
+            if "Status" not in rsp:
+                out.append(SendOutcome(TRANSIENT, None, f"no C-STORE response from {where} (timeout or abort)"))
+            else:
+                out.append(classify_status(int(rsp.Status)))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out

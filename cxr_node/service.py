@@ -13,6 +13,8 @@ from cxr_node import __version__, audit
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
 from cxr_node.errors import NetworkError
+from cxr_node.outbox import Outbox
+from cxr_node.pipeline import Processor
 from cxr_node.receive import Ingest, Receiver
 from cxr_node.scheduler import build_scheduler
 from cxr_node.spool import Spool
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def _in_flight(receiver: Receiver) -> list:
-    """Established associations. A bare TCP connection that never sent an A-ASSOCIATE-RQ (a port
+    """Established associations (the receiver's only). A bare TCP connection that never sent an A-ASSOCIATE-RQ (a port
     probe, a health check) has nothing in flight and is not waited for."""
     return [a for a in receiver.ae.active_associations if a.is_established]
 
@@ -57,7 +59,11 @@ def serve(settings: Settings) -> int:
     except OSError as e:
         raise NetworkError(f"cannot listen on {n.host}:{n.port}: {e.strerror} "
                            "(is another process using the port? set [node] port)") from e
-    scheduler = build_scheduler(settings, db)
+    outbox = Outbox(settings, db)
+    outbox.prepare()
+    processor = Processor(settings, db, outbox)
+    processor.requeue_interrupted()
+    scheduler = build_scheduler(settings, db, processor, outbox)
     scheduler.start()
     with db.transaction() as s:
         audit.record(s, "node.started", called_aet=n.ae_title, host=n.host, port=n.port,

@@ -207,3 +207,73 @@ class StoreSCP:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class Orthanc:
+    """A real Orthanc (Debian package) as the PACS, on free ports, with its own storage."""
+
+    def __init__(self, root: Path, dicom_port: int | None = None, http_port: int | None = None,
+                 modalities: dict | None = None) -> None:
+        self.exe = require_tool("Orthanc", "orthanc")
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
+        self.ae_title = "ORTHANC"
+        self.config = root / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "cxr-node-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+            "Plugins": [], "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomAet": self.ae_title, "DicomPort": self.dicom_port, "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True, "DicomModalities": modalities or {},
+            "DicomAssociationCloseDelay": 0, "SaveJobs": False, "HttpBindAddress": "127.0.0.1",
+        }))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Orthanc":
+        self._log = open(self.root / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([self.exe, str(self.config)], stdout=self._log, stderr=subprocess.STDOUT)
+        wait_port(self.http_port, proc=self.proc)
+        wait_port(self.dicom_port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self._log.close()
+
+    def rest(self, method: str, path: str, body: bytes | dict | None = None, timeout: float = 60):
+        import urllib.request
+
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
+
+    def upload(self, path: Path) -> str:
+        return self.rest("POST", "/instances", path.read_bytes())["ID"]
+
+    def find(self, **query) -> list[dict]:
+        return self.rest("POST", "/tools/find", {"Level": "Instance", "Query": query, "Expand": True})
+
+    def file(self, instance_id: str) -> bytes:
+        return self.rest("GET", f"/instances/{instance_id}/file")
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path):
+    made: list[Orthanc] = []
+
+    def make(name: str = "orthanc", **kw) -> Orthanc:
+        o = Orthanc(tmp_path / name, **kw)
+        made.append(o)
+        return o
+
+    yield make
+    for o in made:
+        o.stop()

@@ -16,9 +16,13 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0001" in cli("db", "upgrade", config=cfg).stdout
-    assert {"audit_events", "studies", "instances"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0001"
+    assert "0002" in cli("db", "upgrade", config=cfg).stdout
+    assert {"audit_events", "studies", "instances", "image_results", "outbox"} <= _tables(db)
+    assert cli("db", "current", config=cfg).stdout.strip() == "0002"
+    cli("db", "downgrade", "0001", config=cfg)
+    assert _tables(db) & {"image_results", "outbox"} == set()
+    with sqlite3.connect(db) as c:
+        assert "priority" not in {r[1] for r in c.execute("pragma table_info(studies)")}
     cli("db", "downgrade", "base", config=cfg)
     assert _tables(db) & {"audit_events", "studies", "instances"} == set()
     cli("db", "upgrade", config=cfg)

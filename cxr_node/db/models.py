@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UID = String(64)
@@ -78,6 +78,10 @@ class Study(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     state_changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    priority: Mapped[str | None] = mapped_column(String(16))
+    processed_version: Mapped[int | None] = mapped_column(Integer)
+    last_sr_uid: Mapped[str | None] = mapped_column(UID)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Instance(Base):
@@ -97,3 +101,47 @@ class Instance(Base):
     association_id: Mapped[str | None] = mapped_column(String(36))
     calling_aet: Mapped[str | None] = mapped_column(AET)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class ImageResult(Base):
+    """What happened to one image of one study version: analysed (with the prediction) or not (why)."""
+
+    __tablename__ = "image_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    analysed: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    top_label: Mapped[str | None] = mapped_column(String(64))
+    urgent: Mapped[bool | None] = mapped_column(Boolean)
+    priority: Mapped[str | None] = mapped_column(String(16))
+    probabilities: Mapped[dict | None] = mapped_column(JSON)
+    sc_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class OutboxItem(Base):
+    """One object to send to one destination. The file is on disk before the row exists."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "destination", name="uq_outbox_sop_destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax: Mapped[str] = mapped_column(UID)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8))  # sc | sr
+    path: Mapped[str] = mapped_column(Text)  # relative to <data_dir>/outbox
+    state: Mapped[str] = mapped_column(String(8), index=True)  # pending | sent | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

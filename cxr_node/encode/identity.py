@@ -76,3 +76,20 @@ def contributing_equipment(model: ModelIdentity):
     )
     eq.DeviceUID = model.device_uid
     return eq
+
+
+#: Patient and study attributes of Type 2 (present, maybe empty) that highdicom copies from the
+#: source. Real films sometimes lack them; an empty value is what DICOM says to send then.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "AccessionNumber", "StudyID")
+
+
+def with_type2(source):  # noqa: ANN001, ANN201 - pydicom Dataset in, Dataset out
+    """A shallow copy of ``source`` with missing Type 2 patient/study attributes present and empty."""
+    missing = [kw for kw in _TYPE2 if kw not in source]
+    if not missing:
+        return source
+    ds = source.copy()
+    for kw in missing:
+        setattr(ds, kw, "")
+    return ds

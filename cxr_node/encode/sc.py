@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxr_node.encode.identity import MANUFACTURER, ModelIdentity, contributing_equipment
+from cxr_node.encode.identity import MANUFACTURER, ModelIdentity, contributing_equipment, with_type2
 
 SC_SERIES_NUMBER = 9901
 SC_SERIES_DESCRIPTION = "cxr-node Grad-CAM overlay - NOT FOR DIAGNOSTIC USE"
@@ -78,6 +78,7 @@ def build_sc(source: Dataset, film: np.ndarray, prediction, model: ModelIdentity
     import highdicom as hd
 
     pixels = render(film, prediction, model)
+    source = with_type2(source)
     orientation = None
     po = source.get("PatientOrientation")
     if po and len(po) == 2 and all(str(x) for x in po):

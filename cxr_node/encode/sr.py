@@ -17,7 +17,7 @@ from typing import Sequence
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from cxr_node.encode.identity import DEVICE_NAME, MANUFACTURER, ModelIdentity, contributing_equipment
+from cxr_node.encode.identity import DEVICE_NAME, MANUFACTURER, ModelIdentity, contributing_equipment, with_type2
 
 SR_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "cxr-node triage report - NOT FOR DIAGNOSTIC USE"
@@ -142,7 +142,7 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
         imaging_measurements=groups,
         referenced_images=library or None,
     )
-    evidence = [f.source for f in films] + [f.sc for f in films]
+    evidence = [with_type2(f.source) for f in films] + [f.sc for f in films]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],

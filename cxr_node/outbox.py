@@ -1,0 +1,188 @@
+"""The durable outbox: result objects are written to disk and recorded before any send is tried.
+
+An APScheduler job (``drain``) sends what is due to each destination with C-STORE. Transient
+failures (peer down, timeout, transient rejection, 0xA7xx) are retried with exponential backoff
+and jitter; permanent ones (permanent rejection, 0xA9xx, 0xCxxx) are dead-lettered at once; after
+``max_attempts`` an item is dead-lettered too. Nothing loops forever and every attempt is audited.
+Object UIDs are deterministic, so an object queued twice (a retry after a crash) is one row per
+destination and the PACS never gets a second copy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from cxr_node import audit
+from cxr_node.config import Settings
+from cxr_node.db.models import OutboxItem, utcnow
+from cxr_node.db.session import Database
+from cxr_node.errors import ConfigError
+from cxr_node.send import PERMANENT, SENT, FileToSend, SendOutcome, store_files
+from cxr_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+PENDING, DONE, DEAD = "pending", "sent", "dead"
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    kind: str
+    path: str  # relative to the outbox directory
+
+
+class Outbox:
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.dir = settings.storage.outbox_dir
+        self._files = Spool(self.dir, settings.storage.incoming_dir)
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def write(self, ds: Dataset, kind: str) -> WrittenObject:
+        """Encode ``ds`` as a Part 10 file and make it durable under the outbox directory."""
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        rel = Path(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+        tmp = self._files.write_temp(buf.getvalue(), ds.SOPInstanceUID)
+        self._files.commit(tmp, rel)
+        return WrittenObject(ds.SOPInstanceUID, ds.SOPClassUID, str(ds.file_meta.TransferSyntaxUID), kind, str(rel))
+
+    def enqueue(self, session, objects: Iterable[WrittenObject], study_uid: str, study_version: int) -> int:
+        """One pending row per object and destination (inside the caller's transaction)."""
+        now, n = utcnow(), 0
+        for obj in objects:
+            for dest in self.settings.destinations:
+                exists = session.scalar(select(OutboxItem.id).where(
+                    OutboxItem.sop_instance_uid == obj.sop_instance_uid, OutboxItem.destination == dest.name))
+                if exists:
+                    continue  # same object (deterministic UID) already queued: never a second copy
+                session.add(OutboxItem(destination=dest.name, sop_instance_uid=obj.sop_instance_uid,
+                                       sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax,
+                                       study_uid=study_uid, study_version=study_version, kind=obj.kind,
+                                       path=obj.path, state=PENDING, attempts=0, next_attempt_at=now, created_at=now))
+                audit.record(session, "outbox.queued", study_uid=study_uid, sop_instance_uid=obj.sop_instance_uid,
+                             sop_class_uid=obj.sop_class_uid, detail={"destination": dest.name, "kind": obj.kind})
+                n += 1
+        return n
+
+    # ----------------------------------------------------------------------------- sending
+
+    def backoff(self, attempts: int) -> float:
+        o = self.settings.outbox
+        return min(o.retry_max_seconds, o.retry_base_seconds * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
+
+    def drain(self, limit: int = 200) -> int:
+        """Send every due item once; returns how many were sent."""
+        with self.db.session() as s:
+            due = s.scalars(select(OutboxItem).where(OutboxItem.state == PENDING,
+                                                     OutboxItem.next_attempt_at <= utcnow())
+                            .order_by(OutboxItem.id).limit(limit)).all()
+        by_dest: dict[str, list[OutboxItem]] = {}
+        for item in due:
+            by_dest.setdefault(item.destination, []).append(item)
+        sent = 0
+        for name, items in by_dest.items():
+            try:
+                dest = self.settings.destination(name)
+            except ConfigError:
+                outcomes = [SendOutcome(PERMANENT, None, f"destination {name!r} is no longer configured")] * len(items)
+            else:
+                files = [FileToSend(self.dir / i.path, i.sop_class_uid, i.transfer_syntax) for i in items]
+                outcomes = store_files(self.settings, dest, files)
+            sent += self._record(items, outcomes)
+        return sent
+
+    def _record(self, items: Sequence[OutboxItem], outcomes: Sequence[SendOutcome]) -> int:
+        max_attempts = self.settings.outbox.max_attempts
+        sent = 0
+        with self.db.transaction() as s:
+            for item, oc in zip(items, outcomes):
+                row = s.get(OutboxItem, item.id, with_for_update=True)
+                if row is None or row.state != PENDING:
+                    continue  # purged or retried meanwhile
+                row.attempts += 1
+                row.last_status, row.last_error = oc.status, None if oc.kind == SENT else oc.reason
+                fields = dict(study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
+                              sop_class_uid=row.sop_class_uid, status=oc.status)
+                detail = {"destination": row.destination, "attempt": row.attempts, "kind": row.kind}
+                if oc.kind == SENT:
+                    row.state, row.sent_at = DONE, utcnow()
+                    audit.record(s, "outbox.sent", reason=oc.reason, detail=detail, **fields)
+                    sent += 1
+                elif oc.kind == PERMANENT or row.attempts >= max_attempts:
+                    row.state = DEAD
+                    why = oc.reason if oc.kind == PERMANENT else f"gave up after {row.attempts} attempts: {oc.reason}"
+                    row.last_error = why
+                    audit.record(s, "outbox.dead", "failure", reason=why, detail=detail, **fields)
+                    log.error("dead-lettered %s for %s: %s", row.sop_instance_uid, row.destination, why)
+                else:
+                    delay = self.backoff(row.attempts)
+                    row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+                    detail["retry_in_seconds"] = round(delay, 1)
+                    audit.record(s, "outbox.retry", "failure", reason=oc.reason, detail=detail, **fields)
+                    log.warning("send of %s to %s failed (%s); retry %d in %.0fs", row.sop_instance_uid,
+                                row.destination, oc.reason, row.attempts + 1, delay)
+        return sent
+
+    # ----------------------------------------------------------------------------- admin
+
+    def list(self, state: str | None = None) -> list[OutboxItem]:
+        with self.db.session() as s:
+            q = select(OutboxItem).order_by(OutboxItem.id)
+            if state:
+                q = q.where(OutboxItem.state == state)
+            return list(s.scalars(q))
+
+    def retry(self, ids: Sequence[int] = (), all_dead: bool = False) -> int:
+        """Put dead (or pending) items back to pending, due now, attempts reset."""
+        n = 0
+        with self.db.transaction() as s:
+            q = select(OutboxItem).where(OutboxItem.state.in_([DEAD, PENDING]))
+            if ids:
+                q = q.where(OutboxItem.id.in_(list(ids)))
+            elif all_dead:
+                q = q.where(OutboxItem.state == DEAD)
+            else:
+                return 0
+            for row in s.scalars(q.with_for_update()):
+                row.state, row.attempts, row.next_attempt_at = PENDING, 0, utcnow()
+                audit.record(s, "outbox.requeued", study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
+                             detail={"destination": row.destination, "id": row.id})
+                n += 1
+        return n
+
+    def purge(self, states: Sequence[str], older_than_days: float | None = None) -> int:
+        """Delete sent and/or dead items (rows and files). Pending items are never purged."""
+        if PENDING in states:
+            raise ConfigError("pending items cannot be purged: they have not been sent yet (retry or wait)")
+        n = 0
+        with self.db.transaction() as s:
+            q = select(OutboxItem).where(OutboxItem.state.in_(list(states)))
+            if older_than_days is not None:
+                q = q.where(OutboxItem.created_at < utcnow() - dt.timedelta(days=older_than_days))
+            rows = list(s.scalars(q.with_for_update()))
+            for row in rows:
+                still_needed = s.scalar(select(OutboxItem.id).where(
+                    OutboxItem.path == row.path, OutboxItem.id != row.id, OutboxItem.state == PENDING))
+                if not still_needed:
+                    (self.dir / row.path).unlink(missing_ok=True)
+                s.delete(row)
+                audit.record(s, "outbox.purged", study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
+                             detail={"destination": row.destination, "state": row.state, "id": row.id})
+                n += 1
+        return n

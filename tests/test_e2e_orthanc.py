@@ -1,0 +1,109 @@
+"""End to end against a real PACS: Orthanc pushes studies to cxr-node, and cxr-node's results (a
+Secondary Capture per film, an SR per study) land back in Orthanc, in the same study."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from pydicom import dcmread
+
+from conftest import free_port, storescu
+from cxr_node.encode.identity import MANUFACTURER
+from cxr_node.encode.sr import read_findings
+from dicomgen import make_cr, uid
+from helpers_model import bundled_or_tiny
+
+
+def _setup(node_factory, orthanc_factory, tmp_path, name="cxr"):
+    node_port = free_port()
+    orthanc = orthanc_factory(modalities={"cxrnode": ["CXRNODE", "127.0.0.1", node_port]}).start()
+    ckpt = bundled_or_tiny(tmp_path / "model")
+    node = node_factory(name, port=node_port, quiet_seconds=1, extra=(
+        f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n'
+        "[outbox]\npoll_seconds = 0.5\nretry_base_seconds = 1\nretry_max_seconds = 2\nmax_attempts = 200\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'))
+    node.start()
+    return node, orthanc
+
+
+def _wait(predicate, timeout: float, what: str, node=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} within {timeout}s" + (f"; log:\n{node.log[-4000:]}" if node else ""))
+
+
+def test_results_reach_the_pacs_in_the_same_study(node_factory, orthanc_factory, films, tmp_path):
+    node, orthanc = _setup(node_factory, orthanc_factory, tmp_path)
+    ids = [orthanc.upload(films[n]) for n in ("RG1_UNCR", "RG1_J2KR", "RG3_J2KI")]
+    orthanc.rest("POST", "/modalities/cxrnode/store", {"Resources": ids, "Synchronous": True})
+    study = dcmread(films["RG1_UNCR"], stop_before_pixels=True).StudyInstanceUID
+    tibia_study = dcmread(films["RG3_J2KI"], stop_before_pixels=True).StudyInstanceUID
+
+    srs = _wait(lambda: orthanc.find(StudyInstanceUID=study, Modality="SR"), 180, "no SR in Orthanc", node)
+    scs = _wait(lambda: [i for i in orthanc.find(StudyInstanceUID=study)
+                         if i["MainDicomTags"].get("SOPInstanceUID", "").startswith("2.25.")
+                         and i["ID"] != srs[0]["ID"]], 60, "no Secondary Captures in Orthanc", node)
+    assert len(srs) == 1 and len(scs) == 2
+
+    sr = dcmread(io.BytesIO(orthanc.file(srs[0]["ID"])))
+    sc_sets = [dcmread(io.BytesIO(orthanc.file(i["ID"]))) for i in scs]
+    sources = {dcmread(films[n], stop_before_pixels=True).SOPInstanceUID for n in ("RG1_UNCR", "RG1_J2KR")}
+    assert {sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in sc_sets} == sources
+    for sc in sc_sets:
+        assert sc.StudyInstanceUID == study and sc.BurnedInAnnotation == "YES"
+        (eq,) = [e for e in sc.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
+        assert eq.DeviceUID and eq.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+    groups = read_findings(sr)
+    assert len(groups) == 2
+    for g in groups:
+        assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert g["source_sop_uids"][0] in sources
+        assert g["source_sop_uids"][1] in {sc.SOPInstanceUID for sc in sc_sets}
+    assert [e.DeviceUID for e in sr.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
+    # the same film in two encodings gives the same answer
+    p1, p2 = (g["probabilities"] for g in groups)
+    assert p1 == pytest.approx(p2, abs=1e-3)
+
+    # the tibia: stored, not analysed, no result objects, and the trail says why
+    (skip,) = node.events("image.skipped", study_uid=tibia_study)
+    assert "BodyPartExamined is EXTREMITY" in skip["reason"]
+    (done,) = node.events("study.processed", study_uid=tibia_study)
+    assert done["reason"] == "no frontal chest film to analyse" and done["detail"]["objects"] == 0
+    assert len(orthanc.find(StudyInstanceUID=tibia_study)) == 1  # only the film itself
+
+    triaged = node.events("image.triaged", study_uid=study)
+    assert len(triaged) == 2 and all(r["detail"]["model_version"] for r in triaged)
+    sent = node.events("outbox.sent", study_uid=study)
+    assert sorted(r["sop_instance_uid"] for r in sent) == sorted(
+        [sr.SOPInstanceUID] + [sc.SOPInstanceUID for sc in sc_sets])
+
+
+def test_pacs_outage_results_arrive_exactly_once_after_restart(node_factory, orthanc_factory, tmp_path):
+    node, orthanc = _setup(node_factory, orthanc_factory, tmp_path, name="outage")
+    orthanc.stop()
+    study = uid()
+    assert storescu(node.port, make_cr(tmp_path / "f1.dcm", study_uid=study, rows=512, cols=512)).returncode == 0
+    node.wait_for_event("outbox.retry", study_uid=study, timeout=120)
+    # still receiving while the PACS is down
+    other = uid()
+    assert storescu(node.port, make_cr(tmp_path / "f2.dcm", study_uid=other, rows=512, cols=512)).returncode == 0
+    pending = [r for r in node.audit("--event", "outbox.queued") if r["study_uid"] == study]
+    assert len(pending) == 2  # SC + SR
+
+    orthanc.start()
+    results = _wait(lambda: (len([i for i in orthanc.find(StudyInstanceUID=study)]) == 2
+                             and orthanc.find(StudyInstanceUID=study)), 120, "results after the restart", node)
+    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in results} == {r["sop_instance_uid"] for r in pending}
+    _wait(lambda: len(node.events("outbox.sent", study_uid=other)) == 2, 120, "second study's results", node)
+    sent = node.events("outbox.sent", study_uid=study)
+    assert sorted(r["sop_instance_uid"] for r in sent) == sorted(r["sop_instance_uid"] for r in pending)  # once each
+    assert not node.events("outbox.dead")
+    retries = node.events("outbox.retry", study_uid=study)
+    assert retries and all("could not associate" in r["reason"] or "cannot reach" in r["reason"] for r in retries)
+    assert all(r["detail"]["retry_in_seconds"] > 0 for r in retries)
