@@ -1,0 +1,103 @@
+"""The outbox against real peers: a revised study's SR names its predecessor and nothing is sent
+twice (dcmtk storescp as the PACS); a permanent rejection dead-letters at once (a second
+cxr-node that is called by the wrong AE title); admins list, retry and purge."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from pydicom import dcmread
+
+from conftest import StoreSCP, cli, storescu
+from cxr_node.send import PERMANENT, SENT, TRANSIENT, classify_status
+from dicomgen import make_cr, uid
+from helpers_model import make_checkpoint
+
+
+def _node(node_factory, tmp_path, name, dest_ae, dest_port, **kw):
+    ckpt = make_checkpoint(tmp_path / f"{name}-model.pt", input_size=64, thresholds={"COVID": 0.5})
+    return node_factory(name, quiet_seconds=1, extra=(
+        f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n'
+        "[outbox]\npoll_seconds = 0.3\nretry_base_seconds = 1\nretry_max_seconds = 2\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "{dest_ae}"\nhost = "127.0.0.1"\nport = {dest_port}\n'), **kw)
+
+
+def _wait_sent(node, study, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = node.events("outbox.sent", study_uid=study)
+        if len(rows) >= n:
+            return rows
+        time.sleep(0.4)
+    raise TimeoutError(f"{n} objects of {study} not sent; log:\n{node.log[-3000:]}")
+
+
+def test_late_image_gets_a_new_sr_naming_the_old_one_and_nothing_twice(node_factory, tmp_path):
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        node = _node(node_factory, tmp_path, "late", pacs.ae_title, pacs.port).start()
+        study = uid()
+        a = make_cr(tmp_path / "a.dcm", study_uid=study, rows=300, cols=300, seed=1)
+        assert storescu(node.port, a).returncode == 0
+        first = _wait_sent(node, study, 2)  # SC(a) + SR v1
+        b = make_cr(tmp_path / "b.dcm", study_uid=study, rows=300, cols=300, seed=2)
+        assert storescu(node.port, b).returncode == 0
+        later = _wait_sent(node, study, 4)  # + SC(b) + SR v2, and not SC(a) again
+        files = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: dcmread(p, stop_before_pixels=True)
+                 for p in pacs.out_dir.iterdir()}
+    assert len(later) == 4 and len({r["sop_instance_uid"] for r in later}) == 4
+    srs = [ds for ds in files.values() if ds.Modality == "SR"]
+    assert len(srs) == 2
+    v1 = next(ds for ds in srs if ds.SOPInstanceUID in {r["sop_instance_uid"] for r in first})
+    v2 = next(ds for ds in srs if ds is not v1)
+    pred = v2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert pred.ReferencedSOPInstanceUID == v1.SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in v1
+    (reopened,) = node.events("study.reopened", study_uid=study)
+    assert reopened["detail"]["version"] == 2
+
+
+def test_permanent_rejection_dead_letters_and_admin_cli(node_factory, tmp_path):
+    other = node_factory("other", ae_title="OTHERNODE").start()  # refuses any other called AE title
+    node = _node(node_factory, tmp_path, "sender", "WRONGAE", other.port).start()
+    study = uid()
+    assert storescu(node.port, make_cr(tmp_path / "x.dcm", study_uid=study, rows=300, cols=300)).returncode == 0
+    dead = node.wait_for_event("outbox.dead", study_uid=study, timeout=120)
+    deadline = time.monotonic() + 30
+    while len(dead) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+        dead = node.events("outbox.dead", study_uid=study)
+    assert len(dead) == 2 and all("rejected the association" in r["reason"] for r in dead)
+    assert all(r["detail"]["attempt"] == 1 for r in dead)  # at once, no retries
+    assert not node.events("outbox.retry", study_uid=study)
+    assert other.events("association.rejected")  # the peer really refused it
+
+    listed = json.loads(cli("outbox", "list", "--state", "dead", "--format", "json", config=node.config).stdout)
+    assert len(listed) == 2 and {r["kind"] for r in listed} == {"sc", "sr"}
+    assert all("Called AE Title Not Recognized" in r["last_error"] or "rejected" in r["last_error"] for r in listed)
+    table = cli("outbox", "list", config=node.config).stdout
+    assert "dead" in table and "(2 items)" in table
+
+    assert "2 item(s) pending again" in cli("outbox", "retry", "--all-dead", config=node.config).stdout
+    deadline = time.monotonic() + 60
+    while len(node.events("outbox.dead", study_uid=study)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert len(node.events("outbox.requeued", study_uid=study)) == 2
+    assert len(node.events("outbox.dead", study_uid=study)) == 4  # tried again, refused again
+
+    files = [node.data_dir / "outbox" / r["study_uid"] / f"{r['sop_instance_uid']}.dcm" for r in listed]
+    assert all(f.is_file() for f in files)
+    p = cli("outbox", "purge", config=node.config, check=False)
+    assert p.returncode == 2 and "--sent and/or --dead" in p.stderr
+    assert "2 item(s) purged" in cli("outbox", "purge", "--dead", config=node.config).stdout
+    assert not any(f.exists() for f in files)
+    assert json.loads(cli("outbox", "list", "--format", "json", config=node.config).stdout) == []
+
+
+@pytest.mark.parametrize("status, kind", [
+    (0x0000, SENT), (0xB000, SENT), (0xB007, SENT), (0xA700, TRANSIENT), (0xA7FF, TRANSIENT),
+    (0xA900, PERMANENT), (0xC000, PERMANENT), (0xC123, PERMANENT), (0x0122, PERMANENT), (0x0211, TRANSIENT),
+])
+def test_status_classification(status, kind):
+    assert classify_status(status).kind == kind
