@@ -6,13 +6,42 @@ Event types are part of the interface (admins script against them); add, never r
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cxr_node.db.models import AuditEvent, utcnow
+from cxr_node.db.models import AuditChainHead, AuditEvent, utcnow
+
+#: prev_hash of the first row.
+GENESIS = "0" * 64
+#: What a row's hash covers: every column but id, prev_hash and hash.
+CHAIN_FIELDS = ("ts", "event", "outcome", "association_id", "calling_aet", "called_aet", "host", "port",
+                "study_uid", "series_uid", "sop_instance_uid", "sop_class_uid", "patient_id", "transfer_syntax",
+                "bytes", "status", "reason", "detail")
+
+
+def _ts(value: Any) -> str:
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def canonical(row: Mapping[str, Any]) -> bytes:
+    """The bytes a row's hash covers: its fields as sorted, compact JSON, the time in UTC."""
+    d = {f: row.get(f) for f in CHAIN_FIELDS}
+    d["ts"] = _ts(d["ts"])
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """SHA-256 over the previous row's hash and this row's canonical content."""
+    return hashlib.sha256(prev_hash.encode() + b"\n" + canonical(row)).hexdigest()
 
 EVENTS: dict[str, str] = {
     "node.started": "the daemon started listening",
@@ -59,9 +88,47 @@ def record(session: Session, event: str, outcome: str = "success", *, ts: dt.dat
     """Add one audit row to the session's transaction (the caller commits)."""
     if event not in EVENTS:
         raise ValueError(f"unknown audit event type {event!r}")
+    head = session.get(AuditChainHead, 1, with_for_update=True)  # serialises writers of the chain
+    if head is None:
+        head = AuditChainHead(id=1, last_id=None, last_hash=GENESIS)
+        session.add(head)
     row = AuditEvent(event=event, outcome=outcome, ts=ts or utcnow(), **fields)
+    row.prev_hash = head.last_hash
+    row.hash = chain_hash(head.last_hash, {f: getattr(row, f) for f in CHAIN_FIELDS})
     session.add(row)
+    session.flush()  # ids in chain order
+    head.last_id, head.last_hash = row.id, row.hash
     return row
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    rows: int
+    first_bad_id: int | None = None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def verify_chain(session: Session) -> ChainReport:
+    """Walk the trail in id order; the first row whose hash or link does not hold is reported.
+    Catches rows changed, removed (a broken link) or inserted outside the program."""
+    prev, n, last_id = GENESIS, 0, None
+    for row in session.scalars(select(AuditEvent).order_by(AuditEvent.id)).yield_per(1000):
+        n += 1
+        if row.prev_hash != prev:
+            what = "removed or reordered before it" if row.prev_hash else "inserted outside cxr-node (no hash)"
+            return ChainReport(n, row.id, f"row {row.id} ({row.event}): link broken: a row was {what}")
+        if row.hash != chain_hash(prev, {f: getattr(row, f) for f in CHAIN_FIELDS}):
+            return ChainReport(n, row.id, f"row {row.id} ({row.event}): content does not match its hash (changed)")
+        prev, last_id = row.hash, row.id
+    head = session.get(AuditChainHead, 1)
+    if head is not None and (head.last_id, head.last_hash) != (last_id, prev):
+        return ChainReport(n, last_id, f"the newest row(s) after id {last_id} were removed "
+                                       f"(chain head says id {head.last_id})")
+    return ChainReport(n)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,12 @@ def parse_time(value: str, flag: str) -> dt.datetime:
 
 
 def run_audit(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    if args.action == "verify":
+        return _verify(settings, out)
+    if args.action == "study":
+        if not args.uid:
+            raise ConfigError("audit study: give the StudyInstanceUID")
+        return _study(settings, args.uid, args.format, out)
     if args.event and "list" in args.event:
         for name, text in audit.EVENTS.items():
             out.write(f"{name:26} {text}\n")
@@ -74,3 +80,62 @@ def _cell(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool) and v >= 0x100:
         return f"0x{v:04X}"
     return str(v)
+
+
+def _verify(settings: Settings, out: TextIO) -> int:
+    import sys
+
+    db = Database(settings.database.url)
+    try:
+        db.require_current_schema()
+        with db.session() as s:
+            report = audit.verify_chain(s)
+    finally:
+        db.dispose()
+    if report.ok:
+        out.write(f"audit trail intact: {report.rows} event(s), hash chain verified\n")
+        return 0
+    sys.stderr.write(f"cxr-node: audit trail TAMPERED: {report.problem}\n")
+    out.write(f"first bad row: {report.first_bad_id}\n")
+    return 1
+
+
+_STORY = {
+    "association.opened": lambda r: f"association from {r['calling_aet']}@{r['host']}:{r['port']}",
+    "instance.stored": lambda r: f"stored {r['sop_instance_uid']} ({r['bytes']} bytes, {r['transfer_syntax']})",
+    "instance.duplicate": lambda r: f"duplicate {r['sop_instance_uid']}",
+    "image.triaged": lambda r: (f"triaged {r['sop_instance_uid']}: {r['detail']['top_label']} "
+                                f"{max(r['detail']['probabilities'].values()):.3f}, {r['detail']['priority']}"
+                                f"{' URGENT' if r['detail']['urgent'] else ''} (model {r['detail']['model_version']})"),
+    "image.skipped": lambda r: f"not analysed {r['sop_instance_uid']}: {r['reason']}",
+    "outbox.sent": lambda r: f"sent {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
+    "outbox.retry": lambda r: f"send of {r['sop_instance_uid']} to {r['detail']['destination']} failed: {r['reason']}",
+    "outbox.dead": lambda r: f"gave up sending {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
+}
+
+
+def _study(settings: Settings, study_uid: str, fmt: str, out: TextIO) -> int:
+    """Everything about one study in order, including the associations that brought it."""
+    db = Database(settings.database.url)
+    try:
+        db.require_current_schema()
+        with db.session() as s:
+            own = audit.as_dicts(audit.query(s, audit.AuditQuery(study_uid=study_uid)))
+            assoc_ids = {r["association_id"] for r in own if r["association_id"]}
+            assoc = [r for r in audit.as_dicts(audit.query(s, audit.AuditQuery(
+                events=("association.opened", "association.accepted", "association.released", "association.aborted"))))
+                if r["association_id"] in assoc_ids]
+    finally:
+        db.dispose()
+    rows = sorted(own + assoc, key=lambda r: r["id"])
+    if not rows:
+        raise ConfigError(f"no audit events for study {study_uid}")
+    if fmt in ("json", "csv"):
+        write_rows(rows, fmt, out)
+        return 0
+    out.write(f"study {study_uid}\n")
+    for r in rows:
+        text = _STORY.get(r["event"])
+        line = text(r) if text else (r["reason"] or json.dumps(r["detail"]) if (r["reason"] or r["detail"]) else "")
+        out.write(f"  {r['time']}  {r['event']:22} {line}\n")
+    return 0

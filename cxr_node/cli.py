@@ -24,6 +24,8 @@ examples:
   cxr-node --config config/cxr-node.toml serve
   cxr-node echo --to pacs
   cxr-node audit --since 2026-11-01 --event instance.stored --format csv
+  cxr-node audit verify
+  cxr-node audit study 1.2.840.113619.2.55.3
   cxr-node triage film.dcm --overlay-dir overlays/
 """
 
@@ -58,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--to", required=True, metavar="NAME", help="a [[destinations]] name")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
 
-    audit = sub.add_parser("audit", help="query the audit trail",
+    audit = sub.add_parser("audit", help="query the audit trail; `audit verify`; `audit study UID`",
                            description="Print audit events, oldest first. Times are ISO 8601; "
-                           "a time without zone is UTC.")
+                           "a time without zone is UTC. `cxr-node audit verify` checks the hash chain and "
+                           "exits 1 naming the first bad row; `cxr-node audit study UID` prints one "
+                           "study's whole story in order.")
+    audit.add_argument("action", nargs="?", choices=["verify", "study"], help="verify the chain, or one study's story")
+    audit.add_argument("uid", nargs="?", metavar="UID", help="StudyInstanceUID for `audit study`")
     audit.add_argument("--since", metavar="ISO", help="events at or after this time")
     audit.add_argument("--until", metavar="ISO", help="events before this time")
     audit.add_argument("--study", metavar="UID", help="StudyInstanceUID")

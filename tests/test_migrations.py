@@ -16,9 +16,11 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0002" in cli("db", "upgrade", config=cfg).stdout
-    assert {"audit_events", "studies", "instances", "image_results", "outbox"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0002"
+    assert "0003" in cli("db", "upgrade", config=cfg).stdout
+    assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head"} <= _tables(db)
+    assert cli("db", "current", config=cfg).stdout.strip() == "0003"
+    cli("db", "downgrade", "0002", config=cfg)
+    assert "audit_chain_head" not in _tables(db)
     cli("db", "downgrade", "0001", config=cfg)
     assert _tables(db) & {"image_results", "outbox"} == set()
     with sqlite3.connect(db) as c:
