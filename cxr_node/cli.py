@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("check-config", help="validate the config file and print the effective settings")
 
+    status = sub.add_parser("status", help="studies by state, outbox depth, dead letters, last errors, uptime")
+    status.add_argument("--format", choices=["table", "json"], default="table")
+
     echo = sub.add_parser("echo", help="C-ECHO a configured destination")
     echo.add_argument("--to", required=True, metavar="NAME", help="a [[destinations]] name")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
@@ -154,6 +157,10 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001 - Sett
         return 0
     if cmd == "check-config":
         return _check_config(settings)
+    if cmd == "status":
+        from cxr_node.status import run_status
+
+        return run_status(settings, args.format, sys.stdout)
     if cmd == "echo":
         from cxr_node.send import echo
 

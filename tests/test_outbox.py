@@ -73,6 +73,15 @@ def test_permanent_rejection_dead_letters_and_admin_cli(node_factory, tmp_path):
     assert not node.events("outbox.retry", study_uid=study)
     assert other.events("association.rejected")  # the peer really refused it
 
+    status = json.loads(cli("status", "--format", "json", config=node.config).stdout)
+    assert status["running"] and status["uptime_seconds"] >= 0
+    assert status["outbox"]["dead"] == 2 and status["outbox"]["pending"] == 0
+    assert status["studies"] == {"processed": 1}
+    assert any(e["event"] == "outbox.dead" and "rejected" in e["reason"] for e in status["last_errors"])
+    assert status["model"]["last_used_version"] == "test-densenet121-64"
+    text = cli("status", config=node.config).stdout
+    assert "daemon      running" in text and "dead 2" in text
+
     listed = json.loads(cli("outbox", "list", "--state", "dead", "--format", "json", config=node.config).stdout)
     assert len(listed) == 2 and {r["kind"] for r in listed} == {"sc", "sr"}
     assert all("Called AE Title Not Recognized" in r["last_error"] or "rejected" in r["last_error"] for r in listed)
