@@ -73,6 +73,7 @@ EVENTS: dict[str, str] = {
     "outbox.dead": "a send failed permanently or too often; the item is dead-lettered",
     "outbox.requeued": "an admin put an item back to pending",
     "outbox.purged": "an admin removed a sent or dead item",
+    "retention.removed": "the retention job deleted an old film or sent result file (detail: kind, path)",
 }
 
 #: The stable field names of ``cxr-node audit --format json|csv``.

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--dead", action="store_true")
     op.add_argument("--older-than", type=float, metavar="DAYS", help="only items created more than DAYS ago")
 
+    ret = sub.add_parser("retention", help="run the retention job now (as the daemon does hourly)",
+                         description="Delete spooled films and sent result files older than [retention] days "
+                         "(or --days). Nothing of a study with pending or dead-lettered results is removed.")
+    ret.add_argument("--days", type=float, help="override [retention] days for this run")
+
     tri = sub.add_parser("triage", help="triage image files offline (DICOM, PNG or JPEG)",
                          description="Per file: class probabilities, top class, urgent flag and model "
                          "version. A file that cannot be used gets an error line; the others are "
@@ -177,6 +182,18 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001 - Sett
         from cxr_node.outbox_cli import run_outbox
 
         return run_outbox(settings, args, sys.stdout)
+    if cmd == "retention":
+        from cxr_node.db.session import Database
+        from cxr_node.retention import run_retention
+
+        db = Database(settings.database.url)
+        try:
+            db.require_current_schema()
+            r = run_retention(settings, db, args.days)
+        finally:
+            db.dispose()
+        print(f"removed {r.films} film(s) and {r.results} sent result file(s); kept {r.kept_unsent} not yet done")
+        return 0
     if cmd == "triage":
         from cxr_node.triage_cli import run_triage
 

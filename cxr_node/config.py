@@ -95,6 +95,15 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    days: float = 0.0  # 0 = keep everything
+
+    @property
+    def enabled(self) -> bool:
+        return self.days > 0
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "INFO"
 
@@ -107,6 +116,7 @@ class Settings:
     study: StudySettings
     model: ModelSettings
     outbox: OutboxSettings
+    retention: RetentionSettings
     logging: LoggingSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
@@ -222,6 +232,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "retry_max_seconds": (_number(1, 86400), 900),
         "max_attempts": (_int(1, 1000), 15),
     },
+    "retention": {"days": (_number(0, 36500), 0)},
     "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
 }
 _DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535)}
@@ -321,6 +332,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"],
                             batch_size=values["model"]["batch_size"]),
         outbox=OutboxSettings(**values["outbox"]),
+        retention=RetentionSettings(days=values["retention"]["days"]),
         logging=LoggingSettings(**values["logging"]),
         destinations=tuple(dests),
         source=source,

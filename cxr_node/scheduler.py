@@ -53,4 +53,15 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
 
         sched.add_job(drain_outbox, "interval", seconds=settings.outbox.poll_seconds, id="drain-outbox",
                       max_instances=1, coalesce=True, next_run_time=now)
+    if settings.retention.enabled:
+        from cxr_node.retention import run_retention
+
+        def retention() -> None:
+            try:
+                run_retention(settings, db)
+            except SQLAlchemyError as e:
+                log.error("retention job failed on the database: %s", e)
+
+        sched.add_job(retention, "interval", hours=1, id="retention", max_instances=1, coalesce=True,
+                      next_run_time=now)
     return sched

@@ -16,9 +16,12 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0003" in cli("db", "upgrade", config=cfg).stdout
+    assert "0004" in cli("db", "upgrade", config=cfg).stdout
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0003"
+    assert cli("db", "current", config=cfg).stdout.strip() == "0004"
+    cli("db", "downgrade", "0003", config=cfg)
+    with sqlite3.connect(db) as c:
+        assert "removed_at" not in {r[1] for r in c.execute("pragma table_info(instances)")}
     cli("db", "downgrade", "0002", config=cfg)
     assert "audit_chain_head" not in _tables(db)
     cli("db", "downgrade", "0001", config=cfg)

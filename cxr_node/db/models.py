@@ -103,6 +103,7 @@ class Instance(Base):
     association_id: Mapped[str | None] = mapped_column(String(36))
     calling_aet: Mapped[str | None] = mapped_column(AET)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # retention deleted the file
 
 
 class ImageResult(Base):
@@ -147,6 +148,7 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # retention deleted the file
 
 
 class AuditChainHead(Base):
