@@ -67,31 +67,24 @@ def _ref(ds: Dataset) -> Dataset:
 
 
 def _request(source: Dataset) -> list[Dataset]:
-    """ReferencedRequestSequence items copied from the source's request context, if it has one."""
-    items = []
-    for req in source.get("RequestAttributesSequence", []) or []:
-        item = Dataset()
-        item.StudyInstanceUID = source.StudyInstanceUID
-        item.AccessionNumber = source.get("AccessionNumber", "")
-        item.RequestedProcedureID = req.get("RequestedProcedureID", "")
-        item.PlacerOrderNumberImagingServiceRequest = ""
-        item.FillerOrderNumberImagingServiceRequest = ""
-        item.RequestedProcedureDescription = req.get("RequestedProcedureDescription", "")
-        item.RequestedProcedureCodeSequence = []
-        item.ReferencedStudySequence = []  # Type 2 in the Referenced Request macro
-        items.append(item)
-    if not items and source.get("AccessionNumber"):
-        item = Dataset()
-        item.StudyInstanceUID = source.StudyInstanceUID
-        item.AccessionNumber = source.AccessionNumber
-        item.RequestedProcedureID = ""
-        item.PlacerOrderNumberImagingServiceRequest = ""
-        item.FillerOrderNumberImagingServiceRequest = ""
-        item.RequestedProcedureDescription = ""
-        item.RequestedProcedureCodeSequence = []
-        item.ReferencedStudySequence = []  # Type 2 in the Referenced Request macro
-        items.append(item)
-    return items
+    """ReferencedRequestSequence items copied from the source's request context, if it has one:
+    one per Request Attributes item, else one from the Accession Number alone."""
+    def item(req: Dataset | None) -> Dataset:
+        it = Dataset()
+        it.StudyInstanceUID = source.StudyInstanceUID
+        it.AccessionNumber = source.get("AccessionNumber", "")
+        it.RequestedProcedureID = req.get("RequestedProcedureID", "") if req else ""
+        it.PlacerOrderNumberImagingServiceRequest = ""
+        it.FillerOrderNumberImagingServiceRequest = ""
+        it.RequestedProcedureDescription = req.get("RequestedProcedureDescription", "") if req else ""
+        it.RequestedProcedureCodeSequence = []
+        it.ReferencedStudySequence = []  # Type 2 in the Referenced Request macro
+        return it
+
+    requests = list(source.get("RequestAttributesSequence", []) or [])
+    if requests:
+        return [item(r) for r in requests]
+    return [item(None)] if source.get("AccessionNumber") else []
 
 
 def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_version: int,
