@@ -139,7 +139,10 @@ class AuditQuery:
     study_uid: str | None = None
     events: Sequence[str] = ()
     calling_aet: str | None = None
+    patient_id: str | None = None
+    outcome: str | None = None
     limit: int | None = None
+    offset: int = 0
 
 
 def query(session: Session, q: AuditQuery) -> list[AuditEvent]:
@@ -154,7 +157,13 @@ def query(session: Session, q: AuditQuery) -> list[AuditEvent]:
         stmt = stmt.where(AuditEvent.event.in_(list(q.events)))
     if q.calling_aet:
         stmt = stmt.where(AuditEvent.calling_aet == q.calling_aet)
+    if q.patient_id:
+        stmt = stmt.where(AuditEvent.patient_id == q.patient_id)
+    if q.outcome:
+        stmt = stmt.where(AuditEvent.outcome == q.outcome)
     stmt = stmt.order_by(AuditEvent.id)
+    if q.offset:
+        stmt = stmt.offset(q.offset)
     if q.limit:
         stmt = stmt.limit(q.limit)
     return list(session.scalars(stmt))

@@ -43,7 +43,8 @@ def run_audit(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     q = audit.AuditQuery(
         since=parse_time(args.since, "--since") if args.since else None,
         until=parse_time(args.until, "--until") if args.until else None,
-        study_uid=args.study, events=tuple(args.event or ()), calling_aet=args.calling_aet, limit=args.limit,
+        study_uid=args.study, events=tuple(args.event or ()), calling_aet=args.calling_aet,
+        patient_id=args.patient_id, outcome=args.outcome, limit=args.limit, offset=args.offset,
     )
     db = Database(settings.database.url)
     try:

@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--event", metavar="TYPE", action="append",
                        help="event type, e.g. instance.stored (repeatable); see `--event list`")
     audit.add_argument("--calling-aet", metavar="AET", help="calling AE title of the association")
-    audit.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    audit.add_argument("--patient-id", metavar="ID", help="PatientID")
+    audit.add_argument("--outcome", choices=["success", "failure", "warning"])
+    audit.add_argument("--limit", type=int, default=None, help="at most this many rows (a page)")
+    audit.add_argument("--offset", type=int, default=0, help="skip this many rows first (the next page)")
     audit.add_argument("--format", choices=["table", "json", "csv"], default="table")
 
     ob = sub.add_parser("outbox", help="list, retry or purge results waiting to be sent",

@@ -5,6 +5,7 @@ finish (up to ``[node] drain_seconds``), and exit 0."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -39,9 +40,11 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    os.umask(0o077)  # spool, outbox, database: owner-only, whatever the caller's umask
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = Database(settings.database.url)
     db.require_current_schema()
+    db.restrict_permissions()
     spool = Spool(settings.storage.spool_dir, settings.storage.incoming_dir)
     partial = spool.prepare()
     ingest = Ingest(db, spool)

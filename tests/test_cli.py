@@ -49,6 +49,11 @@ def test_audit_filters_and_formats(node_factory, tmp_path):
     assert rows and all(list(r) == list(FIELDS) for r in rows)  # stable field names, in order
     stored = n.audit("--event", "instance.stored")
     assert {r["calling_aet"] for r in stored} == {"MOD_A", "MOD_B"}
+    assert {r["patient_id"] for r in n.audit("--patient-id", "PID-TEST")} == {"PID-TEST"}
+    assert n.audit("--patient-id", "NOBODY") == []
+    assert n.audit("--outcome", "failure") == [] and len(n.audit("--outcome", "success")) == len(rows)
+    page1, page2 = n.audit("--limit", "3"), n.audit("--limit", "3", "--offset", "3")
+    assert [r["id"] for r in page1 + page2] == [r["id"] for r in rows[:6]]
     only_a = n.audit("--calling-aet", "MOD_A", "--event", "instance.stored")
     assert [r["study_uid"] for r in only_a] == [study_a]
     by_study = n.audit("--study", study_a)
@@ -84,3 +89,19 @@ def test_systemd_unit_verifies(tmp_path):
     p = subprocess.run([exe, "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "cxr-node.service" not in p.stderr, p.stderr  # no warnings about our unit
+    sec = subprocess.run([exe, "security", "--offline=true", str(local)], capture_output=True, text=True, timeout=60)
+    if sec.returncode == 0 or "Overall exposure level" in sec.stdout:
+        exposure = float(sec.stdout.split("Overall exposure level for")[1].split(":")[1].split()[0])
+        assert exposure <= 4.0, sec.stdout[-2000:]  # 3.2 "OK" when written (systemd/SECURITY.md)
+
+
+def test_data_is_owner_only(node_factory, tmp_path):
+    import stat
+
+    n = node_factory("perm").start()
+    assert storescu(n.port, make_cr(tmp_path / "p.dcm")).returncode == 0
+    n.stop()
+    for p in [n.data_dir / "cxr-node.db", n.data_dir / "spool", n.data_dir / "incoming", n.data_dir / "outbox",
+              *[f for f in (n.data_dir / "spool").rglob("*")]]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o077 == 0, f"{p} is {oct(mode)}"

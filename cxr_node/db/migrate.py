@@ -50,7 +50,13 @@ def current(url: str, engine: Engine | None = None) -> str | None:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(_config(url), revision)
+    import os
+
+    old = os.umask(0o077)  # a new SQLite file is created owner-only
+    try:
+        command.upgrade(_config(url), revision)
+    finally:
+        os.umask(old)
 
 
 def downgrade(url: str, revision: str) -> None:

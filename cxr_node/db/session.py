@@ -77,6 +77,15 @@ class Database:
                 f"not {want}: run `cxr-node db upgrade` first"
             )
 
+    def restrict_permissions(self) -> None:
+        """SQLite: make the database file and its WAL/SHM owner-only (they hold patient IDs)."""
+        u = make_url(self.url)
+        if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(u.database + suffix)
+                if p.exists():
+                    p.chmod(0o600)
+
     @property
     def redacted_url(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
