@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/cxr-node.toml
-DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3
+DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl
 
 .PHONY: run test venv debs bench clean
 

@@ -174,7 +174,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:  # noqa: ANN001 - Sett
 
         dest = settings.destination(args.to)
         status = echo(settings, dest, timeout=args.timeout)
-        print(f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): status 0x{status:04X} "
+        print(f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{' over TLS' if dest.tls else ''}): "
+              f"status 0x{status:04X} "
               + ("Success" if status == 0 else "failed"))
         return 0 if status == 0 else 1
     if cmd == "audit":

@@ -33,6 +33,20 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        """The receiver listens with TLS (certificate and key given)."""
+        return self.certificate is not None
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,7 @@ class Settings:
     model: ModelSettings
     outbox: OutboxSettings
     retention: RetentionSettings
+    tls: TLSSettings
     logging: LoggingSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
@@ -197,6 +212,12 @@ def _str(v: Any) -> str:
     return v
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Rule(f"must be true or false (got {v!r})")
+    return v
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if not isinstance(v, str) or v.upper() not in {o.upper() for o in options}:
@@ -233,9 +254,12 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_attempts": (_int(1, 1000), 15),
     },
     "retention": {"days": (_number(0, 36500), 0)},
+    "tls": {"certificate": (_str, ""), "private_key": (_str, ""), "ca_certificates": (_str, ""),
+            "require_client_certificate": (_bool, True)},
     "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
 }
-_DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535)}
+_DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535), "tls": _bool}
+_DESTINATION_OPTIONAL = {"tls": False}
 
 
 def schema_defaults() -> dict[str, dict[str, Any]]:
@@ -306,6 +330,9 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         kw = {}
         for key, check in _DESTINATION_KEYS.items():
             if key not in d:
+                if key in _DESTINATION_OPTIONAL:
+                    kw[key] = _DESTINATION_OPTIONAL[key]
+                    continue
                 raise fail(f"{label} {key}", "is required")
             try:
                 kw[key] = check(d[key])
@@ -324,6 +351,13 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
     data_dir = resolve(values["storage"]["data_dir"])
     url = values["database"]["url"] or f"sqlite:///{data_dir / 'cxr-node.db'}"
     ckpt = values["model"]["checkpoint"]
+    t = values["tls"]
+    if bool(t["certificate"]) != bool(t["private_key"]):
+        raise fail("[tls] private_key", "certificate and private_key must be given together")
+    tls = TLSSettings(certificate=resolve(t["certificate"]) if t["certificate"] else None,
+                      private_key=resolve(t["private_key"]) if t["private_key"] else None,
+                      ca_certificates=resolve(t["ca_certificates"]) if t["ca_certificates"] else None,
+                      require_client_certificate=t["require_client_certificate"])
     return Settings(
         node=NodeSettings(**values["node"]),
         storage=StorageSettings(data_dir=data_dir),
@@ -333,6 +367,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
                             batch_size=values["model"]["batch_size"]),
         outbox=OutboxSettings(**values["outbox"]),
         retention=RetentionSettings(days=values["retention"]["days"]),
+        tls=tls,
         logging=LoggingSettings(**values["logging"]),
         destinations=tuple(dests),
         source=source,

@@ -312,7 +312,10 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers)
+        from cxr_node.tls import server_context
+
+        self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
+                                           ssl_context=server_context(self.settings.tls))
         return self.server
 
     # ------------------------------------------------------------------ association events

@@ -13,13 +13,22 @@ from cxr_node.config import Destination, Settings
 from cxr_node.errors import NetworkError
 
 
+def _tls_args(settings: Settings, dest: Destination):  # noqa: ANN202
+    if not dest.tls:
+        return None
+    from cxr_node.tls import client_context
+
+    return (client_context(settings.tls), dest.host)
+
+
 def echo(settings: Settings, dest: Destination, timeout: float = 10.0) -> int:
     """C-ECHO ``dest`` as our AE title; return the DIMSE status or raise NetworkError."""
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu)
-    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu,
+                         tls_args=_tls_args(settings, dest))
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         raise NetworkError(f"{where} rejected the association (result {rj.result_str}, "
@@ -89,7 +98,8 @@ def store_files(settings: Settings, dest: Destination, files: Sequence[FileToSen
         ae.add_requested_context(sop_class, sorted(syntaxes))
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu,
+                             tls_args=_tls_args(settings, dest))
     except OSError as e:
         return [SendOutcome(TRANSIENT, None, f"cannot reach {where}: {e}")] * len(files)
     if assoc.is_rejected:

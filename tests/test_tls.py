@@ -1,0 +1,81 @@
+"""DICOM TLS against dcmtk's TLS-enabled storescu and storescp, with certificates made here by
+openssl: a trusted client is served, an untrusted one (or one without TLS) is refused, and
+cxr-node calls a TLS peer with its own certificate."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from pydicom import dcmread
+
+from conftest import StoreSCP, cli, require_tool, storescu, wait_port
+from dicomgen import make_cr
+
+
+def _openssl(*args, cwd):
+    subprocess.run([require_tool("openssl", "openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=cxr-node test CA", cwd=d)
+    for name in ("node", "modality", "pacs"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.pem",
+             "-days", "2", "-subj", "/CN=rogue", cwd=d)
+    return d
+
+
+def _tls_section(d) -> str:
+    return (f'[tls]\ncertificate = "{d / "node.pem"}"\nprivate_key = "{d / "node.key"}"\n'
+            f'ca_certificates = "{d / "ca.pem"}"\nrequire_client_certificate = true\n')
+
+
+def test_receiver_serves_trusted_clients_only(node_factory, certs, tmp_path):
+    node = node_factory("tls", extra=_tls_section(certs)).start()
+    good = make_cr(tmp_path / "good.dcm")
+    ok = storescu(node.port, good, args=("+tls", str(certs / "modality.key"), str(certs / "modality.pem"),
+                                         "+cf", str(certs / "ca.pem")))
+    assert ok.returncode == 0, ok.stderr
+    sop = dcmread(good).SOPInstanceUID
+    assert node.events("instance.stored", sop_instance_uid=sop)
+
+    rogue = storescu(node.port, make_cr(tmp_path / "rogue.dcm"),
+                     args=("+tls", str(certs / "rogue.key"), str(certs / "rogue.pem"), "+cf", str(certs / "ca.pem")))
+    assert rogue.returncode != 0
+    plain = storescu(node.port, make_cr(tmp_path / "plain.dcm"))
+    assert plain.returncode != 0
+    assert len(node.events("instance.stored")) == 1  # only the trusted client's instance
+    # still serving trusted clients after the refusals
+    again = storescu(node.port, make_cr(tmp_path / "again.dcm"), args=(
+        "+tls", str(certs / "modality.key"), str(certs / "modality.pem"), "+cf", str(certs / "ca.pem")))
+    assert again.returncode == 0, again.stderr
+
+
+def test_sender_calls_a_tls_peer_with_its_certificate(certs, tmp_path):
+    exe = require_tool("storescp", "dcmtk")
+    scp = StoreSCP(tmp_path / "pacs")  # for the free port and tool check
+    proc = subprocess.Popen([exe, "+tls", str(certs / "pacs.key"), str(certs / "pacs.pem"), "+cf",
+                             str(certs / "ca.pem"), "-aet", "TLSPACS", str(scp.port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(scp.port, proc=proc)
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[storage]\ndata_dir = "{tmp_path}"\n' + _tls_section(certs) +
+                       f'[[destinations]]\nname = "tlspacs"\nae_title = "TLSPACS"\nhost = "127.0.0.1"\n'
+                       f'port = {scp.port}\ntls = true\n'
+                       f'[[destinations]]\nname = "plain"\nae_title = "TLSPACS"\nhost = "127.0.0.1"\nport = {scp.port}\n')
+        ok = cli("echo", "--to", "tlspacs", config=cfg)
+        assert "over TLS): status 0x0000 Success" in ok.stdout
+        plain = cli("echo", "--to", "plain", "--timeout", "5", config=cfg, check=False)
+        assert plain.returncode == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
