@@ -79,7 +79,8 @@ class StorageSettings:
 
     @property
     def incoming_dir(self) -> Path:
-        """Temp files being written; same filesystem as the spool so rename is atomic."""
+        """Temp files being written (a subdirectory per node); same filesystem as the spool so
+        rename is atomic."""
         return self.data_dir / "incoming"
 
 

@@ -44,14 +44,15 @@ class WrittenObject:
 
 
 class Outbox:
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, incoming_dir: Path | None = None) -> None:
         self.settings = settings
         self.db = db
         self.dir = settings.storage.outbox_dir
-        self._files = Spool(self.dir, settings.storage.incoming_dir)
+        self._files = Spool(self.dir, incoming_dir or settings.storage.incoming_dir / "outbox")
 
-    def prepare(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def prepare(self) -> list[Path]:
+        """Create the directories and remove temp files of writes a crash interrupted."""
+        return self._files.prepare()
 
     def write(self, ds: Dataset, kind: str) -> WrittenObject:
         """Encode ``ds`` as a Part 10 file and make it durable under the outbox directory."""

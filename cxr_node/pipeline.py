@@ -49,7 +49,8 @@ class StudyWork:
 
 
 class Processor:
-    def __init__(self, settings: Settings, db: Database, outbox: Outbox) -> None:
+    def __init__(self, settings: Settings, db: Database, outbox: Outbox, node_id: str = "local") -> None:
+        self.node_id = node_id  # recorded on claimed studies; nodes sharing a database requeue only their own
         self.settings = settings
         self.db = db
         self.outbox = outbox
@@ -78,7 +79,8 @@ class Processor:
         """At start-up: studies a crash left in ``processing`` go back to ``queued``."""
         n = 0
         with self.db.transaction() as s:
-            for st in s.scalars(select(Study).where(Study.state == PROCESSING).with_for_update()):
+            for st in s.scalars(select(Study).where(Study.state == PROCESSING, Study.claimed_by == self.node_id)
+                                .with_for_update()):
                 st.state, st.state_changed_at = assembly.QUEUED, utcnow()
                 audit.record(s, "study.queued", study_uid=st.study_uid, patient_id=st.patient_id,
                              reason="processing was interrupted; queued again at start-up",
@@ -100,9 +102,10 @@ class Processor:
             if self.db.engine.dialect.name != "sqlite":
                 q = q.with_for_update(skip_locked=True)
             for st in s.scalars(q):
-                st.state, st.state_changed_at = PROCESSING, utcnow()
+                st.state, st.state_changed_at, st.claimed_by = PROCESSING, utcnow(), self.node_id
                 audit.record(s, "study.processing", study_uid=st.study_uid, patient_id=st.patient_id,
-                             detail={"from": assembly.QUEUED, "to": PROCESSING, "version": st.version})
+                             detail={"from": assembly.QUEUED, "to": PROCESSING, "version": st.version,
+                                     "node": self.node_id})
                 out.append((st.study_uid, st.version))
         return out
 

@@ -46,7 +46,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from cxr_node import assembly, audit
 from cxr_node.config import Settings
@@ -208,6 +208,12 @@ class Ingest:
             self.spool.commit(tmp, rel)
             try:
                 self._record_stored(header, rel, len(file_bytes), transfer_syntax, assoc, "instance.stored")
+            except IntegrityError:
+                if self.is_stored(header.sop_instance_uid):  # another node sharing the database recorded it
+                    self._record_duplicate(header, len(file_bytes), assoc)
+                    return False
+                self.spool.remove(rel)
+                raise
             except BaseException:
                 self.spool.remove(rel)  # failure status means "not stored": leave no orphan behind
                 raise
@@ -271,7 +277,10 @@ class Ingest:
                 continue
             if self.is_stored(h.sop_instance_uid):
                 continue
-            self._record_stored(h, rel, len(data), ts, None, "instance.recovered")
+            try:
+                self._record_stored(h, rel, len(data), ts, None, "instance.recovered")
+            except IntegrityError:  # another node sharing the database recorded it meanwhile
+                continue
             recovered += 1
             log.warning("recovered spooled instance %s (no database row after a crash)", h.sop_instance_uid)
         return recovered

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -45,8 +46,13 @@ def serve(settings: Settings) -> int:
     db = Database(settings.database.url)
     db.require_current_schema()
     db.restrict_permissions()
-    spool = Spool(settings.storage.spool_dir, settings.storage.incoming_dir)
+    # temp files per node: nodes sharing one data_dir (and database) never sweep each other's
+    node_id = f"{socket.gethostname()}-{settings.node.port}"
+    incoming = settings.storage.incoming_dir / node_id
+    spool = Spool(settings.storage.spool_dir, incoming)
     partial = spool.prepare()
+    outbox = Outbox(settings, db, incoming / "outbox")
+    partial += outbox.prepare()
     ingest = Ingest(db, spool)
     if partial:
         with db.transaction() as s:
@@ -62,9 +68,7 @@ def serve(settings: Settings) -> int:
     except OSError as e:
         raise NetworkError(f"cannot listen on {n.host}:{n.port}: {e.strerror} "
                            "(is another process using the port? set [node] port)") from e
-    outbox = Outbox(settings, db)
-    outbox.prepare()
-    processor = Processor(settings, db, outbox)
+    processor = Processor(settings, db, outbox, node_id)
     processor.requeue_interrupted()
     scheduler = build_scheduler(settings, db, processor, outbox)
     scheduler.start()

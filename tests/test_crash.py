@@ -52,7 +52,7 @@ def test_sigkill_mid_send_loses_nothing_that_got_success(node_factory, tmp_path)
             assert len(ds.PixelData) == ds.Rows * ds.Columns * 2
 
     n.start()
-    assert not list((n.data_dir / "incoming").iterdir()), "partial temp files survived the restart"
+    assert not [p for p in (n.data_dir / "incoming").rglob("*") if p.is_file()], "partial temp files survived"
     with n.db() as c:
         in_db = {r[0] for r in c.execute("select sop_instance_uid from instances")}
     for f in succeeded:

@@ -79,7 +79,7 @@ def test_echo_and_store_real_cr_films_byte_for_byte(node, films, tmp_path):
     assert sorted(rows) == [("1.2.840.10008.1.2.1", 1), ("1.2.840.10008.1.2.4.90", 1)]
     assert {e["event"] for e in node.audit()} >= {"association.opened", "association.accepted",
                                                   "association.released", "echo.received"}
-    assert not list((node.data_dir / "incoming").iterdir()), "temp files left behind"
+    assert not [p for p in (node.data_dir / "incoming").rglob("*") if p.is_file()], "temp files left behind"
 
 
 def test_duplicate_is_stored_once_and_audited(node, tmp_path):

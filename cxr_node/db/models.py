@@ -84,6 +84,7 @@ class Study(Base):
     processed_version: Mapped[int | None] = mapped_column(Integer)
     last_sr_uid: Mapped[str | None] = mapped_column(UID)
     last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # the node processing it
 
 
 class Instance(Base):

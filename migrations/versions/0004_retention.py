@@ -1,4 +1,4 @@
-"""removed_at on instances and outbox rows: the retention job deleted the file.
+"""removed_at on instances and outbox rows (retention deleted the file); studies.claimed_by.
 
 Revision ID: 0004
 Revises: 0003
@@ -17,9 +17,13 @@ def upgrade() -> None:
     for table in ("instances", "outbox"):
         with op.batch_alter_table(table) as b:
             b.add_column(sa.Column("removed_at", sa.DateTime(timezone=True)))
+    with op.batch_alter_table("studies") as b:
+        b.add_column(sa.Column("claimed_by", sa.String(128)))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("studies") as b:
+        b.drop_column("claimed_by")
     for table in ("outbox", "instances"):
         with op.batch_alter_table(table) as b:
             b.drop_column("removed_at")
