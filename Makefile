@@ -1,12 +1,12 @@
 # cxr-node: the two commands the README opens with.
 #   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
-#   make test  install the test extra (+ Debian peers when root with apt), then run pytest
+#   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), then run pytest
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/cxr-node.toml
-DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl
+DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql
 
 .PHONY: run test venv debs bench clean
 

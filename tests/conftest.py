@@ -277,3 +277,63 @@ def orthanc_factory(tmp_path):
     yield make
     for o in made:
         o.stop()
+
+
+class Postgres:
+    """A real PostgreSQL (Debian package) in a temporary directory, on 127.0.0.1 at a free port.
+    As root it runs as the postgres user (PostgreSQL refuses to run as root)."""
+
+    def __init__(self) -> None:
+        import glob
+        import tempfile
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            require_tool("postgresql-initdb-missing", "postgresql")
+        self.bin = Path(bins[-1]).parent
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            msg = "psycopg not installed: pip install '.[test]'"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(msg)
+            pytest.skip(msg)
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="cxr-pg-", dir="/tmp"))  # pytest's tmp is not traversable by postgres
+        self.data = self.root / "data"
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    def _run(self, *cmd: str, timeout: float = 120) -> None:
+        subprocess.run(self.as_user + list(cmd), check=True, capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> "Postgres":
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "pg.log"), "-w", "-t", "60",
+                  "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}", "start")
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "cxr")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/cxr"
+
+    def psql(self, sql: str) -> str:
+        p = subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                            "-d", "cxr", "-At", "-c", sql], capture_output=True, text=True, timeout=60, check=True)
+        return p.stdout
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    pg = Postgres().start()
+    yield pg
+    pg.stop()
