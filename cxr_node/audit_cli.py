@@ -33,6 +33,8 @@ def run_audit(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
         if not args.uid:
             raise ConfigError("audit study: give the StudyInstanceUID")
         return _study(settings, args.uid, args.format, out)
+    if args.format == "dicom-audit" and args.action not in ("export", None):
+        raise ConfigError("--format dicom-audit goes with `audit export` or a plain query")
     if args.event and "list" in args.event:
         for name, text in audit.EVENTS.items():
             out.write(f"{name:26} {text}\n")
@@ -53,11 +55,19 @@ def run_audit(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
             rows = audit.as_dicts(audit.query(s, q))
     finally:
         db.dispose()
-    write_rows(rows, args.format, out)
+    write_rows(rows, args.format, out, settings.node.ae_title)
     return 0
 
 
-def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
+def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, node_aet: str = "CXRNODE") -> None:
+    if fmt == "dicom-audit":
+        import sys
+
+        from cxr_node.audit_dicom import write_messages
+
+        written, skipped = write_messages(rows, node_aet, out)
+        sys.stderr.write(f"{written} DICOM audit message(s); {skipped} event(s) without a DICOM audit meaning\n")
+        return
     if fmt == "json":
         json.dump(rows, out, indent=1)
         out.write("\n")

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "a time without zone is UTC. `cxr-node audit verify` checks the hash chain and "
                            "exits 1 naming the first bad row; `cxr-node audit study UID` prints one "
                            "study's whole story in order.")
-    audit.add_argument("action", nargs="?", choices=["verify", "study"], help="verify the chain, or one study's story")
+    audit.add_argument("action", nargs="?", choices=["verify", "study", "export"],
+                       help="verify the chain; one study's story; export (with --format dicom-audit)")
     audit.add_argument("uid", nargs="?", metavar="UID", help="StudyInstanceUID for `audit study`")
     audit.add_argument("--since", metavar="ISO", help="events at or after this time")
     audit.add_argument("--until", metavar="ISO", help="events before this time")
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--outcome", choices=["success", "failure", "warning"])
     audit.add_argument("--limit", type=int, default=None, help="at most this many rows (a page)")
     audit.add_argument("--offset", type=int, default=0, help="skip this many rows first (the next page)")
-    audit.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    audit.add_argument("--format", choices=["table", "json", "csv", "dicom-audit"], default="table",
+                       help="dicom-audit: PS3.15 A.5 DICOM Audit Messages (ATNA XML), one per line")
 
     ob = sub.add_parser("outbox", help="list, retry or purge results waiting to be sent",
                         description="The outbox holds result objects (Secondary Captures, SRs) for each "

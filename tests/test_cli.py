@@ -68,6 +68,27 @@ def test_audit_filters_and_formats(node_factory, tmp_path):
     table = cli("audit", "--event", "instance.stored", config=n.config).stdout
     assert table.splitlines()[0].startswith("TIME") and "(2 events)" in table
 
+    # PS3.15 A.5 DICOM Audit Messages, one XML document per line
+    import xml.etree.ElementTree as ET
+
+    p = cli("audit", "export", "--format", "dicom-audit", config=n.config)
+    msgs = [ET.fromstring(line) for line in p.stdout.splitlines()]
+    assert "DICOM audit message(s)" in p.stderr and msgs
+    transfers = [m for m in msgs if m.find("EventIdentification/EventID").get("csd-code") == "110104"]
+    assert len(transfers) == 2  # the two stored instances
+    for m in transfers:
+        ev = m.find("EventIdentification")
+        assert ev.get("EventActionCode") == "C" and ev.get("EventOutcomeIndicator") == "0"
+        roles = {ap.find("RoleIDCode").get("csd-code"): ap.get("UserID") for ap in m.findall("ActiveParticipant")}
+        assert roles["110152"] == "CXRNODE" and roles["110153"] in ("MOD_A", "MOD_B")
+        ids = {po.find("ParticipantObjectIDTypeCode").get("csd-code"): po.get("ParticipantObjectID")
+               for po in m.findall("ParticipantObjectIdentification")}
+        assert ids["2"] == "PID-TEST" and ids["110180"]
+        assert m.find("AuditSourceIdentification").get("AuditSourceID") == "cxr-node"
+    starts = [m for m in msgs if m.find("EventIdentification/EventTypeCode") is not None
+              and m.find("EventIdentification/EventTypeCode").get("csd-code") == "110120"]
+    assert len(starts) == 1
+
     bad = cli("audit", "--since", "yesterday", config=n.config, check=False)
     assert bad.returncode == 2 and "not an ISO 8601 time" in bad.stderr
     bad = cli("audit", "--event", "instance.eaten", config=n.config, check=False)
