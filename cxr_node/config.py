@@ -119,6 +119,11 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    port: int = 0  # 0 = no metrics endpoint
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "INFO"
 
@@ -133,6 +138,7 @@ class Settings:
     outbox: OutboxSettings
     retention: RetentionSettings
     tls: TLSSettings
+    metrics: MetricsSettings
     logging: LoggingSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
@@ -257,6 +263,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "retention": {"days": (_number(0, 36500), 0)},
     "tls": {"certificate": (_str, ""), "private_key": (_str, ""), "ca_certificates": (_str, ""),
             "require_client_certificate": (_bool, True)},
+    "metrics": {"port": (_int(0, 65535), 0)},
     "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
 }
 _DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535), "tls": _bool}
@@ -369,6 +376,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         outbox=OutboxSettings(**values["outbox"]),
         retention=RetentionSettings(days=values["retention"]["days"]),
         tls=tls,
+        metrics=MetricsSettings(port=values["metrics"]["port"]),
         logging=LoggingSettings(**values["logging"]),
         destinations=tuple(dests),
         source=source,

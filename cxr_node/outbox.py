@@ -49,6 +49,7 @@ class Outbox:
         self.db = db
         self.dir = settings.storage.outbox_dir
         self._files = Spool(self.dir, incoming_dir or settings.storage.incoming_dir / "outbox")
+        self.metrics = None  # set by the service when [metrics] port is on
 
     def prepare(self) -> list[Path]:
         """Create the directories and remove temp files of writes a crash interrupted."""
@@ -121,6 +122,8 @@ class Outbox:
                 fields = dict(study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
                               sop_class_uid=row.sop_class_uid, status=oc.status)
                 detail = {"destination": row.destination, "attempt": row.attempts, "kind": row.kind}
+                if oc.kind != SENT and self.metrics:
+                    self.metrics.send_failures.labels(oc.kind).inc()
                 if oc.kind == SENT:
                     row.state, row.sent_at = DONE, utcnow()
                     audit.record(s, "outbox.sent", reason=oc.reason, detail=detail, **fields)

@@ -49,7 +49,9 @@ class StudyWork:
 
 
 class Processor:
-    def __init__(self, settings: Settings, db: Database, outbox: Outbox, node_id: str = "local") -> None:
+    def __init__(self, settings: Settings, db: Database, outbox: Outbox, node_id: str = "local",
+                 metrics=None) -> None:  # noqa: ANN001
+        self.metrics = metrics
         self.node_id = node_id  # recorded on claimed studies; nodes sharing a database requeue only their own
         self.settings = settings
         self.db = db
@@ -156,11 +158,18 @@ class Processor:
         return work
 
     def predict(self, predictor, films: list[Film]) -> None:
+        import time
+
         bs = self.settings.model.batch_size
         for i in range(0, len(films), bs):
             batch = films[i:i + bs]
+            t0 = time.perf_counter()
             for film, pred in zip(batch, predictor.predict([f.x for f in batch], explain=True)):
                 film.prediction = pred
+            if self.metrics:
+                per_image = (time.perf_counter() - t0) / len(batch)
+                for _ in batch:
+                    self.metrics.inference.observe(per_image)
 
     def finish(self, w: StudyWork) -> None:
         """Encode the results, put them in the outbox, and record everything in one transaction."""

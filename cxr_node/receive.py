@@ -290,9 +290,10 @@ class Receiver:
     """The pynetdicom AE plus the handlers bound to it. Dependencies come in through the
     constructor and the handler registration tuples, never globals."""
 
-    def __init__(self, settings: Settings, ingest: Ingest) -> None:
+    def __init__(self, settings: Settings, ingest: Ingest, metrics=None) -> None:  # noqa: ANN001
         self.settings = settings
         self.ingest = ingest
+        self.metrics = metrics
         self._assocs: weakref.WeakKeyDictionary[Any, AssociationInfo] = weakref.WeakKeyDictionary()
         self.ae = self._build_ae()
         self.server = None
@@ -349,6 +350,8 @@ class Receiver:
             rsd, text = reason
             assoc.acse.send_reject(*rsd)
             assoc.kill()  # wait until the DUL has sent the A-ASSOCIATE-RJ (as pynetdicom's own rejections do)
+            if self.metrics:
+                self.metrics.associations.labels("rejected").inc()
             self._audit("association.rejected", "failure", reason=text,
                         detail={"result": rsd[0], "source": rsd[1], "diagnostic": rsd[2]}, **info.fields())
             log.warning("rejected association %s from %s@%s:%d: %s", info.id, info.calling_aet, info.host,
@@ -381,6 +384,8 @@ class Receiver:
         if info:
             accepted = [cx.abstract_syntax for cx in event.assoc.accepted_contexts]
             self._audit("association.accepted", detail={"accepted_contexts": len(accepted)}, **info.fields())
+            if self.metrics:
+                self.metrics.associations.labels("accepted").inc()
             log.info("association %s from %s@%s:%d accepted", info.id, info.calling_aet, info.host, info.port)
 
     def _on_released(self, event) -> None:  # noqa: ANN001
@@ -435,6 +440,10 @@ class Receiver:
                     info.bytes += size
                 else:
                     info.duplicates += 1
+        if self.metrics:
+            self.metrics.instances.labels("stored" if stored else "duplicate").inc()
+            if stored:
+                self.metrics.bytes.inc(size)
         log.info("%s %s (study %s, %d bytes, %s) from %s", "stored" if stored else "duplicate", rq_sop,
                  header.study_uid, size, transfer_syntax, info.calling_aet if info else "?")
         return STATUS_SUCCESS
@@ -442,6 +451,8 @@ class Receiver:
     def _fail(self, status: int, reason: str, info: AssociationInfo | None, sop: str, sop_class: str,
               header: Header | None, size: int) -> Dataset:
         log.warning("refused %s with 0x%04X: %s", sop, status, reason)
+        if self.metrics:
+            self.metrics.instances.labels("failed").inc()
         if info:
             with info.lock:
                 info.failed += 1

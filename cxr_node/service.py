@@ -53,6 +53,11 @@ def serve(settings: Settings) -> int:
     partial = spool.prepare()
     outbox = Outbox(settings, db, incoming / "outbox")
     partial += outbox.prepare()
+    metrics = None
+    if settings.metrics.port:
+        from cxr_node.metrics import Metrics
+
+        metrics = Metrics(db)
     ingest = Ingest(db, spool)
     if partial:
         with db.transaction() as s:
@@ -61,17 +66,20 @@ def serve(settings: Settings) -> int:
         log.warning("removed %d partial temp file(s) left by an interrupted write", len(partial))
     recovered = ingest.recover()
 
-    receiver = Receiver(settings, ingest)
+    receiver = Receiver(settings, ingest, metrics)
     n = settings.node
     try:
         server = receiver.start()
     except OSError as e:
         raise NetworkError(f"cannot listen on {n.host}:{n.port}: {e.strerror} "
                            "(is another process using the port? set [node] port)") from e
-    processor = Processor(settings, db, outbox, node_id)
+    outbox.metrics = metrics
+    processor = Processor(settings, db, outbox, node_id, metrics)
     processor.requeue_interrupted()
     scheduler = build_scheduler(settings, db, processor, outbox)
     scheduler.start()
+    if metrics is not None:
+        metrics.serve(settings.metrics.port)
     with db.transaction() as s:
         audit.record(s, "node.started", called_aet=n.ae_title, host=n.host, port=n.port,
                      detail={"version": __version__, "recovered": recovered, "partial_removed": len(partial)})

@@ -110,3 +110,29 @@ def test_permanent_rejection_dead_letters_and_admin_cli(node_factory, tmp_path):
 ])
 def test_status_classification(status, kind):
     assert classify_status(status).kind == kind
+
+
+def test_prometheus_metrics(node_factory, tmp_path):
+    import urllib.request
+
+    from conftest import echoscu, free_port
+
+    port = free_port()
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        node = _node(node_factory, tmp_path, "metrics", pacs.ae_title, pacs.port)
+        node.config.write_text(node.config.read_text() + f"[metrics]\nport = {port}\n")
+        node.start()
+        study = uid()
+        assert storescu(node.port, make_cr(tmp_path / "m.dcm", study_uid=study, rows=300, cols=300)).returncode == 0
+        assert echoscu(node.port, aec="NOTME").returncode != 0
+        _wait_sent(node, study, 2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['cxr_node_instances_total{outcome="stored"}'] == 1
+    assert values['cxr_node_associations_total{outcome="accepted"}'] >= 1
+    assert values['cxr_node_associations_total{outcome="rejected"}'] == 1
+    assert values["cxr_node_received_bytes_total"] > 180_000
+    assert values['cxr_node_studies{state="processed"}'] == 1
+    assert values['cxr_node_outbox_items{state="sent"}'] == 2
+    assert values["cxr_node_inference_seconds_count"] == 1
