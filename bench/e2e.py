@@ -80,9 +80,7 @@ def main() -> int:
         lat = [one_study(node, orthanc, film_copy(src, work / f"s{i}.dcm")) - args.quiet
                for i in tqdm(range(args.studies), desc="studies", unit="study")]
         if args.screenshot:
-            sc = [i for i in orthanc.rest("GET", "/instances?expand") if i["MainDicomTags"].get("ImageType", "")
-                  .startswith("DERIVED") or "SecondaryCapture" in str(i)]
-            ids = [i["ID"] for i in orthanc.find(Modality="OT")] or [i["ID"] for i in sc]
+            ids = [i["ID"] for i in orthanc.find(Modality="OT")]  # our Secondary Captures (highdicom: OT)
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             args.screenshot.write_bytes(orthanc.rest("GET", f"/instances/{ids[0]}/preview"))
             print(f"saved Orthanc's preview of a Secondary Capture to {args.screenshot}")

@@ -147,6 +147,9 @@ def _study(settings: Settings, study_uid: str, fmt: str, out: TextIO) -> int:
     out.write(f"study {study_uid}\n")
     for r in rows:
         text = _STORY.get(r["event"])
-        line = text(r) if text else (r["reason"] or json.dumps(r["detail"]) if (r["reason"] or r["detail"]) else "")
+        if text:
+            line = text(r)
+        else:
+            line = r["reason"] or (json.dumps(r["detail"]) if r["detail"] else "")
         out.write(f"  {r['time']}  {r['event']:22} {line}\n")
     return 0

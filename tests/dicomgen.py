@@ -63,12 +63,9 @@ def make_cr(path: Path, *, study_uid: str | None = None, series_uid: str | None 
 def make_garbage(path: Path) -> Path:
     """Valid Part 10 file meta, then bytes that are not a dataset."""
     good = make_cr(path, rows=8, cols=8)
-    from pydicom import dcmread
-
     meta_end = _meta_end(good.read_bytes())
     data = good.read_bytes()[:meta_end] + b"\x08\x00\x18\x00ZZ\x10\x00" + b"not a dataset at all" * 4
     path.write_bytes(data)
-    del dcmread
     return path
 
 

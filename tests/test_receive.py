@@ -55,6 +55,8 @@ def test_echo_and_store_real_cr_films_byte_for_byte(node, films, tmp_path):
         for port, aec in ((ref.port, ref.ae_title), (node.port, "CXRNODE")):
             uncr = storescu(port, films["RG1_UNCR"], aec=aec)
             assert uncr.returncode == 0, uncr.stderr
+            if port == node.port:  # we accept PDUs of 131072 bytes: 131060 bytes of data per PDV
+                assert "Max Send PDV: 131060" in uncr.stderr, uncr.stderr
             j2k = storescu(port, films["RG1_J2KR"], aec=aec, args=("-xv",))  # propose JPEG 2000 lossless
             assert j2k.returncode == 0, j2k.stderr
 

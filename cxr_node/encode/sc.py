@@ -48,7 +48,7 @@ def render(film: np.ndarray, prediction, model: ModelIdentity) -> np.ndarray:
     """RGB uint8 (H + legend, W, 3): overlay plus the legend strip."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from cxr_node.triage_cli import render_overlay
+    from cxr_node.overlay import render_overlay
 
     film = _fit(film)
     if prediction.cam is None:
