@@ -79,6 +79,15 @@ then: python -m training.calibrate --checkpoint RUN_DIR/best.pt --data ...
                    help=f"critical class for urgent flags (default {DEFAULT_CRITICAL} if present)")
     p.add_argument("--no-augment", action="store_true", help="disable augmentation")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights (same labels, arch and input size) "
+                   "with a fresh optimizer; pair it with --split-file to keep that run's split")
+    p.add_argument("--split-file", default=None,
+                   help="use this split.csv (e.g. an earlier run's) instead of drawing a new split, so the "
+                   "test films stay the ones that run held out")
+    p.add_argument("--schedule", default="plateau", choices=["plateau", "cosine"],
+                   help="learning-rate schedule: ReduceLROnPlateau on val macro AUC (default), or cosine "
+                   "annealing from --lr to 1%% of it over --epochs (suits fine-tuning)")
     p.add_argument("--version", dest="model_version", default=None,
                    help="model version string recorded in the checkpoint (default <arch>-<input>-<date>)")
     p.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)  # tests / smoke runs
@@ -244,6 +253,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     split_csv = out / "split.csv"
     if args.resume and split_csv.is_file():
         assign = D.load_split(split_csv)
+    elif args.split_file:
+        assign = D.load_split(Path(args.split_file))
+        missing = [r.relpath for r in records if r.relpath not in assign]
+        if missing:
+            raise SystemExit(f"--split-file {args.split_file} has no row for {len(missing)} film(s), "
+                             f"e.g. {missing[0]}: it was written for other data")
+        if is_main:
+            D.save_split(assign, records, out, args.seed, str(args.data))
     else:
         assign = D.grouped_stratified_split(records, seed=args.seed)
         if is_main:
@@ -272,13 +289,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=args.lr_patience)
+    if args.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1), eta_min=args.lr * 0.01)
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3,
+                                                           patience=args.lr_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     crit = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
 
     start_epoch, best_auc, bad_epochs, history = 1, -1.0, 0, []
     version = args.model_version or f"{args.arch}-{args.input_size}-{time.strftime('%Y%m%d', time.gmtime())}"
     last_path, best_path = out / "last.pt", out / "best.pt"
+    if args.init_from and not args.resume:
+        init = read_checkpoint(Path(args.init_from))
+        m = init["meta"]
+        if m["labels"] != labels or m["arch"] != args.arch or m["input_size"] != args.input_size:
+            raise SystemExit(f"--init-from: {args.init_from} has labels/arch/input size "
+                             f"{m['labels']}/{m['arch']}/{m['input_size']}, this run "
+                             f"{labels}/{args.arch}/{args.input_size}")
+        model.load_state_dict({k: v.float() for k, v in init["state_dict"].items()})
+        if is_main:
+            log.info("initialised from %s (%s, epoch %s)", args.init_from, m.get("version"),
+                     m.get("metrics", {}).get("epoch"))
     if args.resume:
         if not last_path.is_file():
             raise SystemExit(f"--resume: {last_path} not found")
@@ -315,7 +347,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "data_manifest_sha256": D.manifest_sha256(records), "version": version,
         "calibrated": False, "seed": args.seed, "class_weights": [float(w) for w in weights],
         "train_counts": {n: int((targets[tr_idx] == i).sum()) for i, n in enumerate(labels)},
+        "schedule": args.schedule, "lr": args.lr,
     }
+    if args.init_from:
+        base_meta["init_from"] = {"path": Path(args.init_from).name, "version": init["meta"].get("version"),
+                                  "sha256": init["sha256"], "epoch": init["meta"].get("metrics", {}).get("epoch")}
 
     from tqdm import tqdm
 
@@ -374,7 +410,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if distributed:
             dist.broadcast(val, src=0)
         val_auc, val_loss, val_acc = (float(v) for v in val)
-        sched.step(val_auc)
+        if args.schedule == "cosine":
+            sched.step()
+        else:
+            sched.step(val_auc)
         improved = val_auc > best_auc + 1e-5
         if improved:
             best_auc, bad_epochs = val_auc, 0
