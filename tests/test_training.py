@@ -98,6 +98,35 @@ def test_resume_continues_from_saved_epoch(tiny, tmp_path):
     assert st["epoch"] == 2 and st["optimizer"]["state"]  # optimizer moments were carried
 
 
+def test_fine_tune_from_checkpoint_keeps_split_and_weights(tiny, tmp_path):
+    """--init-from starts from the checkpoint's weights; --split-file keeps its split even under another
+    seed (so its test films stay held out); --schedule cosine anneals the learning rate."""
+    import torch
+
+    src = tiny["run"]
+    run = tmp_path / "ft"
+    base = [a for a in TRAIN_ARGS if a not in ("--lr", "3e-3")]
+    p = run_module("training.train", "--data", str(tiny["manifest"]), "--out", str(run), "--epochs", "2",
+                   "--init-from", str(src / "last.pt"), "--split-file", str(src / "split.csv"), "--seed", "7",
+                   "--schedule", "cosine", "--lr", "0", *base)
+    assert "initialised from" in p.stderr
+    split = lambda d: sorted((r["path"], r["split"]) for r in csv.DictReader(open(d / "split.csv")))  # noqa: E731
+    assert split(run) == split(src)
+    old = torch.load(src / "last.pt", weights_only=True)
+    new = torch.load(run / "last.pt", weights_only=True)
+    assert new["meta"]["init_from"]["sha256"] == old["sha256"] and new["meta"]["schedule"] == "cosine"
+    # lr 0: AdamW moves nothing, so every convolution weight is the source's (batch-norm statistics may move)
+    convs = [k for k, v in old["state_dict"].items() if k.endswith(".weight") and v.ndim == 4]
+    assert convs and all(torch.equal(old["state_dict"][k], new["state_dict"][k]) for k in convs)
+
+    # a checkpoint trained at another input size is refused with a message naming the mismatch
+    bad = subprocess.run([PY, "-m", "training.train", "--data", str(tiny["manifest"]), "--out", str(tmp_path / "x"),
+                          "--epochs", "1", "--init-from", str(src / "last.pt"), "--input-size", "32",
+                          "--batch-size", "8", "--threads", "2"], capture_output=True, text=True, cwd=REPO,
+                         timeout=240)
+    assert bad.returncode != 0 and "--init-from" in bad.stderr and "input size" in bad.stderr
+
+
 def test_calibrate_then_evaluate_then_triage(tiny, tmp_path):
     run = tiny["run"]
     cal = tmp_path / "cal.pt"
