@@ -107,12 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     tri = sub.add_parser("triage", help="triage image files offline (DICOM, PNG or JPEG)",
                          description="Per file: class probabilities, top class, urgent flag and model "
                          "version. A file that cannot be used gets an error line; the others are "
-                         "still processed and the exit status is 1.")
+                         "still processed and the exit status is 1. DICOM files whose header says "
+                         "they are not a frontal chest film (BodyPartExamined, ViewPosition) are "
+                         "refused with the reason, as the daemon does.")
     tri.add_argument("files", nargs="+", metavar="FILE")
     tri.add_argument("--checkpoint", metavar="PATH", help="model checkpoint (default: [model] checkpoint)")
     tri.add_argument("--overlay-dir", metavar="DIR", help="write a Grad-CAM overlay PNG per file here")
     tri.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     tri.add_argument("--format", choices=["table", "json"], default="table")
+    tri.add_argument("--any-film", action="store_true",
+                     help="triage DICOM files whose header says they are not a frontal chest film")
     return p
 
 

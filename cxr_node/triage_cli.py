@@ -4,6 +4,11 @@ Per file: class probabilities, top class, urgent flag, priority and model versio
 ``--overlay-dir`` a PNG of the film with the Grad-CAM heat map blended over it. A file that
 cannot be used gets an error line (on stderr, and in the output) naming the rule it broke; the
 other files are still processed and the exit status is 1.
+
+DICOM files go through the daemon's own header check first (``assembly.frontal_chest_reason``:
+BodyPartExamined CHEST or absent, ViewPosition PA/AP or absent), so a tibia or a lateral view is
+refused with the reason instead of being forced into the model's chest classes; ``--any-film``
+triages such files anyway.
 """
 
 from __future__ import annotations
@@ -31,6 +36,20 @@ def _overlay_path(out_dir: Path, src: Path, used: set[str]) -> Path:
     return out_dir / name
 
 
+def _not_frontal_chest(path: Path) -> str | None:
+    """The daemon's header rule for a DICOM file; None for a usable film or a non-DICOM file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from cxr_node.assembly import frontal_chest_reason
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return None  # PNG/JPEG, or a DICOM problem that preprocessing reports precisely
+    return frontal_chest_reason(ds)
+
+
 def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     """Triage ``args.files``; write a table or JSON to ``out``. Returns 0, or 1 if any file failed."""
     from PIL import Image
@@ -51,6 +70,13 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     for f in args.files:
         path = Path(f)
         row: dict[str, Any] = {"file": str(f)}
+        reason = None if getattr(args, "any_film", False) else _not_frontal_chest(path)
+        if reason:
+            failed += 1
+            row["error"] = f"{path.name}: not a frontal chest film ({reason}); --any-film triages it anyway"
+            sys.stderr.write(f"cxr-node triage: {f}: not analysed: {reason}\n")
+            rows.append(row)
+            continue
         try:
             x, film = predictor.preprocess_with_display(path)
             [pred] = predictor.predict([x], explain=overlay_dir is not None)

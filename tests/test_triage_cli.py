@@ -67,7 +67,10 @@ def test_cli_table_with_bad_file_and_overlay(films, checkpoint, tmp_path):
     assert "broken.dcm" in p.stderr and "not a readable DICOM file" in p.stderr
     assert "colour.png" in p.stderr and "colour image" in p.stderr
     assert any("broken.dcm" in line and "ERROR" in line for line in lines)
-    assert any("RG3_J2KI.dcm" in line and "ERROR" not in line for line in lines)  # others still processed
+    # the tibia is refused by the daemon's header rule, with the reason, and the others are still processed
+    assert "RG3_J2KI.dcm" in p.stderr and "BodyPartExamined is EXTREMITY" in p.stderr
+    assert any("RG3_J2KI.dcm" in line and "not a frontal chest film" in line for line in lines)
+    assert not (ov / "RG3_J2KI.gradcam.png").exists()
     img = np.asarray(Image.open(ov / "RG1_UNCR.gradcam.png"))
     assert img.ndim == 3 and img.shape[2] == 3 and max(img.shape[:2]) == 512
     coloured = (np.abs(img[..., 0].astype(int) - img[..., 2]) > 30).mean()
@@ -83,6 +86,13 @@ def test_cli_json_and_exit_zero_when_all_good(films, checkpoint):
     assert set(r["probabilities"]) == set(doc["labels"])
     assert r["top_label"] == max(r["probabilities"], key=r["probabilities"].get)
     assert isinstance(r["urgent"], bool) and r["model_version"] == doc["model_version"]
+
+
+def test_cli_any_film_triages_a_non_chest_film(films, checkpoint):
+    p = triage(str(films["RG3_J2KI.dcm"]), "--checkpoint", str(checkpoint), "--format", "json", "--any-film")
+    assert p.returncode == 0, p.stderr
+    [r] = json.loads(p.stdout)["results"]
+    assert "error" not in r and abs(sum(r["probabilities"].values()) - 1.0) < 3e-3
 
 
 def test_cli_refuses_tampered_checkpoint(films, tmp_path):
