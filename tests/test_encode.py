@@ -81,6 +81,8 @@ def test_structured_report_validates_and_reads_back(analysed, tmp_path):
     assert back.VerificationFlag == "UNVERIFIED" and back.CompletionFlag == "COMPLETE"
     assert back.ReferencedRequestSequence[0].AccessionNumber == "ACC-4711"
     assert [e.DeviceUID for e in _ours(back)] == [model.device_uid]
+    (scheme,) = back.CodingSchemeIdentificationSequence  # our private scheme is declared in the SR
+    assert scheme.CodingSchemeDesignator == "99CXRNODE" and scheme.CodingSchemeResponsibleOrganization == MANUFACTURER
     (group,) = read_findings(back)
     assert group["finding"] in ("COVID-19", "Normal", "Viral pneumonia")
     probs = group["probabilities"]

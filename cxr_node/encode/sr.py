@@ -155,6 +155,13 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
     for kw in ("AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
         if kw in first and not sr.get(kw):
             setattr(sr, kw, first.get(kw))
+    # PS3.3 8.2 / C.12.1: a private coding scheme used in the document is identified in the SOP Common
+    # module's Coding Scheme Identification Sequence, so a reader can tell who owns "99CXRNODE"
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "cxr-node local codes (probability concepts, labels without a standard code)"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    sr.CodingSchemeIdentificationSequence = [item]
     return sr
 
 
