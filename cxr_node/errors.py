@@ -38,3 +38,14 @@ class CheckpointError(CxrNodeError):
 
 class NetworkError(CxrNodeError):
     """A DICOM peer could not be reached or refused us."""
+
+
+def db_error_text(exc: BaseException, limit: int = 300) -> str:
+    """One log line for a database error: the driver's own message, whitespace collapsed, without
+    SQLAlchemy's "Background on this error" link (parameters are hidden by the engine)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).split("(Background on this error")[0]
+    text = " ".join(text.split())
+    name = type(orig if orig is not None else exc).__name__
+    out = f"{name}: {text}" if text else name
+    return out if len(out) <= limit else out[: limit - 3] + "..."

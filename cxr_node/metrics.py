@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from cxr_node.db.session import Database
-from cxr_node.errors import ConfigError
+from cxr_node.errors import ConfigError, db_error_text
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _DatabaseCollector:
                     studies.add_metric([state], n)
                 counts = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
         except Exception as e:  # a scrape must not take the daemon down; the log says why it is empty
-            log.error("metrics: database query failed: %s", e)
+            log.error("metrics: database query failed: %s", db_error_text(e))
             return
         for state in ("pending", "sent", "dead"):
             outbox.add_metric([state], counts.get(state, 0))

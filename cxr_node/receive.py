@@ -52,7 +52,7 @@ from cxr_node import assembly, audit
 from cxr_node.config import Settings
 from cxr_node.db.models import Instance, utcnow
 from cxr_node.db.session import Database
-from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError
+from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
 from cxr_node.spool import Spool, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class Ingest:
                 audit.record(s, "instance.failed", "failure", status=status, reason=reason, bytes=size,
                              **fields, **(assoc.fields() if assoc else {}))
         except SQLAlchemyError as e:  # the status still goes back to the peer; the log keeps the trace
-            log.error("could not audit failed store of %s: %s", sop_instance_uid, e)
+            log.error("could not audit failed store of %s: %s", sop_instance_uid, db_error_text(e))
 
     def recover(self) -> int:
         """Register spooled files that have no database row (a crash between rename and commit)."""
@@ -335,7 +335,7 @@ class Receiver:
             with self.ingest.db.transaction() as s:
                 audit.record(s, event, outcome, **fields)
         except SQLAlchemyError as e:
-            log.error("could not write audit event %s: %s", event, e)
+            log.error("could not write audit event %s: %s", event, db_error_text(e))
 
     def _on_requested(self, event) -> None:  # noqa: ANN001
         assoc = event.assoc
@@ -430,7 +430,7 @@ class Receiver:
         except SpoolError as e:
             return self._fail(STATUS_OUT_OF_RESOURCES, str(e), info, rq_sop, rq_class, header, size)
         except SQLAlchemyError as e:
-            log.error("database error storing %s: %s", rq_sop, e)
+            log.error("database error storing %s: %s", rq_sop, db_error_text(e))
             return self._fail(STATUS_OUT_OF_RESOURCES, "database unavailable; instance not stored",
                               info, rq_sop, rq_class, header, size)
         if info:

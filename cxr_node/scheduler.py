@@ -11,8 +11,33 @@ from sqlalchemy.exc import SQLAlchemyError
 from cxr_node import assembly
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
+from cxr_node.errors import db_error_text
 
 log = logging.getLogger(__name__)
+
+
+class _Guard:
+    """Runs a job body and turns database errors into one log line per outage, not one per tick: the
+    first failure is an ERROR, repeats are DEBUG, and the first success after it a WARNING."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def __call__(self, body) -> None:  # noqa: ANN001
+        try:
+            body()
+        except SQLAlchemyError as e:  # next tick tries again; the state is in the database
+            self.failures += 1
+            if self.failures == 1:
+                log.error("%s failed on the database: %s (retrying every tick; logged again when it recovers)",
+                          self.what, db_error_text(e))
+            else:
+                log.debug("%s failed again (%d): %s", self.what, self.failures, db_error_text(e))
+            return
+        if self.failures:
+            log.warning("%s: database reachable again after %d failed run(s)", self.what, self.failures)
+            self.failures = 0
 
 
 def poll_interval(quiet_seconds: float) -> float:
@@ -24,43 +49,42 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
     sched = BackgroundScheduler(timezone=dt.timezone.utc)
     quiet = settings.study.quiet_seconds
 
+    guard_complete = _Guard("study completion check")
+
     def complete_studies() -> None:
-        try:
-            assembly.complete_quiet_studies(db, quiet)
-        except SQLAlchemyError as e:  # next tick tries again; the state is in the database
-            log.error("study completion check failed: %s", e)
+        guard_complete(lambda: assembly.complete_quiet_studies(db, quiet))
 
     now = dt.datetime.now(dt.timezone.utc)
     sched.add_job(complete_studies, "interval", seconds=poll_interval(quiet), id="complete-studies",
                   max_instances=1, coalesce=True, next_run_time=now)
 
     if processor is not None:
+        guard_process = _Guard("study processing")
+
+        def _process_all() -> None:
+            while processor.process_queued(limit=settings.model.batch_size):
+                pass
+
         def process_studies() -> None:
-            try:
-                while processor.process_queued(limit=settings.model.batch_size):
-                    pass
-            except SQLAlchemyError as e:
-                log.error("study processing failed on the database: %s", e)
+            guard_process(_process_all)
 
         sched.add_job(process_studies, "interval", seconds=0.5, id="process-studies", max_instances=1,
                       coalesce=True, next_run_time=now)
     if outbox is not None:
+        guard_outbox = _Guard("outbox drain")
+
         def drain_outbox() -> None:
-            try:
-                outbox.drain()
-            except SQLAlchemyError as e:
-                log.error("outbox drain failed on the database: %s", e)
+            guard_outbox(outbox.drain)
 
         sched.add_job(drain_outbox, "interval", seconds=settings.outbox.poll_seconds, id="drain-outbox",
                       max_instances=1, coalesce=True, next_run_time=now)
     if settings.retention.enabled:
         from cxr_node.retention import run_retention
 
+        guard_retention = _Guard("retention job")
+
         def retention() -> None:
-            try:
-                run_retention(settings, db)
-            except SQLAlchemyError as e:
-                log.error("retention job failed on the database: %s", e)
+            guard_retention(lambda: run_retention(settings, db))
 
         sched.add_job(retention, "interval", hours=1, id="retention", max_instances=1, coalesce=True,
                       next_run_time=now)

@@ -177,6 +177,28 @@ def storescu(port: int, *files: Path, aet: str = "MODALITY", aec: str = "CXRNODE
                           capture_output=True, text=True, timeout=timeout)
 
 
+def scu_store(port: int, path: Path, aec: str = "CXRNODE", sop_class: str | None = None):
+    """Send a file by path with a pynetdicom SCU, chunked so its bytes go out exactly as they are on
+    disk; returns the C-STORE response (Status, ErrorComment)."""
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(sop_class or ComputedRadiographyImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+        assert assoc.is_established, "association should be accepted"
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
 def echoscu(port: int, aet: str = "MODALITY", aec: str = "CXRNODE", timeout: float = 30) -> subprocess.CompletedProcess:
     exe = require_tool("echoscu", "dcmtk")
     return subprocess.run([exe, "-aet", aet, "-aec", aec, "-to", "10", "127.0.0.1", str(port)],
@@ -318,6 +340,14 @@ class Postgres:
     @property
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/cxr"
+
+    def halt(self) -> None:
+        """Stop the server but keep its data: a database outage, to be ended by :meth:`resume`."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+
+    def resume(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "pg.log"), "-w", "-t", "60",
+                  "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}", "start")
 
     def psql(self, sql: str) -> str:
         p = subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",

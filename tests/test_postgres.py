@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import cli, storescu
+from conftest import cli, echoscu, scu_store, storescu
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 
@@ -73,3 +73,41 @@ def test_audit_tampering_detected_on_postgres(postgres, tmp_path):
     postgres.psql(f"update audit_events set calling_aet = 'EVIL' where id = {first}")
     p = cli("audit", "verify", config=cfg, check=False)
     assert p.returncode == 1 and f"row {first} " in p.stderr and "changed" in p.stderr
+
+
+def test_database_outage_gets_a700_and_the_node_recovers(postgres, node_factory, tmp_path):
+    """PostgreSQL stops under a running node: a store gets 0xA700 with a reason and leaves nothing in
+    the spool, the node keeps answering (and logs no patient name), and once the database is back
+    the same film is stored, audited and its study completes, on the same process."""
+    from pydicom import dcmread
+
+    n = node_factory("outage", quiet_seconds=0.5, db_url=postgres.url).start()
+    secret = "Outage^Zebediah"
+    before = make_cr(tmp_path / "before.dcm", rows=128, cols=128, patient_name=secret, seed=1)
+    during = make_cr(tmp_path / "during.dcm", rows=128, cols=128, patient_name=secret, seed=2,
+                     study_uid=dcmread(before).StudyInstanceUID)
+    assert scu_store(n.port, before).Status == 0x0000
+    postgres.halt()
+    try:
+        rsp = scu_store(n.port, during)
+        assert rsp.Status == 0xA700 and "database unavailable" in rsp.ErrorComment
+        sop = dcmread(during).SOPInstanceUID
+        assert not [p for p in n.data_dir.rglob("*") if p.is_file() and sop in p.name]  # nothing half-kept
+        assert echoscu(n.port).returncode == 0  # still serving during the outage
+        time.sleep(2)  # the scheduler's jobs run against the dead database for a few ticks
+        assert n.proc.poll() is None
+    finally:
+        postgres.resume()
+    assert scu_store(n.port, during).Status == 0x0000  # a fresh connection, same process
+    assert n.proc.poll() is None
+    stored = {r["sop_instance_uid"] for r in n.events("instance.stored")}
+    assert {dcmread(before).SOPInstanceUID, sop} <= stored
+    study = dcmread(before).StudyInstanceUID
+    assert n.wait_for_event("study.complete", timeout=60, study_uid=study), n.log[-3000:]
+    log = n.log
+    assert "0xA700: database unavailable" in log and "Connection refused" in log
+    assert "Background on this error" not in log  # one line per error, not SQLAlchemy's footer
+    # one ERROR per job per outage, then one WARNING when the database is back (not one per tick)
+    assert log.count("study completion check failed on the database") == 1
+    assert "study completion check: database reachable again" in log
+    assert secret not in log and "Zebediah" not in log

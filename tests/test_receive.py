@@ -10,10 +10,9 @@ import time
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
-from conftest import StoreSCP, echoscu, require_tool, storescu
+from conftest import StoreSCP, echoscu, require_tool, scu_store, storescu
 from dicomgen import dataset_bytes, make_cr, make_garbage, make_truncated
 
 SECRET_NAME = "Zanzibar^Quetzalcoatl"
@@ -25,21 +24,7 @@ def _spooled(node, ds_path):
 
 
 def _scu_store(port: int, path, aec: str = "CXRNODE", sop_class=ComputedRadiographyImageStorage):
-    """Send a file by path with pynetdicom, chunked, so its bytes go out exactly as they are on disk."""
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(sop_class)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title=aec)
-        assert assoc.is_established, "association should be accepted"
-        try:
-            return assoc.send_c_store(path)
-        finally:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
+    return scu_store(port, path, aec=aec, sop_class=sop_class)
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ def make_engine(url: str) -> Engine:
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
+        # hide_parameters: a database error's message (logged) never carries row values such as patient IDs
+        engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # noqa: ANN001
@@ -42,7 +43,8 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(u, pool_pre_ping=True)
+    # pool_pre_ping: after a database restart the first statement gets a fresh connection, not an error
+    return create_engine(u, pool_pre_ping=True, hide_parameters=True)
 
 
 class Database:
