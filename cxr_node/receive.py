@@ -49,6 +49,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from cxr_node import assembly, audit
+from cxr_node.audit_backlog import AuditBacklog
 from cxr_node.config import Settings
 from cxr_node.db.models import Instance, utcnow
 from cxr_node.db.session import Database
@@ -179,9 +180,10 @@ class Ingest:
     """Spool + database for received instances. Shared by the C-STORE handler and start-up
     recovery; every method is safe to call from many association threads at once."""
 
-    def __init__(self, db: Database, spool: Spool) -> None:
+    def __init__(self, db: Database, spool: Spool, backlog: AuditBacklog | None = None) -> None:
         self.db = db
         self.spool = spool
+        self.backlog = backlog  # audit events kept on disk while the database is unreachable
         self._commit_lock = threading.Lock()
 
     def is_stored(self, sop_instance_uid: str) -> bool:
@@ -252,12 +254,20 @@ class Ingest:
         fields: dict[str, Any] = dict(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid)
         if header:
             fields.update(study_uid=header.study_uid, series_uid=header.series_uid, patient_id=header.patient_id)
+        fields.update(status=status, reason=reason, bytes=size, **(assoc.fields() if assoc else {}))
+        self.audit("instance.failed", "failure", **fields)
+
+    def audit(self, event: str, outcome: str = "success", **fields: Any) -> None:
+        """Write one audit event; while the database is unreachable it goes to the on-disk backlog
+        (replayed later), and the peer still gets its answer."""
+        ts = utcnow()
         try:
             with self.db.transaction() as s:
-                audit.record(s, "instance.failed", "failure", status=status, reason=reason, bytes=size,
-                             **fields, **(assoc.fields() if assoc else {}))
-        except SQLAlchemyError as e:  # the status still goes back to the peer; the log keeps the trace
-            log.error("could not audit failed store of %s: %s", sop_instance_uid, db_error_text(e))
+                audit.record(s, event, outcome, ts=ts, **fields)
+        except SQLAlchemyError as e:
+            kept = self.backlog is not None and self.backlog.add(event, outcome, fields, ts)
+            log.error("could not write audit event %s (%s): %s", event,
+                      "kept in the audit backlog" if kept else "not kept", db_error_text(e))
 
     def recover(self) -> int:
         """Register spooled files that have no database row (a crash between rename and commit)."""
@@ -331,11 +341,7 @@ class Receiver:
     # ------------------------------------------------------------------ association events
 
     def _audit(self, event: str, outcome: str = "success", **fields: Any) -> None:
-        try:
-            with self.ingest.db.transaction() as s:
-                audit.record(s, event, outcome, **fields)
-        except SQLAlchemyError as e:
-            log.error("could not write audit event %s: %s", event, db_error_text(e))
+        self.ingest.audit(event, outcome, **fields)
 
     def _on_requested(self, event) -> None:  # noqa: ANN001
         assoc = event.assoc

@@ -45,7 +45,8 @@ def poll_interval(quiet_seconds: float) -> float:
     return max(0.2, min(5.0, quiet_seconds / 5))
 
 
-def build_scheduler(settings: Settings, db: Database, processor=None, outbox=None) -> BackgroundScheduler:  # noqa: ANN001
+def build_scheduler(settings: Settings, db: Database, processor=None, outbox=None,  # noqa: ANN001
+                    backlog=None) -> BackgroundScheduler:  # noqa: ANN001
     sched = BackgroundScheduler(timezone=dt.timezone.utc)
     quiet = settings.study.quiet_seconds
 
@@ -78,6 +79,14 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
 
         sched.add_job(drain_outbox, "interval", seconds=settings.outbox.poll_seconds, id="drain-outbox",
                       max_instances=1, coalesce=True, next_run_time=now)
+    if backlog is not None:
+        guard_backlog = _Guard("audit backlog replay")
+
+        def replay_backlog() -> None:
+            guard_backlog(lambda: backlog.replay(db))
+
+        sched.add_job(replay_backlog, "interval", seconds=2, id="audit-backlog", max_instances=1, coalesce=True,
+                      next_run_time=now)
     if settings.retention.enabled:
         from cxr_node.retention import run_retention
 

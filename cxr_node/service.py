@@ -12,6 +12,7 @@ import threading
 import time
 
 from cxr_node import __version__, audit
+from cxr_node.audit_backlog import AuditBacklog
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
 from cxr_node.errors import NetworkError
@@ -58,7 +59,8 @@ def serve(settings: Settings) -> int:
         from cxr_node.metrics import Metrics
 
         metrics = Metrics(db)
-    ingest = Ingest(db, spool)
+    backlog = AuditBacklog(settings.storage.data_dir / "audit-backlog" / f"{node_id}.jsonl")
+    ingest = Ingest(db, spool, backlog)
     if partial:
         with db.transaction() as s:
             for p in partial:
@@ -76,7 +78,7 @@ def serve(settings: Settings) -> int:
     outbox.metrics = metrics
     processor = Processor(settings, db, outbox, node_id, metrics)
     processor.requeue_interrupted()
-    scheduler = build_scheduler(settings, db, processor, outbox)
+    scheduler = build_scheduler(settings, db, processor, outbox, backlog)
     scheduler.start()
     if metrics is not None:
         metrics.serve(settings.metrics.port)

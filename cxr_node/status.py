@@ -32,6 +32,11 @@ def collect(settings: Settings) -> dict[str, Any]:
     finally:
         db.dispose()
     now = utcnow()
+    from cxr_node.audit_backlog import AuditBacklog
+
+    d = settings.storage.data_dir / "audit-backlog"
+    backlog = sum(AuditBacklog(d / name).pending()
+                  for name in {p.name.removesuffix(".replaying") for p in d.glob("*.jsonl*")})
     running = started is not None and started.event == "node.started"
     return {
         "running": running,
@@ -42,6 +47,7 @@ def collect(settings: Settings) -> dict[str, Any]:
                    "oldest_pending_seconds": round((now - oldest).total_seconds()) if oldest else None},
         "model": {"configured": str(settings.model.checkpoint),
                   "last_used_version": model.detail.get("model_version") if model and model.detail else None},
+        "audit_backlog": backlog,
         "last_errors": [{"time": e.ts.isoformat(timespec="seconds"), "event": e.event, "reason": e.reason}
                         for e in errors],
     }
@@ -62,6 +68,9 @@ def run_status(settings: Settings, fmt: str, out: TextIO) -> int:
     out.write(f"outbox      pending {ob['pending']}{oldest}, sent {ob['sent']}, dead {ob['dead']}\n")
     out.write(f"model       {st['model']['configured']}"
               + (f" (last used: {st['model']['last_used_version']})" if st["model"]["last_used_version"] else "") + "\n")
+    if st["audit_backlog"]:
+        out.write(f"audit       {st['audit_backlog']} event(s) kept on disk while the database was unreachable, "
+                  "not yet replayed (the running daemon replays them)\n")
     out.write("last errors" + ("" if st["last_errors"] else " none") + "\n")
     for e in st["last_errors"]:
         out.write(f"  {e['time']}  {e['event']}: {e['reason']}\n")

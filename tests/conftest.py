@@ -341,6 +341,11 @@ class Postgres:
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/cxr"
 
+    def new_database(self, name: str) -> str:
+        """A fresh, empty database on this server (tests that must not see other tests' rows)."""
+        self.psql(f"create database {name}")
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
     def halt(self) -> None:
         """Stop the server but keep its data: a database outage, to be ended by :meth:`resume`."""
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)

@@ -3,6 +3,7 @@ by `cxr-node audit verify`, which names the first bad row; a clean trail verifie
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -84,3 +85,50 @@ def test_study_story(trail):
     assert "association.released" in events
     p = cli("audit", "study", "1.2.3.999", config=node.config, check=False)
     assert p.returncode == 2 and "no audit events" in p.stderr
+
+
+def test_audit_backlog_replays_in_order_keeps_times_and_survives_a_failed_try(tmp_path):
+    """Events kept on disk while the database is down: a failed replay keeps them, a torn last line
+    (a crash mid-append) is skipped, and the replay writes them into the chain with their own times."""
+    import datetime as dt
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cxr_node.audit import verify_chain
+    from cxr_node.audit_backlog import AuditBacklog
+    from cxr_node.db.migrate import upgrade
+    from cxr_node.db.models import AuditEvent
+    from cxr_node.db.session import Database
+
+    backlog = AuditBacklog(tmp_path / "audit-backlog" / "node.jsonl")
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert backlog.add("echo.received", "success", {"calling_aet": "MOD", "status": 0}, t0)
+    assert backlog.add("instance.failed", "failure", {"status": 0xA700, "reason": "database unavailable",
+                                                      "detail": {"k": 1}}, t0 + dt.timedelta(seconds=1))
+    with open(backlog.path, "a") as f:
+        f.write('{"event":"echo.rec')  # torn
+    assert oct(backlog.path.stat().st_mode & 0o777) == "0o600" and backlog.pending() == 3
+
+    down = Database(f"sqlite:///{tmp_path / 'no-schema.db'}")  # every insert fails: no tables
+    with pytest.raises(SQLAlchemyError):
+        backlog.replay(down)
+    assert backlog.pending() == 3  # nothing lost; waiting in the .replaying file
+    assert backlog.add("echo.received", "success", {"calling_aet": "LATE"})  # new failures go to a new file
+
+    url = f"sqlite:///{tmp_path / 'ok.db'}"
+    upgrade(url)
+    db = Database(url)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[database]\nurl = "{url}"\n[storage]\ndata_dir = "{tmp_path}"\n')
+    assert json.loads(cli("status", "--format", "json", config=cfg).stdout)["audit_backlog"] == 4
+    assert "4 event(s) kept on disk" in cli("status", config=cfg).stdout
+    assert backlog.replay(db) == 2  # the .replaying file first
+    assert backlog.replay(db) == 1  # then the newer one
+    assert backlog.pending() == 0 and not list(backlog.path.parent.iterdir())
+    with db.session() as s:
+        rows = list(s.query(AuditEvent).order_by(AuditEvent.id))
+        assert [r.event for r in rows] == ["echo.received", "instance.failed", "echo.received"]
+        assert rows[0].ts.replace(tzinfo=dt.timezone.utc) == t0 and rows[1].status == 0xA700
+        assert rows[1].detail == {"k": 1, "audit_backlog": True} and rows[2].calling_aet == "LATE"
+        assert verify_chain(s).ok
+    assert json.loads(cli("status", "--format", "json", config=cfg).stdout)["audit_backlog"] == 0

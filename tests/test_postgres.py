@@ -81,7 +81,7 @@ def test_database_outage_gets_a700_and_the_node_recovers(postgres, node_factory,
     the same film is stored, audited and its study completes, on the same process."""
     from pydicom import dcmread
 
-    n = node_factory("outage", quiet_seconds=0.5, db_url=postgres.url).start()
+    n = node_factory("outage", quiet_seconds=0.5, db_url=postgres.new_database("outage")).start()
     secret = "Outage^Zebediah"
     before = make_cr(tmp_path / "before.dcm", rows=128, cols=128, patient_name=secret, seed=1)
     during = make_cr(tmp_path / "during.dcm", rows=128, cols=128, patient_name=secret, seed=2,
@@ -104,6 +104,15 @@ def test_database_outage_gets_a700_and_the_node_recovers(postgres, node_factory,
     assert {dcmread(before).SOPInstanceUID, sop} <= stored
     study = dcmread(before).StudyInstanceUID
     assert n.wait_for_event("study.complete", timeout=60, study_uid=study), n.log[-3000:]
+    # what happened during the outage reached the audit trail late, from the on-disk backlog
+    (failed,) = n.wait_for_event("instance.failed", timeout=30, sop_instance_uid=sop)
+    assert failed["status"] == 0xA700 and failed["detail"]["audit_backlog"] is True
+    assert "database unavailable" in failed["reason"]
+    echoes = [r for r in n.events("echo.received") if (r["detail"] or {}).get("audit_backlog")]
+    (stored_later,) = n.events("instance.stored", sop_instance_uid=sop)
+    assert len(echoes) == 1 and failed["time"] < echoes[0]["time"] < stored_later["time"]  # original times kept
+    assert not list((n.data_dir / "audit-backlog").glob("*.jsonl*"))  # replayed and removed
+    assert "intact" in cli("audit", "verify", config=n.config).stdout
     log = n.log
     assert "0xA700: database unavailable" in log and "Connection refused" in log
     assert "Background on this error" not in log  # one line per error, not SQLAlchemy's footer
