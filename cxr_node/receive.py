@@ -332,11 +332,24 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        from cxr_node.tls import server_context
+        from cxr_node.tls import deferred_handshake_server_class, server_context
 
-        self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers,
-                                           ssl_context=server_context(self.settings.tls))
+        ctx = server_context(self.settings.tls)
+        if ctx is None:
+            self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers)
+            return self.server
+        # TLS: pynetdicom's start_server() would handshake inside its accept loop (one silent peer
+        # blocks everyone); serve with our server class instead, the same way start_server(block=False) does
+        server_class = deferred_handshake_server_class(self._on_tls_failure, handshake_timeout=n.acse_timeout)
+        self.server = self.ae.make_server((n.host, n.port), evt_handlers=handlers, ssl_context=ctx,
+                                          server_class=server_class)
+        threading.Thread(target=self.server.serve_forever, name="cxr-node-tls-acceptor", daemon=True).start()
         return self.server
+
+    def _on_tls_failure(self, host: str, port: int, reason: str) -> None:
+        log.warning("TLS connection from %s:%d refused: %s", host, port, reason)
+        self._audit("association.rejected", "failure", host=host, port=port, reason=reason,
+                    detail={"stage": "tls"})
 
     # ------------------------------------------------------------------ association events
 

@@ -79,3 +79,30 @@ def test_sender_calls_a_tls_peer_with_its_certificate(certs, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_silent_peer_does_not_block_tls_receiver_and_failures_are_audited(node_factory, certs, tmp_path):
+    """pynetdicom handshakes in its accept loop: one TCP peer that says nothing would hold every other
+    peer off. cxr-node handshakes per connection, with acse_timeout, and audits each TLS refusal."""
+    import socket
+    import time
+
+    node = node_factory("tls-silent", extra_node="acse_timeout = 4", extra=_tls_section(certs)).start()
+    silent = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        ok = storescu(node.port, make_cr(tmp_path / "ok.dcm"), timeout=30, args=(
+            "+tls", str(certs / "modality.key"), str(certs / "modality.pem"), "+cf", str(certs / "ca.pem")))
+        assert ok.returncode == 0, ok.stderr
+        assert time.monotonic() - t0 < 3.5  # served while the silent peer still holds its connection
+        rogue = storescu(node.port, make_cr(tmp_path / "rogue.dcm"), args=(
+            "+tls", str(certs / "rogue.key"), str(certs / "rogue.pem"), "+cf", str(certs / "ca.pem")))
+        assert rogue.returncode != 0
+        rows = node.wait_for_event("association.rejected", timeout=15,
+                                   reason="TLS handshake timed out")  # the silent one, after acse_timeout
+    finally:
+        silent.close()
+    tls_rows = [r for r in node.events("association.rejected") if (r["detail"] or {}).get("stage") == "tls"]
+    assert rows and all(r["host"] == "127.0.0.1" and r["outcome"] == "failure" for r in tls_rows)
+    assert any("TLS handshake failed" in r["reason"] and "CERTIFICATE" in r["reason"].upper() for r in tls_rows)
