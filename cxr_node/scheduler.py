@@ -24,9 +24,9 @@ class _Guard:
         self.what = what
         self.failures = 0
 
-    def __call__(self, body) -> None:  # noqa: ANN001
+    def __call__(self, body):  # noqa: ANN001, ANN204 - returns the body's result, None on failure
         try:
-            body()
+            result = body()
         except SQLAlchemyError as e:  # next tick tries again; the state is in the database
             self.failures += 1
             if self.failures == 1:
@@ -34,10 +34,11 @@ class _Guard:
                           self.what, db_error_text(e))
             else:
                 log.debug("%s failed again (%d): %s", self.what, self.failures, db_error_text(e))
-            return
+            return None
         if self.failures:
             log.warning("%s: database reachable again after %d failed run(s)", self.what, self.failures)
             self.failures = 0
+        return result
 
 
 def poll_interval(quiet_seconds: float) -> float:
@@ -49,27 +50,58 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
                     backlog=None) -> BackgroundScheduler:  # noqa: ANN001
     sched = BackgroundScheduler(timezone=dt.timezone.utc)
     quiet = settings.study.quiet_seconds
+    running: dict[str, bool] = {}
+    again: dict[str, bool] = {}
+
+    def wake(job_id: str) -> None:
+        """Hand-off: run the next stage now instead of at its next poll. A stage that is running
+        goes round once more when it finishes (APScheduler would skip a second instance). The polls
+        stay as the fallback, e.g. after a restart."""
+        if running.get(job_id):
+            again[job_id] = True
+            return
+        job = sched.get_job(job_id)
+        if job is not None:
+            job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
+
+    def stage(job_id: str, body):  # noqa: ANN001, ANN202
+        def run() -> None:
+            running[job_id] = True
+            try:
+                while True:
+                    again[job_id] = False
+                    body()
+                    if not again[job_id]:
+                        break
+            finally:
+                running[job_id] = False
+        return run
+
 
     guard_complete = _Guard("study completion check")
 
     def complete_studies() -> None:
-        guard_complete(lambda: assembly.complete_quiet_studies(db, quiet))
+        if guard_complete(lambda: assembly.complete_quiet_studies(db, quiet)):
+            wake("process-studies")
 
     now = dt.datetime.now(dt.timezone.utc)
-    sched.add_job(complete_studies, "interval", seconds=poll_interval(quiet), id="complete-studies",
+    sched.add_job(stage("complete-studies", complete_studies), "interval", seconds=poll_interval(quiet), id="complete-studies",
                   max_instances=1, coalesce=True, next_run_time=now)
 
     if processor is not None:
         guard_process = _Guard("study processing")
 
-        def _process_all() -> None:
-            while processor.process_queued(limit=settings.model.batch_size):
-                pass
+        def _process_all() -> int:
+            total = 0
+            while n := processor.process_queued(limit=settings.model.batch_size):
+                total += n
+                wake("drain-outbox")  # send each batch's results while the next batch is analysed
+            return total
 
         def process_studies() -> None:
             guard_process(_process_all)
 
-        sched.add_job(process_studies, "interval", seconds=0.5, id="process-studies", max_instances=1,
+        sched.add_job(stage("process-studies", process_studies), "interval", seconds=0.5, id="process-studies", max_instances=1,
                       coalesce=True, next_run_time=now)
     if outbox is not None:
         guard_outbox = _Guard("outbox drain")
@@ -77,7 +109,7 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
         def drain_outbox() -> None:
             guard_outbox(outbox.drain)
 
-        sched.add_job(drain_outbox, "interval", seconds=settings.outbox.poll_seconds, id="drain-outbox",
+        sched.add_job(stage("drain-outbox", drain_outbox), "interval", seconds=settings.outbox.poll_seconds, id="drain-outbox",
                       max_instances=1, coalesce=True, next_run_time=now)
     if backlog is not None:
         guard_backlog = _Guard("audit backlog replay")

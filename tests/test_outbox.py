@@ -16,11 +16,11 @@ from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 
 
-def _node(node_factory, tmp_path, name, dest_ae, dest_port, **kw):
+def _node(node_factory, tmp_path, name, dest_ae, dest_port, poll_seconds=0.3, **kw):
     ckpt = make_checkpoint(tmp_path / f"{name}-model.pt", input_size=64, thresholds={"COVID": 0.5})
     return node_factory(name, quiet_seconds=1, extra=(
         f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n'
-        "[outbox]\npoll_seconds = 0.3\nretry_base_seconds = 1\nretry_max_seconds = 2\n"
+        f"[outbox]\npoll_seconds = {poll_seconds}\nretry_base_seconds = 1\nretry_max_seconds = 2\n"
         f'[[destinations]]\nname = "pacs"\nae_title = "{dest_ae}"\nhost = "127.0.0.1"\nport = {dest_port}\n'), **kw)
 
 
@@ -56,6 +56,21 @@ def test_late_image_gets_a_new_sr_naming_the_old_one_and_nothing_twice(node_fact
     assert "PredecessorDocumentsSequence" not in v1
     (reopened,) = node.events("study.reopened", study_uid=study)
     assert reopened["detail"]["version"] == 2
+
+
+def test_results_are_handed_to_the_outbox_at_once_not_at_its_next_poll(node_factory, tmp_path):
+    """The outbox polls only every 10 minutes here; the worker wakes it when results are queued."""
+    import datetime as dt
+
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        node = _node(node_factory, tmp_path, "wake", pacs.ae_title, pacs.port, poll_seconds=600).start()
+        time.sleep(1)  # past the outbox's first run at start-up
+        study = uid()
+        assert storescu(node.port, make_cr(tmp_path / "w.dcm", study_uid=study, rows=128, cols=128)).returncode == 0
+        sent = _wait_sent(node, study, 2, timeout=60)
+        (done,) = node.events("study.processed", study_uid=study)
+        t = lambda r: dt.datetime.fromisoformat(r["time"])  # noqa: E731
+        assert max(t(r) for r in sent) - t(done) < dt.timedelta(seconds=5)
 
 
 def test_permanent_rejection_dead_letters_and_admin_cli(node_factory, tmp_path):
