@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_RUNNING
 from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node import assembly
@@ -60,9 +63,19 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
         if running.get(job_id):
             again[job_id] = True
             return
-        job = sched.get_job(job_id)
-        if job is not None:
-            job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
+        if sched.state != STATE_RUNNING:
+            return
+        # Not from this (job) thread: APScheduler's shutdown(wait=True) holds the job-store lock while
+        # it waits for running jobs, so a job that modifies a job during shutdown would deadlock it
+        # (seen: SIGTERM while a study was being analysed never exited). A daemon thread may block
+        # there harmlessly; shutdown does not wait for it.
+        threading.Thread(target=_modify_now, args=(job_id,), name=f"wake-{job_id}", daemon=True).start()
+
+    def _modify_now(job_id: str) -> None:
+        try:
+            sched.modify_job(job_id, next_run_time=dt.datetime.now(dt.timezone.utc))
+        except JobLookupError:  # removed at shutdown
+            pass
 
     def stage(job_id: str, body):  # noqa: ANN001, ANN202
         def run() -> None:

@@ -1,0 +1,73 @@
+"""The scheduler's hand-offs, in process: a stage that finishes while the daemon shuts down must not
+deadlock APScheduler's shutdown (it holds its job-store lock while it waits for running jobs)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from cxr_node.config import parse
+from cxr_node.scheduler import build_scheduler
+
+
+class SlowProcessor:
+    """Analyses one study slowly, then has nothing more: its results wake the outbox."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.calls = 0
+
+    def process_queued(self, limit: int) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            self.started.set()
+            time.sleep(1.0)
+            return 1
+        return 0
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self.drains = 0
+
+    def drain(self) -> int:
+        self.drains += 1
+        return 0
+
+
+class NoDb:
+    pass
+
+
+def test_shutdown_while_a_stage_wakes_the_next_does_not_deadlock(tmp_path: Path, monkeypatch):
+    import cxr_node.scheduler as sch
+
+    monkeypatch.setattr(sch.assembly, "complete_quiet_studies", lambda db, quiet: [])
+    settings = parse({"storage": {"data_dir": str(tmp_path)}, "outbox": {"poll_seconds": 600},
+                      "retention": {"days": 0}}, tmp_path)
+    proc, outbox = SlowProcessor(), Outbox()
+    sched = build_scheduler(settings, NoDb(), proc, outbox)
+    sched.start()
+    assert proc.started.wait(10)
+    done = threading.Event()
+    threading.Thread(target=lambda: (sched.shutdown(wait=True), done.set()), daemon=True).start()
+    assert done.wait(10), "scheduler shutdown deadlocked on a wake-up from a finishing job"
+
+
+def test_finished_stage_wakes_the_outbox_before_its_poll(tmp_path: Path, monkeypatch):
+    import cxr_node.scheduler as sch
+
+    monkeypatch.setattr(sch.assembly, "complete_quiet_studies", lambda db, quiet: [])
+    settings = parse({"storage": {"data_dir": str(tmp_path)}, "outbox": {"poll_seconds": 600},
+                      "retention": {"days": 0}}, tmp_path)
+    proc, outbox = SlowProcessor(), Outbox()
+    sched = build_scheduler(settings, NoDb(), proc, outbox)
+    sched.start()
+    try:
+        deadline = time.monotonic() + 10
+        while outbox.drains < 2 and time.monotonic() < deadline:  # 1: at start-up; 2: the wake-up
+            time.sleep(0.05)
+        assert outbox.drains >= 2
+    finally:
+        sched.shutdown(wait=True)
