@@ -7,10 +7,21 @@ import json
 from typing import Any, TextIO
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.config import Settings
 from cxr_node.db.models import AuditEvent, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.errors import DatabaseError, db_error_text
+
+
+def audit_backlog_count(settings: Settings) -> int:
+    """Audit events the daemon kept on disk while the database was unreachable (not yet replayed)."""
+    from cxr_node.audit_backlog import AuditBacklog
+
+    d = settings.storage.data_dir / "audit-backlog"
+    return sum(AuditBacklog(d / name).pending()
+               for name in {p.name.removesuffix(".replaying") for p in d.glob("*.jsonl*")})
 
 
 def collect(settings: Settings) -> dict[str, Any]:
@@ -32,13 +43,10 @@ def collect(settings: Settings) -> dict[str, Any]:
     finally:
         db.dispose()
     now = utcnow()
-    from cxr_node.audit_backlog import AuditBacklog
-
-    d = settings.storage.data_dir / "audit-backlog"
-    backlog = sum(AuditBacklog(d / name).pending()
-                  for name in {p.name.removesuffix(".replaying") for p in d.glob("*.jsonl*")})
+    backlog = audit_backlog_count(settings)
     running = started is not None and started.event == "node.started"
     return {
+        "database": "ok",
         "running": running,
         "uptime_seconds": round((now - started.ts).total_seconds()) if running else None,
         "studies": states,
@@ -54,7 +62,19 @@ def collect(settings: Settings) -> dict[str, Any]:
 
 
 def run_status(settings: Settings, fmt: str, out: TextIO) -> int:
-    st = collect(settings)
+    """0 when the database answers; 1, with what is known without it, when it does not."""
+    try:
+        st = collect(settings)
+    except (DatabaseError, SQLAlchemyError) as e:
+        why = str(e) if isinstance(e, DatabaseError) else db_error_text(e)
+        backlog = audit_backlog_count(settings)
+        if fmt == "json":
+            json.dump({"database": "unreachable", "error": why, "audit_backlog": backlog}, out, indent=1)
+            out.write("\n")
+        else:
+            out.write(f"database    UNREACHABLE: {why}\n")
+            out.write(f"audit       {backlog} event(s) kept on disk until the database answers again\n")
+        return 1
     if fmt == "json":
         json.dump(st, out, indent=1)
         out.write("\n")

@@ -3,6 +3,7 @@ processes sharing one database (and data_dir) never processing the same study tw
 
 from __future__ import annotations
 
+import json
 import time
 
 from conftest import cli, echoscu, scu_store, storescu
@@ -94,6 +95,12 @@ def test_database_outage_gets_a700_and_the_node_recovers(postgres, node_factory,
         sop = dcmread(during).SOPInstanceUID
         assert not [p for p in n.data_dir.rglob("*") if p.is_file() and sop in p.name]  # nothing half-kept
         assert echoscu(n.port).returncode == 0  # still serving during the outage
+        # an admin asks during the outage: the database is named unreachable, the kept events counted
+        st = cli("status", "--format", "json", config=n.config, check=False)
+        assert st.returncode == 1, st.stderr
+        doc = json.loads(st.stdout)
+        assert doc["database"] == "unreachable" and "Connection refused" in doc["error"]
+        assert doc["audit_backlog"] >= 3  # at least: the failed store, the echo, an association event
         time.sleep(2)  # the scheduler's jobs run against the dead database for a few ticks
         assert n.proc.poll() is None
     finally:
