@@ -27,9 +27,9 @@ class _Guard:
         self.what = what
         self.failures = 0
 
-    def __call__(self, body):  # noqa: ANN001, ANN204 - returns the body's result, None on failure
+    def __call__(self, body) -> None:  # noqa: ANN001
         try:
-            result = body()
+            body()
         except SQLAlchemyError as e:  # next tick tries again; the state is in the database
             self.failures += 1
             if self.failures == 1:
@@ -37,11 +37,10 @@ class _Guard:
                           self.what, db_error_text(e))
             else:
                 log.debug("%s failed again (%d): %s", self.what, self.failures, db_error_text(e))
-            return None
+            return
         if self.failures:
             log.warning("%s: database reachable again after %d failed run(s)", self.what, self.failures)
             self.failures = 0
-        return result
 
 
 def poll_interval(quiet_seconds: float) -> float:
@@ -51,15 +50,34 @@ def poll_interval(quiet_seconds: float) -> float:
 
 def build_scheduler(settings: Settings, db: Database, processor=None, outbox=None,  # noqa: ANN001
                     backlog=None) -> BackgroundScheduler:  # noqa: ANN001
+    """Jobs: complete quiet studies -> process queued studies -> drain the outbox, each handing off
+    to the next at once (``wake``), with its poll as the fallback; plus the audit-backlog replay and
+    retention."""
     sched = BackgroundScheduler(timezone=dt.timezone.utc)
-    quiet = settings.study.quiet_seconds
+    now = dt.datetime.now(dt.timezone.utc)
     running: dict[str, bool] = {}
     again: dict[str, bool] = {}
 
+    def add(job_id: str, what: str, body, **interval) -> None:  # noqa: ANN001
+        """One interval job: ``body`` under a database guard, run again at once if it was woken
+        while running (APScheduler would skip a second instance)."""
+        guard = _Guard(what)
+
+        def run() -> None:
+            running[job_id] = True
+            try:
+                while True:
+                    again[job_id] = False
+                    guard(body)
+                    if not again[job_id]:
+                        break
+            finally:
+                running[job_id] = False
+
+        sched.add_job(run, "interval", id=job_id, max_instances=1, coalesce=True, next_run_time=now, **interval)
+
     def wake(job_id: str) -> None:
-        """Hand-off: run the next stage now instead of at its next poll. A stage that is running
-        goes round once more when it finishes (APScheduler would skip a second instance). The polls
-        stay as the fallback, e.g. after a restart."""
+        """Hand-off: run the next stage now instead of at its next poll."""
         if running.get(job_id):
             again[job_id] = True
             return
@@ -77,69 +95,24 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
         except JobLookupError:  # removed at shutdown
             pass
 
-    def stage(job_id: str, body):  # noqa: ANN001, ANN202
-        def run() -> None:
-            running[job_id] = True
-            try:
-                while True:
-                    again[job_id] = False
-                    body()
-                    if not again[job_id]:
-                        break
-            finally:
-                running[job_id] = False
-        return run
-
-
-    guard_complete = _Guard("study completion check")
-
     def complete_studies() -> None:
-        if guard_complete(lambda: assembly.complete_quiet_studies(db, quiet)):
+        if assembly.complete_quiet_studies(db, settings.study.quiet_seconds):
             wake("process-studies")
 
-    now = dt.datetime.now(dt.timezone.utc)
-    sched.add_job(stage("complete-studies", complete_studies), "interval", seconds=poll_interval(quiet), id="complete-studies",
-                  max_instances=1, coalesce=True, next_run_time=now)
-
+    add("complete-studies", "study completion check", complete_studies,
+        seconds=poll_interval(settings.study.quiet_seconds))
     if processor is not None:
-        guard_process = _Guard("study processing")
-
-        def _process_all() -> int:
-            total = 0
-            while n := processor.process_queued(limit=settings.model.batch_size):
-                total += n
-                wake("drain-outbox")  # send each batch's results while the next batch is analysed
-            return total
-
         def process_studies() -> None:
-            guard_process(_process_all)
+            while processor.process_queued(limit=settings.model.batch_size):
+                wake("drain-outbox")  # send each batch's results while the next batch is analysed
 
-        sched.add_job(stage("process-studies", process_studies), "interval", seconds=0.5, id="process-studies", max_instances=1,
-                      coalesce=True, next_run_time=now)
+        add("process-studies", "study processing", process_studies, seconds=0.5)
     if outbox is not None:
-        guard_outbox = _Guard("outbox drain")
-
-        def drain_outbox() -> None:
-            guard_outbox(outbox.drain)
-
-        sched.add_job(stage("drain-outbox", drain_outbox), "interval", seconds=settings.outbox.poll_seconds, id="drain-outbox",
-                      max_instances=1, coalesce=True, next_run_time=now)
+        add("drain-outbox", "outbox drain", outbox.drain, seconds=settings.outbox.poll_seconds)
     if backlog is not None:
-        guard_backlog = _Guard("audit backlog replay")
-
-        def replay_backlog() -> None:
-            guard_backlog(lambda: backlog.replay(db))
-
-        sched.add_job(replay_backlog, "interval", seconds=2, id="audit-backlog", max_instances=1, coalesce=True,
-                      next_run_time=now)
+        add("audit-backlog", "audit backlog replay", lambda: backlog.replay(db), seconds=2)
     if settings.retention.enabled:
         from cxr_node.retention import run_retention
 
-        guard_retention = _Guard("retention job")
-
-        def retention() -> None:
-            guard_retention(lambda: run_retention(settings, db))
-
-        sched.add_job(retention, "interval", hours=1, id="retention", max_instances=1, coalesce=True,
-                      next_run_time=now)
+        add("retention", "retention job", lambda: run_retention(settings, db), hours=1)
     return sched

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from cxr_node.audit_backlog import AuditBacklog
 from cxr_node.config import Settings
 from cxr_node.db.models import AuditEvent, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
@@ -17,8 +18,6 @@ from cxr_node.errors import DatabaseError, db_error_text
 
 def audit_backlog_count(settings: Settings) -> int:
     """Audit events the daemon kept on disk while the database was unreachable (not yet replayed)."""
-    from cxr_node.audit_backlog import AuditBacklog
-
     d = settings.storage.data_dir / "audit-backlog"
     return sum(AuditBacklog(d / name).pending()
                for name in {p.name.removesuffix(".replaying") for p in d.glob("*.jsonl*")})

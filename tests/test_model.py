@@ -138,3 +138,26 @@ def test_triage_policy():
         TriagePolicy(labels=tuple(LABELS), thresholds={}, critical_labels=("COVID",))
     with pytest.raises(ValueError, match="expected 3 probabilities"):
         pol.decide([0.5, 0.5])
+
+
+def test_bundled_model_is_the_default_and_the_one_its_card_and_results_describe(tmp_path):
+    """The shipped checkpoint verifies, the default config points at it, and its recorded test
+    metrics, temperature and thresholds are those in training/results and its model card."""
+    import json
+    from pathlib import Path
+
+    from cxr_node.config import BUNDLED_CHECKPOINT, parse
+
+    assert parse({}, tmp_path).model.checkpoint == BUNDLED_CHECKPOINT
+    ck = read_checkpoint(BUNDLED_CHECKPOINT)  # sha256 and metadata verified
+    meta = ck["meta"]
+    card = (BUNDLED_CHECKPOINT.parent / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert meta["version"] in card.splitlines()[0]
+    results = Path(__file__).resolve().parents[1] / "training" / "results" / "densenet121-128-v2"
+    test = json.loads((results / "test" / "metrics.json").read_text())
+    cal = json.loads((results / "calibration.json").read_text())
+    assert test["weights_sha256"] == ck["sha256"] and test["split"] == "test"
+    assert meta["metrics"]["test"]["macro_auc"] == pytest.approx(test["macro_auc"])
+    assert meta["temperature"] == pytest.approx(cal["temperature"])
+    assert meta["thresholds"] == pytest.approx({k: v["threshold"] for k, v in cal["operating_points"].items()})
+    assert f"{test['macro_auc']:.3f}" in card and f"{test['per_class']['COVID']['sensitivity']:.3f}" in card

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from cxr_node.config import parse
 from cxr_node.scheduler import build_scheduler
 
@@ -40,7 +42,9 @@ class NoDb:
     pass
 
 
-def test_shutdown_while_a_stage_wakes_the_next_does_not_deadlock(tmp_path: Path, monkeypatch):
+@pytest.fixture
+def scheduler(tmp_path: Path, monkeypatch):
+    """The real scheduler over a slow processor and a counting outbox; the outbox polls every 10 min."""
     import cxr_node.scheduler as sch
 
     monkeypatch.setattr(sch.assembly, "complete_quiet_studies", lambda db, quiet: [])
@@ -49,25 +53,22 @@ def test_shutdown_while_a_stage_wakes_the_next_does_not_deadlock(tmp_path: Path,
     proc, outbox = SlowProcessor(), Outbox()
     sched = build_scheduler(settings, NoDb(), proc, outbox)
     sched.start()
+    yield sched, proc, outbox
+    if sched.running:
+        sched.shutdown(wait=True)
+
+
+def test_shutdown_while_a_stage_wakes_the_next_does_not_deadlock(scheduler):
+    sched, proc, _ = scheduler
     assert proc.started.wait(10)
     done = threading.Event()
     threading.Thread(target=lambda: (sched.shutdown(wait=True), done.set()), daemon=True).start()
     assert done.wait(10), "scheduler shutdown deadlocked on a wake-up from a finishing job"
 
 
-def test_finished_stage_wakes_the_outbox_before_its_poll(tmp_path: Path, monkeypatch):
-    import cxr_node.scheduler as sch
-
-    monkeypatch.setattr(sch.assembly, "complete_quiet_studies", lambda db, quiet: [])
-    settings = parse({"storage": {"data_dir": str(tmp_path)}, "outbox": {"poll_seconds": 600},
-                      "retention": {"days": 0}}, tmp_path)
-    proc, outbox = SlowProcessor(), Outbox()
-    sched = build_scheduler(settings, NoDb(), proc, outbox)
-    sched.start()
-    try:
-        deadline = time.monotonic() + 10
-        while outbox.drains < 2 and time.monotonic() < deadline:  # 1: at start-up; 2: the wake-up
-            time.sleep(0.05)
-        assert outbox.drains >= 2
-    finally:
-        sched.shutdown(wait=True)
+def test_finished_stage_wakes_the_outbox_before_its_poll(scheduler):
+    _, _, outbox = scheduler
+    deadline = time.monotonic() + 10
+    while outbox.drains < 2 and time.monotonic() < deadline:  # 1: at start-up; 2: the wake-up
+        time.sleep(0.05)
+    assert outbox.drains >= 2

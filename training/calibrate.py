@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 log = logging.getLogger("training.calibrate")
 
 
@@ -44,24 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def calibrate(args: argparse.Namespace) -> dict:
-    import torch
-
-    from cxr_node.model import load_checkpoint, read_checkpoint, resolve_device, save_checkpoint
-    from training.common import logits_for, split_records
+    from cxr_node.model import read_checkpoint, save_checkpoint
+    from training.common import split_logits
     from training.metrics import (binary_stats, expected_calibration_error, fit_temperature, nll, softmax,
                                   threshold_for_sensitivity, threshold_max_youden)
 
     if args.split == "test":
         raise SystemExit("calibrating on the test split would leak it into the operating points; use val")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint)
-    device = resolve_device(args.device)
-    model, meta = load_checkpoint(ckpt, device)
-    labels = list(meta["labels"])
-    recs = split_records(args.data, ckpt, args.split, args.split_file, labels)
-    y = np.array([labels.index(r.label) for r in recs])
-    logits = logits_for(recs, model, meta["preprocess"], device, args.cache_dir)
+    meta, labels, _, y, logits = split_logits(args)
     t = fit_temperature(logits, y)
     p0, p = softmax(logits, 1.0), softmax(logits, t)
     critical = args.critical or list(meta.get("critical_labels") or [])

@@ -54,3 +54,26 @@ def logits_for(records: Sequence[D.Record], model: Any, params: dict, device: An
             cache = D.build_cache(records, params, Path(tmp))
     amp = getattr(device, "type", str(device)) == "cuda"
     return predict_logits(model, cache, range(len(records)), params, device, batch_size=batch_size, amp=amp)
+
+
+def split_logits(args: Any) -> tuple[dict, list[str], list[D.Record], np.ndarray, np.ndarray]:
+    """What calibrate and evaluate share: load ``args.checkpoint`` (verified), take ``args.split`` of
+    ``args.data`` and run the model over it. Returns (meta, labels, records, y, logits)."""
+    import torch
+
+    from cxr_node.model import load_checkpoint, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.checkpoint)
+    device = resolve_device(args.device)
+    model, meta = load_checkpoint(ckpt, device)
+    labels = list(meta["labels"])
+    if args.split == "test":
+        prev = (meta.get("metrics") or {}).get("test")
+        if prev:
+            log.warning("this checkpoint already records a test evaluation (%s): the test split should be "
+                        "touched once", prev.get("evaluated_at", "?"))
+    recs = split_records(args.data, ckpt, args.split, args.split_file, labels)
+    y = np.array([labels.index(r.label) for r in recs])
+    return meta, labels, recs, y, logits_for(recs, model, meta["preprocess"], device, args.cache_dir)

@@ -103,27 +103,13 @@ def plot_all(metrics: dict[str, Any], y: np.ndarray, p: np.ndarray, labels: Sequ
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from cxr_node.model import load_checkpoint, read_checkpoint, resolve_device, save_checkpoint
-    from training.common import logits_for, split_records
+    from cxr_node.model import read_checkpoint, save_checkpoint
+    from training.common import split_logits
     from training.metrics import softmax, summarize
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint)
-    device = resolve_device(args.device)
-    model, meta = load_checkpoint(ckpt, device)
-    labels = list(meta["labels"])
-    if args.split == "test":
-        prev = (meta.get("metrics") or {}).get("test")
-        if prev:
-            log.warning("this checkpoint already records a test evaluation (%s): the test split should be "
-                        "touched once", prev.get("evaluated_at", "?"))
-    recs = split_records(args.data, ckpt, args.split, args.split_file, labels)
-    y = np.array([labels.index(r.label) for r in recs])
     t0 = time.perf_counter()
-    logits = logits_for(recs, model, meta["preprocess"], device, args.cache_dir)
+    meta, labels, recs, y, logits = split_logits(args)
     p = softmax(logits, float(meta["temperature"]))
     m = summarize(y, p, labels, thresholds=meta.get("thresholds") or None, n_boot=args.n_boot, seed=args.seed)
     m.update({"checkpoint": str(ckpt), "model_version": meta["version"], "weights_sha256": meta["weights_sha256"],
