@@ -96,9 +96,19 @@ class StudySettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    checkpoint: Path = BUNDLED_CHECKPOINT
-    device: str = "auto"
-    batch_size: int = 8
+    checkpoint: Path
+    device: str
+    batch_size: int
+    lung_checkpoint: Path | None = None   # None: the bundled lung segmenter
+    ood_reference: Path | None = None     # None: beside the checkpoint (NAME.ood.pt)
+
+
+@dataclass(frozen=True)
+class EligibilitySettings:
+    """Which films are analysed (cxr_node.eligibility): header values, then the pixels."""
+    body_parts: tuple[str, ...]
+    views: tuple[str, ...]
+    check_pixels: bool
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,7 @@ class Settings:
     database: DatabaseSettings
     study: StudySettings
     model: ModelSettings
+    eligibility: EligibilitySettings
     outbox: OutboxSettings
     retention: RetentionSettings
     tls: TLSSettings
@@ -225,6 +236,12 @@ def _bool(v: Any) -> bool:
     return v
 
 
+def _word_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise _Rule(f"must be a list of non-empty strings (got {v!r})")
+    return tuple(x.strip().upper() for x in v)
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if not isinstance(v, str) or v.upper() not in {o.upper() for o in options}:
@@ -253,7 +270,13 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "database": {"url": (_str, "")},
     "study": {"quiet_seconds": (_number(0.1, 86400), 30)},
     "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
-              "batch_size": (_int(1, 256), 8)},
+              "batch_size": (_int(1, 256), 8), "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},
+    "eligibility": {
+        "body_parts": (_word_list, ["CHEST", "THORAX", "LUNG", "CHEST_PA", "CHEST_AP", "THORAX_PA", "THORAX_AP",
+                                    "TORAX", "THX", "BRUST", "BRUSTKORB", "POITRINE", "TORACE", "PECHO"]),
+        "views": (_word_list, ["PA", "AP", "AP SUPINE", "AP_SUPINE", "APS", "PA_ERECT", "AP_ERECT"]),
+        "check_pixels": (_bool, True),
+    },
     "outbox": {
         "poll_seconds": (_number(0.1, 3600), 2),
         "retry_base_seconds": (_number(0.1, 86400), 10),
@@ -359,6 +382,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
     data_dir = resolve(values["storage"]["data_dir"])
     url = values["database"]["url"] or f"sqlite:///{data_dir / 'cxr-node.db'}"
     ckpt = values["model"]["checkpoint"]
+    m = values["model"]
     t = values["tls"]
     if bool(t["certificate"]) != bool(t["private_key"]):
         raise fail("[tls] private_key", "certificate and private_key must be given together")
@@ -372,7 +396,10 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         database=DatabaseSettings(url=url),
         study=StudySettings(**values["study"]),
         model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"],
-                            batch_size=values["model"]["batch_size"]),
+                            batch_size=values["model"]["batch_size"],
+                            lung_checkpoint=resolve(m["lung_checkpoint"]) if m["lung_checkpoint"] else None,
+                            ood_reference=resolve(m["ood_reference"]) if m["ood_reference"] else None),
+        eligibility=EligibilitySettings(**values["eligibility"]),
         outbox=OutboxSettings(**values["outbox"]),
         retention=RetentionSettings(days=values["retention"]["days"]),
         tls=tls,

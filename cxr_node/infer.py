@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from cxr_node.errors import PreprocessError
-from cxr_node.model import GRADCAM_LAYERS, load_checkpoint, resolve_device
+from cxr_node.errors import CheckpointError, PreprocessError
+from cxr_node.model import GRADCAM_LAYERS, load_checkpoint, read_verified, resolve_device
 from cxr_node.triage import TriagePolicy
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Prediction:
     weights_sha256: str
     cam: np.ndarray | None = None  # (S, S) float32 in [0, 1], read-only; for ``cam_label``
     cam_label: str | None = None
+    ood_score: float | None = None  # distance of the film's features from the training films'
 
     def probability(self, label: str) -> float:
         return self.probabilities[self.labels.index(label)]
@@ -50,16 +52,72 @@ class Prediction:
         d = {"probabilities": dict(zip(self.labels, self.probabilities)), "top_label": self.top_label,
              "top_probability": self.top_probability, "urgent": self.urgent, "priority": self.priority,
              "reasons": list(self.reasons), "model_version": self.model_version, "model_arch": self.model_arch,
-             "weights_sha256": self.weights_sha256, "cam_label": self.cam_label}
+             "weights_sha256": self.weights_sha256, "cam_label": self.cam_label,
+             "ood_score": None if self.ood_score is None else round(self.ood_score, 3)}
         if include_cam and self.cam is not None:
             d["cam"] = self.cam.tolist()
         return d
 
 
+OOD_KIND = "ood-reference"
+#: Layer whose output (the pooled penultimate features) the out-of-domain score reads, per arch.
+FEATURE_LAYERS = {"densenet121": "class_layers.flatten"}
+
+
+def cam_layer(meta: dict[str, Any]) -> str:
+    """Grad-CAM target: the checkpoint's ``cam_layer``, else the last feature map when it is at least
+    7x7, else DenseNet121's third dense block (twice the resolution: 8x8 at 128 px)."""
+    if meta.get("cam_layer"):
+        return str(meta["cam_layer"])
+    arch = str(meta["arch"])
+    if arch == "densenet121" and int(meta["input_size"]) // 32 < 7:
+        return "features.denseblock3"
+    return GRADCAM_LAYERS[arch]
+
+
+class OodReference:
+    """Class-conditional Gaussian model of a classifier's penultimate features on its training films
+    (shared covariance, Ledoit-Wolf shrinkage): the score of a film is its smallest Mahalanobis
+    distance to a class mean. Stored as a verified checkpoint of kind ``ood-reference`` bound to the
+    classifier's weights hash; ``threshold`` was chosen on validation films and negatives."""
+
+    def __init__(self, path: str | os.PathLike[str], classifier_sha256: str | None = None) -> None:
+        ck = read_verified(path)
+        meta = ck["meta"]
+        if meta.get("kind") != OOD_KIND:
+            raise CheckpointError(f"{path}: not an out-of-domain reference (kind {meta.get('kind')!r})")
+        for key in ("classifier_sha256", "threshold", "feature_layer"):
+            if key not in meta:
+                raise CheckpointError(f"{path}: out-of-domain reference metadata lacks {key!r}")
+        if classifier_sha256 and meta["classifier_sha256"] != classifier_sha256:
+            raise CheckpointError(f"{path}: out-of-domain reference was fitted for classifier "
+                                  f"{meta['classifier_sha256'][:12]}..., not {classifier_sha256[:12]}...")
+        self.path = str(path)
+        self.meta = meta
+        self.weights_sha256 = ck["sha256"]
+        self.threshold = float(meta["threshold"])
+        self.feature_layer = str(meta["feature_layer"])
+        self.means = ck["state_dict"]["means"].double()          # (K, D)
+        self.precision = ck["state_dict"]["precision"].double()  # (D, D)
+
+    def score(self, features: torch.Tensor) -> np.ndarray:
+        """(B, D) features -> (B,) scores (smallest Mahalanobis distance to a class mean)."""
+        f = features.detach().double().cpu()
+        d = f[:, None, :] - self.means[None]                                   # (B, K, D)
+        m = torch.einsum("bkd,de,bke->bk", d, self.precision, d).clamp_min(0)  # squared distances
+        return m.min(dim=1).values.sqrt().numpy()
+
+
+def default_ood_path(checkpoint: str | os.PathLike[str]) -> Path:
+    p = Path(checkpoint)
+    return p.with_name(p.name[:-3] + ".ood.pt" if p.name.endswith(".pt") else p.name + ".ood.pt")
+
+
 class Predictor:
     """Loads and verifies a checkpoint once; :meth:`predict` runs batches."""
 
-    def __init__(self, checkpoint: str | os.PathLike[str], device: str | None = "cpu") -> None:
+    def __init__(self, checkpoint: str | os.PathLike[str], device: str | None = "cpu",
+                 ood_reference: str | os.PathLike[str] | None = None) -> None:
         self.device = resolve_device(device)
         self.checkpoint = str(checkpoint)
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
@@ -70,9 +128,25 @@ class Predictor:
         self.version = str(self.meta["version"])
         self.arch = str(self.meta["arch"])
         self.policy = TriagePolicy.from_meta(self.meta)
-        self.target_layer = GRADCAM_LAYERS[self.arch]
+        self.target_layer = cam_layer(self.meta)
         self._cam = None
         self._preprocess = None
+        self._features: torch.Tensor | None = None
+        ood_path = Path(ood_reference) if ood_reference else default_ood_path(checkpoint)
+        self.ood: OodReference | None = None
+        if ood_path.is_file():
+            self.ood = OodReference(ood_path, self.weights_sha256)
+            layer = dict(self.model.named_modules()).get(self.ood.feature_layer)
+            if layer is None:
+                raise CheckpointError(f"{ood_path}: feature layer {self.ood.feature_layer!r} is not in the model")
+            layer.register_forward_hook(self._keep_features)
+        elif ood_reference:
+            raise CheckpointError(f"{ood_reference}: out-of-domain reference not found")
+        else:
+            log.warning("no out-of-domain reference beside %s: films are checked by their lung fields only", checkpoint)
+
+    def _keep_features(self, module, args, output) -> None:  # noqa: ANN001 - a forward hook
+        self._features = output.detach()
 
     @property
     def input_size(self) -> int:
@@ -133,6 +207,7 @@ class Predictor:
         x = self._stack(images)
         with torch.inference_mode():
             logits = self.model(x).float()
+        ood = self.ood.score(self._features) if self.ood is not None and self._features is not None else None
         probs = torch.softmax(logits / self.temperature, dim=1).cpu().numpy().astype(np.float64)
         top = probs.argmax(axis=1)
         cams: list[np.ndarray | None] = [None] * len(x)
@@ -156,7 +231,8 @@ class Predictor:
                                   top_probability=p[top[i]], urgent=d.urgent, priority=d.priority,
                                   reasons=d.reasons, model_version=self.version, model_arch=self.arch,
                                   weights_sha256=self.weights_sha256, cam=cams[i],
-                                  cam_label=self.labels[top[i]] if explain else None))
+                                  cam_label=self.labels[top[i]] if explain else None,
+                                  ood_score=None if ood is None else float(ood[i])))
         return out
 
     def predict_sources(self, sources: Sequence[Any], explain: bool = True, batch_size: int = 8

@@ -117,7 +117,8 @@ def make_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], meta
         if fp16 and v.is_floating_point():
             v = v.half()
         out[k] = v
-    missing = [k for k in REQUIRED_META if k not in meta]
+    required = REQUIRED_META if meta.get("kind", "classifier") == "classifier" else ("kind", "version")
+    missing = [k for k in required if k not in meta]
     if missing:
         raise CheckpointError(f"cannot save checkpoint: metadata lacks {', '.join(missing)}")
     meta = _plain(dict(meta), "meta")
@@ -151,8 +152,8 @@ def save_checkpoint(path: str | os.PathLike[str], model_or_state: nn.Module | Ma
     return atomic_torch_save(make_checkpoint(model_or_state, meta, fp16), path)
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and verify a checkpoint file's structure, metadata and hash (no model built)."""
+def read_verified(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a cxr-node checkpoint file of any kind and verify its structure and weights hash."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -169,9 +170,27 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     for k in ("state_dict", "sha256", "meta"):
         if k not in ck:
             raise CheckpointError(f"{path}: checkpoint lacks {k!r}")
-    meta = ck["meta"]
-    if not isinstance(meta, dict):
+    if not isinstance(ck["meta"], dict):
         raise CheckpointError(f"{path}: checkpoint metadata is not a dict")
+    sd = ck["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointError(f"{path}: checkpoint state_dict is empty or not a dict")
+    try:
+        digest = state_dict_sha256(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if digest != ck["sha256"]:
+        raise CheckpointError(f"{path}: weights sha256 mismatch (stored {str(ck['sha256'])[:12]}..., "
+                              f"computed {digest[:12]}...): the weights were altered or corrupted")
+    return ck
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and verify a classifier checkpoint's structure, metadata and hash (no model built)."""
+    ck = read_verified(path)
+    meta = ck["meta"]
+    if meta.get("kind", "classifier") != "classifier":
+        raise CheckpointError(f"{path}: a {meta['kind']} checkpoint, not a classifier")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
@@ -191,16 +210,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(pp, dict) or pp.get("input_size") != meta["input_size"]:
         raise CheckpointError(f"{path}: metadata 'preprocess' must be a dict whose input_size equals "
                               f"'input_size' ({meta['input_size']!r})")
-    sd = ck["state_dict"]
-    if not isinstance(sd, dict) or not sd:
-        raise CheckpointError(f"{path}: checkpoint state_dict is empty or not a dict")
-    try:
-        digest = state_dict_sha256(sd)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    if digest != ck["sha256"]:
-        raise CheckpointError(f"{path}: weights sha256 mismatch (stored {str(ck['sha256'])[:12]}..., "
-                              f"computed {digest[:12]}...): the weights were altered or corrupted")
     return ck
 
 

@@ -1,15 +1,24 @@
-"""Processing complete studies: the stages in order, readable top to bottom in ``run_studies``.
+"""Processing complete studies: the stages in order, readable top to bottom in :meth:`Processor.run_studies`.
 
-    claim queued studies -> choose frontal chest films (why not, per image) -> preprocess ->
-    predict + Grad-CAM in batches -> Secondary Capture per film, SR per study ->
-    outbox (durable) -> study processed, with its priority; all of it audited with the model version.
+    load         claim queued studies, read each film's header from the spool
+    eligibility  header rules (cxr_node.eligibility): SOP class, body part, view
+    preprocess   the one MONAI chain (cxr_node.preprocess.prepare): LUTs, CLAHE, lung fields,
+                 lung crop when the model was trained with it, resize; films without two
+                 plausible lung fields are refused here
+    infer        probabilities, out-of-domain score, Grad-CAM (cxr_node.infer), in batches;
+                 films outside the training distribution are refused here
+    triage       operating points -> urgent flag and priority (cxr_node.triage, in the Prediction)
+    encode       a Secondary Capture per analysed film, one SR per study naming refused films
+    enqueue      the outbox (durable) for every destination
+    record       image results, audit rows, and the study's state (cxr_node.studies), in one transaction
 
-Runs in a scheduler worker thread, never in a receiving thread. The model is loaded once.
+Runs in a scheduler worker thread, never in a receiving thread. The models are loaded once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 
-from cxr_node import assembly, audit
+from cxr_node import audit, eligibility, studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, Study, utcnow
 from cxr_node.db.session import Database
@@ -27,7 +36,7 @@ from cxr_node.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-PROCESSING, PROCESSED, FAILED = "processing", "processed", "failed"
+PROCESSING, PROCESSED, FAILED = studies.PROCESSING, studies.PROCESSED, studies.FAILED
 PRIORITY_ORDER = ("urgent", "review", "routine")
 
 
@@ -37,15 +46,26 @@ class Film:
     ds: Dataset
     x: object = None        # preprocessed tensor
     display: object = None  # film for the overlay
+    lungs: object = None    # cxr_node.lungs.LungFields
+    box: object = None      # lung crop applied to the model input, or None
     prediction: object = None
+    refused: str | None = None  # why this film was not analysed (cxr_node.eligibility)
 
 
 @dataclass
 class StudyWork:
     study_uid: str
     version: int
-    films: list[Film] = field(default_factory=list)
-    skipped: list[tuple[Instance, str]] = field(default_factory=list)
+    films: list[Film] = field(default_factory=list)                       # candidates for triage
+    skipped: list[tuple[Instance, str]] = field(default_factory=list)     # never candidates
+
+    @property
+    def analysed(self) -> list[Film]:
+        return [f for f in self.films if f.refused is None]
+
+    @property
+    def refused(self) -> list[Film]:
+        return [f for f in self.films if f.refused is not None]
 
 
 class Processor:
@@ -57,84 +77,72 @@ class Processor:
         self.db = db
         self.outbox = outbox
         self._predictor = None
+        self._segmenter = None
         self._identity = None
 
-    # ------------------------------------------------------------------ model, loaded once
+    # ------------------------------------------------------------------ models, loaded once
 
     def predictor(self):
         if self._predictor is None:
             from cxr_node.encode.identity import ModelIdentity
             from cxr_node.infer import Predictor
+            from cxr_node.lungs import LungSegmenter
 
             ckpt = self.settings.model.checkpoint
             if not Path(ckpt).is_file():
                 raise CheckpointError(f"model checkpoint {ckpt} not found: set [model] checkpoint or train one "
                                       "(see training/README.md)")
-            self._predictor = Predictor(ckpt, device=self.settings.model.device)
-            self._identity = ModelIdentity.from_meta(self._predictor.meta)
-            log.info("model %s (%s) loaded from %s", self._identity.version, self._identity.arch, ckpt)
+            predictor = Predictor(ckpt, device=self.settings.model.device,
+                                  ood_reference=self.settings.model.ood_reference)
+            self._segmenter = LungSegmenter(self.settings.model.lung_checkpoint, device=predictor.device)
+            self._identity = ModelIdentity.from_meta(predictor.meta)
+            self._predictor = predictor
+            log.info("model %s (%s) loaded from %s; lung segmenter %s; out-of-domain reference: %s",
+                     self._identity.version, self._identity.arch, ckpt, self._segmenter.version,
+                     "threshold %.1f" % predictor.ood.threshold if predictor.ood else "none")
         return self._predictor
+
+    preload = predictor  # the service loads the models at start-up, in the background
 
     # ------------------------------------------------------------------ the pipeline
 
     def requeue_interrupted(self) -> int:
         """At start-up: studies a crash left in ``processing`` go back to ``queued``."""
-        n = 0
-        with self.db.transaction() as s:
-            for st in s.scalars(select(Study).where(Study.state == PROCESSING, Study.claimed_by == self.node_id)
-                                .with_for_update()):
-                st.state, st.state_changed_at = assembly.QUEUED, utcnow()
-                audit.record(s, "study.queued", study_uid=st.study_uid, patient_id=st.patient_id,
-                             reason="processing was interrupted; queued again at start-up",
-                             detail={"from": PROCESSING, "to": assembly.QUEUED, "version": st.version})
-                n += 1
-        return n
+        return studies.requeue_interrupted(self.db, self.node_id)
 
     def process_queued(self, limit: int = 8) -> int:
-        claimed = self.claim(limit)
+        claimed = studies.claim(self.db, limit, self.node_id)
         if claimed:
             self.run_studies(claimed)
         return len(claimed)
 
-    def claim(self, limit: int) -> list[tuple[str, int]]:
-        """Atomically move up to ``limit`` queued studies to processing."""
-        out = []
-        with self.db.transaction() as s:
-            q = select(Study).where(Study.state == assembly.QUEUED).order_by(Study.state_changed_at).limit(limit)
-            if self.db.engine.dialect.name != "sqlite":
-                q = q.with_for_update(skip_locked=True)
-            for st in s.scalars(q):
-                st.state, st.state_changed_at, st.claimed_by = PROCESSING, utcnow(), self.node_id
-                audit.record(s, "study.processing", study_uid=st.study_uid, patient_id=st.patient_id,
-                             detail={"from": assembly.QUEUED, "to": PROCESSING, "version": st.version,
-                                     "node": self.node_id})
-                out.append((st.study_uid, st.version))
-        return out
-
     def run_studies(self, claimed: list[tuple[str, int]]) -> None:
+        """The stages in order, over every claimed study (films are batched across studies)."""
         try:
             predictor = self.predictor()
         except CheckpointError as e:
             for uid, version in claimed:
-                self._fail(uid, version, str(e))
+                studies.fail(self.db, uid, version, str(e))
             return
-        work = [self.choose(uid, version) for uid, version in claimed]
+        work = [self.load(uid, version) for uid, version in claimed]      # load + header eligibility
         films = [f for w in work for f in w.films]
-        self.predict(predictor, films)
+        self.preprocess(predictor, films)                                 # pixels, lung fields, crop
+        self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM, triage
         for w in work:
             try:
-                self.finish(w)
+                written, sr = self.encode(w)                              # SC per film, SR per study
+                self.record(w, written, sr)                               # outbox + results + audit + state
             except Exception as e:  # one broken study must not stop the others; it is recorded
                 log.exception("processing study %s failed", w.study_uid)
-                self._fail(w.study_uid, w.version, f"{type(e).__name__}: {e}")
+                studies.fail(self.db, w.study_uid, w.version, f"{type(e).__name__}: {e}")
 
-    def choose(self, study_uid: str, version: int) -> StudyWork:
-        """Load the study's films and decide per image whether it is analysed, and why not."""
+    def load(self, study_uid: str, version: int) -> StudyWork:
+        """Read the study's films and apply the header rules (why not, per image)."""
         work = StudyWork(study_uid, version)
+        rules = eligibility.settings_rules(self.settings)
         with self.db.session() as s:
             instances = list(s.scalars(select(Instance).where(Instance.study_uid == study_uid)
                                        .order_by(Instance.received_at)))
-        predictor = self.predictor()
         for inst in instances:
             if not inst.triage_eligible:
                 work.skipped.append((inst, inst.not_for_triage_reason or "not a triage SOP class"))
@@ -144,87 +152,104 @@ class Processor:
             except Exception as e:  # the file was valid on receipt; anything now is an I/O or decode fault
                 work.skipped.append((inst, f"cannot read the spooled file: {type(e).__name__}: {e}"))
                 continue
-            reason = assembly.frontal_chest_reason(ds)
-            if reason:
-                work.skipped.append((inst, reason))
-                continue
-            film = Film(inst, ds)
-            try:
-                film.x, film.display = predictor.preprocess_with_display(ds)
-            except PreprocessError as e:
-                work.skipped.append((inst, f"unusable pixels: {e}"))
-                continue
-            work.films.append(film)
+            work.films.append(Film(inst, ds, refused=eligibility.header_reason(ds, **rules)))
         return work
 
-    def predict(self, predictor, films: list[Film]) -> None:
-        import time
+    def preprocess(self, predictor, films: list[Film]) -> None:
+        from cxr_node.preprocess import prepare
 
+        check = self.settings.eligibility.check_pixels
+        for film in films:
+            if film.refused:
+                continue
+            try:
+                pr = prepare(film.ds, predictor.params, self._segmenter)
+            except PreprocessError as e:
+                film.refused = f"unusable pixels: {e}"
+                continue
+            film.x, film.display, film.lungs, film.box = pr.x, pr.display, pr.lungs, pr.box
+            if check:
+                film.refused = eligibility.lung_reason(pr.lungs)
+
+    def infer(self, predictor, films: list[Film]) -> None:
+        ready = [f for f in films if f.refused is None]
         bs = self.settings.model.batch_size
-        for i in range(0, len(films), bs):
-            batch = films[i:i + bs]
+        threshold = predictor.ood.threshold if predictor.ood and self.settings.eligibility.check_pixels else None
+        for i in range(0, len(ready), bs):
+            batch = ready[i:i + bs]
             t0 = time.perf_counter()
             for film, pred in zip(batch, predictor.predict([f.x for f in batch], explain=True)):
                 film.prediction = pred
+                film.refused = eligibility.ood_reason(pred.ood_score, threshold)
             if self.metrics:
                 per_image = (time.perf_counter() - t0) / len(batch)
                 for _ in batch:
                     self.metrics.inference.observe(per_image)
 
-    def finish(self, w: StudyWork) -> None:
-        """Encode the results, put them in the outbox, and record everything in one transaction."""
+    def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
+        """The Secondary Capture of each analysed film and the study's SR (naming refused films)."""
         from cxr_node.encode.sc import build_sc
-        from cxr_node.encode.sr import AnalysedFilm, build_sr
+        from cxr_node.encode.sr import AnalysedFilm, RefusedFilm, build_sr
 
         model = self._identity
         analysed, written = [], []
-        for n, film in enumerate(w.films, start=1):
-            sc = build_sc(film.ds, film.display, film.prediction, model, instance_number=n)
+        for n, film in enumerate(w.analysed, start=1):
+            sc = build_sc(film.ds, film.display, film.prediction, model, instance_number=n, box=film.box,
+                          lung_mask=film.lungs.mask if film.lungs is not None else None)
             written.append(self.outbox.write(sc, "sc"))
             analysed.append(AnalysedFilm(film.ds, sc, film.prediction))
         sr = None
-        if analysed:
-            sr = build_sr(analysed, model, study_version=w.version, predecessor=self._predecessor(w))
+        if w.films:
+            sr = build_sr(analysed, model, study_version=w.version, predecessor=self._predecessor(w),
+                          refused=[RefusedFilm(f.ds, f.refused) for f in w.refused])
             written.append(self.outbox.write(sr, "sr"))
-        priority = min((f.prediction.priority for f in w.films), key=_rank, default=None)
+        return written, sr
 
+    def record(self, w: StudyWork, written: list, sr: Dataset | None) -> None:
+        """Outbox rows, image results, audit rows and the state change, in one transaction."""
+        model = self._identity
+        analysed = w.analysed
+        priority = min((f.prediction.priority for f in analysed), key=_rank, default=None)
+        not_analysed = list(w.skipped) + [(f.instance, f.refused) for f in w.refused]
         now = utcnow()
         with self.db.transaction() as s:
-            for inst, reason in w.skipped:
+            for inst, reason in not_analysed:
                 s.add(ImageResult(study_uid=w.study_uid, study_version=w.version, sop_instance_uid=inst.sop_instance_uid,
                                   analysed=False, reason=reason, created_at=now))
                 audit.record(s, "image.skipped", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
                              sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason,
                              detail={"version": w.version})
-            for film, a in zip(w.films, analysed):
-                p = film.prediction
+            sc_uids = iter(d.sop_instance_uid for d in written if d.kind == "sc")
+            for film in analysed:
+                p, sc_uid = film.prediction, next(sc_uids)
                 probs = dict(zip(p.labels, map(float, p.probabilities)))
                 s.add(ImageResult(study_uid=w.study_uid, study_version=w.version,
                                   sop_instance_uid=film.instance.sop_instance_uid, analysed=True,
                                   model_version=model.version, top_label=p.top_label, urgent=p.urgent,
-                                  priority=p.priority, probabilities=probs, sc_sop_instance_uid=a.sc.SOPInstanceUID,
+                                  priority=p.priority, probabilities=probs, sc_sop_instance_uid=sc_uid,
                                   created_at=now))
                 audit.record(s, "image.triaged", study_uid=w.study_uid, sop_instance_uid=film.instance.sop_instance_uid,
                              sop_class_uid=film.instance.sop_class_uid, patient_id=film.instance.patient_id,
                              reason="; ".join(p.reasons) or None,
                              detail={"version": w.version, "model_version": model.version, "device_uid": model.device_uid,
                                      "top_label": p.top_label, "urgent": p.urgent, "priority": p.priority,
-                                     "probabilities": probs, "sc_uid": a.sc.SOPInstanceUID})
+                                     "probabilities": probs, "sc_uid": sc_uid, "ood_score": p.ood_score})
             queued = self.outbox.enqueue(s, written, w.study_uid, w.version)
             st = s.get(Study, w.study_uid, with_for_update=True)
-            detail = {"version": w.version, "analysed": len(w.films), "skipped": len(w.skipped),
+            detail = {"analysed": len(analysed), "refused": len(w.refused), "skipped": len(not_analysed),
                       "priority": priority, "objects": len(written), "queued": queued,
                       "model_version": model.version, "sr_uid": sr.SOPInstanceUID if sr else None}
             if sr is not None:
                 st.last_sr_uid = sr.SOPInstanceUID
-            if st.state == PROCESSING and st.version == w.version:
-                st.state, st.state_changed_at = PROCESSED, now
+            reason = None if analysed else ("no frontal chest film to analyse" if not w.films
+                                            else "no film was analysed: " + "; ".join(f.refused for f in w.refused))
+            if studies.finish(s, st, w.version, reason=reason, **detail):
                 st.priority, st.processed_version, st.last_error = priority, w.version, None
-                detail.update({"from": PROCESSING, "to": PROCESSED})
-            audit.record(s, "study.processed", study_uid=w.study_uid, patient_id=st.patient_id,
-                         reason=None if w.films else "no frontal chest film to analyse", detail=detail)
-        log.info("study %s v%d: %d analysed, %d skipped, priority %s, %d object(s) queued", w.study_uid, w.version,
-                 len(w.films), len(w.skipped), priority, queued)
+            else:
+                audit.record(s, "study.processed", study_uid=w.study_uid, patient_id=st.patient_id,
+                             reason=reason, detail={"version": w.version, **detail})
+        log.info("study %s v%d: %d analysed, %d refused, %d skipped, priority %s, %d object(s) queued", w.study_uid,
+                 w.version, len(analysed), len(w.refused), len(w.skipped), priority, queued)
 
     def _predecessor(self, w: StudyWork) -> Dataset | None:
         """The SR this version revises: read from the outbox copy when it is still there."""
@@ -241,14 +266,6 @@ class Processor:
         ref.SeriesInstanceUID = self._identity.sr_series_uid(w.study_uid)
         ref.SOPClassUID = Comprehensive3DSRStorage
         return ref
-
-    def _fail(self, study_uid: str, version: int, reason: str) -> None:
-        with self.db.transaction() as s:
-            st = s.get(Study, study_uid, with_for_update=True)
-            if st is not None and st.state == PROCESSING and st.version == version:
-                st.state, st.state_changed_at, st.last_error = FAILED, utcnow(), reason
-            audit.record(s, "study.failed", "failure", study_uid=study_uid, reason=reason, detail={"version": version})
-        log.error("study %s v%d failed: %s", study_uid, version, reason)
 
 
 def _rank(priority: str) -> int:

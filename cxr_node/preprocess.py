@@ -10,12 +10,15 @@ The chain, for one film::
                         PNG/JPEG: 8/16-bit greyscale -> float32 (1, H, W) in [0, 1].
     AreaDownscale       area-average to at most ``downscale_max`` px on the longest side
     CLAHE               skimage.exposure.equalize_adapthist, output in [0, 1]
+    LungCrop            (``lung_crop`` set) crop to the lung fields' box plus a margin
     ResizeSquare        to ``input_size`` x ``input_size`` (area down, bilinear up)
     ---- "base" ends here: training caches this as uint8 ----
     NormalizeIntensity  per-image zero mean, unit variance (``normalize: "zscore"``)
 
-Each transform is an array transform (MONAI ``Transform``) with a thin dictionary wrapper
-(``...d``, a ``MapTransform``). The one random transform here (``RandWindowJitter``) draws only
+The chain is defined once, in :func:`chain`; training, serving and the dictionary form
+(:class:`ApplyToKeys` over each array transform) all build from it. :func:`prepare` runs it for
+serving and keeps the display film and the lung fields (:mod:`cxr_node.lungs`); with
+``lung_crop`` set, the chain crops to the lungs after CLAHE. The one random transform here (``RandWindowJitter``) draws only
 from its own ``self.R`` so pipelines are seedable with ``set_random_state``.
 
 Anything that is not a usable 2-D greyscale radiograph raises
@@ -30,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -56,7 +60,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "clahe_nbins": 256,
     "input_size": 224,
     "normalize": "zscore",
+    # None, or {"margin": 0.1, "segmenter_sha256": "<hex>"}: crop to the lung fields' box (see cxr_node.lungs)
+    "lung_crop": None,
 }
+#: Parameters added after version 1, with the value that reproduces older checkpoints.
+LATER_PARAMS: dict[str, Any] = {"lung_crop": None}
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -73,10 +81,15 @@ def make_params(**overrides: Any) -> dict[str, Any]:
 
 def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a parameter dict (e.g. one read from a checkpoint); returns a plain copy."""
-    missing = [k for k in DEFAULT_PARAMS if k not in params]
+    missing = [k for k in DEFAULT_PARAMS if k not in params and k not in LATER_PARAMS]
     if missing:
         raise PreprocessError(f"preprocessing parameters lack {', '.join(missing)}")
-    p = dict(params)
+    p = {**LATER_PARAMS, **params}
+    lc = p["lung_crop"]
+    if lc is not None and not (isinstance(lc, dict) and isinstance(lc.get("margin"), (int, float))
+                               and 0 <= lc["margin"] <= 1):
+        raise PreprocessError(f"preprocessing 'lung_crop' must be null or {{'margin': 0..1, 'segmenter_sha256': ...}} "
+                              f"(got {lc!r})")
     if p["normalize"] not in ("zscore", "none"):
         raise PreprocessError(f"preprocessing 'normalize' must be 'zscore' or 'none' (got {p['normalize']!r})")
     lo, hi = p["percentiles"]
@@ -401,38 +414,6 @@ class _MapArray(MapTransform):
         return d
 
 
-class LoadRadiographd(_MapArray):
-    def __init__(self, keys: KeysCollection, percentiles: Sequence[float] = (0.5, 99.5), min_size: int = 64,
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = LoadRadiograph(percentiles, min_size)
-
-
-class AreaDownscaled(_MapArray):
-    def __init__(self, keys: KeysCollection, max_size: int = 512, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = AreaDownscale(max_size)
-
-
-class CLAHEd(_MapArray):
-    def __init__(self, keys: KeysCollection, clip_limit: float = 0.01, kernel_fraction: float = 0.125,
-                 nbins: int = 256, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = CLAHE(clip_limit, kernel_fraction, nbins)
-
-
-class ResizeSquared(_MapArray):
-    def __init__(self, keys: KeysCollection, size: int, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = ResizeSquare(size)
-
-
-class NormalizeIntensityd(_MapArray):
-    def __init__(self, keys: KeysCollection, mode: str = "zscore", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = NormalizeIntensity(mode)
-
-
 class RandWindowJitterd(Randomizable, MapTransform):
     """Dictionary version of :class:`RandWindowJitter`: one draw applied to every key."""
 
@@ -457,18 +438,73 @@ class RandWindowJitterd(Randomizable, MapTransform):
         return d
 
 
-# --------------------------------------------------------------------------- pipelines
+# --------------------------------------------------------------------------- lung crop
+
+
+class LungCrop(Transform):
+    """Crop ``(1, H, W)`` to the lung fields' box grown by ``margin`` (:mod:`cxr_node.lungs`).
+
+    The segmenter is the bundled one (or ``checkpoint``), loaded once per process; when
+    ``segmenter_sha256`` is given, a segmenter with other weights is refused, so a classifier is
+    always served with the crop it was trained with. A film with no lung fields is left whole
+    (serving refuses such films before this step; training keeps them uncropped)."""
+
+    def __init__(self, margin: float = 0.1, segmenter_sha256: str | None = None,
+                 checkpoint: str | os.PathLike[str] | None = None) -> None:
+        self.margin = float(margin)
+        self.segmenter_sha256 = segmenter_sha256
+        self.checkpoint = checkpoint
+        self._segmenter = None
+
+    @property
+    def segmenter(self):
+        if self._segmenter is None:
+            from cxr_node.errors import CheckpointError
+            from cxr_node.lungs import shared_segmenter
+
+            seg = shared_segmenter(self.checkpoint)
+            if self.segmenter_sha256 and seg.weights_sha256 != self.segmenter_sha256:
+                raise CheckpointError(f"the classifier was trained with lung segmenter {self.segmenter_sha256[:12]}..., "
+                                      f"but {seg.checkpoint} has weights {seg.weights_sha256[:12]}...")
+            self._segmenter = seg
+        return self._segmenter
+
+    def analyse_and_crop(self, img: np.ndarray, fields=None):  # noqa: ANN001 - LungFields
+        """``(1, H, W)`` -> (cropped image, the LungFields found, the box used or None)."""
+        from cxr_node.lungs import crop
+
+        fields = fields if fields is not None else self.segmenter.analyse(img)
+        box = fields.crop_box(self.margin) if fields.box is not None else None
+        return (crop(img, box) if box else img), fields, box
+
+    def __call__(self, img: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.analyse_and_crop(np.asarray(img, dtype=np.float32))[0]
+
+
+# --------------------------------------------------------------------------- the one chain
+
+
+def chain(params: Mapping[str, Any], normalize: bool = True, checkpoint: str | os.PathLike[str] | None = None
+          ) -> list[Transform]:
+    """The preprocessing steps, in order, for a checkpoint's ``params``: defined here once and used
+    by training (the uint8 cache is the chain without normalisation), serving and the dict form."""
+    p = check_params(params)
+    steps: list[Transform] = [
+        LoadRadiograph(p["percentiles"], p["min_size"]),
+        AreaDownscale(p["downscale_max"]),
+        CLAHE(p["clahe_clip_limit"], p["clahe_kernel_fraction"], p["clahe_nbins"]),
+    ]
+    if p["lung_crop"]:
+        steps.append(LungCrop(p["lung_crop"]["margin"], p["lung_crop"].get("segmenter_sha256"), checkpoint))
+    steps.append(ResizeSquare(p["input_size"]))
+    if normalize:
+        steps.append(NormalizeIntensity(p["normalize"]))
+    return steps
 
 
 def base_transform(params: Mapping[str, Any]) -> Compose:
     """Source -> float32 ``(1, S, S)`` in [0, 1] (before normalisation). Training caches this as uint8."""
-    p = check_params(params)
-    return Compose([
-        LoadRadiograph(p["percentiles"], p["min_size"]),
-        AreaDownscale(p["downscale_max"]),
-        CLAHE(p["clahe_clip_limit"], p["clahe_kernel_fraction"], p["clahe_nbins"]),
-        ResizeSquare(p["input_size"]),
-    ])
+    return Compose(chain(params, normalize=False))
 
 
 def normalize_transform(params: Mapping[str, Any]) -> NormalizeIntensity:
@@ -477,29 +513,65 @@ def normalize_transform(params: Mapping[str, Any]) -> NormalizeIntensity:
 
 def preprocess_transform(params: Mapping[str, Any]) -> Compose:
     """Source (path or Dataset) -> model input tensor ``(1, S, S)``: what serving applies."""
-    return Compose([base_transform(params), normalize_transform(params)])
+    return Compose(chain(params))
+
+
+class ApplyToKeys(_MapArray):
+    """Dictionary wrapper for any array transform of the chain."""
+
+    def __init__(self, keys: KeysCollection, transform: Transform, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = transform
 
 
 def preprocess_dict_transform(params: Mapping[str, Any], keys: KeysCollection = "image") -> Compose:
     """The same chain as :func:`preprocess_transform` over dictionary ``keys``."""
-    p = check_params(params)
-    return Compose([
-        LoadRadiographd(keys, p["percentiles"], p["min_size"]),
-        AreaDownscaled(keys, p["downscale_max"]),
-        CLAHEd(keys, p["clahe_clip_limit"], p["clahe_kernel_fraction"], p["clahe_nbins"]),
-        ResizeSquared(keys, p["input_size"]),
-        NormalizeIntensityd(keys, p["normalize"]),
-    ])
+    return Compose([ApplyToKeys(keys, t) for t in chain(params)])
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One film through the chain, with what serving needs besides the model input."""
+
+    x: torch.Tensor                  # (1, S, S) model input
+    display: np.ndarray              # (H, W) in [0, 1]: the film as a person sees it (no CLAHE)
+    lungs: Any = None                # cxr_node.lungs.LungFields, when a segmenter ran
+    box: tuple[float, float, float, float] | None = None  # the crop applied (fractions of display)
+
+
+def prepare(src: Any, params: Mapping[str, Any], segmenter: Any = None) -> Prepared:
+    """Decode once and run :func:`chain`, keeping the display film and the lung fields.
+
+    ``segmenter`` (a :class:`cxr_node.lungs.LungSegmenter`) analyses the lungs even when the
+    checkpoint does not crop, for the eligibility rules; a cropping chain uses it for its crop."""
+    display, lungs, box, img = None, None, None, src
+    for step in chain(params):
+        if isinstance(step, LungCrop):
+            if segmenter is not None:
+                step._segmenter = step._segmenter or segmenter
+            img, lungs, box = step.analyse_and_crop(img, lungs)
+            continue
+        img = step(img)
+        if isinstance(step, AreaDownscale):
+            display = np.asarray(img, dtype=np.float32)[0]
+        elif isinstance(step, CLAHE) and segmenter is not None:
+            lungs = segmenter.analyse(img)
+    return Prepared(torch.as_tensor(img, dtype=torch.float32), display, lungs, box)
+
+
+def display_and_contrast(src: Any, params: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode once: the film as a person sees it (VOI applied, area-downscaled, no CLAHE) and the
+    same film after CLAHE, both float32 ``(H, W)`` in [0, 1]. The lung segmenter reads the second."""
+    steps = chain({**dict(params), "lung_crop": None}, normalize=False)[:3]
+    small = steps[1](steps[0](src))
+    return small[0], steps[2](small)[0]
 
 
 def preprocess_with_display(src: Any, params: Mapping[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
     """Decode once; return the model input ``(1, S, S)`` (as :func:`preprocess_transform`) and the
     film as a person sees it (VOI applied, no CLAHE, area-downscaled): float32 ``(H, W)`` in [0, 1]."""
-    p = check_params(params)
-    small = AreaDownscale(p["downscale_max"])(LoadRadiograph(p["percentiles"], p["min_size"])(src))
-    x = CLAHE(p["clahe_clip_limit"], p["clahe_kernel_fraction"], p["clahe_nbins"])(small)
-    x = NormalizeIntensity(p["normalize"])(ResizeSquare(p["input_size"])(x))
-    return x, small[0]
+    pr = prepare(src, params)
+    return pr.x, pr.display
 
 
 def to_uint8(img: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -48,7 +48,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from cxr_node import assembly, audit
+from cxr_node import audit, studies
 from cxr_node.audit_backlog import AuditBacklog
 from cxr_node.config import Settings
 from cxr_node.db.models import Instance, utcnow
@@ -227,7 +227,7 @@ class Ingest:
         reason = triage_eligibility(h.sop_class_uid)
         a = assoc.fields() if assoc else {}
         with self.db.transaction() as s:
-            version = assembly.note_instance(s, h.study_uid, h.patient_id, now, a.get("association_id"))
+            version = studies.note_instance(s, h.study_uid, h.patient_id, now, a.get("association_id"))
             s.add(Instance(sop_instance_uid=h.sop_instance_uid, study_uid=h.study_uid, series_uid=h.series_uid,
                            sop_class_uid=h.sop_class_uid, transfer_syntax=ts, path=str(rel), bytes=size,
                            patient_id=h.patient_id, triage_eligible=reason is None, not_for_triage_reason=reason,

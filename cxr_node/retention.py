@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from cxr_node import audit
+from cxr_node.studies import FINISHED
 from cxr_node.config import Settings
 from cxr_node.db.models import Instance, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("processed", "failed")
 
 
 @dataclass(frozen=True)

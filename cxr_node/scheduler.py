@@ -11,7 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from sqlalchemy.exc import SQLAlchemyError
 
-from cxr_node import assembly
+from cxr_node import studies
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
 from cxr_node.errors import db_error_text
@@ -96,7 +96,7 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
             pass
 
     def complete_studies() -> None:
-        if assembly.complete_quiet_studies(db, settings.study.quiet_seconds):
+        if studies.complete_quiet_studies(db, settings.study.quiet_seconds):
             wake("process-studies")
 
     add("complete-studies", "study completion check", complete_studies,

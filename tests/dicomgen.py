@@ -1,7 +1,9 @@
-"""Synthetic DICOM files for tests and benchmarks (generated, never copied from anywhere)."""
+"""Synthetic DICOM files for tests and benchmarks: generated headers, with pixels that are either
+noise or pydicom-data's RG1_UNCR chest film resized (see make_cr); no file is committed."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,31 @@ def uid() -> str:
     return generate_uid(prefix=ROOT)
 
 
+@functools.lru_cache(maxsize=8)
+def chest_pixels(rows: int, cols: int) -> np.ndarray:
+    """RG1_UNCR (pydicom-data, a real PA chest film, MONOCHROME1) as MONOCHROME2 12-bit, rows x cols."""
+    import torch
+    import torch.nn.functional as F
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    a = dcmread(get_testdata_file("RG1_UNCR.dcm")).pixel_array.astype(np.float32)
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    a = 1.0 - np.clip((a - lo) / (hi - lo), 0, 1)   # MONOCHROME1 -> MONOCHROME2
+    t = F.interpolate(torch.tensor(a)[None, None], size=(rows, cols), mode="area" if rows <= a.shape[0] else "bilinear")
+    return np.rint(t[0, 0].numpy() * 4095).astype(np.uint16)
+
+
 def make_cr(path: Path, *, study_uid: str | None = None, series_uid: str | None = None,
             sop_uid: str | None = None, rows: int = 256, cols: int = 256, patient_name: str = "Test^Patient",
             patient_id: str = "PID-TEST", sop_class: str = ComputedRadiographyImageStorage,
-            meta_sop_class: str | None = None, seed: int = 0, omit: tuple[str, ...] = ()) -> Path:
-    """A CR chest PA film, Explicit VR LE, 16-bit MONOCHROME2 with random pixels.
+            meta_sop_class: str | None = None, seed: int = 0, omit: tuple[str, ...] = (),
+            pixels: str = "chest") -> Path:
+    """A CR chest PA film, Explicit VR LE, 16-bit MONOCHROME2 (12 bits stored).
 
-    rows*cols*2 bytes of pixel data: 2290x2290 is about 10 MB.
+    ``pixels="chest"``: a real chest film (pydicom-data's RG1_UNCR, resized, with a little noise
+    drawn from ``seed`` so every file differs): cxr-node analyses it. ``pixels="random"``: uniform
+    noise, which cxr-node refuses (no lung fields). rows*cols*2 bytes: 2290x2290 is about 10 MB.
     """
     rng = np.random.default_rng(seed)
     ds = Dataset()
@@ -40,7 +60,13 @@ def make_cr(path: Path, *, study_uid: str | None = None, series_uid: str | None 
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
+    if pixels == "chest":
+        film = chest_pixels(rows, cols).astype(np.int32) + rng.integers(-20, 21, size=(rows, cols))
+        ds.PixelData = np.clip(film, 0, 4095).astype(np.uint16).tobytes()
+    elif pixels == "random":
+        ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
+    else:
+        raise ValueError(f"pixels must be 'chest' or 'random' (got {pixels!r})")
     for kw in omit:
         delattr(ds, kw)
     meta = FileMetaDataset()

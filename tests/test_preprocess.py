@@ -88,7 +88,7 @@ def test_clahe_range_and_dict_wrapper_agree():
     assert out.max() - out.min() > 2 * (a.max() - a.min())  # contrast was stretched
     ref = equalize_adapthist(a[0], kernel_size=(16, 16), clip_limit=0.01, nbins=256)
     np.testing.assert_allclose(out[0], ref, atol=1e-6)
-    d = P.CLAHEd("image", 0.01, 0.125, 256)({"image": a, "other": 1})
+    d = P.ApplyToKeys("image", P.CLAHE(0.01, 0.125, 256))({"image": a, "other": 1})
     np.testing.assert_array_equal(d["image"], out)
     assert d["other"] == 1
 

@@ -47,7 +47,7 @@ def scheduler(tmp_path: Path, monkeypatch):
     """The real scheduler over a slow processor and a counting outbox; the outbox polls every 10 min."""
     import cxr_node.scheduler as sch
 
-    monkeypatch.setattr(sch.assembly, "complete_quiet_studies", lambda db, quiet: [])
+    monkeypatch.setattr(sch.studies, "complete_quiet_studies", lambda db, quiet: [])
     settings = parse({"storage": {"data_dir": str(tmp_path)}, "outbox": {"poll_seconds": 600},
                       "retention": {"days": 0}}, tmp_path)
     proc, outbox = SlowProcessor(), Outbox()

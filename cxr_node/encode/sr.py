@@ -4,7 +4,10 @@ One measurement group per analysed film: tracking identifier and UID, algorithm 
 (TID 4019, with the operating thresholds as parameters), the finding (top class) and per-class
 present/absent at the model's operating point as qualitative evaluations, each class
 probability as a NUM with UCUM unit "1", and the film and its Secondary Capture as source
-images. A revised study (a late image) gets a new SR naming the earlier one in
+images. A film that was sent for triage but not analysed (no lung fields, outside the training
+distribution, a header that is not a frontal chest film, unusable pixels) gets a group of its own
+whose finding is "Not analysed" with the reason as a coded evaluation, so it never looks like a
+film with no finding. A revised study (a late image) gets a new SR naming the earlier one in
 PredecessorDocumentsSequence.
 """
 
@@ -51,6 +54,32 @@ def probability_code(label: str) -> Code:
     return Code(f"P-{c.value}"[:16], PRIVATE_SCHEME, f"Probability of {c.meaning}"[:64])
 
 
+NOT_ANALYSED = Code("NOTANALYSED", PRIVATE_SCHEME, "Not analysed")
+REASON_NOT_ANALYSED = Code("REASON", PRIVATE_SCHEME, "Reason not analysed")
+#: Reason categories (the full reason, with scores, is in the audit trail).
+REASONS = (
+    ("no lung fields", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
+    ("lung field", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
+    ("lung area", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
+    ("lung shape", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
+    ("outside the training distribution", Code("OOD", PRIVATE_SCHEME, "Outside the model's training distribution")),
+    ("BodyPartExamined", Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film")),
+    ("ViewPosition", Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film")),
+    ("unusable pixels", Code("PIXELS", PRIVATE_SCHEME, "Pixels unusable")),
+)
+OTHER_REASON = Code("OTHER", PRIVATE_SCHEME, "Not analysed for another reason")
+
+
+def reason_code(reason: str) -> Code:
+    return next((c for key, c in REASONS if key in reason), OTHER_REASON)
+
+
+@dataclass(frozen=True)
+class RefusedFilm:
+    source: Dataset        # the film as received (header)
+    reason: str            # why it was not analysed (cxr_node.eligibility)
+
+
 @dataclass(frozen=True)
 class AnalysedFilm:
     source: Dataset        # the film as received (header is enough; pixels not needed)
@@ -88,14 +117,15 @@ def _request(source: Dataset) -> list[Dataset]:
 
 
 def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_version: int,
-             predecessor: Dataset | None = None) -> Dataset:
-    """The study's SR. ``predecessor`` (any dataset with the four UIDs) is the SR it revises."""
+             predecessor: Dataset | None = None, refused: Sequence[RefusedFilm] = ()) -> Dataset:
+    """The study's SR. ``predecessor`` (any dataset with the four UIDs) is the SR it revises;
+    ``refused`` are the films sent for triage that were not analysed, each with its reason."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    if not films:
-        raise ValueError("an SR needs at least one analysed film")
-    first = films[0].source
+    if not films and not refused:
+        raise ValueError("an SR needs at least one analysed or refused film")
+    first = (films[0] if films else refused[0]).source
     study_uid = first.StudyInstanceUID
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -128,14 +158,24 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
                 hd.sr.SourceImageForMeasurementGroup(film.sc.SOPClassUID, film.sc.SOPInstanceUID),
             ],
         ))
-    library = [f.source for f in films if "ImagerPixelSpacing" in f.source]  # highdicom needs it (FIELD-NOTES)
+    for j, film in enumerate(refused, start=len(films) + 1):
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=model.tracking_uid(film.source.SOPInstanceUID), identifier=f"cxr-node film {j}"),
+            algorithm_id=algorithm,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(FINDING, NOT_ANALYSED),
+                                     hd.sr.QualitativeEvaluation(REASON_NOT_ANALYSED, reason_code(film.reason))],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(film.source.SOPClassUID, film.source.SOPInstanceUID)],
+        ))
+    # ImageLibrary entries need ImagerPixelSpacing in highdicom
+    library = [f.source for f in list(films) + list(refused) if "ImagerPixelSpacing" in f.source]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=groups,
         referenced_images=library or None,
     )
-    evidence = [with_type2(f.source) for f in films] + [f.sc for f in films]
+    evidence = [with_type2(f.source) for f in films] + [f.sc for f in films] + [with_type2(f.source) for f in refused]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],

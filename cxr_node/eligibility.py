@@ -1,0 +1,74 @@
+"""Every "analyse this film or not, and why" rule, in one place.
+
+A film is analysed only when all of these hold, checked in this order (cheap first):
+
+1. **SOP class** (at receipt): CR, DX or Secondary Capture image storage (:data:`TRIAGE_SOP_CLASSES`).
+2. **Header**: ``BodyPartExamined`` empty or a chest value (``[eligibility] body_parts``) and
+   ``ViewPosition`` empty or frontal (``[eligibility] views``). Cheap and self-explaining, but a
+   header saying CHEST/PA does not make a film eligible by itself.
+3. **Pixels**: usable (decodes, 2-D greyscale, large enough, not flat: :mod:`cxr_node.preprocess`).
+4. **Lung fields** (:mod:`cxr_node.lungs`): two plausible lung fields (area, one on each side,
+   height, confidence).
+5. **Training distribution**: the classifier's own features are close enough to its training
+   films (:class:`cxr_node.infer.OodReference`, threshold chosen on validation films).
+
+A refused film gets no probabilities presented as a finding and no urgent flag; its reason is
+audited (``image.skipped``), counted, and named in the study's SR.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from pydicom.uid import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                         DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+
+TRIAGE_SOP_CLASSES = frozenset({ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                                DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage})
+DEFAULT_BODY_PARTS = ("CHEST", "THORAX")
+DEFAULT_VIEWS = ("PA", "AP")
+OUTSIDE_DISTRIBUTION = "outside the training distribution"
+
+
+def sop_class_reason(sop_class_uid: str) -> str | None:
+    if sop_class_uid in TRIAGE_SOP_CLASSES:
+        return None
+    from pydicom.uid import UID
+
+    return f"{UID(sop_class_uid).name or sop_class_uid} is not a radiograph class the model analyses"
+
+
+def header_reason(ds: Any, body_parts: Sequence[str] = DEFAULT_BODY_PARTS,
+                  views: Sequence[str] = DEFAULT_VIEWS) -> str | None:
+    """None when the header allows a frontal chest film, else why it is not analysed."""
+    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body and body not in body_parts:
+        return f"BodyPartExamined is {body}, not a chest value ({', '.join(body_parts[:4])}...)"
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view and view not in views:
+        return f"ViewPosition is {view}: only frontal ({'/'.join(views[:2])}) films are analysed"
+    return None
+
+
+def lung_reason(lungs: Any) -> str | None:
+    """None when two plausible lung fields were found (a :class:`cxr_node.lungs.LungFields`)."""
+    return None if lungs is None else lungs.reason
+
+
+def ood_reason(score: float | None, threshold: float | None) -> str | None:
+    if score is None or threshold is None or score <= threshold:
+        return None
+    return f"{OUTSIDE_DISTRIBUTION} (score {score:.1f}, threshold {threshold:.1f})"
+
+
+def pixel_reason(lungs: Any, score: float | None, threshold: float | None) -> str | None:
+    """The pixel rules (4, 5) together, as serving applies them."""
+    return lung_reason(lungs) or ood_reason(score, threshold)
+
+
+def settings_rules(settings: Any) -> dict[str, Any]:
+    """``header_reason`` keyword arguments from the node's settings (``[eligibility]``)."""
+    e = getattr(settings, "eligibility", None)
+    if e is None:
+        return {}
+    return {"body_parts": tuple(e.body_parts), "views": tuple(e.views)}
