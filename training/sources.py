@@ -11,7 +11,7 @@ itself, or a plain folder-per-class tree (``DIR/<label>/*.png``) with no manifes
 ``hannover``, ``nih`` and ``ieee8023``; anything else is ``generic`` (labels kept as written).
 
 Output columns: ``path`` (absolute, or relative to the manifest's folder with ``--relative``),
-``label`` (after the label rules), ``raw_label`` (as the source wrote it), ``source``, ``site``,
+``id`` (``source:path-in-source``), ``label`` (after the label rules), ``raw_label`` (as the source wrote it), ``source``, ``site``,
 ``patient_id`` (as the source wrote it; unique only within its source), ``group`` (the dedup
 group: films sharing it always land in one split), ``split`` (train/val/test), ``exclude`` (empty,
 or why the row is not used), ``duplicate_of`` and ``note``. ``training.data.read_dataset`` reads it
@@ -100,7 +100,7 @@ LABEL_NOTES = {
                                 "(date error per the Hannover README)",
     ("hannover", "COVID"): "Hannover Medical School current metadata (all patients COVID-19)",
 }
-COLUMNS = ["path", "label", "raw_label", "source", "site", "patient_id", "group", "split", "exclude",
+COLUMNS = ["path", "id", "label", "raw_label", "source", "site", "patient_id", "group", "split", "exclude",
            "duplicate_of", "note", "view"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
@@ -328,7 +328,7 @@ def write_manifest(rows: Sequence[Row], out: Path, relative: bool = False) -> Pa
         w.writerow(COLUMNS)
         for r in rows:
             path = os.path.relpath(r.abspath, out.parent) if relative else r.abspath
-            w.writerow([Path(path).as_posix(), r.label, r.raw_label, r.source, r.site, r.patient_id, r.group,
+            w.writerow([Path(path).as_posix(), r.key, r.label, r.raw_label, r.source, r.site, r.patient_id, r.group,
                         r.split, r.exclude, r.duplicate_of, " | ".join(r.notes), r.view])
     os.replace(tmp, out)
     return out

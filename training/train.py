@@ -475,12 +475,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_ds.epoch = epoch
         if sampler is not None:
             sampler.set_epoch(epoch)
+            # a last batch of one film breaks batch norm: drop it then
             loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                                pin_memory=device.type == "cuda", drop_last=False)
+                                pin_memory=device.type == "cuda", drop_last=len(sampler) % args.batch_size == 1)
         else:
             g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=RandomSampler(train_ds, generator=g),
-                                num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=False)
+                                num_workers=args.workers, pin_memory=device.type == "cuda",
+                                drop_last=len(train_ds) % args.batch_size == 1)
         net.train()
         t0 = time.perf_counter()
         seen, loss_sum = 0, 0.0
