@@ -55,7 +55,10 @@ Then ``--relabel OLD=NEW`` (repeatable; e.g. ``Normal=non-COVID`` for a binary m
 ``--drop-label NAME`` apply to every source.
 
 Splits: grouped, stratified by source and label (so every source has val and test films), 70/15/15
-with ``--seed``.
+with ``--seed``. ``--pin-split NAME=split.csv`` keeps an earlier run's split for source NAME's
+films (e.g. the bundled v2 model's covid19-radiography split, so its test films stay test): a
+group holding a pinned film (a copy, a patient) takes that film's split (the most common one if
+several), and only the other groups are dealt anew.
 """
 
 from __future__ import annotations
@@ -231,8 +234,8 @@ def _rank(order: Sequence[str], extra: Sequence[str], row: Row) -> tuple[int, in
 
 
 def merge(specs: Sequence[SourceSpec], ieee8023_no_finding: str = "drop", relabel: Mapping[str, str] | None = None,
-          drop_labels: Iterable[str] = (), seed: int = 42,
-          fractions: Sequence[float] = (0.70, 0.15, 0.15)) -> list[Row]:
+          drop_labels: Iterable[str] = (), seed: int = 42, fractions: Sequence[float] = (0.70, 0.15, 0.15),
+          pinned: Mapping[str, Mapping[str, str]] | None = None) -> list[Row]:
     """Read, link, deduplicate, relabel and split. Returns every row (excluded ones included)."""
     from training.data import Record, grouped_stratified_split
 
@@ -307,12 +310,33 @@ def merge(specs: Sequence[SourceSpec], ieee8023_no_finding: str = "drop", relabe
     kept = [r for r in rows if not r.exclude]
     if not kept:
         raise ValueError("every film was excluded: check --drop-label / --relabel")
-    recs = [Record(r.abspath, r.label, r.group, r.key, source=r.source) for r in kept]
-    assign = grouped_stratified_split(recs, fractions, seed=seed, stratum=lambda x: f"{x.source}/{x.label}")
-    group_split = {}
+    pins: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:  # excluded copies count too: their kept copy follows the split they had
+        sp = (pinned or {}).get(r.source, {}).get(r.relpath)
+        if sp:
+            pins[r.group][sp] += 1
+    group_split = {g: c.most_common(1)[0][0] for g, c in pins.items()}
+    straddled = {g: c for g, c in pins.items() if len(c) > 1}
+    for r in rows:
+        if r.group in straddled:
+            r.notes.append("pinned split straddled this group (" + ", ".join(
+                f"{n} {sp}" for sp, n in sorted(straddled[r.group].items())) + f"); took {group_split[r.group]}")
+    if straddled:
+        log.warning("%d dedup group(s) straddled the pinned split (copies or patients found only across "
+                    "folders); each now lies in its most common split (noted in the 'note' column)", len(straddled))
+    if pinned:
+        missing = {n for n in pinned if n not in names}
+        if missing:
+            raise ValueError(f"--pin-split names unknown source(s) {', '.join(sorted(missing))}")
+        log.info("pinned splits: %d groups from %s", len(group_split), ", ".join(pinned))
+    free = [r for r in kept if r.group not in group_split]
+    recs = [Record(r.abspath, r.label, r.group, r.key, source=r.source) for r in free]
+    assign = grouped_stratified_split(recs, fractions, seed=seed, stratum=lambda x: f"{x.source}/{x.label}") \
+        if recs else {}
+    for r in free:
+        group_split[r.group] = assign[r.key]
     for r in kept:
-        r.split = assign[r.key]
-        group_split[r.group] = r.split
+        r.split = group_split[r.group]
     for r in rows:
         if r.exclude:
             r.split = group_split.get(r.group, "")
@@ -376,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--drop-label", action="append", default=[], metavar="LABEL",
                    help="exclude films with this label (after --relabel; repeatable)")
     b.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
+    b.add_argument("--pin-split", action="append", default=[], metavar="NAME=SPLIT_CSV",
+                   help="keep this split.csv's (path,split; paths as in source NAME) split for NAME's films")
     b.add_argument("--log-level", default="INFO")
     return p
 
@@ -398,7 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         kinds = _pairs(args.kind, "--kind")
         specs = [parse_source(s, kinds) for s in args.source]
-        rows = merge(specs, args.ieee8023_no_finding, _pairs(args.relabel, "--relabel"), args.drop_label, args.seed)
+        pinned = {}
+        for name, f in _pairs(args.pin_split, "--pin-split").items():
+            with open(f, newline="", encoding="utf-8") as fh:
+                pinned[name] = {r["path"]: r["split"] for r in csv.DictReader(fh)}
+        rows = merge(specs, args.ieee8023_no_finding, _pairs(args.relabel, "--relabel"), args.drop_label, args.seed,
+                     pinned=pinned)
     except ValueError as e:
         raise SystemExit(f"training.sources: {e}") from None
     check_split(rows)
@@ -406,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summ = summary(rows)
     summ.update({"sources": {s.name: {"path": str(s.path), "kind": s.kind} for s in specs}, "seed": args.seed,
                  "ieee8023_no_finding": args.ieee8023_no_finding, "relabel": _pairs(args.relabel, "--relabel"),
-                 "drop_label": args.drop_label})
+                 "drop_label": args.drop_label, "pin_split": _pairs(args.pin_split, "--pin-split")})
     out.with_suffix(".json").write_text(json.dumps(summ, indent=2) + "\n", encoding="utf-8")
     log.info("wrote %s: %d films, %d kept in %d groups, labels %s", out, summ["films"], summ["kept"],
              summ["groups"], ", ".join(summ["labels"]))
