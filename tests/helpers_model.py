@@ -24,16 +24,18 @@ def synthetic_film(kind: int, rng: np.random.Generator, size: int = 80) -> np.nd
     return np.clip(base * 255, 0, 255).astype(np.uint8)
 
 
-def make_tree(root: Path, per_class: int = 10, size: int = 80, seed: int = 0) -> Path:
-    """``root/<label>/<i>.png`` for the three labels."""
+def make_tree(root: Path, per_class: int = 10, size: int = 80, seed: int = 0,
+              labels: list[str] | None = None) -> Path:
+    """``root/<label>/<i>.png`` for ``labels`` (default the three of LABELS; the k-th label gets
+    texture ``k % 3``)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for k, label in enumerate(LABELS):
+    for k, label in enumerate(labels or LABELS):
         d = root / label
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(synthetic_film(k, rng, size)).save(d / f"{label[:3].lower()}-{i:03d}.png")
+            Image.fromarray(synthetic_film(k % 3, rng, size)).save(d / f"{label[:3].lower()}-{i:03d}.png")
     return root
 
 
@@ -53,6 +55,96 @@ def make_manifest(root: Path, per_class: int = 10, size: int = 80, seed: int = 0
                     "near_dup_group"])
         w.writerows(rows)
     return m
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _film(path: Path, kind: int, rng: np.random.Generator, size: int = 80) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(synthetic_film(kind, rng, size)).save(path)
+
+
+def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
+    """Four small source folders shaped like ../shared/data's (same manifest columns and overlap
+    columns), with the overlaps and label conflicts the real ones have:
+
+    * hannover ``COVID/h000.png`` is in covid19-radiography as ``COVID/COVID-0.png``;
+    * ieee8023 ``COVID/h001.png`` and ``No Finding/h002.png`` (site Hannover) are hannover's films
+      with the same stems; the second is a conflict (COVID there, No Finding here);
+    * ieee8023 ``No Finding/x000.png`` is a plain ieee8023 No Finding film (dropped by the rule);
+    * ieee8023 ``COVID/i000.png`` is in covid19-radiography as ``COVID/COVID-1.png``;
+    * nih ``Pneumonia/00000001_000.png`` is covid19-radiography ``Normal/Normal-0.png`` (a conflict),
+      and nih ``No Finding/00000002_000.png`` is ``Normal/Normal-1.png`` (same label);
+    * nih patient ``00000001`` has a second film; ieee8023 patient ``1`` is someone else.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    # covid19-radiography
+    c = root / "covid19-radiography"
+    rows = []
+    for label, kind, stem in (("COVID", 0, "COVID"), ("Normal", 1, "Normal"), ("Viral Pneumonia", 2, "person")):
+        for i in range(n):
+            rel = f"{label}/{stem}-{i}.png"
+            _film(c / rel, kind, rng)
+            nd = "ndCOVID-2" if label == "COVID" and i in (2, 3) else ""
+            pid = f"person{i // 2}" if label == "Viral Pneumonia" else ""
+            rows.append([rel, label, rel, 80, 80, pid, nd])
+    out["covid19-radiography"] = _write_csv(c / "manifest.csv", ["path", "label", "source_file", "original_width",
+                                            "original_height", "patient_id", "near_dup_group"], rows).parent
+    # hannover
+    h = root / "hannover-covid"
+    rows = []
+    for i in range(n):
+        rel = f"COVID/h{i:03d}.png"
+        _film(h / rel, 0, rng)
+        rows.append([rel, "COVID", f"hp{i // 3}", "ap", "CR", rel, "", "COVID/COVID-0.png" if i == 0 else ""])
+    out["hannover"] = _write_csv(h / "manifest.csv", ["path", "label", "patient_id", "view", "modality", "source_file",
+                                 "near_dup_group", "also_in_covid19_radiography"], rows).parent
+    # nih
+    d = root / "nih-chestxray8-subset"
+    rows = []
+    for label, kind in (("No Finding", 1), ("Pneumonia", 2)):
+        for i in range(n):
+            pid = f"{i + 1:08d}" if label == "Pneumonia" else f"{i + 2 + n:08d}"
+            if label == "No Finding" and i == 0:
+                pid = "00000002"
+            fu = 1 if (label == "Pneumonia" and i == n - 1) else 0
+            if fu:
+                pid = "00000001"
+            rel = f"{label}/{pid}_{fu:03d}.png"
+            _film(d / rel, kind, rng)
+            also = {("Pneumonia", 0): "Normal/Normal-0.png", ("No Finding", 0): "Normal/Normal-1.png"}.get((label, i), "")
+            rows.append([rel, label, pid, rel, "", also])
+    out["nih"] = _write_csv(d / "manifest.csv", ["path", "label", "patient_id", "source_file", "near_dup_group",
+                            "also_in_covid19_radiography"], rows).parent
+    # ieee8023
+    e = root / "ieee8023-covid-chestxray"
+    rows = []
+    han = "Hannover Medical School, Hannover, Germany"
+    spec = [("COVID/h001.png", "COVID", "COVID-19", "1", han, "Germany", ""),
+            ("No Finding/h002.png", "No Finding", "No Finding", "2", han, "Germany", ""),
+            ("No Finding/x000.png", "No Finding", "No Finding", "3", "Milan, Italy", "Italy", ""),
+            ("COVID/i000.png", "COVID", "COVID-19", "4", "Milan, Italy", "Italy", "COVID/COVID-1.png")]
+    for i in range(1, n):
+        spec.append((f"COVID/i{i:03d}.png", "COVID", "COVID-19", str(10 + i), "Rome, Italy" if i % 2 else "Madrid, Spain",
+                     "Italy" if i % 2 else "Spain", ""))
+        spec.append((f"Other pneumonia/o{i:03d}.png", "Other pneumonia", "Streptococcus", str(30 + i),
+                     "Toronto, Canada", "Canada", ""))
+    for rel, label, finding, pid, site, country, also in spec:
+        _film(e / rel, {"COVID": 0, "No Finding": 1}.get(label, 2), rng)
+        rows.append([rel, label, finding, pid, "PA", site, country, "2020", "M", "50", "", "", "", rel, "", also, ""])
+    out["ieee8023"] = _write_csv(e / "manifest.csv", ["path", "label", "finding", "patient_id", "view", "site",
+                                 "country", "date", "sex", "age", "license", "doi", "url", "source_file",
+                                 "near_dup_group", "also_in_covid19_radiography", "lung_mask"], rows).parent
+    return out
 
 
 def make_checkpoint(path: Path, input_size: int = 64, seed: int = 0, thresholds: dict | None = None,

@@ -7,6 +7,15 @@
   whose validation sensitivity is >= ``--target-sensitivity`` (0.95);
 * every other class gets the threshold maximising Youden's J (sensitivity + specificity - 1).
 
+Safety margins for the critical threshold (``--sensitivity-rule``): ``point`` (above; it sits at
+the edge, so on new films sensitivity scatters around the target), ``margin`` (the target plus
+``--margin``), ``wilson`` (the highest threshold whose sensitivity's lower Wilson 95% bound reaches
+the target). ``--lso-predictions`` chooses the critical threshold on pooled leave-source-out
+predictions (``python -m training.lso run``: ``predictions.csv``) instead of the validation split:
+they show how the probability behaves on hospitals the model did not see. They come from the LSO
+fold models, not from this checkpoint, so the threshold is an estimate for a model trained the
+same way; the temperature is still fitted on validation.
+
 Both are written into the checkpoint metadata (``temperature``, ``thresholds``, ``calibration``);
 the weights and their sha256 are unchanged. The test split is never read here.
 """
@@ -34,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--critical", action="append", default=None,
                    help="critical class(es) (default: the checkpoint's critical_labels)")
     p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--sensitivity-rule", choices=["point", "margin", "wilson"], default="point",
+                   help="critical threshold: point (sensitivity >= target, default), margin (>= target + "
+                   "--margin), wilson (lower Wilson 95%% bound >= target)")
+    p.add_argument("--margin", type=float, default=0.0, help="safety margin for --sensitivity-rule margin")
+    p.add_argument("--lso-predictions", default=None, metavar="CSV",
+                   help="choose the critical threshold on these pooled leave-source-out predictions "
+                   "(training.lso run's predictions.csv) instead of the validation split")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="uint8 preprocessing cache folder (default: a temp dir)")
@@ -45,7 +61,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     from cxr_node.model import read_checkpoint, save_checkpoint
     from training.common import split_logits
     from training.metrics import (binary_stats, expected_calibration_error, fit_temperature, nll, softmax,
-                                  threshold_for_sensitivity, threshold_max_youden)
+                                  threshold_for_sensitivity_rule, threshold_max_youden)
 
     if args.split == "test":
         raise SystemExit("calibrating on the test split would leak it into the operating points; use val")
@@ -57,6 +73,9 @@ def calibrate(args: argparse.Namespace) -> dict:
     for c in critical:
         if c not in labels:
             raise SystemExit(f"--critical {c!r} is not a label ({', '.join(labels)})")
+    rule_name = getattr(args, "sensitivity_rule", "point")
+    margin = float(getattr(args, "margin", 0.0) or 0.0)
+    lso = read_lso_predictions(Path(args.lso_predictions), critical) if getattr(args, "lso_predictions", None) else {}
     thresholds, points = {}, {}
     for k, name in enumerate(labels):
         yk = y == k
@@ -64,8 +83,19 @@ def calibrate(args: argparse.Namespace) -> dict:
             log.warning("class %s: no positives or no negatives in %s; no threshold", name, args.split)
             continue
         if name in critical:
-            th = threshold_for_sensitivity(yk, p[:, k], args.target_sensitivity)
-            rule = f"sensitivity >= {args.target_sensitivity}"
+            desc = {"point": f"sensitivity >= {args.target_sensitivity}",
+                    "margin": f"sensitivity >= {args.target_sensitivity} + margin {margin}",
+                    "wilson": f"lower Wilson 95% bound of sensitivity >= {args.target_sensitivity}"}[rule_name]
+            if name in lso:
+                ly, ls = lso[name]
+                th = threshold_for_sensitivity_rule(ly, ls, args.target_sensitivity, rule_name, margin)
+                st_lso = binary_stats(ly, ls >= th)
+                rule = f"{desc} on {len(ly)} pooled LSO predictions ({args.lso_predictions})"
+                log.info("%s: LSO threshold %.4f -> LSO sensitivity %.3f specificity %.3f", name, th,
+                         st_lso["sensitivity"], st_lso["specificity"])
+            else:
+                th = threshold_for_sensitivity_rule(yk, p[:, k], args.target_sensitivity, rule_name, margin)
+                rule = desc
         else:
             th = threshold_max_youden(yk, p[:, k])
             rule = "max Youden J"
@@ -79,7 +109,8 @@ def calibrate(args: argparse.Namespace) -> dict:
     ece1, _ = expected_calibration_error(y, p)
     cal = {"split": args.split, "n": int(len(y)), "temperature": t, "nll_before": nll(logits, y, 1.0),
            "nll_after": nll(logits, y, t), "ece_before": ece0, "ece_after": ece1,
-           "target_sensitivity": args.target_sensitivity, "operating_points": points}
+           "target_sensitivity": args.target_sensitivity, "sensitivity_rule": rule_name, "margin": margin,
+           "lso_predictions": getattr(args, "lso_predictions", None), "operating_points": points}
     log.info("temperature %.4f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", t, cal["nll_before"], cal["nll_after"],
              ece0, ece1)
     raw = read_checkpoint(ckpt)
@@ -89,6 +120,25 @@ def calibrate(args: argparse.Namespace) -> dict:
     save_checkpoint(out, raw["state_dict"], new_meta)
     log.info("wrote calibrated checkpoint %s", out)
     return cal
+
+
+def read_lso_predictions(path: Path, critical: Sequence[str]) -> dict[str, tuple]:
+    """critical label -> (is that label, its probability) from a training.lso predictions.csv."""
+    import csv
+
+    import numpy as np
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for c in critical:
+        if not rows or f"p_{c}" not in rows[0]:
+            raise SystemExit(f"--lso-predictions {path}: no p_{c} column")
+        y = np.array([r["label"] == c for r in rows])
+        if not y.any():
+            raise SystemExit(f"--lso-predictions {path}: no {c} films")
+        out[c] = (y, np.array([float(r[f"p_{c}"]) for r in rows]))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

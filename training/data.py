@@ -3,8 +3,11 @@
 A dataset is a list of :class:`Record` (path, label, group). It comes from either
 
 * a folder-per-class tree: ``DIR/<label>/*.{png,jpg,jpeg,dcm}`` (each file its own group), or
-* a manifest CSV with at least ``path,label`` (paths relative to the CSV's folder); rows that
-  share a non-empty ``patient_id`` or ``near_dup_group`` are one group and stay in one split.
+* a manifest CSV with at least ``path,label`` (paths relative to the CSV's folder, or absolute);
+  rows that share a non-empty ``group``, ``patient_id`` or ``near_dup_group`` are one group and stay
+  in one split. The merged manifests written by ``python -m training.sources build`` add
+  ``source``, ``site``, ``split`` (used as the split when every kept row has one) and ``exclude``
+  (a reason; rows with one are skipped here but still count for grouping).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,6 +36,9 @@ class Record:
     label: str
     group: str  # records sharing a group stay in one split
     relpath: str  # as named in the manifest / relative to the tree root
+    source: str = ""  # merged manifests: the source folder's name (e.g. "nih")
+    site: str = ""  # merged manifests: hospital / site, where known
+    split: str = ""  # merged manifests: the builder's split (train/val/test)
 
 
 def read_dataset(source: str | os.PathLike[str]) -> list[Record]:
@@ -77,7 +83,10 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def read_manifest(csv_path: Path) -> list[Record]:
+def read_manifest(csv_path: Path, include_excluded: bool = False) -> list[Record]:
+    """Records of a manifest CSV. Rows with a non-empty ``exclude`` column (a reason written by
+    ``training.sources``) are skipped unless ``include_excluded``; they still join groups, so a
+    kept film is grouped with its dropped copies' patients."""
     csv_path = Path(csv_path)
     root = csv_path.parent
     with open(csv_path, newline="", encoding="utf-8") as f:
@@ -91,20 +100,36 @@ def read_manifest(csv_path: Path) -> list[Record]:
     for i, r in enumerate(rows):
         node = f"row:{i}"
         uf.find(node)
-        for col in ("patient_id", "near_dup_group"):
+        for col in ("group", "patient_id", "near_dup_group"):
             v = (r.get(col) or "").strip()
             if v:
-                uf.union(node, f"{col}:{v}")
+                src = (r.get("source") or "").strip()  # patient ids are per source
+                uf.union(node, f"{col}:{src}:{v}" if src and col != "group" else f"{col}:{v}")
     recs = []
     for i, r in enumerate(rows):
+        if (r.get("exclude") or "").strip() and not include_excluded:
+            continue
         rel = r["path"].strip()
         p = Path(rel)
         p = p if p.is_absolute() else root / p
         label = r["label"].strip()
         if not label:
             raise ValueError(f"{csv_path}: row {i + 2} has an empty label")
-        recs.append(Record(str(p), label, uf.find(f"row:{i}"), rel))
+        split = (r.get("split") or "").strip()
+        if split and split not in SPLITS:
+            raise ValueError(f"{csv_path}: row {i + 2} has split {split!r}; expected one of {', '.join(SPLITS)}")
+        recs.append(Record(str(p), label, uf.find(f"row:{i}"), rel, source=(r.get("source") or "").strip(),
+                           site=(r.get("site") or "").strip(), split=split))
+    if not recs:
+        raise ValueError(f"{csv_path}: every row is excluded")
     return recs
+
+
+def manifest_split(records: Sequence[Record]) -> dict[str, str] | None:
+    """relpath -> split from the manifest's own ``split`` column, if every record has one."""
+    if records and all(r.split for r in records):
+        return {r.relpath: r.split for r in records}
+    return None
 
 
 def manifest_sha256(records: Sequence[Record]) -> str:
@@ -116,10 +141,12 @@ def manifest_sha256(records: Sequence[Record]) -> str:
 
 
 def grouped_stratified_split(records: Sequence[Record], fractions: Sequence[float] = (0.70, 0.15, 0.15),
-                             seed: int = 42) -> dict[str, str]:
-    """relpath -> split name. Per label, groups are shuffled with ``seed`` and dealt to the splits
-    so each split gets about its fraction of that label's images; a group never straddles splits.
-    Groups with mixed labels are assigned by their most common label."""
+                             seed: int = 42, stratum: Callable[[Record], str] | None = None) -> dict[str, str]:
+    """relpath -> split name. Per stratum (default: the label; ``training.sources`` uses
+    source/label), groups are shuffled with ``seed`` and dealt to the splits so each split gets about
+    its fraction of that stratum's images; a group never straddles splits. Groups with mixed strata
+    are assigned by their most common stratum."""
+    key = stratum or (lambda r: r.label)
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must sum to 1 (got {fractions})")
     groups: dict[str, list[Record]] = defaultdict(list)
@@ -127,7 +154,7 @@ def grouped_stratified_split(records: Sequence[Record], fractions: Sequence[floa
         groups[r.group].append(r)
     by_label: dict[str, list[str]] = defaultdict(list)
     for g, rs in groups.items():
-        by_label[Counter(r.label for r in rs).most_common(1)[0][0]].append(g)
+        by_label[Counter(key(r) for r in rs).most_common(1)[0][0]].append(g)
     rng = np.random.default_rng(seed)
     assign: dict[str, str] = {}
     for label in sorted(by_label):

@@ -200,3 +200,83 @@ def summarize(y: np.ndarray, p: np.ndarray, labels: Sequence[str], thresholds: d
         "reliability": rel,
         "bootstrap": {"n_boot": ci["n_boot"], "seed": ci["seed"], "method": "percentile, films resampled"},
     }
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> list[float]:
+    """Wilson score 95% interval for a proportion k/n ([nan, nan] when n = 0)."""
+    if n <= 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [float(max(0.0, c - h)), float(min(1.0, c + h))]
+
+
+def proportion(mask: np.ndarray) -> dict[str, Any]:
+    """``{"k", "n", "rate", "ci95"}`` (Wilson) for a boolean array."""
+    m = np.asarray(mask, bool)
+    k, n = int(m.sum()), int(m.size)
+    return {"k": k, "n": n, "rate": _div(k, n), "ci95": wilson_interval(k, n)}
+
+
+def bootstrap_binary_auc(y_pos: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                         groups: np.ndarray | None = None) -> dict[str, Any]:
+    """Binary AUC with a percentile bootstrap 95% CI; resamples ``groups`` (e.g. patients) when given,
+    else films."""
+    y, s = np.asarray(y_pos, bool), np.asarray(score, np.float64)
+    auc = roc_auc(y, s)
+    if math.isnan(auc):
+        return {"auc": auc, "ci95": [float("nan"), float("nan")], "n_pos": int(y.sum()), "n_neg": int((~y).sum())}
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        units = [np.array([i]) for i in range(len(y))]
+    else:
+        g = np.asarray(groups)
+        units = [np.flatnonzero(g == u) for u in np.unique(g)]
+    vals = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(units), len(units))
+        i = np.concatenate([units[j] for j in pick])
+        v = roc_auc(y[i], s[i])
+        if not math.isnan(v):
+            vals.append(v)
+    ci = [float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))] if vals else [float("nan")] * 2
+    return {"auc": auc, "ci95": ci, "n_pos": int(y.sum()), "n_neg": int((~y).sum()), "n_boot": n_boot,
+            "resampled": "groups" if groups is not None else "films"}
+
+
+def binary_ece(y_pos: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
+    """Calibration error of a one-vs-rest probability: sum over equal-width bins of
+    (bin share) * |mean p - observed rate|."""
+    y, p = np.asarray(y_pos, np.float64), np.asarray(p, np.float64)
+    if y.size == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
+    return float(sum((idx == b).sum() / y.size * abs(p[idx == b].mean() - y[idx == b].mean())
+                     for b in range(n_bins) if (idx == b).any()))
+
+
+def threshold_for_sensitivity_rule(y_pos: np.ndarray, score: np.ndarray, target: float, rule: str = "point",
+                                   margin: float = 0.0) -> float:
+    """Critical-class threshold by ``rule``:
+
+    * ``point``: the highest threshold with sensitivity >= ``target`` (v1/v2's rule; sits at the edge);
+    * ``margin``: the same for ``target + margin`` (capped below 1);
+    * ``wilson``: the highest threshold whose sensitivity's lower Wilson 95% bound is >= ``target``
+      (falls back to the lowest score if no threshold gets there).
+    """
+    if rule == "point":
+        return threshold_for_sensitivity(y_pos, score, target)
+    if rule == "margin":
+        return threshold_for_sensitivity(y_pos, score, min(target + margin, 1.0))
+    if rule != "wilson":
+        raise ValueError(f"unknown sensitivity rule {rule!r} (point, margin, wilson)")
+    pos = np.sort(np.asarray(score, dtype=np.float64)[np.asarray(y_pos, bool)])[::-1]
+    if pos.size == 0:
+        raise ValueError("no positive cases to set a sensitivity threshold")
+    for k in range(1, pos.size + 1):  # flag the k highest-scoring positives
+        if wilson_interval(k, pos.size)[0] >= target:
+            return float(pos[k - 1])
+    return float(pos[-1])

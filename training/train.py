@@ -25,6 +25,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
@@ -77,7 +78,18 @@ then: python -m training.calibrate --checkpoint RUN_DIR/best.pt --data ...
     p.add_argument("--cache-dir", default=None, help="where the uint8 preprocessed cache lives (default RUN_DIR/cache)")
     p.add_argument("--critical", default=None,
                    help=f"critical class for urgent flags (default {DEFAULT_CRITICAL} if present)")
-    p.add_argument("--no-augment", action="store_true", help="disable augmentation")
+    p.add_argument("--augment", default="v2", choices=["v2", "v3", "none"],
+                   help="augmentation recipe: v2 (rotation, zoom, window jitter, contrast, noise; the bundled "
+                   "v2 model's), v3 (v2's plus gamma, blur/sharpen, JPEG re-compression, resolution drop, "
+                   "affine, border and text-marker occlusion: training/augment.py), none")
+    p.add_argument("--no-augment", action="store_true", help="same as --augment none")
+    p.add_argument("--balance", default="none", choices=["none", "class", "source,class"],
+                   help="none (default, as v2): uniform sampling, class-weighted loss; class: sample each class "
+                   "equally often, plain loss; source,class: each class equally often and, within a class, each "
+                   "source equally often (needs a manifest with a source column), plain loss")
+    p.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a cxr_node.preprocess parameter (VALUE is JSON, else a string), e.g. "
+                   "--preprocess clahe_clip_limit=0.02; stored in the checkpoint, so serving applies it too")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights (same labels, arch and input size) "
@@ -102,14 +114,15 @@ class CachedDataset:
     """Items from the uint8 cache: ([1,S,S] float tensor normalised, label index)."""
 
     def __init__(self, cache: np.ndarray, indices: Sequence[int], targets: Sequence[int], params: dict,
-                 augment: bool, seed: int) -> None:
+                 augment: bool | str, seed: int) -> None:
         from cxr_node.preprocess import normalize_transform
 
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.norm = normalize_transform(params)
-        self.aug = make_augment() if augment else None
+        recipe = "v2" if augment is True else augment
+        self.aug = make_augment(recipe, int(params["input_size"])) if recipe and recipe != "none" else None
         self.seed = int(seed)
         self.epoch = 0
 
@@ -128,7 +141,19 @@ class CachedDataset:
         return self.norm(x).contiguous(), int(self.targets[i])
 
 
-def make_augment():
+def make_augment(recipe: str = "v2", size: int = 128):
+    """The augmentation for ``recipe``: ``v2`` is the bundled v2 model's (below); ``v3`` is
+    :func:`training.augment.make_v3_augment`."""
+    if recipe == "v3":
+        from training.augment import make_v3_augment
+
+        return make_v3_augment(size)
+    if recipe != "v2":
+        raise ValueError(f"unknown augmentation recipe {recipe!r} (v2, v3)")
+    return make_v2_augment()
+
+
+def make_v2_augment():
     """Small rotation, zoom, contrast/window and noise on a [0, 1] (1, S, S) image (MONAI Rand*)."""
     from monai.transforms import (Compose, RandAdjustContrast, RandGaussianNoise, RandRotate, RandZoom,
                                   ScaleIntensityRange)
@@ -146,6 +171,75 @@ def make_augment():
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def parse_preprocess(items: Sequence[str], input_size: int) -> dict[str, Any]:
+    """``KEY=VALUE`` options -> a complete, validated parameter dict (``cxr_node.preprocess.make_params``)."""
+    from cxr_node.errors import PreprocessError
+    from cxr_node.preprocess import check_params, make_params
+
+    over: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"--preprocess {it!r}: expected KEY=VALUE (VALUE as JSON), e.g. clahe_clip_limit=0.02")
+        k, v = it.split("=", 1)
+        try:
+            over[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            over[k.strip()] = v
+    if "input_size" in over and over["input_size"] != input_size:
+        raise SystemExit("--preprocess input_size=...: use --input-size")
+    over["input_size"] = input_size
+    try:
+        return check_params(make_params(**over))
+    except (ValueError, PreprocessError) as e:
+        raise SystemExit(f"--preprocess: {e}") from None
+
+
+def sample_weights(labels: Sequence[str], sources: Sequence[str], mode: str) -> np.ndarray:
+    """Per-film sampling weights summing to 1. ``class``: 1 / (K n_c). ``source,class``: each class
+    gets 1/K and, within it, each of its S_c sources 1/S_c: 1 / (K S_c n_{s,c})."""
+    labels, sources = list(labels), list(sources)
+    n_c = Counter(labels)
+    k = len(n_c)
+    if mode == "class":
+        w = np.array([1.0 / (k * n_c[c]) for c in labels])
+    elif mode == "source,class":
+        if not all(sources):
+            raise SystemExit("--balance source,class needs a manifest with a source column "
+                             "(python -m training.sources build); use --balance class")
+        n_sc = Counter(zip(sources, labels))
+        s_c = Counter(c for (_, c) in n_sc)
+        w = np.array([1.0 / (k * s_c[c] * n_sc[(s, c)]) for s, c in zip(sources, labels)])
+    else:
+        raise ValueError(f"unknown balance mode {mode!r}")
+    return w / w.sum()
+
+
+class BalancedSampler:
+    """Draws ``num_samples`` indices with replacement by ``weights`` from a generator seeded by
+    (seed, epoch); under DDP each rank takes every ``world``-th draw of the same sequence."""
+
+    def __init__(self, weights: np.ndarray, num_samples: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.num_samples, self.seed, self.rank, self.world = int(num_samples), int(seed), int(rank), int(world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _draw(self) -> list[int]:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        idx = torch.multinomial(torch.as_tensor(self.weights), self.num_samples, replacement=True, generator=g)
+        return idx.tolist()[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self._draw())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world))
 
 
 def class_weights(targets: np.ndarray, k: int) -> np.ndarray:
@@ -220,7 +314,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
     from cxr_node.model import atomic_torch_save, build_model, make_checkpoint, read_checkpoint, resolve_device
-    from cxr_node.preprocess import make_params
     from training import data as D
     from training.metrics import macro_auc, softmax
 
@@ -248,7 +341,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     critical = args.critical or (DEFAULT_CRITICAL if DEFAULT_CRITICAL in labels else labels[0])
     if critical not in labels:
         raise SystemExit(f"--critical {critical!r} is not a label ({', '.join(labels)})")
-    params = make_params(input_size=args.input_size)
+    params = parse_preprocess(getattr(args, "preprocess", []) or [], args.input_size)
+    augment = "none" if args.no_augment else getattr(args, "augment", "v2")
+    balance = getattr(args, "balance", "none")
 
     split_csv = out / "split.csv"
     if args.resume and split_csv.is_file():
@@ -260,6 +355,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--split-file {args.split_file} has no row for {len(missing)} film(s), "
                              f"e.g. {missing[0]}: it was written for other data")
         if is_main:
+            D.save_split(assign, records, out, args.seed, str(args.data))
+    elif D.manifest_split(records) is not None:
+        assign = D.manifest_split(records)  # the merged manifest's own grouped split
+        if is_main:
+            log.info("using the manifest's split column")
             D.save_split(assign, records, out, args.seed, str(args.data))
     else:
         assign = D.grouped_stratified_split(records, seed=args.seed)
@@ -277,12 +377,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         cache = D.build_cache(records, params, cache_dir, show_progress=False)
 
     tr_idx, va_idx = idx["train"], idx["val"]
+    if not va_idx:
+        raise SystemExit("the validation split is empty: model selection needs validation films")
     weights = class_weights(targets[tr_idx], len(labels))
+    draw = None
+    if balance != "none":
+        draw = sample_weights([records[i].label for i in tr_idx], [records[i].source for i in tr_idx], balance)
+        weights = np.ones(len(labels))  # the sampler balances; the loss does not weight again
     if is_main:
         log.info("labels %s; split train %d / val %d / test %d; critical class %s", labels, len(tr_idx),
                  len(va_idx), len(idx["test"]), critical)
-        log.info("class weights (inverse frequency): %s",
-                 ", ".join(f"{n}={w:.3f}" for n, w in zip(labels, weights)))
+        if draw is None:
+            log.info("class weights (inverse frequency): %s",
+                     ", ".join(f"{n}={w:.3f}" for n, w in zip(labels, weights)))
+        else:
+            mass = Counter()
+            for i, w in zip(tr_idx, draw):
+                mass[(records[i].source or "-", records[i].label)] += float(w)
+            log.info("balanced sampling (%s): %s", balance,
+                     ", ".join(f"{s}/{c}={m:.3f}" for (s, c), m in sorted(mass.items())))
 
     torch.manual_seed(args.seed)
     model = build_model(args.arch, len(labels)).to(device)
@@ -336,8 +449,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_ds = CachedDataset(cache, tr_idx, targets[tr_idx], params, augment=not args.no_augment, seed=args.seed)
-    if distributed:
+    train_ds = CachedDataset(cache, tr_idx, targets[tr_idx], params, augment=augment, seed=args.seed)
+    if draw is not None:
+        sampler = BalancedSampler(draw, len(tr_idx), args.seed, rank, world)
+    elif distributed:
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     else:
         sampler = None
@@ -347,7 +462,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "data_manifest_sha256": D.manifest_sha256(records), "version": version,
         "calibrated": False, "seed": args.seed, "class_weights": [float(w) for w in weights],
         "train_counts": {n: int((targets[tr_idx] == i).sum()) for i, n in enumerate(labels)},
-        "schedule": args.schedule, "lr": args.lr,
+        "schedule": args.schedule, "lr": args.lr, "augment": augment, "balance": balance,
+        "train_sources": dict(sorted(Counter(records[i].source or "-" for i in tr_idx).items())),
     }
     if args.init_from:
         base_meta["init_from"] = {"path": Path(args.init_from).name, "version": init["meta"].get("version"),
@@ -359,12 +475,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_ds.epoch = epoch
         if sampler is not None:
             sampler.set_epoch(epoch)
+            # a last batch of one film breaks batch norm: drop it then
             loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                                pin_memory=device.type == "cuda", drop_last=False)
+                                pin_memory=device.type == "cuda", drop_last=len(sampler) % args.batch_size == 1)
         else:
             g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=RandomSampler(train_ds, generator=g),
-                                num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=False)
+                                num_workers=args.workers, pin_memory=device.type == "cuda",
+                                drop_last=len(train_ds) % args.batch_size == 1)
         net.train()
         t0 = time.perf_counter()
         seen, loss_sum = 0, 0.0

@@ -1,0 +1,298 @@
+"""The multi-source builder (grouping, dedup, label conflicts), other label sets, balanced sampling,
+--preprocess, the v3 augmentation and the leave-source-out harness, on generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_model import make_sources, make_tree
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--input-size", "32", "--batch-size", "8", "--threads", "1"]
+
+
+def run_module(mod: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    p = subprocess.run([PY, "-m", mod, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout, env=ENV)
+    if p.returncode != 0:
+        raise AssertionError(f"{mod} {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}")
+    return p
+
+
+def build(srcs: dict[str, Path], out: Path, *extra: str) -> list[dict[str, str]]:
+    from training.sources import main
+
+    args = ["build", *[a for name, d in srcs.items() for a in ("--source", f"{name}={d}")], "--out", str(out), *extra]
+    assert main(args) == 0
+    return list(csv.DictReader(open(out, newline="")))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    srcs = make_sources(root / "data")
+    rows = build(srcs, root / "merged.csv")
+    return {"root": root, "srcs": srcs, "manifest": root / "merged.csv", "rows": rows}
+
+
+def _by_id(rows):
+    return {r["id"]: r for r in rows}
+
+
+def test_builder_resolves_copies_and_label_conflicts(sources):
+    r = _by_id(sources["rows"])
+    # NIH Pneumonia vs covid19-radiography Normal: the NIH copy is kept, with the RSNA re-read label
+    nih = r["nih:Pneumonia/00000001_000.png"]
+    assert nih["label"] == "Normal" and nih["raw_label"] == "Pneumonia" and not nih["exclude"]
+    assert "label conflict" in nih["note"] and "from covid19-radiography" in nih["note"]
+    c19 = r["covid19-radiography:Normal/Normal-0.png"]
+    assert c19["exclude"] == "duplicate" and c19["duplicate_of"] == "nih:Pneumonia/00000001_000.png"
+    # Hannover COVID vs ieee8023 No Finding (same stem): the Hannover copy and label
+    han = r["hannover:COVID/h002.png"]
+    assert han["label"] == "COVID" and not han["exclude"] and "label conflict" in han["note"]
+    assert r["ieee8023:No Finding/h002.png"]["duplicate_of"] == "hannover:COVID/h002.png"
+    assert r["ieee8023:COVID/h001.png"]["duplicate_of"] == "hannover:COVID/h001.png"
+    # copies in covid19-radiography of Hannover / ieee8023 / NIH films are dropped, the originals kept
+    assert r["covid19-radiography:COVID/COVID-0.png"]["duplicate_of"] == "hannover:COVID/h000.png"
+    assert r["covid19-radiography:COVID/COVID-1.png"]["duplicate_of"] == "ieee8023:COVID/i000.png"
+    assert r["covid19-radiography:Normal/Normal-1.png"]["duplicate_of"] == "nih:No Finding/00000002_000.png"
+    assert "note" in r["nih:No Finding/00000002_000.png"] and not r["nih:No Finding/00000002_000.png"]["note"]
+    # the ieee8023 No Finding rule
+    assert r["ieee8023:No Finding/x000.png"]["exclude"].startswith("ieee8023 No Finding")
+    # label mapping of the known kinds
+    kept = [x for x in sources["rows"] if not x["exclude"]]
+    assert {x["label"] for x in kept} == {"COVID", "Normal", "Other pneumonia", "Viral Pneumonia"}
+    assert {x["label"] for x in kept if x["source"] == "nih"} == {"Normal", "Other pneumonia"}
+    assert r["ieee8023:COVID/i001.png"]["site"] == "ieee8023/Italy"
+    assert r["ieee8023:COVID/h001.png"]["site"] == "Hannover Medical School"
+    summary = json.loads(sources["manifest"].with_suffix(".json").read_text())
+    assert summary["label_conflicts"] == 2 and summary["kept"] == len(kept)
+
+
+def test_builder_groups_never_straddle_splits(sources):
+    r = _by_id(sources["rows"])
+    g = lambda i: r[i]["group"]  # noqa: E731
+    # a film and its cross-folder copy; a patient's films; a copy joins the patient's group
+    assert g("hannover:COVID/h001.png") == g("ieee8023:COVID/h001.png")
+    assert g("hannover:COVID/h000.png") == g("hannover:COVID/h001.png") == g("hannover:COVID/h002.png")  # patient hp0
+    assert g("nih:Pneumonia/00000001_000.png") == g("nih:Pneumonia/00000001_001.png") \
+        == g("covid19-radiography:Normal/Normal-0.png")
+    assert g("covid19-radiography:COVID/COVID-2.png") == g("covid19-radiography:COVID/COVID-3.png")  # near-dup
+    # patient ids are per source: ieee8023 patient "1" is not nih patient 00000001 nor hannover's
+    assert g("ieee8023:COVID/i001.png") != g("nih:Pneumonia/00000001_000.png")
+    splits: dict[str, set] = {}
+    for x in sources["rows"]:
+        if not x["exclude"]:
+            splits.setdefault(x["group"], set()).add(x["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert {x["split"] for x in sources["rows"] if not x["exclude"]} == {"train", "val", "test"}
+    # the trainer's reader: excluded rows skipped, the manifest's split used
+    from training.data import manifest_split, read_dataset
+
+    recs = read_dataset(sources["manifest"])
+    assert len(recs) == sum(1 for x in sources["rows"] if not x["exclude"])
+    assert all(Path(x.path).is_file() for x in recs) and {x.source for x in recs} == set(sources["srcs"])
+    assert manifest_split(recs) == {x.relpath: x.split for x in recs}
+
+
+def test_builder_options_and_plain_trees(sources, tmp_path):
+    srcs = sources["srcs"]
+    rows = build(srcs, tmp_path / "keep.csv", "--ieee8023-no-finding", "normal", "--relabel", "Normal=non-COVID",
+                 "--relabel", "Other pneumonia=non-COVID", "--relabel", "Viral Pneumonia=non-COVID")
+    r = _by_id(rows)
+    assert not r["ieee8023:No Finding/x000.png"]["exclude"] and r["ieee8023:No Finding/x000.png"]["label"] == "non-COVID"
+    assert {x["label"] for x in rows if not x["exclude"]} == {"COVID", "non-COVID"}
+    # a plain folder-per-class tree is a generic source: its labels stay as written (no NIH mapping)
+    tree = make_tree(tmp_path / "tb", per_class=4, labels=["Normal", "Pneumonia", "Tuberculosis"])
+    rows = build({"tb": tree}, tmp_path / "out" / "tb.csv", "--relative", "--drop-label", "Normal")
+    kept = [x for x in rows if not x["exclude"]]
+    assert {x["label"] for x in kept} == {"Pneumonia", "Tuberculosis"} and len(kept) == 8
+    assert all(not Path(x["path"]).is_absolute() for x in rows)
+    from training.data import read_dataset
+
+    assert all(Path(x.path).is_file() for x in read_dataset(tmp_path / "out" / "tb.csv"))
+    from training.sources import main
+
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        main(["build", "--source", str(tree), "--out", str(tmp_path / "x.csv")])
+
+
+@pytest.mark.parametrize("labels,critical", [(["COVID", "non-COVID"], "COVID"),
+                                             (["Normal", "Pneumonia", "Tuberculosis"], "Tuberculosis")])
+def test_other_label_sets_train_from_a_tree(tmp_path, labels, critical):
+    """Any label set trains from a folder-per-class tree, with --preprocess, --balance and --augment v3."""
+    from cxr_node.model import read_checkpoint
+    from training import train as T
+
+    tree = make_tree(tmp_path / "d", per_class=8, labels=labels)
+    args = T.build_parser().parse_args(["--data", str(tree), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                        "--critical", critical, "--max-batches", "2", "--augment", "v3",
+                                        "--balance", "class", "--preprocess", "clahe_clip_limit=0.02", *TINY])
+    T.train(args)
+    meta = read_checkpoint(tmp_path / "run" / "best.pt")["meta"]
+    assert meta["labels"] == sorted(labels) and meta["critical_labels"] == [critical]
+    assert meta["preprocess"]["clahe_clip_limit"] == 0.02 and meta["augment"] == "v3" and meta["balance"] == "class"
+
+
+def test_preprocess_option_validates():
+    from training.train import parse_preprocess
+
+    p = parse_preprocess(["clahe_clip_limit=0.03", "percentiles=[1, 99]", "normalize=none"], 64)
+    assert p["clahe_clip_limit"] == 0.03 and p["percentiles"] == [1, 99] and p["normalize"] == "none"
+    assert p["input_size"] == 64
+    with pytest.raises(SystemExit, match="no_such_key"):
+        parse_preprocess(["no_such_key=1"], 64)
+    with pytest.raises(SystemExit, match="normalize"):
+        parse_preprocess(["normalize=minmax"], 64)
+    with pytest.raises(SystemExit, match="--input-size"):
+        parse_preprocess(["input_size=32"], 64)
+
+
+def test_balanced_sampling_weights_and_sampler():
+    from training.train import BalancedSampler, sample_weights
+
+    labels = ["COVID"] * 60 + ["COVID"] * 10 + ["Normal"] * 30
+    sources = ["a"] * 60 + ["b"] * 10 + ["a"] * 30
+    w = sample_weights(labels, sources, "source,class")
+    mass = lambda s, c: sum(wi for wi, si, ci in zip(w, sources, labels) if si == s and ci == c)  # noqa: E731
+    assert abs(mass("a", "COVID") - 0.25) < 1e-9 and abs(mass("b", "COVID") - 0.25) < 1e-9
+    assert abs(mass("a", "Normal") - 0.5) < 1e-9
+    wc = sample_weights(labels, sources, "class")
+    assert abs(sum(wc[:70]) - 0.5) < 1e-9
+    with pytest.raises(SystemExit, match="source column"):
+        sample_weights(labels, [""] * 100, "source,class")
+    s = BalancedSampler(w, 4000, seed=1)
+    s.set_epoch(1)
+    draw = list(s)
+    assert draw == list(s) and len(draw) == len(s) == 4000
+    share_b = np.mean([i >= 60 and i < 70 for i in draw])
+    assert 0.22 < share_b < 0.28  # 10 of 100 films drawn a quarter of the time
+    s.set_epoch(2)
+    assert list(s) != draw
+    r0, r1 = BalancedSampler(w, 11, 1, 0, 2), BalancedSampler(w, 11, 1, 1, 2)
+    assert len(r0) == 6 and len(r1) == 5 and sorted(list(r0) + list(r1)) == sorted(BalancedSampler(w, 11, 1))
+
+
+def test_v3_augment_is_seedable_and_changes_the_image():
+    import torch
+
+    from helpers_model import synthetic_film
+    from training import augment as A
+
+    x = torch.from_numpy(synthetic_film(0, np.random.default_rng(0), 64) / 255.0).float()[None]
+    aug = A.make_v3_augment(64)
+    outs = []
+    for seed in (1, 1, 2):
+        aug.set_random_state(seed=seed)
+        outs.append(aug(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    assert outs[0].shape == x.shape and 0 <= float(outs[0].min()) and float(outs[0].max()) <= 1
+    diffs = []
+    for seed in range(20):
+        aug.set_random_state(seed=seed)
+        diffs.append(float((aug(x) - x).abs().mean()))
+    assert np.mean(diffs) > 0.02
+    for cls in (A.RandGamma, A.RandContrast, A.RandBlurSharpen, A.RandGaussianNoiseX, A.RandJPEG,
+                A.RandResolutionDrop, A.RandBorderOcclusion, A.RandMarker):
+        t = cls(prob=1.0)
+        t.set_random_state(seed=3)
+        y = t(x)
+        t.set_random_state(seed=3)
+        assert torch.equal(y, t(x)), cls.__name__
+        assert float((y - x).abs().max()) > 0.01, cls.__name__
+    d = A.RandMarkerd(["a", "b"], prob=1.0)
+    d.set_random_state(seed=5)
+    out = d({"a": x, "b": x.clone()})
+    assert torch.equal(out["a"], out["b"]) and not torch.equal(out["a"], x)
+
+
+def test_wilson_and_threshold_rules():
+    from training.metrics import threshold_for_sensitivity_rule, wilson_interval
+
+    lo, hi = wilson_interval(8, 8)
+    assert abs(lo - 0.6756) < 1e-3 and hi == 1.0
+    lo, hi = wilson_interval(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(200, bool), np.zeros(200, bool)]
+    s = np.r_[rng.normal(1, 1, 200), rng.normal(-1, 1, 200)]
+    t_point = threshold_for_sensitivity_rule(y, s, 0.8, "point")
+    t_margin = threshold_for_sensitivity_rule(y, s, 0.8, "margin", 0.05)
+    t_wilson = threshold_for_sensitivity_rule(y, s, 0.8, "wilson")
+    assert (s[y] >= t_point).mean() >= 0.8 and (s[y] >= t_margin).mean() >= 0.85
+    k = int((s[y] >= t_wilson).sum())
+    assert wilson_interval(k, 200)[0] >= 0.8 and t_wilson < t_point
+
+
+def test_lso_harness_end_to_end(sources, tmp_path):
+    """Train without each held-out source (1 tiny epoch), calibrate on the fold's val, predict the
+    hold-out, report; then a fixed checkpoint on a hold-out; then a threshold from the LSO predictions."""
+    man = sources["manifest"]
+    out = tmp_path / "lso"
+    run_module("training.lso", "run", "--manifest", str(man), "--out", str(out), "--holdout", "hannover",
+               "--holdout", "nih", "--max-per-source-class", "4", "--n-boot", "20",
+               *[f"--train-arg={a}" for a in ["--epochs=1", "--input-size=32", "--batch-size=8", "--threads=1",
+                                             "--augment=v3", "--balance=source,class"]])
+    rep = json.loads((out / "report.json").read_text())
+    kept = [x for x in sources["rows"] if not x["exclude"]]
+    n_han = sum(1 for x in kept if x["source"] == "hannover")
+    n_nih = sum(1 for x in kept if x["source"] == "nih")
+    assert rep["per_holdout"]["hannover"]["covid_flagged_urgent"]["n"] == n_han
+    assert rep["per_holdout"]["nih"]["n"] == n_nih
+    assert set(rep["per_holdout"]["nih"]["non_covid"]) == {"Normal", "Other pneumonia"}
+    assert rep["per_holdout"]["nih"]["urgent_on_normals"]["n"] == sum(1 for x in kept if x["source"] == "nih"
+                                                                      and x["label"] == "Normal")
+    pooled = rep["pooled"]
+    assert pooled["n"] == n_han + n_nih and 0 <= pooled["ece_covid_binary"] <= 1
+    assert len(pooled["covid_auc"]["ci95"]) == 2 and set(rep["goals"]) == {
+        "pooled_covid_auc >= 0.80", "within_source_covid_auc >= 0.80 (every hold-out with both classes)",
+        "urgent_on_normals <= 0.20 with covid_flagged >= 0.70", "ece_covid_binary <= 0.05"}
+    assert "| hannover |" in (out / "report.md").read_text()
+    # no film of the fold's training data shares a group (patient, copy) or site with the hold-out
+    for h in ("hannover", "nih"):
+        test = [x for x in kept if x["source"] == h]
+        train = list(csv.DictReader(open(out / h / "train-manifest.csv")))
+        assert train and not {x["group"] for x in train} & {x["group"] for x in test}
+        assert not {x["site"] for x in train} & {x["site"] for x in test}
+        assert {x["split"] for x in train} <= {"train", "val"}
+        assert rep["folds"][h]["n_test"] == len(test)
+    # the Hannover copy in ieee8023 ("Hannover Medical School") is out of the hannover fold's training
+    assert not any("h001" in x["path"] for x in csv.DictReader(open(out / "hannover" / "train-manifest.csv")))
+
+    # a fixed checkpoint, trained on "covid19-radiography": the ieee8023 film that is also there is left out
+    ck = out / "hannover" / "run" / "best.pt"
+    ev = tmp_path / "ev"
+    run_module("training.lso", "evaluate", "--checkpoint", str(ck), "--manifest", str(man), "--out", str(ev),
+               "--holdout", "ieee8023", "--seen-source", "covid19-radiography", "--n-boot", "20", "--threads", "1")
+    rep2 = json.loads((ev / "report.json").read_text())
+    n_ieee = sum(1 for x in kept if x["source"] == "ieee8023")
+    assert rep2["left_out_as_seen"] == {"ieee8023": 1} and rep2["pooled"]["n"] == n_ieee - 1
+    ids = {x["id"] for x in csv.DictReader(open(ev / "ieee8023-predictions.csv"))}
+    assert "ieee8023:COVID/i000.png" not in ids and "ieee8023:COVID/i001.png" in ids
+
+    # the critical threshold chosen on the pooled LSO predictions, with the Wilson rule
+    cal = tmp_path / "cal.pt"
+    run_module("training.calibrate", "--checkpoint", str(ck), "--data", str(out / "hannover" / "train-manifest.csv"),
+               "--out", str(cal), "--lso-predictions", str(out / "predictions.csv"), "--sensitivity-rule", "wilson",
+               "--target-sensitivity", "0.5", "--threads", "1")
+    from cxr_node.model import read_checkpoint
+
+    c = read_checkpoint(cal)["meta"]["calibration"]
+    assert c["sensitivity_rule"] == "wilson" and "pooled LSO predictions" in c["operating_points"]["COVID"]["rule"]
+    preds = list(csv.DictReader(open(out / "predictions.csv")))
+    y = np.array([x["label"] == "COVID" for x in preds])
+    s = np.array([float(x["p_COVID"]) for x in preds])
+    from training.metrics import wilson_interval
+
+    th = c["operating_points"]["COVID"]["threshold"]
+    k = int((s[y] >= th).sum())
+    assert wilson_interval(k, int(y.sum()))[0] >= 0.5 or k == y.sum()
