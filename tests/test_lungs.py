@@ -102,7 +102,10 @@ def test_lung_crop_is_one_code_path_for_training_and_serving(seg, films):
 def test_a_classifier_trained_with_other_segmenter_weights_is_refused(films):
     params = {**DEFAULT_PARAMS, "lung_crop": {"margin": 0.1, "segmenter_sha256": "0" * 64}}
     with pytest.raises(CheckpointError, match="trained with lung segmenter"):
+        prepare(films["RG1_UNCR"], params)
+    with pytest.raises(RuntimeError) as e:  # MONAI's Compose wraps it; the cause is kept
         base_transform(params)(films["RG1_UNCR"])
+    assert isinstance(e.value.__cause__, CheckpointError)
 
 
 def test_header_rules_accept_thorax_and_refuse_other_body_parts():
