@@ -110,7 +110,7 @@ def test_cli_refuses_tampered_checkpoint(films, tmp_path):
 def test_run_triage_in_process_uses_settings_defaults(films, tmp_path):
     import io
 
-    from cxr_node.triage_cli import run_triage
+    from cxr_node.cli.triage import run_triage
 
     ck = make_checkpoint(tmp_path / "m.pt", input_size=64, thresholds={"COVID": 0.0})
     settings = SimpleNamespace(model=SimpleNamespace(checkpoint=ck, device="cpu"))

@@ -9,6 +9,11 @@ DICOM files go through the daemon's own header check first (``assembly.frontal_c
 BodyPartExamined CHEST or absent, ViewPosition PA/AP or absent), so a tibia or a lateral view is
 refused with the reason instead of being forced into the model's chest classes; ``--any-film``
 triages such files anyway.
+
+A directory stands for the regular files directly in it (sorted; not recursive; hidden files and
+DICOMDIR left out). A file that is neither DICOM Part 10 nor PNG/JPEG (a text file, an empty
+file) gets an error line saying what it is, instead of pydicom's advice to use ``force=True``,
+which a CLI user cannot follow.
 """
 
 from __future__ import annotations
@@ -20,9 +25,73 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cxr_node.errors import CxrNodeError, PreprocessError
-from cxr_node.overlay import render_overlay
 
 log = logging.getLogger(__name__)
+
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def register(sub, common) -> None:  # noqa: ANN001 - argparse's subparsers action and parser
+    tri = sub.add_parser("triage", parents=[common], help="triage image files offline (DICOM, PNG or JPEG)",
+                         description="Per file: class probabilities, top class, urgent flag and model "
+                         "version. A file that cannot be used gets an error line; the others are "
+                         "still processed and the exit status is 1. A directory stands for the files "
+                         "directly in it (not recursive). DICOM files whose header says "
+                         "they are not a frontal chest film (BodyPartExamined, ViewPosition) are "
+                         "refused with the reason, as the daemon does.")
+    tri.add_argument("files", nargs="+", metavar="FILE", help="DICOM, PNG or JPEG files, or directories of them")
+    tri.add_argument("--checkpoint", metavar="PATH", help="model checkpoint (default: [model] checkpoint)")
+    tri.add_argument("--overlay-dir", metavar="DIR", help="write a Grad-CAM overlay PNG per file here")
+    tri.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    tri.add_argument("--format", choices=["table", "json"], default="table")
+    tri.add_argument("--any-film", action="store_true",
+                     help="triage DICOM files whose header says they are not a frontal chest film")
+    tri.set_defaults(run=run_triage)
+
+
+def expand(names: list[str]) -> list[str]:
+    """FILE arguments with each directory replaced by the regular files directly in it, sorted
+    (hidden files and DICOMDIR left out). An empty directory stays, to get its error line."""
+    out: list[str] = []
+    for name in names:
+        p = Path(name)
+        if not p.is_dir():
+            out.append(name)
+            continue
+        files = sorted(str(f) for f in p.iterdir()
+                       if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR")
+        out.extend(files or [name])
+    return out
+
+
+def unusable(path: Path) -> str | None:
+    """Why ``path`` cannot be an image, in words a user can act on; None when it may be one (the
+    decoders then report any problem inside the file)."""
+    if path.is_dir():
+        return "is a directory with no files in it"
+    if not path.exists():
+        return "file not found"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    if head[128:132] == b"DICM" or head.startswith(_IMAGE_MAGIC) or path.suffix.lower() in _IMAGE_SUFFIXES:
+        return None
+    if not head:
+        return "empty file: pass DICOM (Part 10), PNG or JPEG files"
+    if b"\0" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return "a text file, not an image: pass DICOM (Part 10), PNG or JPEG files"
+    return ("neither a DICOM Part 10 file (no 'DICM' marker at byte 128) nor a PNG/JPEG image: "
+            "pass DICOM, PNG or JPEG files")
 
 
 def _overlay_path(out_dir: Path, src: Path, used: set[str]) -> Path:
@@ -55,6 +124,7 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     from PIL import Image
 
     from cxr_node.infer import Predictor
+    from cxr_node.overlay import render_overlay
 
     ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else Path(settings.model.checkpoint)
     device = getattr(args, "device", None) or settings.model.device
@@ -67,9 +137,16 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     rows: list[dict[str, Any]] = []
     failed = 0
     used: set[str] = set()
-    for f in args.files:
+    for f in expand(list(args.files)):
         path = Path(f)
         row: dict[str, Any] = {"file": str(f)}
+        why = unusable(path)
+        if why:
+            failed += 1
+            row["error"] = f"{path.name}: {why}"
+            sys.stderr.write(f"cxr-node triage: {f}: cannot use this file: {why}\n")
+            rows.append(row)
+            continue
         reason = None if getattr(args, "any_film", False) else _not_frontal_chest(path)
         if reason:
             failed += 1
