@@ -122,3 +122,44 @@ def test_run_triage_in_process_uses_settings_defaults(films, tmp_path):
     ok, missing = doc["results"]
     assert ok["urgent"] is True and ok["priority"] == "urgent"  # threshold 0 -> always urgent
     assert doc["labels"] == LABELS and "file not found" in missing["error"]
+
+
+def test_cli_directory_and_files_that_are_not_images(films, checkpoint, tmp_path):
+    """A directory stands for the files in it; a text file (whatever its name) and an empty file
+    get a line saying what they are, never pydicom's "Use force=True"; an empty directory says so."""
+    import shutil
+
+    d = tmp_path / "films"
+    d.mkdir()
+    shutil.copy(films["RG1_UNCR.dcm"], d / "a-film.dcm")
+    (d / "notes.txt").write_text("patient list, see ward 3\n")
+    (d / "report.dcm").write_text("this is not DICOM\n")
+    (d / ".hidden").write_text("skipped")
+    (d / "sub").mkdir()  # not recursive
+    empty_file = tmp_path / "empty.png.part"
+    empty_file.write_bytes(b"")
+    empty_dir = tmp_path / "nothing-here"
+    empty_dir.mkdir()
+    p = triage(str(d), str(empty_file), str(empty_dir), "--checkpoint", str(checkpoint), "--format", "json")
+    assert p.returncode == 1, p.stderr
+    rows = {Path(r["file"]).name: r for r in json.loads(p.stdout)["results"]}
+    assert set(rows) == {"a-film.dcm", "notes.txt", "report.dcm", "empty.png.part", "nothing-here"}
+    assert "error" not in rows["a-film.dcm"] and abs(sum(rows["a-film.dcm"]["probabilities"].values()) - 1) < 3e-3
+    for name in ("notes.txt", "report.dcm"):
+        assert rows[name]["error"] == f"{name}: a text file, not an image: pass DICOM (Part 10), PNG or JPEG files"
+    assert rows["empty.png.part"]["error"].startswith("empty.png.part: empty file")
+    assert rows["nothing-here"]["error"] == "nothing-here: is a directory with no files in it"
+    assert "force=True" not in p.stderr + p.stdout
+    assert f"cxr-node triage: {d / 'report.dcm'}: cannot use this file: a text file" in p.stderr
+
+
+def test_unusable_names_what_a_file_is(tmp_path):
+    from cxr_node.cli.triage import unusable
+
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert unusable(binary).startswith("neither a DICOM Part 10 file (no 'DICM' marker at byte 128)")
+    assert unusable(tmp_path / "gone.dcm") == "file not found"
+    dicm = tmp_path / "x"
+    dicm.write_bytes(b"\0" * 128 + b"DICM")
+    assert unusable(dicm) is None  # a DICOM preamble: the decoder reports what is wrong inside
