@@ -10,7 +10,7 @@ DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql
 
 .PHONY: run test venv debs bench clean
 
-# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build (FIELD-NOTES).
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

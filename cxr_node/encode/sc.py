@@ -2,7 +2,7 @@
 legend in a strip below the film (so it covers no lung) with "NOT FOR DIAGNOSTIC USE", the top
 class and its probability, and the model's name and version, all burned into the pixels.
 
-highdicom's SCImage does most of it; what it leaves out (FIELD-NOTES) is set here:
+highdicom's SCImage does most of it; what it leaves out (dciodvfy complains without it) is set here:
 BurnedInAnnotation YES, BodyPartExamined CHEST, SourceImageSequence, and Contributing Equipment
 with the Device UID of the weights.
 """

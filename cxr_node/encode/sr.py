@@ -128,7 +128,7 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
                 hd.sr.SourceImageForMeasurementGroup(film.sc.SOPClassUID, film.sc.SOPInstanceUID),
             ],
         ))
-    library = [f.source for f in films if "ImagerPixelSpacing" in f.source]  # highdicom needs it (FIELD-NOTES)
+    library = [f.source for f in films if "ImagerPixelSpacing" in f.source]  # else highdicom raises AttributeError
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
@@ -177,7 +177,7 @@ def read_findings(sr_dataset: Dataset) -> list[dict]:
     for group in sr.content.get_image_measurement_groups():
         finding = None
         container = group[0]
-        for item in container.ContentSequence:  # highdicom's getter skips DCM 121071 "Finding" (FIELD-NOTES)
+        for item in container.ContentSequence:  # highdicom's getter skips DCM 121071 "Finding"
             name = item.ConceptNameCodeSequence[0]
             if item.ValueType == "CODE" and (name.CodeValue, name.CodingSchemeDesignator) == ("121071", "DCM"):
                 finding = item.ConceptCodeSequence[0].CodeMeaning
