@@ -1,6 +1,8 @@
 # cxr-node: the two commands the README opens with.
 #   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
 #   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), then run pytest
+# Variables: CONFIG=FILE  the config `make run` uses (default config/cxr-node.toml)
+#            PYTHON=EXE   the interpreter that creates .venv (default python3)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
