@@ -78,6 +78,7 @@ def test_results_made_without_a_destination_are_kept_and_resent_later(node_facto
             "Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
         (ev,) = node.events("outbox.resend", study_uid=study)
         assert ev["detail"]["queued"] == 2 and ev["detail"]["destinations"] == ["pacs"]
+        assert "resend to pacs: 2 queued, 0 sent again" in cli("audit", "study", study, config=node.config).stdout
         assert json.loads(cli("status", "--format", "json", config=node.config).stdout)["results_never_queued"] == 0
 
         # again, to the named destination (the PACS lost them): the sent items go out once more
@@ -106,6 +107,8 @@ def test_reprocess_makes_a_new_sr_naming_the_previous_one(node_factory, tmp_path
         got = _received(pacs)
         (ev,) = node.events("study.reprocess", study_uid=study)
         assert ev["detail"]["from"] == "processed" and ev["detail"]["version"] == 2
+        story = cli("audit", "study", study, config=node.config).stdout
+        assert "study.reprocess" in story and "queued for analysis again as version 2 (was processed)" in story
 
         # --since finds the (processed) study again: version 3 names version 2
         p = cli("reprocess", "--since", "2000-01-01", config=node.config)

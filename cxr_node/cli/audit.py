@@ -142,6 +142,9 @@ _STORY = {
     "outbox.sent": lambda r: f"sent {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
     "outbox.retry": lambda r: f"send of {r['sop_instance_uid']} to {r['detail']['destination']} failed: {r['reason']}",
     "outbox.dead": lambda r: f"gave up sending {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
+    "outbox.resend": lambda r: (f"resend to {', '.join(r['detail']['destinations'])}: {r['detail']['queued']} queued, "
+                                f"{r['detail']['requeued']} sent again, {r['detail']['already_pending']} already waiting"),
+    "study.reprocess": lambda r: f"queued for analysis again as version {r['detail']['version']} (was {r['detail']['from']})",
 }
 
 
