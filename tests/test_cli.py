@@ -107,6 +107,10 @@ def test_read_only_commands_create_nothing(tmp_path):
     cli("db", "upgrade", config=cfg)  # the one command that creates the database, owner-only
     assert stat.S_IMODE((data / "cxr-node.db").stat().st_mode) == 0o600
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    before = sorted(data.rglob("*"))
+    for args in (["db", "current"], ["status"], ["audit"], ["audit", "verify"], ["outbox", "list"]):
+        cli(*args, config=cfg)
+        assert sorted(data.rglob("*")) == before, args  # no spool, outbox or other directory made
 
 
 def test_check_config_warns_without_destinations(tmp_path):
