@@ -1,6 +1,8 @@
 # cxr-node: the two commands the README opens with.
 #   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
 #   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), then run pytest
+# Variables: CONFIG=FILE  the config `make run` uses (default config/cxr-node.toml)
+#            PYTHON=EXE   the interpreter that creates .venv (default python3)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +12,7 @@ DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql
 
 .PHONY: run test venv debs bench clean
 
-# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build (FIELD-NOTES).
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -65,6 +65,8 @@ EVENTS: dict[str, str] = {
     "study.processing": "a worker claimed the study",
     "study.processed": "the study's results are encoded and in the outbox (detail: priority, counts, model)",
     "study.failed": "processing failed (reason says why)",
+    "study.reprocess": "an admin queued a finished study for analysis again (`cxr-node reprocess`); its version "
+                       "went up, so the new SR names the previous one",
     "image.triaged": "an image was analysed (detail: probabilities, top class, urgent, model version)",
     "image.skipped": "an image was not analysed (reason says why: view, body part, pixels, SOP class)",
     "outbox.queued": "a result object was queued for a destination",
@@ -73,6 +75,7 @@ EVENTS: dict[str, str] = {
     "outbox.dead": "a send failed permanently or too often; the item is dead-lettered",
     "outbox.requeued": "an admin put an item back to pending",
     "outbox.purged": "an admin removed a sent or dead item",
+    "outbox.resend": "an admin queued a study's kept results again (`cxr-node resend`; detail: destinations, counts)",
     "retention.removed": "the retention job deleted an old film or sent result file (detail: kind, path)",
 }
 

@@ -162,6 +162,18 @@ class Settings:
         raise ConfigError(f"no destination named {name!r} in [[destinations]] (known: {known})")
 
 
+def destinations_warning(settings: Settings) -> str | None:
+    """One line for start-up, ``status`` and ``check-config`` when results go nowhere, else None.
+
+    Without ``[[destinations]]`` results are still encoded and kept under ``data_dir/outbox``;
+    ``cxr-node resend`` queues them once a destination is configured."""
+    if settings.destinations:
+        return None
+    return (f"no [[destinations]] configured: results are kept in {settings.storage.outbox_dir} but sent "
+            "nowhere; add a [[destinations]] entry, restart the daemon, then `cxr-node resend STUDY_UID` "
+            "sends the results made meanwhile")
+
+
 # --------------------------------------------------------------------------- validators
 
 

@@ -6,6 +6,10 @@ and jitter; permanent ones (permanent rejection, 0xA9xx, 0xCxxx) are dead-letter
 ``max_attempts`` an item is dead-lettered too. Nothing loops forever and every attempt is audited.
 Object UIDs are deterministic, so an object queued twice (a retry after a crash) is one row per
 destination and the PACS never gets a second copy.
+
+Result files are written whether or not any destination is configured, and kept (retention only
+removes files whose every row is sent), so ``resend`` can queue a study's results later: for a
+destination added since, or again for one that lost them.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from sqlalchemy import select
 
 from cxr_node import audit
 from cxr_node.config import Settings
-from cxr_node.db.models import OutboxItem, utcnow
+from cxr_node.db.models import ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
-from cxr_node.errors import ConfigError
+from cxr_node.errors import ConfigError, CxrNodeError
 from cxr_node.send import PERMANENT, SENT, FileToSend, SendOutcome, store_files
 from cxr_node.spool import Spool
 
@@ -73,14 +77,88 @@ class Outbox:
                     OutboxItem.sop_instance_uid == obj.sop_instance_uid, OutboxItem.destination == dest.name))
                 if exists:
                     continue  # same object (deterministic UID) already queued: never a second copy
-                session.add(OutboxItem(destination=dest.name, sop_instance_uid=obj.sop_instance_uid,
-                                       sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax,
-                                       study_uid=study_uid, study_version=study_version, kind=obj.kind,
-                                       path=obj.path, state=PENDING, attempts=0, next_attempt_at=now, created_at=now))
-                audit.record(session, "outbox.queued", study_uid=study_uid, sop_instance_uid=obj.sop_instance_uid,
-                             sop_class_uid=obj.sop_class_uid, detail={"destination": dest.name, "kind": obj.kind})
+                self._add(session, obj, dest.name, study_uid, study_version, now)
                 n += 1
         return n
+
+    def _add(self, session, obj: WrittenObject, destination: str, study_uid: str, study_version: int,  # noqa: ANN001
+             now: dt.datetime, **detail) -> None:
+        session.add(OutboxItem(destination=destination, sop_instance_uid=obj.sop_instance_uid,
+                               sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax,
+                               study_uid=study_uid, study_version=study_version, kind=obj.kind,
+                               path=obj.path, state=PENDING, attempts=0, next_attempt_at=now, created_at=now))
+        audit.record(session, "outbox.queued", study_uid=study_uid, sop_instance_uid=obj.sop_instance_uid,
+                     sop_class_uid=obj.sop_class_uid, detail={"destination": destination, "kind": obj.kind, **detail})
+
+    # ----------------------------------------------------------------------------- resend
+
+    def results_of(self, session, study_uid: str) -> tuple[Study, list[WrittenObject], list[str]]:  # noqa: ANN001
+        """A study's current results as kept on disk: the Secondary Captures of its last processed
+        version and its last SR. Returns the study, the objects, and the UIDs whose file is gone."""
+        from pydicom import dcmread
+
+        st = session.get(Study, study_uid)
+        if st is None:
+            raise CxrNodeError(f"study {study_uid}: not known to this node (check the UID, and --config)")
+        if st.processed_version is None and st.last_sr_uid is None:
+            raise CxrNodeError(f"study {study_uid}: no results yet (it is {st.state}); they are sent when "
+                               "it has been analysed")
+        uids = list(session.scalars(select(ImageResult.sc_sop_instance_uid).where(
+            ImageResult.study_uid == study_uid, ImageResult.study_version == st.processed_version,
+            ImageResult.sc_sop_instance_uid.is_not(None)).order_by(ImageResult.id)))
+        if st.last_sr_uid:
+            uids.append(st.last_sr_uid)
+        if not uids:
+            raise CxrNodeError(f"study {study_uid}: no results to send: none of its images was analysed "
+                               f"(`cxr-node audit study {study_uid}` says why)")
+        objects, missing = [], []
+        for uid in dict.fromkeys(uids):
+            rel = Path(study_uid) / f"{uid}.dcm"
+            try:
+                ds = dcmread(self.dir / rel, stop_before_pixels=True)
+            except FileNotFoundError:
+                missing.append(uid)
+                continue
+            objects.append(WrittenObject(uid, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID),
+                                         "sr" if uid == st.last_sr_uid else "sc", str(rel)))
+        if not objects:
+            raise CxrNodeError(f"study {study_uid}: its result files are gone from {self.dir} (retention removes "
+                               f"sent ones): `cxr-node reprocess {study_uid}` makes new ones")
+        return st, objects, missing
+
+    def resend(self, study_uid: str, destinations: Sequence[str]) -> dict:
+        """Queue a study's kept results for ``destinations``: a new pending row where there is none, a
+        sent or dead row put back to pending; already pending ones are left as they are. Audited as
+        ``outbox.resend`` (one row with the counts) plus ``outbox.queued``/``outbox.requeued`` per item."""
+        for name in destinations:
+            self.settings.destination(name)  # ConfigError naming the known ones
+        now = utcnow()
+        report = {"queued": 0, "requeued": 0, "already_pending": 0}
+        with self.db.transaction() as s:
+            st, objects, missing = self.results_of(s, study_uid)
+            for obj in objects:
+                for name in destinations:
+                    row = s.scalar(select(OutboxItem).where(OutboxItem.sop_instance_uid == obj.sop_instance_uid,
+                                                            OutboxItem.destination == name).with_for_update())
+                    if row is None:
+                        self._add(s, obj, name, study_uid, st.processed_version or st.version, now, resend=True)
+                        report["queued"] += 1
+                    elif row.state == PENDING:
+                        report["already_pending"] += 1
+                    else:
+                        previous = row.state
+                        row.state, row.attempts, row.next_attempt_at = PENDING, 0, now
+                        row.last_error, row.removed_at = None, None  # the file is there again
+                        audit.record(s, "outbox.requeued", study_uid=study_uid, sop_instance_uid=row.sop_instance_uid,
+                                     sop_class_uid=row.sop_class_uid,
+                                     detail={"destination": name, "id": row.id, "from": previous, "resend": True})
+                        report["requeued"] += 1
+            report.update(study_uid=study_uid, destinations=list(destinations), objects=len(objects),
+                          missing=missing)
+            audit.record(s, "outbox.resend", study_uid=study_uid, patient_id=st.patient_id,
+                         reason=(f"{len(missing)} result file(s) no longer on disk" if missing else None),
+                         detail={k: v for k, v in report.items() if k != "study_uid"})
+        return report
 
     # ----------------------------------------------------------------------------- sending
 

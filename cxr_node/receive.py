@@ -64,7 +64,8 @@ STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 #: Explicit VR Little Endian first: pynetdicom accepts the first syntax in *our* list that the
-#: requestor proposed (FIELD-NOTES). Then Implicit, then what pydicom + pylibjpeg can decode.
+#: requestor proposed, and its own list starts with Implicit. Then Implicit, then what pydicom +
+#: pylibjpeg can decode.
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,

@@ -17,12 +17,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cxr_node import audit
-from cxr_node.db.models import Study, utcnow
+from cxr_node.db.models import Instance, Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.errors import CxrNodeError
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +138,39 @@ def fail(db: Database, study_uid: str, version: int, reason: str) -> None:
         else:
             audit.record(s, "study.failed", "failure", study_uid=study_uid, reason=reason, detail={"version": version})
     log.error("study %s v%d failed: %s", study_uid, version, reason)
+
+
+def reprocess(db: Database, study_uid: str) -> int:
+    """``cxr-node reprocess``: queue a finished study for analysis as a new version (no quiet period,
+    nothing new arrives); the new SR then names the previous one. Returns the version. Audited as
+    ``study.reprocess``. Raises CxrNodeError, saying why, for an unknown or unfinished study or
+    one whose films retention has removed."""
+    with db.transaction() as s:
+        st = s.get(Study, study_uid, with_for_update=True)
+        if st is None:
+            raise CxrNodeError(f"study {study_uid}: not known to this node (check the UID, and --config)")
+        if st.state not in FINISHED:
+            raise CxrNodeError(f"study {study_uid} is {st.state}: it is being received or analysed already; "
+                               "reprocess it once it is processed or failed")
+        films = s.scalar(select(func.count()).select_from(Instance).where(
+            Instance.study_uid == study_uid, Instance.removed_at.is_(None)))
+        if not films:
+            raise CxrNodeError(f"study {study_uid}: its films are no longer in the spool (retention removed "
+                               "them); send the study again to have it analysed")
+        previous, now = st.state, utcnow()
+        st.version += 1
+        st.state, st.state_changed_at, st.claimed_by = QUEUED, now, None
+        audit.record(s, "study.reprocess", ts=now, study_uid=study_uid, patient_id=st.patient_id,
+                     reason="requested by an admin (cxr-node reprocess)",
+                     detail={"from": previous, "to": QUEUED, "version": st.version, "films": films})
+        version = st.version
+    log.info("study %s queued for analysis again as version %d", study_uid, version)
+    return version
+
+
+def finished_since(db: Database, since: dt.datetime) -> list[str]:
+    """Processed or failed studies that received an instance at or after ``since``, oldest first."""
+    with db.session() as s:
+        return list(s.scalars(select(Study.study_uid).where(Study.state.in_(FINISHED),
+                                                            Study.last_received_at >= since)
+                              .order_by(Study.last_received_at)))

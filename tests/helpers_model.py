@@ -1,4 +1,4 @@
-"""Helpers for the model/training tests: tiny generated datasets and checkpoints (no /work/shared)."""
+"""Helpers for the model/training tests: tiny generated datasets and checkpoints (no external data)."""
 
 from __future__ import annotations
 

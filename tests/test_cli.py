@@ -1,24 +1,124 @@
-"""The CLI around the daemon: help, echo to a real peer, audit queries in three formats, systemd."""
+"""The CLI around the daemon: help, option placement, read-only commands that create nothing,
+echo to a real peer, audit queries in three formats, systemd."""
 
 from __future__ import annotations
 
 import csv
 import io
-import shutil
+import os
+import signal
+import stat
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, StoreSCP, cli, free_port, storescu
+from conftest import PY, REPO, StoreSCP, cli, echoscu, free_port, require_tool, storescu, wait_port
 from cxr_node.audit import FIELDS
 from dicomgen import make_cr
 
+COMMANDS = {"serve", "db", "check-config", "status", "echo", "audit", "outbox", "resend", "reprocess", "retention",
+            "triage"}
 
-def test_help_lists_every_command():
+
+def test_help_lists_every_command(capsys):
+    """The command list of `--help` (not its examples) names every command, and each has its own help
+    with the global options."""
     out = cli("--help").stdout
-    for cmd in ("serve", "db", "check-config", "echo", "audit", "triage"):
-        assert cmd in out
-    assert "usage: cxr-node" in cli("audit", "--help").stdout
+    section = out.split("\n  COMMAND\n", 1)[1].split("\n\n", 1)[0]
+    listed = {line.split()[0] for line in section.splitlines() if line.startswith("    ") and line[4] != " "}
+    assert listed == COMMANDS
+    from cxr_node.cli import build_parser
+
+    for cmd in sorted(COMMANDS):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([cmd, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: cxr-node {cmd}") and "--config FILE" in text and "--log-level" in text
+
+
+def _config(tmp_path: Path, port: int | None = None, dest: bool = False) -> Path:
+    cfg = tmp_path / "c.toml"
+    text = f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+    if port:
+        text = f'[node]\nhost = "127.0.0.1"\nport = {port}\ndrain_seconds = 5\n' + text
+    if dest:
+        text += '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 4242\n'
+    cfg.write_text(text)
+    return cfg
+
+
+def test_global_options_go_before_or_after_the_command(tmp_path):
+    port = free_port()
+    cfg = _config(tmp_path, port)
+    assert "database at revision" in cli("db", "upgrade", "--config", str(cfg)).stdout
+    head = cli("--config", str(cfg), "db", "current").stdout
+    assert cli("db", "current", "--log-level", "debug", "--config", str(cfg)).stdout == head != ""
+    assert "(0 items)" in cli("outbox", "list", "--config", str(cfg)).stdout  # after a nested command
+    assert "(0 items)" in cli("outbox", "--config", str(cfg), "list").stdout  # between its two words
+
+    def serve(*extra: str) -> str:
+        log = tmp_path / "serve.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([PY, "-m", "cxr_node", "serve", "--config", str(cfg), *extra],
+                                    stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+            try:
+                wait_port(port, proc=proc)
+                assert echoscu(port).returncode == 0
+                time.sleep(0.5)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+        return log.read_text()
+
+    assert "listening as CXRNODE" in serve()
+    quiet = serve("--log-level", "warning")
+    assert "listening as" not in quiet and "unrecognized arguments" not in quiet
+    bad = cli("status", "--log-level", "loud", "--config", str(cfg), check=False)
+    assert bad.returncode == 2 and "invalid choice: 'LOUD'" in bad.stderr
+
+
+def test_read_only_commands_create_nothing(tmp_path):
+    """Run against a node that has no database yet (a wrong --config, or none), every command but
+    `db upgrade` fails saying so, and leaves no file or directory behind."""
+    cfg = _config(tmp_path, dest=True)
+    data = tmp_path / "data"
+    for args in (["db", "current"], ["db", "downgrade", "base"], ["status"], ["status", "--format", "json"],
+                 ["audit"], ["audit", "verify"], ["audit", "study", "1.2.3"], ["audit", "export", "--format",
+                 "dicom-audit"], ["outbox", "list"], ["outbox", "retry", "--all-dead"], ["retention"],
+                 ["resend", "1.2.3"], ["reprocess", "1.2.3"]):
+        p = cli(*args, config=cfg, check=False)
+        assert p.returncode == 1, (args, p.stderr)
+        assert f"no database at {data / 'cxr-node.db'} (from the config file {cfg})" in p.stderr, args
+        assert "`cxr-node db upgrade`" in p.stderr and p.stdout == "", args
+        assert not data.exists(), args
+    assert cli("check-config", config=cfg).returncode == 0 and not data.exists()
+
+    from cxr_node.config import DEFAULT_DATA_DIR
+
+    if not Path(DEFAULT_DATA_DIR).exists():  # no --config and no $CXR_NODE_CONFIG: the built-in defaults
+        p = cli("db", "current", check=False, env={"CXR_NODE_CONFIG": ""})
+        assert p.returncode == 1 and "from the built-in defaults" in p.stderr
+        assert not Path(DEFAULT_DATA_DIR).exists()
+
+    cli("db", "upgrade", config=cfg)  # the one command that creates the database, owner-only
+    assert stat.S_IMODE((data / "cxr-node.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    before = sorted(data.rglob("*"))
+    for args in (["db", "current"], ["status"], ["audit"], ["audit", "verify"], ["outbox", "list"]):
+        cli(*args, config=cfg)
+        assert sorted(data.rglob("*")) == before, args  # no spool, outbox or other directory made
+
+
+def test_check_config_warns_without_destinations(tmp_path):
+    p = cli("check-config", config=_config(tmp_path))
+    assert p.returncode == 0 and "warning: no [[destinations]] configured" in p.stderr
+    assert "`cxr-node resend STUDY_UID`" in p.stderr and "destination none" in p.stdout
+    p = cli("check-config", config=_config(tmp_path, dest=True))
+    assert p.stderr == "" and "destination pacs: PACS@127.0.0.1:4242" in p.stdout
 
 
 def test_echo_to_a_real_peer_and_failures(tmp_path):
@@ -96,16 +196,16 @@ def test_audit_filters_and_formats(node_factory, tmp_path):
 
 
 def test_systemd_unit_verifies(tmp_path):
-    exe = shutil.which("systemd-analyze")
-    if not exe:
-        pytest.skip("systemd-analyze not found (Debian package systemd)")
+    exe = require_tool("systemd-analyze", "systemd")
     unit = (REPO / "systemd" / "cxr-node.service").read_text()
     for needed in ("User=cxr-node", "Restart=on-failure", "ExecStartPre=", "db upgrade", "NoNewPrivileges=yes",
                    "ProtectSystem=strict", "ReadWritePaths=/var/lib/cxr-node", "PrivateTmp=yes", "ProtectHome=yes"):
         assert needed in unit
-    # verify checks that ExecStart exists: point it at this checkout's console script
+    # verify checks that ExecStart exists: point it at the console script of the Python running the tests
+    script = Path(sys.executable).with_name("cxr-node")
+    assert os.access(script, os.X_OK), f"{script} missing: install the package (pip install -e .)"
     local = tmp_path / "cxr-node.service"
-    local.write_text(unit.replace("/opt/cxr-node/.venv/bin/cxr-node", str(REPO / ".venv" / "bin" / "cxr-node")))
+    local.write_text(unit.replace("/opt/cxr-node/.venv/bin/cxr-node", str(script)))
     p = subprocess.run([exe, "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "cxr-node.service" not in p.stderr, p.stderr  # no warnings about our unit
@@ -116,8 +216,6 @@ def test_systemd_unit_verifies(tmp_path):
 
 
 def test_data_is_owner_only(node_factory, tmp_path):
-    import stat
-
     n = node_factory("perm").start()
     assert storescu(n.port, make_cr(tmp_path / "p.dcm")).returncode == 0
     n.stop()

@@ -217,7 +217,7 @@ def read_findings(sr_dataset: Dataset) -> list[dict]:
     for group in sr.content.get_image_measurement_groups():
         finding = None
         container = group[0]
-        for item in container.ContentSequence:  # highdicom's getter skips DCM 121071 "Finding" (FIELD-NOTES)
+        for item in container.ContentSequence:  # highdicom's getter skips DCM 121071 "Finding"
             name = item.ConceptNameCodeSequence[0]
             if item.ValueType == "CODE" and (name.CodeValue, name.CodingSchemeDesignator) == ("121071", "DCM"):
                 finding = item.ConceptCodeSequence[0].CodeMeaning

@@ -6,19 +6,38 @@ import argparse
 import json
 from typing import TextIO
 
+from cxr_node.cli._db import open_database
 from cxr_node.config import Settings
-from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError
-from cxr_node.outbox import DEAD, DONE, Outbox
 
 FIELDS = ("id", "state", "destination", "kind", "study_uid", "study_version", "sop_instance_uid", "attempts",
           "next_attempt_at", "last_status", "last_error", "created_at", "sent_at")
 
 
-def run_outbox(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    db = Database(settings.database.url)
-    try:
-        db.require_current_schema()
+def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    ob = sub.add_parser("outbox", parents=[common], help="list, retry or purge results waiting to be sent",
+                        description="The outbox holds result objects (Secondary Captures, SRs) for each "
+                        "destination: pending (to send or retrying), sent, or dead (gave up; see last_error). "
+                        "`cxr-node resend` queues a study's results again.")
+    obs = ob.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    ol = obs.add_parser("list", parents=[common], help="list outbox items")
+    ol.add_argument("--state", choices=["pending", "sent", "dead"])
+    ol.add_argument("--format", choices=["table", "json"], default="table")
+    orr = obs.add_parser("retry", parents=[common], help="put dead items (or the given IDs) back to pending, due now")
+    orr.add_argument("ids", nargs="*", type=int, metavar="ID")
+    orr.add_argument("--all-dead", action="store_true", help="every dead item")
+    op = obs.add_parser("purge", parents=[common],
+                        help="delete sent and/or dead items and their files (never pending ones)")
+    op.add_argument("--sent", action="store_true")
+    op.add_argument("--dead", action="store_true")
+    op.add_argument("--older-than", type=float, metavar="DAYS", help="only items created more than DAYS ago")
+    ob.set_defaults(run=run)
+
+
+def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    from cxr_node.outbox import DEAD, DONE, Outbox
+
+    with open_database(settings) as db:
         box = Outbox(settings, db)
         if args.outbox_command == "list":
             rows = [_row(i) for i in box.list(args.state)]
@@ -40,8 +59,6 @@ def run_outbox(settings: Settings, args: argparse.Namespace, out: TextIO) -> int
             if not states:
                 raise ConfigError("outbox purge: say what to purge: --sent and/or --dead")
             out.write(f"{box.purge(states, args.older_than)} item(s) purged\n")
-    finally:
-        db.dispose()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``cxr-node audit``: filter the audit trail and write it as a table, JSON or CSV."""
+"""``cxr-node audit``: filter the audit trail and write it as a table, JSON or CSV; ``audit verify``;
+``audit study UID``; ``audit export --format dicom-audit``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import datetime as dt
 import json
 from typing import Any, TextIO
 
-from cxr_node import audit
+from cxr_node.cli._db import open_database
 from cxr_node.config import Settings
-from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError
 
 _TABLE_COLUMNS = ("time", "event", "outcome", "calling_aet", "host", "study_uid", "sop_instance_uid",
@@ -26,7 +26,33 @@ def parse_time(value: str, flag: str) -> dt.datetime:
     return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
 
 
-def run_audit(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    a = sub.add_parser("audit", parents=[common], help="query the audit trail; `audit verify`; `audit study UID`",
+                       description="Print audit events, oldest first. Times are ISO 8601; "
+                       "a time without zone is UTC. `cxr-node audit verify` checks the hash chain and "
+                       "exits 1 naming the first bad row; `cxr-node audit study UID` prints one "
+                       "study's whole story in order.")
+    a.add_argument("action", nargs="?", choices=["verify", "study", "export"],
+                   help="verify the chain; one study's story; export (with --format dicom-audit)")
+    a.add_argument("uid", nargs="?", metavar="UID", help="StudyInstanceUID for `audit study`")
+    a.add_argument("--since", metavar="ISO", help="events at or after this time")
+    a.add_argument("--until", metavar="ISO", help="events before this time")
+    a.add_argument("--study", metavar="UID", help="StudyInstanceUID")
+    a.add_argument("--event", metavar="TYPE", action="append",
+                   help="event type, e.g. instance.stored (repeatable); see `--event list`")
+    a.add_argument("--calling-aet", metavar="AET", help="calling AE title of the association")
+    a.add_argument("--patient-id", metavar="ID", help="PatientID")
+    a.add_argument("--outcome", choices=["success", "failure", "warning"])
+    a.add_argument("--limit", type=int, default=None, help="at most this many rows (a page)")
+    a.add_argument("--offset", type=int, default=0, help="skip this many rows first (the next page)")
+    a.add_argument("--format", choices=["table", "json", "csv", "dicom-audit"], default="table",
+                   help="dicom-audit: PS3.15 A.5 DICOM Audit Messages (ATNA XML), one per line")
+    a.set_defaults(run=run)
+
+
+def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    from cxr_node import audit
+
     if args.action == "verify":
         return _verify(settings, out)
     if args.action == "study":
@@ -48,18 +74,15 @@ def run_audit(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
         study_uid=args.study, events=tuple(args.event or ()), calling_aet=args.calling_aet,
         patient_id=args.patient_id, outcome=args.outcome, limit=args.limit, offset=args.offset,
     )
-    db = Database(settings.database.url)
-    try:
-        db.require_current_schema()
-        with db.session() as s:
-            rows = audit.as_dicts(audit.query(s, q))
-    finally:
-        db.dispose()
+    with open_database(settings) as db, db.session() as s:
+        rows = audit.as_dicts(audit.query(s, q))
     write_rows(rows, args.format, out, settings.node.ae_title)
     return 0
 
 
 def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, node_aet: str = "CXRNODE") -> None:
+    from cxr_node import audit
+
     if fmt == "dicom-audit":
         import sys
 
@@ -96,13 +119,10 @@ def _cell(v: Any) -> str:
 def _verify(settings: Settings, out: TextIO) -> int:
     import sys
 
-    db = Database(settings.database.url)
-    try:
-        db.require_current_schema()
-        with db.session() as s:
-            report = audit.verify_chain(s)
-    finally:
-        db.dispose()
+    from cxr_node import audit
+
+    with open_database(settings) as db, db.session() as s:
+        report = audit.verify_chain(s)
     if report.ok:
         out.write(f"audit trail intact: {report.rows} event(s), hash chain verified\n")
         return 0
@@ -122,22 +142,22 @@ _STORY = {
     "outbox.sent": lambda r: f"sent {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
     "outbox.retry": lambda r: f"send of {r['sop_instance_uid']} to {r['detail']['destination']} failed: {r['reason']}",
     "outbox.dead": lambda r: f"gave up sending {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
+    "outbox.resend": lambda r: (f"resend to {', '.join(r['detail']['destinations'])}: {r['detail']['queued']} queued, "
+                                f"{r['detail']['requeued']} sent again, {r['detail']['already_pending']} already waiting"),
+    "study.reprocess": lambda r: f"queued for analysis again as version {r['detail']['version']} (was {r['detail']['from']})",
 }
 
 
 def _study(settings: Settings, study_uid: str, fmt: str, out: TextIO) -> int:
     """Everything about one study in order, including the associations that brought it."""
-    db = Database(settings.database.url)
-    try:
-        db.require_current_schema()
-        with db.session() as s:
-            own = audit.as_dicts(audit.query(s, audit.AuditQuery(study_uid=study_uid)))
-            assoc_ids = {r["association_id"] for r in own if r["association_id"]}
-            assoc = [r for r in audit.as_dicts(audit.query(s, audit.AuditQuery(
-                events=("association.opened", "association.accepted", "association.released", "association.aborted"))))
-                if r["association_id"] in assoc_ids]
-    finally:
-        db.dispose()
+    from cxr_node import audit
+
+    with open_database(settings) as db, db.session() as s:
+        own = audit.as_dicts(audit.query(s, audit.AuditQuery(study_uid=study_uid)))
+        assoc_ids = {r["association_id"] for r in own if r["association_id"]}
+        assoc = [r for r in audit.as_dicts(audit.query(s, audit.AuditQuery(
+            events=("association.opened", "association.accepted", "association.released", "association.aborted"))))
+            if r["association_id"] in assoc_ids]
     rows = sorted(own + assoc, key=lambda r: r["id"])
     if not rows:
         raise ConfigError(f"no audit events for study {study_uid}")

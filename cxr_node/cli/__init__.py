@@ -1,0 +1,105 @@
+"""The ``cxr-node`` command line: parse, call, print. Nothing heavy is imported up front.
+
+One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``echo``,
+``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``); each registers its
+parser and a ``run(settings, args, out) -> int``. Commands that use the database open it with
+:func:`cxr_node.cli._db.open_database`, which never creates one (only ``db upgrade`` does).
+
+Global options (``--config``, ``--log-level``) go before or after the command:
+``cxr-node --config F serve`` and ``cxr-node serve --config F`` are the same.
+
+Exit codes: 0 success, 1 an operation failed (the message says why), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from cxr_node import __version__
+from cxr_node.errors import ConfigError, CxrNodeError
+
+log = logging.getLogger("cxr_node")
+
+#: The command modules, in the order ``--help`` lists them.
+_MODULES = ("serve", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention", "triage")
+
+EPILOG = """\
+global options --config and --log-level go before or after the command.
+configuration: --config FILE or the CXR_NODE_CONFIG environment variable names a TOML file;
+config/cxr-node.toml documents every key. Without either, built-in defaults apply.
+
+examples:
+  cxr-node --config config/cxr-node.toml db upgrade
+  cxr-node serve --config config/cxr-node.toml
+  cxr-node echo --to pacs
+  cxr-node audit --since 2026-11-01 --event instance.stored --format csv
+  cxr-node audit verify
+  cxr-node audit study 1.2.840.113619.2.55.3
+  cxr-node resend 1.2.840.113619.2.55.3 --to pacs
+  cxr-node reprocess --since 2026-11-20
+  cxr-node triage film.dcm --overlay-dir overlays/
+"""
+
+
+def global_options() -> argparse.ArgumentParser:
+    """The options every command accepts, before or after its name. Their defaults are SUPPRESS so
+    that a value given before the command is not reset by the subcommand's parser."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="TOML config file (default: $CXR_NODE_CONFIG, else built-in defaults)")
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+                   default=argparse.SUPPRESS, help="override [logging] level for this run")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    common = global_options()
+    p = argparse.ArgumentParser(
+        prog="cxr-node",
+        description="PACS companion daemon: receives chest X-rays over DICOM, triages them, "
+        "and sends results back to the PACS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument("--version", action="version", version=f"cxr-node {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _MODULES:
+        importlib.import_module(f"cxr_node.cli.{name}").register(sub, common)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cxr_node import config as cfgmod
+    from cxr_node.logs import configure
+
+    try:
+        settings = cfgmod.load(cfgmod.config_path_from(getattr(args, "config", None)))
+    except ConfigError as e:
+        print(f"cxr-node: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    configure(getattr(args, "log_level", None) or settings.logging.level)
+    try:
+        return args.run(settings, args, sys.stdout)
+    except ConfigError as e:
+        print(f"cxr-node: {e}", file=sys.stderr)
+        return 2
+    except CxrNodeError as e:
+        print(f"cxr-node: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `cxr-node audit | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

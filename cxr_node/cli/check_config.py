@@ -1,0 +1,43 @@
+"""``cxr-node check-config``: validate the config file and print the effective settings.
+
+Reads the file only: it creates nothing and does not need the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser("check-config", parents=[common],
+                       help="validate the config file and print the effective settings",
+                       description="Validate the config file (exit 2 naming the key and the rule) and "
+                       "print the effective settings. Warns, still exiting 0, when no [[destinations]] "
+                       "are configured.")
+    p.set_defaults(run=run)
+
+
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+    from sqlalchemy.engine import make_url
+
+    from cxr_node.config import destinations_warning
+
+    n = settings.node
+    where = settings.source or "built-in defaults"
+    out.write(f"configuration OK: {where}\n")
+    out.write(f"  node        {n.ae_title} on {n.host}:{n.port} (max PDU {n.max_pdu})\n")
+    out.write(f"  calling AEs {', '.join(n.allowed_calling_aets) or 'any'}\n")
+    out.write(f"  hosts       {', '.join(map(str, n.allowed_hosts)) or 'any'}\n")
+    out.write(f"  data_dir    {settings.storage.data_dir}\n")
+    out.write(f"  database    {make_url(settings.database.url).render_as_string(hide_password=True)}\n")
+    out.write(f"  quiet       {settings.study.quiet_seconds:g} s\n")
+    out.write(f"  model       {settings.model.checkpoint} (device {settings.model.device})\n")
+    for d in settings.destinations:
+        out.write(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}\n")
+    warning = destinations_warning(settings)
+    if warning:
+        out.write("  destination none\n")
+        sys.stderr.write(f"cxr-node: warning: {warning}\n")
+    return 0
