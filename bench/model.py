@@ -5,7 +5,7 @@
 Latency is measured on the real CR films RG1_UNCR.dcm (uncompressed) and RG1_J2KR.dcm (JPEG 2000
 lossless) from pydicom-data, one film at a time (batch 1), after one warm-up; each stage is timed
 separately (``forward`` alone is shown for reference; ``predict_gradcam`` is
-``Predictor.predict(explain=True)``: forward, softmax, policy, Grad-CAM forward + backward) and
+``Predictor.predict(explain=True)``: forward, softmax, Grad-CAM forward + backward) and
 the total (decode + preprocess + predict_gradcam) is reported as p50/p95. Training throughput runs ``--train-steps``
 AdamW steps of the checkpoint's architecture at its input size on cached uint8 films with the
 training augmentation (the loop of training/train.py), after one warm-up step.
@@ -56,7 +56,7 @@ def latency(checkpoint: Path, repeats: int) -> dict:
             with torch.inference_mode():
                 pred.model(x[None])
             t3 = time.perf_counter()
-            pred.predict([x], explain=True)  # forward + backward for Grad-CAM (+ softmax, policy)
+            pred.predict([x], explain=True)  # forward + backward for Grad-CAM (+ softmax)
             t4 = time.perf_counter()
             if r == 0:
                 continue  # warm-up

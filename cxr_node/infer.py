@@ -3,11 +3,13 @@
     predictor = Predictor("cxr_node/models/cxr-densenet121.pt", device="cpu")
     x = predictor.preprocess("film.dcm")           # (1, S, S) tensor, the checkpoint's preprocessing
     [pred] = predictor.predict([x])                 # or a (B, 1, S, S) batch
-    pred.top_label, pred.probabilities, pred.urgent, pred.cam
+    pred.top_label, pred.probabilities, pred.cam, pred.ood_score
+    finding = predictor.policy.apply(pred)         # + urgent flag and priority (cxr_node.triage)
 
-Probabilities are ``softmax(logits / temperature)`` with the checkpoint's temperature; the urgent
-flag and priority come from :class:`cxr_node.triage.TriagePolicy` with the checkpoint's operating
-points. A Predictor is not thread-safe (Grad-CAM hooks live on it): give each worker its own, or
+Probabilities are ``softmax(logits / temperature)`` with the checkpoint's temperature. A
+:class:`Prediction` holds only what the model said; the urgent flag and priority are the triage
+policy's (:class:`cxr_node.triage.TriagePolicy`, the checkpoint's operating points), and whether a
+film is analysed at all is :mod:`cxr_node.eligibility`'s. A Predictor is not thread-safe (Grad-CAM hooks live on it): give each worker its own, or
 serialise calls.
 """
 
@@ -35,9 +37,6 @@ class Prediction:
     probabilities: tuple[float, ...]
     top_label: str
     top_probability: float
-    urgent: bool
-    priority: str
-    reasons: tuple[str, ...]
     model_version: str
     model_arch: str
     weights_sha256: str
@@ -50,8 +49,7 @@ class Prediction:
 
     def as_dict(self, include_cam: bool = False) -> dict[str, Any]:
         d = {"probabilities": dict(zip(self.labels, self.probabilities)), "top_label": self.top_label,
-             "top_probability": self.top_probability, "urgent": self.urgent, "priority": self.priority,
-             "reasons": list(self.reasons), "model_version": self.model_version, "model_arch": self.model_arch,
+             "top_probability": self.top_probability, "model_version": self.model_version, "model_arch": self.model_arch,
              "weights_sha256": self.weights_sha256, "cam_label": self.cam_label,
              "ood_score": None if self.ood_score is None else round(self.ood_score, 3)}
         if include_cam and self.cam is not None:
@@ -226,10 +224,8 @@ class Predictor:
         out = []
         for i in range(len(x)):
             p = tuple(float(v) for v in probs[i])
-            d = self.policy.decide(p)
             out.append(Prediction(labels=self.labels, probabilities=p, top_label=self.labels[top[i]],
-                                  top_probability=p[top[i]], urgent=d.urgent, priority=d.priority,
-                                  reasons=d.reasons, model_version=self.version, model_arch=self.arch,
+                                  top_probability=p[top[i]], model_version=self.version, model_arch=self.arch,
                                   weights_sha256=self.weights_sha256, cam=cams[i],
                                   cam_label=self.labels[top[i]] if explain else None,
                                   ood_score=None if ood is None else float(ood[i])))

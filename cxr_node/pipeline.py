@@ -7,7 +7,7 @@
                  plausible lung fields are refused here
     infer        probabilities, out-of-domain score, Grad-CAM (cxr_node.infer), in batches;
                  films outside the training distribution are refused here
-    triage       operating points -> urgent flag and priority (cxr_node.triage, in the Prediction)
+    triage       operating points -> urgent flag and priority (cxr_node.triage.Finding)
     encode       a Secondary Capture per analysed film, one SR per study naming refused films
     enqueue      the outbox (durable) for every destination
     record       image results, audit rows, and the study's state (cxr_node.studies), in one transaction
@@ -48,7 +48,7 @@ class Film:
     display: object = None  # film for the overlay
     lungs: object = None    # cxr_node.lungs.LungFields
     box: object = None      # lung crop applied to the model input, or None
-    prediction: object = None
+    prediction: object = None  # cxr_node.infer.Prediction, then cxr_node.triage.Finding
     refused: str | None = None  # why this film was not analysed (cxr_node.eligibility)
 
 
@@ -127,7 +127,8 @@ class Processor:
         work = [self.load(uid, version) for uid, version in claimed]      # load + header eligibility
         films = [f for w in work for f in w.films]
         self.preprocess(predictor, films)                                 # pixels, lung fields, crop
-        self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM, triage
+        self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
+        self.triage(predictor, films)                                     # operating points -> priority
         for w in work:
             try:
                 written, sr = self.encode(w)                              # SC per film, SR per study
@@ -185,6 +186,11 @@ class Processor:
                 per_image = (time.perf_counter() - t0) / len(batch)
                 for _ in batch:
                     self.metrics.inference.observe(per_image)
+
+    def triage(self, predictor, films: list[Film]) -> None:
+        for film in films:
+            if film.refused is None and film.prediction is not None:
+                film.prediction = predictor.policy.apply(film.prediction)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
         """The Secondary Capture of each analysed film and the study's SR (naming refused films)."""

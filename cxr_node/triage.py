@@ -27,6 +27,37 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Finding:
+    """A model's prediction (:class:`cxr_node.infer.Prediction`) with the policy's decision.
+    Reads like the prediction (labels, probabilities, cam, ...) plus ``urgent``, ``priority``
+    and ``reasons``."""
+
+    prediction: Any
+    decision: Decision
+
+    @property
+    def urgent(self) -> bool:
+        return self.decision.urgent
+
+    @property
+    def priority(self) -> str:
+        return self.decision.priority
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return self.decision.reasons
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("prediction", "decision"):  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.prediction, name)
+
+    def as_dict(self, include_cam: bool = False) -> dict[str, Any]:
+        return {**self.prediction.as_dict(include_cam), "urgent": self.urgent, "priority": self.priority,
+                "reasons": list(self.reasons)}
+
+
+@dataclass(frozen=True)
 class TriagePolicy:
     labels: tuple[str, ...]
     thresholds: Mapping[str, float] = field(default_factory=dict)
@@ -56,6 +87,10 @@ class TriagePolicy:
         normal = next((n for n in labels if n.lower() in NORMAL_NAMES), None)
         return cls(labels=labels, thresholds={k: float(v) for k, v in meta["thresholds"].items()},
                    critical_labels=critical, normal_label=normal)
+
+    def apply(self, prediction: Any) -> Finding:
+        """The decision for a :class:`cxr_node.infer.Prediction`, kept together with it."""
+        return Finding(prediction, self.decide(prediction.probabilities))
 
     def decide(self, probabilities: Sequence[float]) -> Decision:
         if len(probabilities) != len(self.labels):

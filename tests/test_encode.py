@@ -32,6 +32,7 @@ def analysed(tmp_path_factory, films):
     source.AccessionNumber = "ACC-4711"
     x, film = predictor.preprocess_with_display(source)
     (pred,) = predictor.predict([x], explain=True)
+    pred = predictor.policy.apply(pred)
     model = ModelIdentity.from_meta(predictor.meta)
     return source, film, pred, model
 

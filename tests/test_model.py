@@ -111,11 +111,13 @@ def test_predictor_temperature_threshold_and_frozen_records(tmp_path):
     for r, e in zip(res, expected):
         np.testing.assert_allclose(r.probabilities, e, atol=1e-5)
         assert r.top_label == LABELS[int(np.argmax(e))]
-        assert r.urgent == (e[0] >= 0.2)
+        assert not hasattr(r, "urgent")  # a Prediction holds only what the model said
+        f = pred.policy.apply(r)
+        assert f.urgent == (e[0] >= 0.2) and f.top_label == r.top_label and f.as_dict()["urgent"] == f.urgent
         assert r.model_version == "test-densenet121-64" and r.cam_label == r.top_label
         assert r.cam.shape == (64, 64) and 0.0 <= r.cam.min() and r.cam.max() <= 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
-        res[0].urgent = False
+        res[0].top_label = "Normal"
     with pytest.raises(ValueError):
         res[0].cam[0, 0] = 1.0  # read-only map
     # batched Grad-CAM equals one-at-a-time Grad-CAM (grouping by class must not mix classes)

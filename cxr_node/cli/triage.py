@@ -163,6 +163,7 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
             reason = reason or (None if any_film else lung_reason(pr.lungs))
             pred = None if reason else predictor.predict([pr.x], explain=overlay_dir is not None)[0]
             reason = reason or ood_reason(pred.ood_score, threshold)
+            pred = None if reason else predictor.policy.apply(pred)
         except PreprocessError as e:
             failed += 1
             msg = str(e)
