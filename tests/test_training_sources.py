@@ -109,7 +109,8 @@ def test_builder_options_and_plain_trees(sources, tmp_path):
     rows = build(srcs, tmp_path / "keep.csv", "--ieee8023-no-finding", "normal", "--relabel", "Normal=non-COVID",
                  "--relabel", "Other pneumonia=non-COVID", "--relabel", "Viral Pneumonia=non-COVID")
     r = _by_id(rows)
-    assert not r["ieee8023:No Finding/x000.png"]["exclude"] and r["ieee8023:No Finding/x000.png"]["label"] == "non-COVID"
+    x000 = r["ieee8023:No Finding/x000.png"]
+    assert not x000["exclude"] and x000["label"] == "non-COVID"
     assert {x["label"] for x in rows if not x["exclude"]} == {"COVID", "non-COVID"}
     # a plain folder-per-class tree is a generic source: its labels stay as written (no NIH mapping)
     tree = make_tree(tmp_path / "tb", per_class=4, labels=["Normal", "Pneumonia", "Tuberculosis"])
@@ -244,12 +245,15 @@ def test_lso_harness_end_to_end(sources, tmp_path):
                                              "--augment=v3", "--balance=source,class"]])
     rep = json.loads((out / "report.json").read_text())
     kept = [x for x in sources["rows"] if not x["exclude"]]
-    n_han = sum(1 for x in kept if x["source"] == "hannover")
-    n_nih = sum(1 for x in kept if x["source"] == "nih")
+    # by default only the hold-outs' train and val films are predicted: their test split stays closed
+    tv = [x for x in kept if x["split"] in ("train", "val")]
+    n_han = sum(1 for x in tv if x["site"] == "Hannover Medical School")  # ieee8023's h900 too
+    n_nih = sum(1 for x in tv if x["source"] == "nih")
+    assert 0 < n_nih < sum(1 for x in kept if x["source"] == "nih")
     assert rep["per_holdout"]["hannover"]["covid_flagged_urgent"]["n"] == n_han
     assert rep["per_holdout"]["nih"]["n"] == n_nih
     assert set(rep["per_holdout"]["nih"]["non_covid"]) == {"Normal", "Other pneumonia"}
-    assert rep["per_holdout"]["nih"]["urgent_on_normals"]["n"] == sum(1 for x in kept if x["source"] == "nih"
+    assert rep["per_holdout"]["nih"]["urgent_on_normals"]["n"] == sum(1 for x in tv if x["source"] == "nih"
                                                                       and x["label"] == "Normal")
     pooled = rep["pooled"]
     assert pooled["n"] == n_han + n_nih and 0 <= pooled["ece_covid_binary"] <= 1
@@ -259,25 +263,30 @@ def test_lso_harness_end_to_end(sources, tmp_path):
     assert "| hannover |" in (out / "report.md").read_text()
     # no film of the fold's training data shares a group (patient, copy) or site with the hold-out
     for h in ("hannover", "nih"):
-        test = [x for x in kept if x["source"] == h]
+        # all splits (none of them may be trained on); a source's hold-out is its sites, from any folder
+        test = [x for x in kept if x["source"] == h
+                or (h == "hannover" and x["site"] == "Hannover Medical School")]
         train = list(csv.DictReader(open(out / h / "train-manifest.csv")))
         assert train and not {x["group"] for x in train} & {x["group"] for x in test}
         assert not {x["site"] for x in train} & {x["site"] for x in test}
         assert {x["split"] for x in train} <= {"train", "val"}
-        assert rep["folds"][h]["n_test"] == len(test)
+        assert rep["folds"][h]["n_test"] == sum(1 for x in test if x["split"] != "test")
     # the Hannover copy in ieee8023 ("Hannover Medical School") is out of the hannover fold's training
-    assert not any("h001" in x["path"] for x in csv.DictReader(open(out / "hannover" / "train-manifest.csv")))
+    hannover_train = {Path(x["path"]).name for x in csv.DictReader(open(out / "hannover" / "train-manifest.csv"))}
+    assert not {"h001.png", "h900.png"} & hannover_train
 
     # a fixed checkpoint, trained on "covid19-radiography": the ieee8023 film that is also there is left out
     ck = out / "hannover" / "run" / "best.pt"
     ev = tmp_path / "ev"
     run_module("training.lso", "evaluate", "--checkpoint", str(ck), "--manifest", str(man), "--out", str(ev),
-               "--holdout", "ieee8023", "--seen-source", "covid19-radiography", "--n-boot", "20", "--threads", "1")
+               "--holdout", "ieee8023", "--seen-source", "covid19-radiography", "--n-boot", "20", "--threads", "1",
+               "--holdout-splits", "train,val,test")
     rep2 = json.loads((ev / "report.json").read_text())
-    n_ieee = sum(1 for x in kept if x["source"] == "ieee8023")
+    n_ieee = sum(1 for x in kept if x["source"] == "ieee8023" and x["site"] != "Hannover Medical School")
     assert rep2["left_out_as_seen"] == {"ieee8023": 1} and rep2["pooled"]["n"] == n_ieee - 1
     ids = {x["id"] for x in csv.DictReader(open(ev / "ieee8023-predictions.csv"))}
     assert "ieee8023:COVID/i000.png" not in ids and "ieee8023:COVID/i001.png" in ids
+    assert "ieee8023:COVID/h900.png" not in ids  # a Hannover film: part of the hannover hold-out
 
     # the critical threshold chosen on the pooled LSO predictions, with the Wilson rule
     cal = tmp_path / "cal.pt"

@@ -11,8 +11,8 @@ itself, or a plain folder-per-class tree (``DIR/<label>/*.png``) with no manifes
 ``hannover``, ``nih`` and ``ieee8023``; anything else is ``generic`` (labels kept as written).
 
 Output columns: ``path`` (absolute, or relative to the manifest's folder with ``--relative``),
-``id`` (``source:path-in-source``), ``label`` (after the label rules), ``raw_label`` (as the source wrote it), ``source``, ``site``,
-``patient_id`` (as the source wrote it; unique only within its source), ``group`` (the dedup
+``id`` (``source:path-in-source``), ``label`` (after the label rules), ``raw_label`` (as the source
+wrote it), ``source``, ``site``, ``patient_id`` (as the source wrote it; unique only within its source), ``group`` (the dedup
 group: films sharing it always land in one split), ``split`` (train/val/test), ``exclude`` (empty,
 or why the row is not used), ``duplicate_of`` and ``note``. ``training.data.read_dataset`` reads it
 (excluded rows skipped, the ``split`` column used as the split).
@@ -296,7 +296,8 @@ def merge(specs: Sequence[SourceSpec], ieee8023_no_finding: str = "drop", relabe
     for r in rows:
         if r.exclude:
             continue
-        if r.kind == "ieee8023" and r.raw_label == "No Finding" and r.label == "Normal" and ieee8023_no_finding == "drop":
+        if (r.kind == "ieee8023" and r.raw_label == "No Finding" and r.label == "Normal"
+                and ieee8023_no_finding == "drop"):
             r.exclude = "ieee8023 No Finding (not a healthy control: mostly COVID-19 patients' normal-looking films)"
             continue
         r.label = relabel.get(r.label, r.label)
