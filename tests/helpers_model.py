@@ -81,7 +81,8 @@ def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
       with the same stems; the second is a conflict (COVID there, No Finding here);
     * ieee8023 ``COVID/h900.png`` is a Hannover film that hannover-covid lacks;
     * ieee8023 ``No Finding/x000.png`` is a plain ieee8023 No Finding film (dropped by the rule);
-    * ieee8023 ``COVID/i000.png`` is in covid19-radiography as ``COVID/COVID-1.png``;
+    * ieee8023 ``COVID/i000.png`` is in covid19-radiography as ``COVID/COVID-2.png``, whose near-duplicate
+      ``COVID/COVID-3.png`` (kept) thereby shares i000's group;
     * nih ``Pneumonia/00000001_000.png`` is covid19-radiography ``Normal/Normal-0.png`` (a conflict),
       and nih ``No Finding/00000002_000.png`` is ``Normal/Normal-1.png`` (same label);
     * nih patient ``00000001`` has a second film; ieee8023 patient ``1`` is someone else.
@@ -135,7 +136,7 @@ def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
             ("No Finding/h002.png", "No Finding", "No Finding", "2", han, "Germany", ""),
             ("COVID/h900.png", "COVID", "COVID-19", "5", han, "Germany", ""),
             ("No Finding/x000.png", "No Finding", "No Finding", "3", "Milan, Italy", "Italy", ""),
-            ("COVID/i000.png", "COVID", "COVID-19", "4", "Milan, Italy", "Italy", "COVID/COVID-1.png")]
+            ("COVID/i000.png", "COVID", "COVID-19", "4", "Milan, Italy", "Italy", "COVID/COVID-2.png")]
     for i in range(1, n):
         city, country = ("Rome, Italy", "Italy") if i % 2 else ("Madrid, Spain", "Spain")
         spec.append((f"COVID/i{i:03d}.png", "COVID", "COVID-19", str(10 + i), city, country, ""))

@@ -63,7 +63,8 @@ def test_builder_resolves_copies_and_label_conflicts(sources):
     assert r["ieee8023:COVID/h001.png"]["duplicate_of"] == "hannover:COVID/h001.png"
     # copies in covid19-radiography of Hannover / ieee8023 / NIH films are dropped, the originals kept
     assert r["covid19-radiography:COVID/COVID-0.png"]["duplicate_of"] == "hannover:COVID/h000.png"
-    assert r["covid19-radiography:COVID/COVID-1.png"]["duplicate_of"] == "ieee8023:COVID/i000.png"
+    assert r["covid19-radiography:COVID/COVID-2.png"]["duplicate_of"] == "ieee8023:COVID/i000.png"
+    assert not r["covid19-radiography:COVID/COVID-3.png"]["exclude"]
     assert r["covid19-radiography:Normal/Normal-1.png"]["duplicate_of"] == "nih:No Finding/00000002_000.png"
     assert "note" in r["nih:No Finding/00000002_000.png"] and not r["nih:No Finding/00000002_000.png"]["note"]
     # the ieee8023 No Finding rule
@@ -232,6 +233,34 @@ def test_wilson_and_threshold_rules():
     assert (s[y] >= t_point).mean() >= 0.8 and (s[y] >= t_margin).mean() >= 0.85
     k = int((s[y] >= t_wilson).sum())
     assert wilson_interval(k, 200)[0] >= 0.8 and t_wilson < t_point
+
+
+def test_lso_fold_leaves_out_groups_and_sites_of_the_holdout(sources):
+    from training.lso import held_out, read_rows, training_rows
+
+    rows = read_rows(sources["manifest"])
+    test = held_out("ieee8023", rows)
+    assert {r["site"] for r in test} == {"ieee8023/Italy", "ieee8023/Spain", "ieee8023/Canada"}
+    train = training_rows(rows, test, [], None, None, 0)
+    ids = {r["id"] for r in train}
+    # COVID-3 is a near-duplicate of COVID-2, a copy of the held-out ieee8023 film i000
+    assert r_split(rows, "covid19-radiography:COVID/COVID-3.png") != "test"  # else the check below is void
+    assert "covid19-radiography:COVID/COVID-3.png" not in ids
+    assert {r["id"] for r in rows if r["source"] == "covid19-radiography" and not r["exclude"]
+            and r["split"] != "test" and r["group"] != r_group(rows, "covid19-radiography:COVID/COVID-3.png")} <= ids
+    assert not {r["group"] for r in train} & {r["group"] for r in test}
+    han = held_out("hannover", rows)
+    assert "ieee8023:COVID/h900.png" in {r["id"] for r in han}  # a Hannover film from another folder
+    assert not any(r["source"] == "hannover" for r in training_rows(rows, han, [], None, None, 0))
+    assert {r["source"] for r in training_rows(rows, han, ["nih"], ["Normal"], None, 0)} == {"nih"}
+
+
+def r_split(rows, rid):
+    return next(r["split"] for r in rows if r["id"] == rid)
+
+
+def r_group(rows, rid):
+    return next(r["group"] for r in rows if r["id"] == rid)
 
 
 def test_lso_harness_end_to_end(sources, tmp_path):
