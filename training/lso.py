@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the test split stays closed until the decision; 'test' once afterwards)")
     common.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC intervals")
     common.add_argument("--log-level", default="INFO")
-    r = sub.add_parser("run", parents=[common], help="train without each hold-out, predict it, report")
+    r = sub.add_parser("run", parents=[common], help="train without each hold-out, predict it, report",
+                       description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--train-source", action="append", default=[],
                    help="train only on these sources (default: every source but the hold-out)")
     r.add_argument("--labels", default=None, help="train only on films with these labels (comma-separated)")

@@ -387,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="merge sources into one manifest with grouped splits",
+                       description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
                    help="a source folder (with or without manifest.csv) or manifest CSV; repeat for each source")
