@@ -62,6 +62,8 @@ GOALS = {"pooled_covid_auc_min": 0.80, "urgent_on_normals_max": 0.20, "covid_fla
 
 
 def read_rows(manifest: Path) -> list[dict[str, str]]:
+    if not Path(manifest).is_file():
+        raise SystemExit(f"{manifest}: no such manifest; build one with python -m training.sources build")
     with open(manifest, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     need = {"path", "label", "source", "site", "group", "split", "id"}

@@ -372,13 +372,13 @@ def summary(rows: Sequence[Row]) -> dict:
 
 
 def check_split(rows: Sequence[Row]) -> None:
-    """Raise if a dedup group has kept films in two splits (a leak)."""
+    """Raise if a dedup group has kept films in two splits (a leak; a bug in :func:`merge`)."""
     seen: dict[str, str] = {}
     for r in rows:
         if r.exclude:
             continue
         if seen.setdefault(r.group, r.split) != r.split:
-            raise AssertionError(f"group {r.group} is in splits {seen[r.group]} and {r.split}")
+            raise RuntimeError(f"group {r.group} is in splits {seen[r.group]} and {r.split}")
 
 
 def build_parser() -> argparse.ArgumentParser:
