@@ -79,8 +79,10 @@ def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
     * hannover ``COVID/h000.png`` is in covid19-radiography as ``COVID/COVID-0.png``;
     * ieee8023 ``COVID/h001.png`` and ``No Finding/h002.png`` (site Hannover) are hannover's films
       with the same stems; the second is a conflict (COVID there, No Finding here);
+    * ieee8023 ``COVID/h900.png`` is a Hannover film that hannover-covid lacks;
     * ieee8023 ``No Finding/x000.png`` is a plain ieee8023 No Finding film (dropped by the rule);
-    * ieee8023 ``COVID/i000.png`` is in covid19-radiography as ``COVID/COVID-1.png``;
+    * ieee8023 ``COVID/i000.png`` is in covid19-radiography as ``COVID/COVID-2.png``, whose near-duplicate
+      ``COVID/COVID-3.png`` (kept) thereby shares i000's group;
     * nih ``Pneumonia/00000001_000.png`` is covid19-radiography ``Normal/Normal-0.png`` (a conflict),
       and nih ``No Finding/00000002_000.png`` is ``Normal/Normal-1.png`` (same label);
     * nih patient ``00000001`` has a second film; ieee8023 patient ``1`` is someone else.
@@ -121,7 +123,8 @@ def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
                 pid = "00000001"
             rel = f"{label}/{pid}_{fu:03d}.png"
             _film(d / rel, kind, rng)
-            also = {("Pneumonia", 0): "Normal/Normal-0.png", ("No Finding", 0): "Normal/Normal-1.png"}.get((label, i), "")
+            also = {("Pneumonia", 0): "Normal/Normal-0.png",
+                    ("No Finding", 0): "Normal/Normal-1.png"}.get((label, i), "")
             rows.append([rel, label, pid, rel, "", also])
     out["nih"] = _write_csv(d / "manifest.csv", ["path", "label", "patient_id", "source_file", "near_dup_group",
                             "also_in_covid19_radiography"], rows).parent
@@ -131,11 +134,12 @@ def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
     han = "Hannover Medical School, Hannover, Germany"
     spec = [("COVID/h001.png", "COVID", "COVID-19", "1", han, "Germany", ""),
             ("No Finding/h002.png", "No Finding", "No Finding", "2", han, "Germany", ""),
+            ("COVID/h900.png", "COVID", "COVID-19", "5", han, "Germany", ""),
             ("No Finding/x000.png", "No Finding", "No Finding", "3", "Milan, Italy", "Italy", ""),
-            ("COVID/i000.png", "COVID", "COVID-19", "4", "Milan, Italy", "Italy", "COVID/COVID-1.png")]
+            ("COVID/i000.png", "COVID", "COVID-19", "4", "Milan, Italy", "Italy", "COVID/COVID-2.png")]
     for i in range(1, n):
-        spec.append((f"COVID/i{i:03d}.png", "COVID", "COVID-19", str(10 + i), "Rome, Italy" if i % 2 else "Madrid, Spain",
-                     "Italy" if i % 2 else "Spain", ""))
+        city, country = ("Rome, Italy", "Italy") if i % 2 else ("Madrid, Spain", "Spain")
+        spec.append((f"COVID/i{i:03d}.png", "COVID", "COVID-19", str(10 + i), city, country, ""))
         spec.append((f"Other pneumonia/o{i:03d}.png", "Other pneumonia", "Streptococcus", str(30 + i),
                      "Toronto, Canada", "Canada", ""))
     for rel, label, finding, pid, site, country, also in spec:

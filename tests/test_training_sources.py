@@ -63,7 +63,8 @@ def test_builder_resolves_copies_and_label_conflicts(sources):
     assert r["ieee8023:COVID/h001.png"]["duplicate_of"] == "hannover:COVID/h001.png"
     # copies in covid19-radiography of Hannover / ieee8023 / NIH films are dropped, the originals kept
     assert r["covid19-radiography:COVID/COVID-0.png"]["duplicate_of"] == "hannover:COVID/h000.png"
-    assert r["covid19-radiography:COVID/COVID-1.png"]["duplicate_of"] == "ieee8023:COVID/i000.png"
+    assert r["covid19-radiography:COVID/COVID-2.png"]["duplicate_of"] == "ieee8023:COVID/i000.png"
+    assert not r["covid19-radiography:COVID/COVID-3.png"]["exclude"]
     assert r["covid19-radiography:Normal/Normal-1.png"]["duplicate_of"] == "nih:No Finding/00000002_000.png"
     assert "note" in r["nih:No Finding/00000002_000.png"] and not r["nih:No Finding/00000002_000.png"]["note"]
     # the ieee8023 No Finding rule
@@ -109,7 +110,8 @@ def test_builder_options_and_plain_trees(sources, tmp_path):
     rows = build(srcs, tmp_path / "keep.csv", "--ieee8023-no-finding", "normal", "--relabel", "Normal=non-COVID",
                  "--relabel", "Other pneumonia=non-COVID", "--relabel", "Viral Pneumonia=non-COVID")
     r = _by_id(rows)
-    assert not r["ieee8023:No Finding/x000.png"]["exclude"] and r["ieee8023:No Finding/x000.png"]["label"] == "non-COVID"
+    x000 = r["ieee8023:No Finding/x000.png"]
+    assert not x000["exclude"] and x000["label"] == "non-COVID"
     assert {x["label"] for x in rows if not x["exclude"]} == {"COVID", "non-COVID"}
     # a plain folder-per-class tree is a generic source: its labels stay as written (no NIH mapping)
     tree = make_tree(tmp_path / "tb", per_class=4, labels=["Normal", "Pneumonia", "Tuberculosis"])
@@ -233,6 +235,34 @@ def test_wilson_and_threshold_rules():
     assert wilson_interval(k, 200)[0] >= 0.8 and t_wilson < t_point
 
 
+def test_lso_fold_leaves_out_groups_and_sites_of_the_holdout(sources):
+    from training.lso import held_out, read_rows, training_rows
+
+    rows = read_rows(sources["manifest"])
+    test = held_out("ieee8023", rows)
+    assert {r["site"] for r in test} == {"ieee8023/Italy", "ieee8023/Spain", "ieee8023/Canada"}
+    train = training_rows(rows, test, [], None, None, 0)
+    ids = {r["id"] for r in train}
+    # COVID-3 is a near-duplicate of COVID-2, a copy of the held-out ieee8023 film i000
+    assert r_split(rows, "covid19-radiography:COVID/COVID-3.png") != "test"  # else the check below is void
+    assert "covid19-radiography:COVID/COVID-3.png" not in ids
+    assert {r["id"] for r in rows if r["source"] == "covid19-radiography" and not r["exclude"]
+            and r["split"] != "test" and r["group"] != r_group(rows, "covid19-radiography:COVID/COVID-3.png")} <= ids
+    assert not {r["group"] for r in train} & {r["group"] for r in test}
+    han = held_out("hannover", rows)
+    assert "ieee8023:COVID/h900.png" in {r["id"] for r in han}  # a Hannover film from another folder
+    assert not any(r["source"] == "hannover" for r in training_rows(rows, han, [], None, None, 0))
+    assert {r["source"] for r in training_rows(rows, han, ["nih"], ["Normal"], None, 0)} == {"nih"}
+
+
+def r_split(rows, rid):
+    return next(r["split"] for r in rows if r["id"] == rid)
+
+
+def r_group(rows, rid):
+    return next(r["group"] for r in rows if r["id"] == rid)
+
+
 def test_lso_harness_end_to_end(sources, tmp_path):
     """Train without each held-out source (1 tiny epoch), calibrate on the fold's val, predict the
     hold-out, report; then a fixed checkpoint on a hold-out; then a threshold from the LSO predictions."""
@@ -244,12 +274,15 @@ def test_lso_harness_end_to_end(sources, tmp_path):
                                              "--augment=v3", "--balance=source,class"]])
     rep = json.loads((out / "report.json").read_text())
     kept = [x for x in sources["rows"] if not x["exclude"]]
-    n_han = sum(1 for x in kept if x["source"] == "hannover")
-    n_nih = sum(1 for x in kept if x["source"] == "nih")
+    # by default only the hold-outs' train and val films are predicted: their test split stays closed
+    tv = [x for x in kept if x["split"] in ("train", "val")]
+    n_han = sum(1 for x in tv if x["site"] == "Hannover Medical School")  # ieee8023's h900 too
+    n_nih = sum(1 for x in tv if x["source"] == "nih")
+    assert 0 < n_nih < sum(1 for x in kept if x["source"] == "nih")
     assert rep["per_holdout"]["hannover"]["covid_flagged_urgent"]["n"] == n_han
     assert rep["per_holdout"]["nih"]["n"] == n_nih
     assert set(rep["per_holdout"]["nih"]["non_covid"]) == {"Normal", "Other pneumonia"}
-    assert rep["per_holdout"]["nih"]["urgent_on_normals"]["n"] == sum(1 for x in kept if x["source"] == "nih"
+    assert rep["per_holdout"]["nih"]["urgent_on_normals"]["n"] == sum(1 for x in tv if x["source"] == "nih"
                                                                       and x["label"] == "Normal")
     pooled = rep["pooled"]
     assert pooled["n"] == n_han + n_nih and 0 <= pooled["ece_covid_binary"] <= 1
@@ -259,25 +292,30 @@ def test_lso_harness_end_to_end(sources, tmp_path):
     assert "| hannover |" in (out / "report.md").read_text()
     # no film of the fold's training data shares a group (patient, copy) or site with the hold-out
     for h in ("hannover", "nih"):
-        test = [x for x in kept if x["source"] == h]
+        # all splits (none of them may be trained on); a source's hold-out is its sites, from any folder
+        test = [x for x in kept if x["source"] == h
+                or (h == "hannover" and x["site"] == "Hannover Medical School")]
         train = list(csv.DictReader(open(out / h / "train-manifest.csv")))
         assert train and not {x["group"] for x in train} & {x["group"] for x in test}
         assert not {x["site"] for x in train} & {x["site"] for x in test}
         assert {x["split"] for x in train} <= {"train", "val"}
-        assert rep["folds"][h]["n_test"] == len(test)
+        assert rep["folds"][h]["n_test"] == sum(1 for x in test if x["split"] != "test")
     # the Hannover copy in ieee8023 ("Hannover Medical School") is out of the hannover fold's training
-    assert not any("h001" in x["path"] for x in csv.DictReader(open(out / "hannover" / "train-manifest.csv")))
+    hannover_train = {Path(x["path"]).name for x in csv.DictReader(open(out / "hannover" / "train-manifest.csv"))}
+    assert not {"h001.png", "h900.png"} & hannover_train
 
     # a fixed checkpoint, trained on "covid19-radiography": the ieee8023 film that is also there is left out
     ck = out / "hannover" / "run" / "best.pt"
     ev = tmp_path / "ev"
     run_module("training.lso", "evaluate", "--checkpoint", str(ck), "--manifest", str(man), "--out", str(ev),
-               "--holdout", "ieee8023", "--seen-source", "covid19-radiography", "--n-boot", "20", "--threads", "1")
+               "--holdout", "ieee8023", "--seen-source", "covid19-radiography", "--n-boot", "20", "--threads", "1",
+               "--holdout-splits", "train,val,test")
     rep2 = json.loads((ev / "report.json").read_text())
-    n_ieee = sum(1 for x in kept if x["source"] == "ieee8023")
+    n_ieee = sum(1 for x in kept if x["source"] == "ieee8023" and x["site"] != "Hannover Medical School")
     assert rep2["left_out_as_seen"] == {"ieee8023": 1} and rep2["pooled"]["n"] == n_ieee - 1
     ids = {x["id"] for x in csv.DictReader(open(ev / "ieee8023-predictions.csv"))}
     assert "ieee8023:COVID/i000.png" not in ids and "ieee8023:COVID/i001.png" in ids
+    assert "ieee8023:COVID/h900.png" not in ids  # a Hannover film: part of the hannover hold-out
 
     # the critical threshold chosen on the pooled LSO predictions, with the Wilson rule
     cal = tmp_path / "cal.pt"

@@ -209,8 +209,10 @@ class RandBorderOcclusion(_RandArray):
         h, w = shape[-2:]
         n = int(self.R.randint(1, 5))
         sides = list(self.R.permutation(["top", "bottom", "left", "right"])[:n])
-        self.bands = [(str(s), int(self.R.randint(1, max(2, int(self.max_frac * (h if s in ("top", "bottom") else w)) + 1))))
-                      for s in sides]
+        self.bands = []
+        for s in sides:
+            side_len = h if s in ("top", "bottom") else w
+            self.bands.append((str(s), int(self.R.randint(1, max(2, int(self.max_frac * side_len) + 1)))))
         self.value = 1.0 if self.R.random_sample() < 0.25 else 0.0
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
@@ -332,7 +334,8 @@ def make_v3_augment(size: int = 128):
     from cxr_node.preprocess import RandWindowJitter
 
     return Compose([
-        RandAffine(prob=0.7, rotate_range=math.radians(10), scale_range=(0.12, 0.12), translate_range=(0.06 * size, 0.06 * size),
+        RandAffine(prob=0.7, rotate_range=math.radians(10), scale_range=(0.12, 0.12),
+                   translate_range=(0.06 * size, 0.06 * size),
                    padding_mode="border", mode="bilinear"),
         RandWindowJitter(prob=0.4, max_shift=0.06, gamma_range=(0.85, 1.18)),
         RandGamma(prob=0.4),

@@ -12,7 +12,7 @@
     python -m training.lso report --predictions runs/lso-v3/predictions.csv --out runs/lso-v3
 
 The manifest is a merged one (``python -m training.sources build``). A hold-out is a source name
-(``nih``), ``site:SITE`` (e.g. ``site:ieee8023/Italy``) or ``ieee8023-countries`` (every ieee8023
+(``nih``: the sites that source holds most films of, from any folder), ``site:SITE`` (e.g. ``site:ieee8023/Italy``) or ``ieee8023-countries`` (every ieee8023
 country with at least 10 COVID and 4 other films). For each hold-out, ``run``:
 
 1. takes the held-out films: the kept rows of that source or site in ``--holdout-splits`` of the
@@ -62,6 +62,8 @@ GOALS = {"pooled_covid_auc_min": 0.80, "urgent_on_normals_max": 0.20, "covid_fla
 
 
 def read_rows(manifest: Path) -> list[dict[str, str]]:
+    if not Path(manifest).is_file():
+        raise SystemExit(f"{manifest}: no such manifest; build one with python -m training.sources build")
     with open(manifest, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     need = {"path", "label", "source", "site", "group", "split", "id"}
@@ -91,12 +93,20 @@ def expand_holdouts(specs: Sequence[str], rows: Sequence[dict[str, str]]) -> lis
 
 def held_out(spec: str, rows: Sequence[dict[str, str]], splits: Sequence[str] = ("train", "val", "test")
              ) -> list[dict[str, str]]:
-    """The held-out films of ``spec`` in the builder's ``splits`` (all, by default)."""
-    kept = [r for r in rows if not r.get("exclude") and r["split"] in splits]
+    """The held-out films of ``spec`` in the builder's ``splits`` (all, by default).
+
+    A source's hold-out is every kept film of the sites that source holds most films of, from any
+    folder: ``hannover`` also takes ieee8023's Hannover Medical School films, and ``ieee8023``
+    leaves them to it, so a hospital is never on both sides of a fold."""
+    all_kept = [r for r in rows if not r.get("exclude")]
     if spec.startswith("site:"):
-        sel = [r for r in kept if r["site"] == spec[5:]]
+        sites = {spec[5:]}
     else:
-        sel = [r for r in kept if r["source"] == spec]
+        by_site: dict[str, Counter] = defaultdict(Counter)
+        for r in all_kept:
+            by_site[r["site"]][r["source"]] += 1
+        sites = {site for site, c in by_site.items() if c.most_common(1)[0][0] == spec}
+    sel = [r for r in all_kept if r["site"] in sites and r["split"] in splits]
     if not sel:
         known = sorted({r["source"] for r in kept})
         raise SystemExit(f"hold-out {spec!r} matches no kept film (sources: {', '.join(known)}; "
@@ -167,11 +177,11 @@ def write_predictions(path: Path, holdout: str, rows: Sequence[dict[str, str]], 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["holdout", "id", "label", "raw_label", "source", "site", "group", "top", "urgent",
+        w.writerow(["holdout", "id", "label", "raw_label", "source", "site", "group", "split", "top", "urgent",
                     f"threshold_{crit}", *[f"p_{n}" for n in labels]])
         for r, row in zip(rows, p):
             w.writerow([holdout, r["id"], r["label"], r.get("raw_label", r["label"]), r["source"], r["site"],
-                        r["group"], labels[int(row.argmax())], int(row[ci] >= th), f"{th:.6f}",
+                        r["group"], r["split"], labels[int(row.argmax())], int(row[ci] >= th), f"{th:.6f}",
                         *[f"{v:.6f}" for v in row]])
 
 
@@ -226,7 +236,15 @@ def report(preds: Sequence[dict[str, str]], n_boot: int = 1000, seed: int = 0) -
         by_h[r["holdout"]].append(r)
     for h, rs in by_h.items():
         out["per_holdout"][h] = _block(rs, labels, critical, n_boot, seed)
-        # per site inside a hold-out (e.g. ieee8023's countries), where both classes are there
+        # per site inside a hold-out (e.g. ieee8023's countries), where counts allow
+        by_site: dict[str, list[dict[str, str]]] = defaultdict(list)
+        for r in rs:
+            by_site[r["site"]].append(r)
+        sites = {s: _block(v, labels, critical, n_boot, seed) for s, v in sorted(by_site.items())
+                 if len(by_site) > 1 and sum(x["label"] == critical for x in v) >= 10
+                 and sum(x["label"] != critical for x in v) >= 4}
+        if sites:
+            out["per_holdout"][h]["per_site"] = sites
     pooled = _block(preds, labels, critical, n_boot, seed)
     y_c = np.array([r["label"] == critical for r in preds])
     p_c = np.array([float(r[f"p_{critical}"]) for r in preds])
@@ -279,6 +297,13 @@ def markdown(rep: dict[str, Any]) -> str:
     for h, b in list(rep["per_holdout"].items()) + [("**pooled**", rep["pooled"])]:
         lines.append(f"| {h} | {b['n']} | {_pct(b.get('covid_flagged_urgent'))} | {_pct(b.get('urgent_on_normals'))} "
                      f"| {_auc(b.get('covid_auc'))} |")
+    site_lines = [f"| {h} / {s} | {b['n']} | {_pct(b.get('covid_flagged_urgent'))} | "
+                  f"{_pct((b.get('non_covid') or {}).get('Other pneumonia', {}).get('not_flagged_urgent'))} | "
+                  f"{_auc(b.get('covid_auc'))} |"
+                  for h, hb in rep["per_holdout"].items() for s, b in (hb.get("per_site") or {}).items()]
+    if site_lines:
+        lines += ["", "| hold-out / site | n | COVID flagged urgent | Other pneumonia not flagged | "
+                  "within-site COVID AUC |", "|---|---|---|---|---|", *site_lines]
     lines += ["", "| hold-out | label | not called COVID (argmax) | not flagged urgent |", "|---|---|---|---|"]
     for h, b in rep["per_holdout"].items():
         for lab, d in (b.get("non_covid") or {}).items():
@@ -349,7 +374,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
         pf = fold / "predictions.csv"
         write_predictions(pf, h, test_keep, p, meta)
         pred_files.append(pf)
-        folds[h] = {"n_test": len(test_keep), "n_train": len(train_rows), "best_val_macro_auc": res["best_val_macro_auc"],
+        folds[h] = {"n_test": len(test_keep), "n_train": len(train_rows),
+                    "best_val_macro_auc": res["best_val_macro_auc"],
                     "epochs": res["epochs"], "temperature": cal["temperature"],
                     "thresholds": {k: v["threshold"] for k, v in cal["operating_points"].items()},
                     "seconds": round(time.perf_counter() - t0, 1)}
@@ -358,7 +384,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
         w = csv.DictWriter(f, fieldnames=list(preds[0]))
         w.writeheader()
         w.writerows(preds)
-    extra = {"command": "run", "manifest": str(manifest), "holdouts": holdouts, "holdout_splits": args.holdout_splits, "train_args": args.train_arg,
+    extra = {"command": "run", "manifest": str(manifest), "holdouts": holdouts, "holdout_splits": args.holdout_splits,
+             "train_args": args.train_arg,
              "train_sources": args.train_source, "labels": labels, "max_per_source_class": args.max_per_source_class,
              "seed": args.seed, "folds": folds}
     return write_report(out, preds, extra, args.n_boot)
@@ -389,7 +416,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         write_predictions(pf, h, keep, p, meta)
         pred_files.append(pf)
     preds = read_predictions(pred_files)
-    extra = {"command": "evaluate", "holdout_splits": args.holdout_splits, "checkpoint": str(args.checkpoint), "model_version": meta.get("version"),
+    extra = {"command": "evaluate", "holdout_splits": args.holdout_splits, "checkpoint": str(args.checkpoint),
+             "model_version": meta.get("version"),
              "weights_sha256": meta.get("weights_sha256"), "manifest": str(manifest), "holdouts": holdouts,
              "seen_sources": sorted(seen), "seen_by": args.seen_by, "left_out_as_seen": dropped,
              "thresholds": meta.get("thresholds"), "temperature": meta.get("temperature")}
@@ -418,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the test split stays closed until the decision; 'test' once afterwards)")
     common.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC intervals")
     common.add_argument("--log-level", default="INFO")
-    r = sub.add_parser("run", parents=[common], help="train without each hold-out, predict it, report")
+    r = sub.add_parser("run", parents=[common], help="train without each hold-out, predict it, report",
+                       description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--train-source", action="append", default=[],
                    help="train only on these sources (default: every source but the hold-out)")
     r.add_argument("--labels", default=None, help="train only on films with these labels (comma-separated)")
@@ -433,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="re-make report.json / report.md from predictions CSVs (no model)")
     rp.add_argument("--predictions", nargs="+", required=True, help="predictions CSVs written by run or evaluate")
     rp.add_argument("--out", required=True)
+    rp.add_argument("--splits", default="train,val,test",
+                    help="report only predictions of films in these builder splits (default all)")
     rp.add_argument("--n-boot", type=int, default=1000)
     rp.add_argument("--log-level", default="INFO")
     e = sub.add_parser("evaluate", parents=[common], help="one fixed checkpoint on the hold-outs (no training)")
@@ -456,9 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "run":
         cmd_run(args)
     elif args.cmd == "report":
-        preds = read_predictions([Path(p) for p in args.predictions])
-        write_report(Path(args.out), preds, {"command": "report", "predictions": [str(p) for p in args.predictions]},
-                     args.n_boot)
+        keep = _splits(args.splits)
+        preds = [r for r in read_predictions([Path(p) for p in args.predictions]) if r.get("split", "") in keep]
+        if not preds:
+            raise SystemExit(f"no predictions in splits {args.splits}")
+        write_report(Path(args.out), preds, {"command": "report", "predictions": [str(p) for p in args.predictions],
+                                             "holdout_splits": args.splits}, args.n_boot)
     else:
         cmd_evaluate(args)
     return 0

@@ -11,8 +11,8 @@ itself, or a plain folder-per-class tree (``DIR/<label>/*.png``) with no manifes
 ``hannover``, ``nih`` and ``ieee8023``; anything else is ``generic`` (labels kept as written).
 
 Output columns: ``path`` (absolute, or relative to the manifest's folder with ``--relative``),
-``id`` (``source:path-in-source``), ``label`` (after the label rules), ``raw_label`` (as the source wrote it), ``source``, ``site``,
-``patient_id`` (as the source wrote it; unique only within its source), ``group`` (the dedup
+``id`` (``source:path-in-source``), ``label`` (after the label rules), ``raw_label`` (as the source
+wrote it), ``source``, ``site``, ``patient_id`` (as the source wrote it; unique only within its source), ``group`` (the dedup
 group: films sharing it always land in one split), ``split`` (train/val/test), ``exclude`` (empty,
 or why the row is not used), ``duplicate_of`` and ``note``. ``training.data.read_dataset`` reads it
 (excluded rows skipped, the ``split`` column used as the split).
@@ -296,7 +296,8 @@ def merge(specs: Sequence[SourceSpec], ieee8023_no_finding: str = "drop", relabe
     for r in rows:
         if r.exclude:
             continue
-        if r.kind == "ieee8023" and r.raw_label == "No Finding" and r.label == "Normal" and ieee8023_no_finding == "drop":
+        if (r.kind == "ieee8023" and r.raw_label == "No Finding" and r.label == "Normal"
+                and ieee8023_no_finding == "drop"):
             r.exclude = "ieee8023 No Finding (not a healthy control: mostly COVID-19 patients' normal-looking films)"
             continue
         r.label = relabel.get(r.label, r.label)
@@ -371,13 +372,13 @@ def summary(rows: Sequence[Row]) -> dict:
 
 
 def check_split(rows: Sequence[Row]) -> None:
-    """Raise if a dedup group has kept films in two splits (a leak)."""
+    """Raise if a dedup group has kept films in two splits (a leak; a bug in :func:`merge`)."""
     seen: dict[str, str] = {}
     for r in rows:
         if r.exclude:
             continue
         if seen.setdefault(r.group, r.split) != r.split:
-            raise AssertionError(f"group {r.group} is in splits {seen[r.group]} and {r.split}")
+            raise RuntimeError(f"group {r.group} is in splits {seen[r.group]} and {r.split}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="merge sources into one manifest with grouped splits",
+                       description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
                    help="a source folder (with or without manifest.csv) or manifest CSV; repeat for each source")

@@ -1,10 +1,12 @@
 """Train a chest X-ray classifier: ``python -m training.train --data DIR_OR_MANIFEST --out RUN_DIR``.
 
-Pipeline: read the dataset (folder-per-class tree or manifest CSV) -> grouped stratified 70/15/15
+Pipeline: read the dataset (folder-per-class tree, manifest CSV, or a merged manifest from
+``python -m training.sources build``, whose split column is used) -> grouped stratified 70/15/15
 split with a fixed seed (saved as RUN_DIR/split.csv + split.json) -> preprocess every film once
-with ``cxr_node.preprocess.base_transform`` into a uint8 cache -> train with class-weighted
-cross-entropy, MONAI Rand* augmentation, AdamW and ReduceLROnPlateau -> early stopping on the
-validation macro AUC. Writes RUN_DIR/best.pt, RUN_DIR/last.pt (with optimizer state for
+with ``cxr_node.preprocess.base_transform`` (parameters: ``--input-size`` and ``--preprocess
+KEY=VALUE``) into a uint8 cache -> train with class-weighted cross-entropy (or ``--balance``
+sampling), augmentation (``--augment v2|v3``), AdamW and ReduceLROnPlateau -> early stopping on
+the validation macro AUC. Writes RUN_DIR/best.pt, RUN_DIR/last.pt (with optimizer state for
 ``--resume``), history.json and curves.png.
 
 On CUDA: mixed precision (autocast + GradScaler) and channels_last. Under ``torchrun`` it uses
@@ -339,6 +341,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     labels = sorted({r.label for r in records})
     label_idx = {n: i for i, n in enumerate(labels)}
     critical = args.critical or (DEFAULT_CRITICAL if DEFAULT_CRITICAL in labels else labels[0])
+    if not args.critical and DEFAULT_CRITICAL not in labels and rank == 0:
+        log.warning("no %s class: the critical (urgent) class defaults to %r, the first label; pass --critical",
+                    DEFAULT_CRITICAL, critical)
     if critical not in labels:
         raise SystemExit(f"--critical {critical!r} is not a label ({', '.join(labels)})")
     params = parse_preprocess(getattr(args, "preprocess", []) or [], args.input_size)
