@@ -18,7 +18,8 @@ from cxr_node.db.session import Database
 from cxr_node.errors import NetworkError
 from cxr_node.outbox import Outbox
 from cxr_node.pipeline import Processor
-from cxr_node.receive import Ingest, Receiver
+from cxr_node.ingest import Ingest
+from cxr_node.receive import Receiver
 from cxr_node.scheduler import build_scheduler
 from cxr_node.spool import Spool
 
