@@ -75,6 +75,11 @@ class Processor:
             log.info("model %s (%s) loaded from %s", self._identity.version, self._identity.arch, ckpt)
         return self._predictor
 
+    def preload(self) -> None:
+        """Load the model now (``serve`` calls this in a background thread at start-up, so the first
+        study does not wait for it); :meth:`predictor` stays the lazy path if this fails."""
+        self.predictor()
+
     # ------------------------------------------------------------------ the pipeline
 
     def requeue_interrupted(self) -> int:
