@@ -272,8 +272,12 @@ class ConnectionGuard:
 
     def refused(self, host: str, port: int, reason: str) -> None:
         held = self._rate.take(host)
-        if held is not None:
+        if held is None:
+            return
+        try:
             self._on_refused(host, port, reason, held)
+        except Exception:  # the accept loop must outlive a failed report; the failure is logged
+            log.exception("could not report the refused connection from %s:%d", host, port)
 
 
 class _JoiningRequestHandler(RequestHandler):
