@@ -377,6 +377,10 @@ class GuardedServer(ThreadedAssociationServer):
             return f"not DICOM: the first byte 0x{first[0]:02X} does not start an A-ASSOCIATE-RQ"
         return None
 
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        """socketserver prints the traceback to stderr; log it instead (one record, escaped)."""
+        log.exception("connection from %s:%s ended with an error", client_address[0], client_address[1])
+
     def shutdown(self) -> None:
         """Stop accepting and close the listening socket (running associations carry on).
         pynetdicom's version also unregisters the server from ``AE.start_server``, which did not
