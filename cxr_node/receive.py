@@ -136,6 +136,26 @@ class PDUTooLarge(ConnectionAbortedError):
     """A peer sent a PDU longer than we accept; raised from the socket read that saw its header."""
 
 
+_refused_in_thread = threading.local()
+
+
+class _ReportedAbortFilter(logging.Filter):
+    """For pynetdicom's DUL logger: drops its "Connection closed before the entire PDU was
+    received" and traceback for a PDU we refused (reported once, with the reason, by the
+    receiver). Both come from the reading thread right after PDULimit raised there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_refused_in_thread, "active", False):
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], PDUTooLarge):
+            _refused_in_thread.active = False
+            return False
+        return not record.getMessage().startswith("Connection closed before the entire PDU")
+
+
+_REPORTED_ABORT_FILTER = _ReportedAbortFilter()
+
+
 class PDULimit:
     """Mixin for an accepted socket: follows the PDU stream (each PDU starts with type, reserved
     and a 4-byte length) and refuses a PDU longer than we accept as soon as its header arrives,
@@ -191,6 +211,7 @@ class PDULimit:
             pass  # the peer is gone already; nothing more to tell it
         if self.on_too_large:
             self.on_too_large(self)
+        _refused_in_thread.active = True
         raise PDUTooLarge(self.violation)
 
 
@@ -453,6 +474,9 @@ class Receiver:
         # while the DIMSE message is decoded, which aborts the association before any handler runs;
         # let it through to _on_store, which answers 0xC000 and says why (process-wide setting)
         _config.VALIDATORS["UI"] = _any_uid
+        dul_log = logging.getLogger("pynetdicom.dul")
+        if _REPORTED_ABORT_FILTER not in dul_log.filters:
+            dul_log.addFilter(_REPORTED_ABORT_FILTER)
         ctx = server_context(self.settings.tls)
         if ctx is not None:
             ctx.sslsocket_class = _LimitedSSLSocket
@@ -484,9 +508,7 @@ class Receiver:
     def _on_too_large(self, sock: PDULimit) -> None:
         info = sock.association
         if info is not None:
-            info.abort_reason = sock.violation  # audited with the association's counts in _on_aborted
-            log.warning("association %s from %s@%s:%d aborted: %s", info.id, info.calling_aet, info.host,
-                        info.port, sock.violation)
+            info.abort_reason = sock.violation  # logged and audited with the association's counts in _on_aborted
             return
         try:
             host, port = sock.getpeername()[:2]
