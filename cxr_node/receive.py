@@ -241,7 +241,8 @@ class _PerPeerRate:
                 return None
             if len(self._last) > 10000:  # forget quiet peers so a scan of many addresses cannot grow this
                 for h in [h for h, t in self._last.items() if now - t >= self.interval]:
-                    self._last.pop(h, None)
+                    del self._last[h]
+                    self._held.pop(h, None)
             self._last[host] = now
             return self._held.pop(host, 0)
 
