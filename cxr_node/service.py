@@ -65,7 +65,9 @@ def lock_node(data_dir: Path, node_id: str) -> int:
 def _preload(processor: Processor) -> None:
     try:
         processor.preload()
-    except Exception as e:  # noqa: BLE001 - reported; the first study retries through the lazy path and records the failure
+    # torch and checkpoint loading raise many types; reported here, and the first study retries through
+    # the lazy path, which records the failure on the study
+    except Exception as e:  # noqa: BLE001
         log.error("could not load the model at start-up (%s: %s); the first study will try again", type(e).__name__, e)
 
 

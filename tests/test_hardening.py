@@ -281,7 +281,8 @@ def test_serve_does_not_warn_on_loopback(node_factory):
 
 def test_second_instance_exits_without_touching_the_live_nodes_files(node_factory, tmp_path):
     node = node_factory("live", extra=QUIET).start()
-    incoming = next(p for p in (node.data_dir / "incoming").iterdir() if p.is_dir() and p.name.endswith(f"-{node.port}"))
+    incoming = next(p for p in (node.data_dir / "incoming").iterdir()
+                    if p.is_dir() and p.name.endswith(f"-{node.port}"))
     planted = incoming / "in-flight.part"  # a write the live node has in progress
     planted.write_bytes(b"partial")
     second = subprocess.run([PY, "-m", "cxr_node", "--config", str(node.config), "serve"], capture_output=True,

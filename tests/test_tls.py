@@ -102,7 +102,7 @@ def test_silent_peer_does_not_block_tls_receiver_and_failures_are_audited(node_f
             "+tls", str(certs / "rogue.key"), str(certs / "rogue.pem"), "+cf", str(certs / "ca.pem")))
         assert rogue.returncode != 0
         rows = node.wait_for_event("association.rejected", timeout=15,
-                                   reason="TLS handshake timed out")  # the silent one, after association_request_timeout
+                                   reason="TLS handshake timed out")  # the silent one, after the timeout
     finally:
         silent.close()
     tls_rows = [r for r in node.events("association.rejected") if (r["detail"] or {}).get("stage") == "tls"]
