@@ -490,11 +490,6 @@ class Receiver:
         """Start accepting connections (in a daemon thread)."""
         threading.Thread(target=self.server.serve_forever, name="cxr-node-acceptor", daemon=True).start()
 
-    def start(self) -> GuardedServer:
-        server = self.bind()
-        self.serve()
-        return server
-
     def _on_tls_failure(self, host: str, port: int, reason: str) -> None:
         log.warning("TLS connection from %s:%d refused: %s", host, port, reason)
         self._audit("association.rejected", "failure", host=host, port=port, reason=reason,
