@@ -119,9 +119,11 @@ def serve(settings: Settings) -> int:
     outbox.metrics = metrics
     processor = Processor(settings, db, outbox, node_id, metrics)
     processor.requeue_interrupted()
+    preloader = None
     if settings.model.preload:
         log.info("loading the model in the background; receiving already")
-        threading.Thread(target=_preload, args=(processor,), name="cxr-node-model-preload", daemon=True).start()
+        preloader = threading.Thread(target=_preload, args=(processor,), name="cxr-node-model-preload", daemon=True)
+        preloader.start()
     scheduler = build_scheduler(settings, db, processor, outbox, backlog)
     scheduler.start()
     if metrics is not None:
@@ -146,6 +148,11 @@ def serve(settings: Settings) -> int:
     for assoc in left:
         assoc.abort()
     scheduler.shutdown(wait=True)
+    if preloader is not None and preloader.is_alive():
+        # exiting while torch initialises in another thread can abort the interpreter
+        # ("terminate called without an active exception", exit status 134)
+        log.info("waiting for the model load to finish before exiting")
+        preloader.join()
     with db.transaction() as s:
         audit.record(s, "node.stopped", reason=received[0] if received else None,
                      detail={"aborted_associations": len(left)})

@@ -324,3 +324,16 @@ def test_model_is_loaded_at_start_up_while_the_node_already_answers(node_factory
     assert log.index("loading the model in the background") < log.index("loaded from")
     assert not loaded_before_echo, "the model loaded before the echo was answered: cannot tell them apart"
     assert node.stop(signal.SIGTERM) == 0
+
+
+def test_sigterm_while_the_model_loads_exits_0(node_factory):
+    """Exiting while torch initialises in the preload thread could abort the interpreter
+    ("terminate called without an active exception", status 134): SIGTERM at several moments of
+    the load."""
+    node = node_factory("early-term")
+    for delay in (0, 0.3, 0.6, 1.0, 1.5):
+        node.start(upgrade=delay == 0)
+        time.sleep(delay)
+        assert node.stop(signal.SIGTERM, timeout=180) == 0, node.log[-2000:]
+    assert "terminate called" not in node.log
+    assert "waiting for the model load to finish" in node.log
