@@ -46,6 +46,8 @@ def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
 EVENTS: dict[str, str] = {
     "node.started": "the daemon started listening",
     "node.stopped": "the daemon stopped (SIGTERM/SIGINT)",
+    "connection.refused": "a TCP connection was closed before it associated: per-host limit, no A-ASSOCIATE-RQ "
+                          "in time, not DICOM (one row per host and minute; detail counts the ones held back)",
     "association.opened": "an A-ASSOCIATE-RQ arrived",
     "association.accepted": "the association was accepted",
     "association.rejected": "the association was refused (reason says why)",

@@ -58,6 +58,8 @@ class NodeSettings:
     allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_pdu: int = 131072
     max_associations: int = 16
+    max_connections_per_host: int = 8
+    association_request_timeout: float = 10.0
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -99,8 +101,9 @@ class ModelSettings:
     checkpoint: Path
     device: str
     batch_size: int
-    lung_checkpoint: Path | None = None   # None: the bundled lung segmenter
-    ood_reference: Path | None = None     # None: beside the checkpoint (NAME.ood.pt)
+    preload: bool
+    lung_checkpoint: Path | None   # None: the bundled lung segmenter
+    ood_reference: Path | None     # None: beside the checkpoint (NAME.ood.pt)
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,25 @@ def destinations_warning(settings: Settings) -> str | None:
     return (f"no [[destinations]] configured: results are kept in {settings.storage.outbox_dir} but sent "
             "nowhere; add a [[destinations]] entry, restart the daemon, then `cxr-node resend STUDY_UID` "
             "sends the results made meanwhile")
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """One line when the receiver takes films from anyone who can reach its port: it listens on
+    an address other than loopback and both ``allowed_calling_aets`` and ``allowed_hosts`` are
+    empty (the shipped defaults). Allowed, but ``serve`` logs it at start-up and ``check-config``
+    prints it; None otherwise."""
+    n = settings.node
+    if n.allowed_calling_aets or n.allowed_hosts:
+        return None
+    try:
+        if ipaddress.ip_address(n.host).is_loopback:
+            return None
+    except ValueError:
+        if n.host == "localhost":
+            return None
+    where = "every interface" if n.host in ("0.0.0.0", "::") else n.host
+    return (f"[node] listens on {where} (port {n.port}) and accepts any calling AE title from any host: "
+            "set allowed_calling_aets and/or allowed_hosts (or host) to limit who can send films")
 
 
 # --------------------------------------------------------------------------- validators
@@ -273,6 +295,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "allowed_hosts": (_cidr_list, []),
         "max_pdu": (_int(0, 2**32 - 1), 131072),
         "max_associations": (_int(1, 1000), 16),
+        "max_connections_per_host": (_int(1, 1000), 8),
+        "association_request_timeout": (_number(0.5, 3600), 10),
         "network_timeout": (_number(1, 3600), 60),
         "acse_timeout": (_number(1, 3600), 30),
         "dimse_timeout": (_number(1, 3600), 60),
@@ -282,7 +306,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "database": {"url": (_str, "")},
     "study": {"quiet_seconds": (_number(0.1, 86400), 30)},
     "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
-              "batch_size": (_int(1, 256), 8), "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},
+              "batch_size": (_int(1, 256), 8), "preload": (_bool, True),
+              "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},
     "eligibility": {
         "body_parts": (_word_list, ["CHEST", "THORAX", "LUNG", "CHEST_PA", "CHEST_AP", "THORAX_PA", "THORAX_AP",
                                     "TORAX", "THX", "BRUST", "BRUSTKORB", "POITRINE", "TORACE", "PECHO"]),
@@ -408,7 +433,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         database=DatabaseSettings(url=url),
         study=StudySettings(**values["study"]),
         model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"],
-                            batch_size=values["model"]["batch_size"],
+                            batch_size=values["model"]["batch_size"], preload=values["model"]["preload"],
                             lung_checkpoint=resolve(m["lung_checkpoint"]) if m["lung_checkpoint"] else None,
                             ood_reference=resolve(m["ood_reference"]) if m["ood_reference"] else None),
         eligibility=EligibilitySettings(**values["eligibility"]),

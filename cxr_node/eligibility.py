@@ -35,7 +35,7 @@ def sop_class_reason(sop_class_uid: str) -> str | None:
         return None
     from pydicom.uid import UID
 
-    return f"{UID(sop_class_uid).name or sop_class_uid} is not a radiograph class the model analyses"
+    return f"SOP class {UID(sop_class_uid).name or sop_class_uid} is not a radiograph class cxr-node triages"
 
 
 def header_reason(ds: Any, body_parts: Sequence[str] = DEFAULT_BODY_PARTS,

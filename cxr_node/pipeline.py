@@ -102,7 +102,10 @@ class Processor:
                      "threshold %.1f" % predictor.ood.threshold if predictor.ood else "none")
         return self._predictor
 
-    preload = predictor  # the service loads the models at start-up, in the background
+    def preload(self) -> None:
+        """Load the model now (``serve`` calls this in a background thread at start-up, so the first
+        study does not wait for it); :meth:`predictor` stays the lazy path if this fails."""
+        self.predictor()
 
     # ------------------------------------------------------------------ the pipeline
 

@@ -1,8 +1,10 @@
-"""The Storage SCP: AE, presentation contexts, allow-lists, and the C-STORE handler.
+"""The Storage SCP: AE, presentation contexts, allow-lists, connection limits, and the C-STORE
+handler with its DIMSE status mapping.
 
-The C-STORE handler takes the bytes exactly as received, checks the UIDs, makes the instance
-durable (spool + database) and only then answers Success. It never waits on later stages:
-study completion is a scheduler job that reads the database.
+The C-STORE handler takes the bytes exactly as received and hands them to ``ingest.py``, which
+checks the UIDs and makes the instance durable (spool + database); only then does it answer
+Success. It never waits on later stages: study completion is a scheduler job that reads the
+database.
 
 DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2):
   0x0000 success, also for a repeated SOP Instance UID (stored once, audited as duplicate)
@@ -14,14 +16,18 @@ DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2):
 from __future__ import annotations
 
 import logging
+import select
+import socket
+import socketserver
+import ssl
 import threading
+import time
 import uuid
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
-from io import BytesIO
-from typing import Any
+from typing import Any, Callable
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -38,27 +44,17 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
-from cxr_node import audit, studies
-from cxr_node.audit_backlog import AuditBacklog
-from cxr_node.config import Settings
-from cxr_node.db.models import Instance, utcnow
-from cxr_node.db.session import Database
+from cxr_node.config import NodeSettings, Settings
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
-from cxr_node.spool import Spool, is_valid_uid
+from cxr_node.ingest import STATUS_SUCCESS, Header, Ingest, read_header
+from cxr_node.spool import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -81,15 +77,6 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-#: Storage SOP classes whose films are candidates for triage. Everything else is stored too
-#: (a modality is never refused what a PACS would take) but marked not-for-triage.
-TRIAGE_SOP_CLASSES = {
-    ComputedRadiographyImageStorage: "CR",
-    DigitalXRayImageStorageForPresentation: "DX for presentation",
-    DigitalXRayImageStorageForProcessing: "DX for processing",
-    SecondaryCaptureImageStorage: "Secondary Capture",
-}
-
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)   # permanent, service-user, called AE title not recognised
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
@@ -107,6 +94,8 @@ class AssociationInfo:
     duplicates: int = 0
     failed: int = 0
     bytes: int = 0
+    rejected: bool = False
+    abort_reason: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fields(self) -> dict[str, Any]:
@@ -117,17 +106,6 @@ class AssociationInfo:
         return {"stored": self.stored, "duplicates": self.duplicates, "failed": self.failed, "bytes": self.bytes}
 
 
-@dataclass(frozen=True)
-class Header:
-    """What the handler needs from a received dataset; never patient names."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    patient_id: str | None
-
-
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -135,166 +113,319 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
-def read_header(file_bytes: bytes) -> Header:
-    """Decode a Part 10 byte stream far enough to trust it; raise InvalidInstanceError if not."""
-    try:
-        ds = dcmread(BytesIO(file_bytes))
-        _check_complete(ds)
-        raw = {k: ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
-        patient_id = ds.get("PatientID")
-    except InvalidInstanceError:
-        raise
-    except Exception as e:  # pydicom raises many types on malformed input; all mean "cannot decode"
-        raise InvalidInstanceError(f"dataset does not decode: {type(e).__name__}") from e
-    missing = [k for k, v in raw.items() if not v]
-    if missing:
-        raise InvalidInstanceError(f"missing {', '.join(missing)}")
-    uids = {k: str(v).strip("\0 ") for k, v in raw.items()}
-    bad = [k for k, v in uids.items() if not is_valid_uid(v)]
-    if bad:
-        raise InvalidInstanceError(f"malformed {', '.join(bad)}")
-    return Header(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"],
-                  uids["SOPClassUID"], str(patient_id).strip() if patient_id else None)
+# ---------------------------------------------------------------------------- connections
+#
+# pynetdicom counts every accepted TCP connection as an association from the moment it is
+# accepted until it ends, and a connection that never sends an A-ASSOCIATE-RQ (a port probe, a
+# peer that connects and closes, or one that says nothing) ends only after acse_timeout: a burst
+# of them uses up max_associations and every real sender is refused "local limit exceeded".
+# GuardedServer keeps a new connection in its own thread until the first byte of an
+# A-ASSOCIATE-RQ arrives, and only then hands it to pynetdicom: connections that close are
+# forgotten at once, silent ones after association_request_timeout, and a peer address may hold
+# at most max_connections_per_host connections. It also watches the PDU stream (PDULimit).
+
+#: The largest PDU other than P-DATA-TF we read (an A-ASSOCIATE-RQ proposing every storage
+#: class is about 20 kB).
+MAX_CONTROL_PDU = 1 << 20
+_P_DATA_TF = 0x04
+_A_ASSOCIATE_RQ = 0x01
+# A-ABORT PDU (PS3.8 9.3.8): source 2 (service provider), reason 6 (invalid PDU parameter value)
+_A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 
 
-def _check_complete(ds: Dataset) -> None:
-    """pydicom returns a short value when an element's declared length runs past the end of the
-    data; a dataset like that is truncated, not stored. Checks raw top-level elements only."""
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
-        length = getattr(elem, "length", None)
-        value = getattr(elem, "value", None)
-        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
-            raise InvalidInstanceError(f"dataset does not decode: {tag} truncated ({len(value)} of {length} B)")
+class PDUTooLarge(ConnectionAbortedError):
+    """A peer sent a PDU longer than we accept; raised from the socket read that saw its header."""
 
 
-def triage_eligibility(sop_class_uid: str) -> str | None:
-    """None when the SOP class can be triaged, else the reason it will not be."""
-    if sop_class_uid in TRIAGE_SOP_CLASSES:
-        return None
-    from pydicom.uid import UID
-
-    return f"SOP class {UID(sop_class_uid).name} is not a radiograph class cxr-node triages"
+_refused_in_thread = threading.local()
 
 
-class Ingest:
-    """Spool + database for received instances. Shared by the C-STORE handler and start-up
-    recovery; every method is safe to call from many association threads at once."""
+class _ReportedAbortFilter(logging.Filter):
+    """For pynetdicom's DUL logger: drops its "Connection closed before the entire PDU was
+    received" and traceback for a PDU we refused (reported once, with the reason, by the
+    receiver). Both come from the reading thread right after PDULimit raised there."""
 
-    def __init__(self, db: Database, spool: Spool, backlog: AuditBacklog | None = None) -> None:
-        self.db = db
-        self.spool = spool
-        self.backlog = backlog  # audit events kept on disk while the database is unreachable
-        self._commit_lock = threading.Lock()
-
-    def is_stored(self, sop_instance_uid: str) -> bool:
-        with self.db.session() as s:
-            return s.scalar(select(Instance.sop_instance_uid).where(
-                Instance.sop_instance_uid == sop_instance_uid)) is not None
-
-    def store(self, file_bytes: bytes, header: Header, transfer_syntax: str,
-              assoc: AssociationInfo | None) -> bool:
-        """Make one instance durable and record it. Returns False if it was already stored.
-
-        Raises SpoolError (disk) or SQLAlchemyError (database); nothing is left in the spool then.
-        """
-        if self.is_stored(header.sop_instance_uid):
-            self._record_duplicate(header, len(file_bytes), assoc)
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_refused_in_thread, "active", False):
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], PDUTooLarge):
+            _refused_in_thread.active = False
             return False
-        rel = self.spool.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
-        tmp = self.spool.write_temp(file_bytes, header.sop_instance_uid)  # outside the lock: slow part
-        with self._commit_lock:
-            if self.is_stored(header.sop_instance_uid):  # a parallel association won the race
-                self.spool.discard(tmp)
-                self._record_duplicate(header, len(file_bytes), assoc)
-                return False
-            self.spool.commit(tmp, rel)
-            try:
-                self._record_stored(header, rel, len(file_bytes), transfer_syntax, assoc, "instance.stored")
-            except IntegrityError:
-                if self.is_stored(header.sop_instance_uid):  # another node sharing the database recorded it
-                    self._record_duplicate(header, len(file_bytes), assoc)
-                    return False
-                self.spool.remove(rel)
-                raise
-            except BaseException:
-                self.spool.remove(rel)  # failure status means "not stored": leave no orphan behind
-                raise
+        return not record.getMessage().startswith("Connection closed before the entire PDU")
+
+
+_REPORTED_ABORT_FILTER = _ReportedAbortFilter()
+
+
+class PDULimit:
+    """Mixin for an accepted socket: follows the PDU stream (each PDU starts with type, reserved
+    and a 4-byte length) and refuses a PDU longer than we accept as soon as its header arrives,
+    before a byte of its body is read: it sends an A-ABORT, closes the connection and raises
+    PDUTooLarge into the reader (pynetdicom then ends the association as aborted).
+
+    P-DATA-TF PDUs may be ``max_pdu`` long (the Maximum Length we advertise, PS3.8 D.1; 0 = no
+    limit), every other PDU ``MAX_CONTROL_PDU``. Peeking reads (MSG_PEEK) are not followed."""
+
+    def limit_pdus(self, max_pdu: int, on_too_large: Callable[[PDULimit], None] | None = None) -> None:
+        self.max_pdu = max_pdu
+        self.on_too_large = on_too_large
+        self.violation: str | None = None
+        self.association: AssociationInfo | None = None  # set once the association is requested
+        self._header = bytearray()
+        self._left = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if getattr(self, "violation", None):
+            return b""  # the connection was cut; reads see its end
+        data = super().recv(bufsize, flags)  # type: ignore[misc]
+        if data and not flags & socket.MSG_PEEK and hasattr(self, "_header"):
+            self._follow(data)
+        return data
+
+    def _follow(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._left:
+                step = min(self._left, n - i)
+                self._left -= step
+                i += step
+                continue
+            take = min(6 - len(self._header), n - i)
+            self._header += data[i:i + take]
+            i += take
+            if len(self._header) == 6:
+                pdu_type, length = self._header[0], int.from_bytes(self._header[2:6], "big")
+                self._header.clear()
+                limit = self.max_pdu if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
+                if limit and length > limit:
+                    self._refuse(pdu_type, length, limit)
+                self._left = length
+
+    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
+        what = "P-DATA-TF PDU" if pdu_type == _P_DATA_TF else f"PDU of type 0x{pdu_type:02X}"
+        self.violation = (f"{what} of {length} bytes is longer than the {limit} bytes we accept"
+                          + (" ([node] max_pdu)" if pdu_type == _P_DATA_TF else ""))
+        try:
+            self.sendall(_A_ABORT_INVALID_PARAMETER)  # type: ignore[attr-defined]
+            self.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        except OSError:
+            pass  # the peer is gone already; nothing more to tell it
+        if self.on_too_large:
+            self.on_too_large(self)
+        _refused_in_thread.active = True
+        raise PDUTooLarge(self.violation)
+
+
+class _LimitedSocket(PDULimit, socket.socket):
+    pass
+
+
+class _LimitedSSLSocket(PDULimit, ssl.SSLSocket):
+    pass
+
+
+class _PerPeerRate:
+    """At most one event per peer address and ``interval`` seconds; counts the ones held back."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, host: str) -> int | None:
+        """The number of events held back since the last one let through, or None to hold this one."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(host, -self.interval) < self.interval:
+                self._held[host] += 1
+                return None
+            if len(self._last) > 10000:  # forget quiet peers so a scan of many addresses cannot grow this
+                for h in [h for h, t in self._last.items() if now - t >= self.interval]:
+                    del self._last[h]
+                    self._held.pop(h, None)
+            self._last[host] = now
+            return self._held.pop(host, 0)
+
+
+class ConnectionGuard:
+    """Connection counts per peer address and of connections not yet associated, shared by the
+    accept loop and the connection threads; refusals go to ``on_refused(host, port, reason,
+    held_back)``, at most once per peer and minute."""
+
+    def __init__(self, node: NodeSettings, on_refused: Callable[[str, int, str, int], None],
+                 on_tls_failure: Callable[[str, int, str], None],
+                 on_too_large: Callable[[PDULimit], None]) -> None:
+        self.per_host = node.max_connections_per_host
+        self.max_waiting = 4 * node.max_associations
+        self.request_timeout = node.association_request_timeout
+        self.network_timeout = node.network_timeout
+        self.max_pdu = node.max_pdu
+        self.on_tls_failure = on_tls_failure
+        self.on_too_large = on_too_large
+        self._on_refused = on_refused
+        self._rate = _PerPeerRate()
+        self._lock = threading.Lock()
+        self._by_host: Counter[str] = Counter()
+        self._waiting = 0
+
+    def admit(self, host: str) -> str | None:
+        """Count a new connection in; the reason it is refused instead."""
+        with self._lock:
+            if self._by_host[host] >= self.per_host:
+                return f"{host} already has {self.per_host} connections open ([node] max_connections_per_host)"
+            if self._waiting >= self.max_waiting:
+                return (f"{self.max_waiting} connections are already waiting to associate "
+                        "(4 x [node] max_associations)")
+            self._by_host[host] += 1
+            self._waiting += 1
+        return None
+
+    def associating(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def closed(self, host: str, waiting: bool) -> None:
+        with self._lock:
+            self._by_host[host] -= 1
+            if self._by_host[host] <= 0:
+                del self._by_host[host]
+            if waiting:
+                self._waiting -= 1
+
+    def refused(self, host: str, port: int, reason: str) -> None:
+        held = self._rate.take(host)
+        if held is None:
+            return
+        try:
+            self._on_refused(host, port, reason, held)
+        except Exception:  # the accept loop must outlive a failed report; the failure is logged
+            log.exception("could not report the refused connection from %s:%d", host, port)
+
+
+class _JoiningRequestHandler(RequestHandler):
+    """pynetdicom's handler returns once the association thread has started; this one waits
+    for it to end, so that the connection thread (and its count) lasts as long as the
+    connection."""
+
+    def _create_association(self):  # noqa: ANN202
+        self.association = super()._create_association()
+        return self.association
+
+    def handle(self) -> None:
+        super().handle()
+        self.association.join()
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """The receiver's server class (``AE.make_server(..., server_class=GuardedServer,
+    guard=...)``): per-host connection limit at accept, the A-ASSOCIATE-RQ wait in each
+    connection's own thread, PDU length limits, and with TLS the handshake in that thread too
+    (pynetdicom's own server handshakes in its accept loop, where one silent peer blocks all)."""
+
+    daemon_threads = True
+    block_on_close = False  # service.py drains associations itself, with drain_seconds
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        self.guard = guard
+        super().__init__(*args, **kwargs)
+        self.RequestHandlerClass = _JoiningRequestHandler
+
+    def get_request(self):  # noqa: ANN201
+        sock, address = self.socket.accept()
+        if self.ssl_context:
+            sock.settimeout(self.guard.request_timeout)  # for the handshake, in the connection's thread
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        else:
+            sock = _LimitedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        if isinstance(sock, PDULimit):
+            sock.limit_pdus(self.guard.max_pdu, self.guard.on_too_large)
+        return sock, address
+
+    def verify_request(self, request, client_address) -> bool:  # noqa: ANN001
+        host, port = str(client_address[0]), int(client_address[1])
+        reason = self.guard.admit(host)
+        if reason:
+            self.guard.refused(host, port, reason)
+            return False
         return True
 
-    def _record_stored(self, h: Header, rel, size: int, ts: str, assoc: AssociationInfo | None,
-                       event: str) -> None:
-        now = utcnow()
-        reason = triage_eligibility(h.sop_class_uid)
-        a = assoc.fields() if assoc else {}
-        with self.db.transaction() as s:
-            version = studies.note_instance(s, h.study_uid, h.patient_id, now, a.get("association_id"))
-            s.add(Instance(sop_instance_uid=h.sop_instance_uid, study_uid=h.study_uid, series_uid=h.series_uid,
-                           sop_class_uid=h.sop_class_uid, transfer_syntax=ts, path=str(rel), bytes=size,
-                           patient_id=h.patient_id, triage_eligible=reason is None, not_for_triage_reason=reason,
-                           study_version=version, association_id=a.get("association_id"),
-                           calling_aet=a.get("calling_aet"), received_at=now))
-            common = dict(study_uid=h.study_uid, series_uid=h.series_uid, sop_instance_uid=h.sop_instance_uid,
-                          sop_class_uid=h.sop_class_uid, patient_id=h.patient_id, **a)
-            audit.record(s, event, ts=now, transfer_syntax=ts, bytes=size, status=STATUS_SUCCESS,
-                         detail={"path": str(rel), "study_version": version}, **common)
-            if reason:
-                audit.record(s, "instance.not_for_triage", ts=now, reason=reason, **common)
-
-    def _record_duplicate(self, h: Header, size: int, assoc: AssociationInfo | None) -> None:
-        with self.db.transaction() as s:
-            audit.record(s, "instance.duplicate", study_uid=h.study_uid, series_uid=h.series_uid,
-                         sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
-                         patient_id=h.patient_id, bytes=size, status=STATUS_SUCCESS,
-                         reason="SOP Instance UID already stored; kept the first copy",
-                         **(assoc.fields() if assoc else {}))
-
-    def record_failure(self, status: int, reason: str, assoc: AssociationInfo | None, *,
-                       sop_instance_uid: str | None = None, sop_class_uid: str | None = None,
-                       header: Header | None = None, size: int | None = None) -> None:
-        fields: dict[str, Any] = dict(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid)
-        if header:
-            fields.update(study_uid=header.study_uid, series_uid=header.series_uid, patient_id=header.patient_id)
-        fields.update(status=status, reason=reason, bytes=size, **(assoc.fields() if assoc else {}))
-        self.audit("instance.failed", "failure", **fields)
-
-    def audit(self, event: str, outcome: str = "success", **fields: Any) -> None:
-        """Write one audit event; while the database is unreachable it goes to the on-disk backlog
-        (replayed later), and the peer still gets its answer."""
-        ts = utcnow()
+    def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
+        host, port = str(client_address[0]), int(client_address[1])
+        waiting = True
         try:
-            with self.db.transaction() as s:
-                audit.record(s, event, outcome, ts=ts, **fields)
-        except SQLAlchemyError as e:
-            kept = self.backlog is not None and self.backlog.add(event, outcome, fields, ts)
-            log.error("could not write audit event %s (%s): %s", event,
-                      "kept in the audit backlog" if kept else "not kept", db_error_text(e))
+            if isinstance(request, ssl.SSLSocket):
+                failure = _tls_handshake(request)
+                if failure:
+                    self.guard.on_tls_failure(host, port, failure)
+                    return
+            refusal = self._await_request(request, host)
+            if refusal == "":  # closed by the peer before it said anything: a probe, not refused
+                return
+            if refusal:
+                self.guard.refused(host, port, refusal)
+                return
+            self.guard.associating()
+            waiting = False
+            # pynetdicom leaves accepted sockets blocking without a timeout: a peer that stops in the
+            # middle of a PDU would hold its thread (and slot) for ever
+            request.settimeout(self.guard.network_timeout)
+            super().process_request_thread(request, client_address)
+        finally:
+            self.guard.closed(host, waiting)
+            self.shutdown_request(request)
 
-    def recover(self) -> int:
-        """Register spooled files that have no database row (a crash between rename and commit)."""
-        recovered = 0
-        with self.db.session() as s:
-            known = set(s.scalars(select(Instance.path)))
-        for rel in self.spool.iter_files():
-            if str(rel) in known:
-                continue
-            path = self.spool.spool_dir / rel
-            data = path.read_bytes()
-            try:
-                h = read_header(data)
-                ts = str(dcmread(BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID)
-            except (InvalidInstanceError, AttributeError) as e:
-                log.error("spooled file %s is unreadable (%s); left in place for inspection", rel, e)
-                continue
-            if self.is_stored(h.sop_instance_uid):
-                continue
-            try:
-                self._record_stored(h, rel, len(data), ts, None, "instance.recovered")
-            except IntegrityError:  # another node sharing the database recorded it meanwhile
-                continue
-            recovered += 1
-            log.warning("recovered spooled instance %s (no database row after a crash)", h.sop_instance_uid)
-        return recovered
+    def _await_request(self, sock: socket.socket, host: str) -> str | None:
+        """None when an A-ASSOCIATE-RQ is arriving; "" when the peer closed; else why the
+        connection is closed."""
+        timeout = self.guard.request_timeout
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return None
+        try:
+            readable, _, _ = select.select([sock], [], [], timeout)
+        except (OSError, ValueError):
+            return ""
+        if not readable:
+            return f"no A-ASSOCIATE-RQ within {timeout:g} s ([node] association_request_timeout)"
+        if isinstance(sock, ssl.SSLSocket):
+            return None  # no peeking into TLS records; pynetdicom reads it within acse_timeout
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return ""
+        if not first:
+            log.debug("connection from %s closed before an A-ASSOCIATE-RQ", host)
+            return ""
+        if first[0] != _A_ASSOCIATE_RQ:
+            return f"not DICOM: the first byte 0x{first[0]:02X} does not start an A-ASSOCIATE-RQ"
+        return None
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        """socketserver prints the traceback to stderr; log it instead (one record, escaped)."""
+        log.exception("connection from %s:%s ended with an error", client_address[0], client_address[1])
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket (running associations carry on).
+        pynetdicom's version also unregisters the server from ``AE.start_server``, which did not
+        start this one."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def _tls_handshake(sock: ssl.SSLSocket) -> str | None:
+    """Do the handshake (with the timeout set at accept); the reason it failed, or None."""
+    try:
+        sock.do_handshake()
+    except (ssl.SSLError, OSError) as e:  # TimeoutError is an OSError
+        return "TLS handshake timed out" if isinstance(e, TimeoutError) else \
+            f"TLS handshake failed: {getattr(e, 'reason', None) or e}"
+    return None
+
+
+def _any_uid(value: Any) -> tuple[bool, str]:
+    """For pynetdicom's ``_config.VALIDATORS["UI"]``: accept every UID a peer sends; the handlers
+    check the ones they use (``spool.is_valid_uid``) and answer with a status."""
+    return True, ""
 
 
 class Receiver:
@@ -323,34 +454,65 @@ class Receiver:
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 
-    def start(self):
+    def bind(self) -> GuardedServer:
+        """Listen on [node] host:port (raises OSError if it cannot); connections wait in the
+        backlog until :meth:`serve`. Separate so that ``serve`` can hold the port before it
+        sweeps or recovers anything."""
+        from pynetdicom import _config
+
+        from cxr_node.tls import server_context
+
         n = self.settings.node
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        from cxr_node.tls import deferred_handshake_server_class, server_context
-
+        # A malformed UID in a request (an 80-character SOP Instance UID) fails pynetdicom's check
+        # while the DIMSE message is decoded, which aborts the association before any handler runs;
+        # let it through to _on_store, which answers 0xC000 and says why (process-wide setting)
+        _config.VALIDATORS["UI"] = _any_uid
+        dul_log = logging.getLogger("pynetdicom.dul")
+        if _REPORTED_ABORT_FILTER not in dul_log.filters:
+            dul_log.addFilter(_REPORTED_ABORT_FILTER)
         ctx = server_context(self.settings.tls)
-        if ctx is None:
-            self.server = self.ae.start_server((n.host, n.port), block=False, evt_handlers=handlers)
-            return self.server
-        # TLS: pynetdicom's start_server() would handshake inside its accept loop (one silent peer
-        # blocks everyone); serve with our server class instead, the same way start_server(block=False) does
-        server_class = deferred_handshake_server_class(self._on_tls_failure, handshake_timeout=n.acse_timeout)
+        if ctx is not None:
+            ctx.sslsocket_class = _LimitedSSLSocket
+        guard = ConnectionGuard(n, self._on_refused, self._on_tls_failure, self._on_too_large)
         self.server = self.ae.make_server((n.host, n.port), evt_handlers=handlers, ssl_context=ctx,
-                                          server_class=server_class)
-        threading.Thread(target=self.server.serve_forever, name="cxr-node-tls-acceptor", daemon=True).start()
+                                          server_class=GuardedServer, guard=guard)
         return self.server
+
+    def serve(self) -> None:
+        """Start accepting connections (in a daemon thread)."""
+        threading.Thread(target=self.server.serve_forever, name="cxr-node-acceptor", daemon=True).start()
 
     def _on_tls_failure(self, host: str, port: int, reason: str) -> None:
         log.warning("TLS connection from %s:%d refused: %s", host, port, reason)
         self._audit("association.rejected", "failure", host=host, port=port, reason=reason,
                     detail={"stage": "tls"})
+
+    def _on_refused(self, host: str, port: int, reason: str, held_back: int) -> None:
+        more = f" ({held_back} more from this host since the last report)" if held_back else ""
+        log.warning("connection from %s:%d closed: %s%s", host, port, reason, more)
+        self._audit("connection.refused", "failure", host=host, port=port, reason=reason,
+                    detail={"held_back_since_last_row": held_back, "rate_limit": "one row per host and minute"})
+
+    def _on_too_large(self, sock: PDULimit) -> None:
+        info = sock.association
+        if info is not None:
+            info.abort_reason = sock.violation  # logged and audited with the association's counts in _on_aborted
+            return
+        try:
+            host, port = sock.getpeername()[:2]
+        except OSError:
+            host, port = "?", 0
+        log.warning("connection from %s:%s aborted: %s", host, port, sock.violation)
+        self._audit("association.aborted", "failure", host=str(host), port=int(port), reason=sock.violation)
 
     # ------------------------------------------------------------------ association events
 
@@ -364,10 +526,14 @@ class Receiver:
                                called_aet=str(rq.primitive.called_ae_title).strip(),
                                host=str(rq.address), port=int(rq.port))
         self._assocs[assoc] = info
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if isinstance(sock, PDULimit):
+            sock.association = info
         self._audit("association.opened", **info.fields())
         reason = self._refusal(info)
         if reason:
             rsd, text = reason
+            info.rejected = True
             assoc.acse.send_reject(*rsd)
             assoc.kill()  # wait until the DUL has sent the A-ASSOCIATE-RJ (as pynetdicom's own rejections do)
             if self.metrics:
@@ -408,6 +574,18 @@ class Receiver:
                 self.metrics.associations.labels("accepted").inc()
             log.info("association %s from %s@%s:%d accepted", info.id, info.calling_aet, info.host, info.port)
 
+    def _on_rejected(self, event) -> None:  # noqa: ANN001
+        """pynetdicom's own rejections (ours are audited in _on_requested): max_associations reached."""
+        info = self._info(event.assoc)
+        if info and not info.rejected:
+            reason = f"local limit exceeded: {self.settings.node.max_associations} associations active " \
+                     "([node] max_associations)"
+            if self.metrics:
+                self.metrics.associations.labels("rejected").inc()
+            self._audit("association.rejected", "failure", reason=reason, **info.fields())
+            log.warning("rejected association %s from %s@%s:%d: %s", info.id, info.calling_aet, info.host,
+                        info.port, reason)
+
     def _on_released(self, event) -> None:  # noqa: ANN001
         info = self._info(event.assoc)
         if info:
@@ -417,8 +595,10 @@ class Receiver:
     def _on_aborted(self, event) -> None:  # noqa: ANN001
         info = self._info(event.assoc)
         if info:
-            self._audit("association.aborted", "failure", detail=info.counts(), **info.fields())
-            log.warning("association %s aborted: %s", info.id, info.counts())
+            self._audit("association.aborted", "failure", detail=info.counts(), reason=info.abort_reason,
+                        **info.fields())
+            log.warning("association %s aborted%s: %s", info.id,
+                        f" ({info.abort_reason})" if info.abort_reason else "", info.counts())
 
     def _on_echo(self, event) -> int:  # noqa: ANN001
         info = self._info(event.assoc)
@@ -437,6 +617,9 @@ class Receiver:
         size = len(data)
         header = None
         try:
+            for name, value in (("SOP Instance", rq_sop), ("SOP Class", rq_class)):
+                if not is_valid_uid(value):
+                    raise InvalidInstanceError(f"request's Affected {name} UID invalid ({len(value)} chars)")
             header = read_header(data)
             if header.sop_class_uid != rq_class:
                 raise SOPClassMismatchError(f"dataset SOP Class {header.sop_class_uid} is not the request's")

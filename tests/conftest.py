@@ -90,10 +90,32 @@ class Node:
         if upgrade:
             self.upgrade()
         self._log = open(self.log_path, "ab")
+        started = self.log.count(self.READY)
         cmd = (prefix or []) + [PY, "-m", "cxr_node", "--config", str(self.config), "serve"]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
         wait_port(self.port, proc=self.proc)
+        self.wait_log(self.READY, count=started + 1)  # the port is bound before start-up recovery ends
         return self
+
+    #: What `serve` logs once it has recovered the spool and accepts associations.
+    READY = " listening as "
+
+    def wait_log(self, text: str, timeout: float = 30, count: int = 1) -> None:
+        """Wait until ``text`` appears ``count`` times in the log (which spans restarts)."""
+        deadline = time.monotonic() + timeout
+        while self.log.count(text) < count:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"cxr-node exited with {self.proc.returncode}; log:\n{self.log[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged within {timeout}s; log:\n{self.log[-3000:]}")
+            time.sleep(0.05)
+
+    def rss_kib(self) -> int:
+        """The daemon's resident set size (VmRSS in /proc/PID/status), in KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS in /proc status")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -83,11 +83,13 @@ def test_sender_calls_a_tls_peer_with_its_certificate(certs, tmp_path):
 
 def test_silent_peer_does_not_block_tls_receiver_and_failures_are_audited(node_factory, certs, tmp_path):
     """pynetdicom handshakes in its accept loop: one TCP peer that says nothing would hold every other
-    peer off. cxr-node handshakes per connection, with acse_timeout, and audits each TLS refusal."""
+    peer off. cxr-node handshakes per connection, with association_request_timeout, and audits each TLS
+    refusal."""
     import socket
     import time
 
-    node = node_factory("tls-silent", extra_node="acse_timeout = 4", extra=_tls_section(certs)).start()
+    node = node_factory("tls-silent", extra_node="acse_timeout = 4\nassociation_request_timeout = 4",
+                        extra=_tls_section(certs)).start()
     silent = socket.create_connection(("127.0.0.1", node.port))
     try:
         time.sleep(0.5)
@@ -100,9 +102,30 @@ def test_silent_peer_does_not_block_tls_receiver_and_failures_are_audited(node_f
             "+tls", str(certs / "rogue.key"), str(certs / "rogue.pem"), "+cf", str(certs / "ca.pem")))
         assert rogue.returncode != 0
         rows = node.wait_for_event("association.rejected", timeout=15,
-                                   reason="TLS handshake timed out")  # the silent one, after acse_timeout
+                                   reason="TLS handshake timed out")  # the silent one, after the timeout
     finally:
         silent.close()
     tls_rows = [r for r in node.events("association.rejected") if (r["detail"] or {}).get("stage") == "tls"]
     assert rows and all(r["host"] == "127.0.0.1" and r["outcome"] == "failure" for r in tls_rows)
     assert any("TLS handshake failed" in r["reason"] and "CERTIFICATE" in r["reason"].upper() for r in tls_rows)
+
+
+def test_pdu_limit_holds_over_tls(node_factory, certs):
+    """The PDU length check sits under TLS too: a trusted client declaring a 1 GiB P-DATA PDU is
+    aborted at its header."""
+    import socket
+    import ssl
+
+    from test_hardening import associate_rq, read_pdu
+
+    node = node_factory("tls-pdu", extra=_tls_section(certs) + "[model]\npreload = false\n").start()
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    ctx.load_cert_chain(str(certs / "modality.pem"), str(certs / "modality.key"))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", node.port), timeout=10),
+                         server_hostname="127.0.0.1") as sock:
+        sock.sendall(associate_rq(b"TLSBIG"))
+        assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.sendall(bytes([0x04, 0]) + (1 << 30).to_bytes(4, "big"))
+        assert read_pdu(sock) == (0x07, bytes([0, 0, 0x02, 0x06]))  # A-ABORT
+    (row,) = node.wait_for_event("association.aborted", calling_aet="TLSBIG")
+    assert "1073741824 bytes is longer than the 131072 bytes we accept" in row["reason"]

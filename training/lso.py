@@ -108,7 +108,7 @@ def held_out(spec: str, rows: Sequence[dict[str, str]], splits: Sequence[str] = 
         sites = {site for site, c in by_site.items() if c.most_common(1)[0][0] == spec}
     sel = [r for r in all_kept if r["site"] in sites and r["split"] in splits]
     if not sel:
-        known = sorted({r["source"] for r in kept})
+        known = sorted({r["source"] for r in all_kept})
         raise SystemExit(f"hold-out {spec!r} matches no kept film (sources: {', '.join(known)}; "
                          "or site:SITE with a site of the manifest)")
     return sel

@@ -121,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--percentile", type=float, default=97.5)
     ap.add_argument("--out-reference", required=True)
     ap.add_argument("--results", required=True)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
 
     from cxr_node.eligibility import pixel_reason
     from cxr_node.infer import FEATURE_LAYERS, OOD_KIND
@@ -158,7 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 2. the sets
     ext = external_sets(a.external, seg_train, a.per_source)
-    val_films = [str(p) for p in val]
     probes = write_probes(Path(a.probes), {"val": val[:20], "test": [p for s in ext.values() for p in s["test"][:10]]},
                           dicom_samples=a.dicom_samples, laterals=a.laterals)
     sets: dict[str, dict[str, list[Path]]] = {"val": {"in-distribution (validation split)": val},

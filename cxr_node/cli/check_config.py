@@ -15,14 +15,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
                        help="validate the config file and print the effective settings",
                        description="Validate the config file (exit 2 naming the key and the rule) and "
                        "print the effective settings. Warns, still exiting 0, when no [[destinations]] "
-                       "are configured.")
+                       "are configured and when the node accepts any AE title from any host.")
     p.set_defaults(run=run)
 
 
 def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
     from sqlalchemy.engine import make_url
 
-    from cxr_node.config import destinations_warning
+    from cxr_node.config import destinations_warning, exposure_warning
 
     n = settings.node
     where = settings.source or "built-in defaults"
@@ -34,10 +34,16 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     out.write(f"  database    {make_url(settings.database.url).render_as_string(hide_password=True)}\n")
     out.write(f"  quiet       {settings.study.quiet_seconds:g} s\n")
     out.write(f"  model       {settings.model.checkpoint} (device {settings.model.device})\n")
+    e = settings.eligibility
+    out.write(f"  eligible    body parts {', '.join(e.body_parts)}; views {', '.join(e.views)}; "
+              f"pixel checks (lung fields, training distribution) {'on' if e.check_pixels else 'OFF'}\n")
     for d in settings.destinations:
         out.write(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}\n")
     warning = destinations_warning(settings)
     if warning:
         out.write("  destination none\n")
         sys.stderr.write(f"cxr-node: warning: {warning}\n")
+    exposed = exposure_warning(settings)
+    if exposed:
+        sys.stderr.write(f"cxr-node: warning: {exposed}\n")
     return 0
