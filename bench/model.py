@@ -4,7 +4,9 @@
 
 Latency is measured on the real CR films RG1_UNCR.dcm (uncompressed) and RG1_J2KR.dcm (JPEG 2000
 lossless) from pydicom-data, one film at a time (batch 1), after one warm-up; each stage is timed
-separately (``forward`` alone is shown for reference; ``predict_gradcam`` is
+separately (``lungs`` is the lung-field segmenter on the CLAHE'd film, ``ood_score`` the
+out-of-domain score on the features, both added by the eligibility rules; ``forward`` alone is
+shown for reference; ``predict_gradcam`` is
 ``Predictor.predict(explain=True)``: forward, softmax, Grad-CAM forward + backward) and
 the total (decode + preprocess + predict_gradcam) is reported as p50/p95. Training throughput runs ``--train-steps``
 AdamW steps of the checkpoint's architecture at its input size on cached uint8 films with the
@@ -36,25 +38,35 @@ def latency(checkpoint: Path, repeats: int) -> dict:
     from pydicom.data import get_testdata_file
 
     from cxr_node.infer import Predictor
+    from cxr_node.lungs import LungSegmenter
     from cxr_node.preprocess import AreaDownscale, CLAHE, NormalizeIntensity, ResizeSquare, dicom_to_float
 
     pred = Predictor(checkpoint, device="cpu")
+    seg = LungSegmenter()
     p = pred.params
     down, clahe = AreaDownscale(p["downscale_max"]), CLAHE(p["clahe_clip_limit"], p["clahe_kernel_fraction"], p["clahe_nbins"])
     resize, norm = ResizeSquare(p["input_size"]), NormalizeIntensity(p["normalize"])
     out = {}
     for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm"):
         path = get_testdata_file(name)
-        stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "forward": [], "predict_gradcam": [], "total": []}
+        stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "lungs": [], "forward": [], "ood_score": [],
+                                          "predict_gradcam": [], "total": []}
         for r in range(repeats + 1):
             t0 = time.perf_counter()
             ds = pydicom.dcmread(path)
             _ = ds.pixel_array  # decode
             t1 = time.perf_counter()
-            x = norm(resize(clahe(down(dicom_to_float(ds, p["percentiles"], p["min_size"])[None]))))
+            c = clahe(down(dicom_to_float(ds, p["percentiles"], p["min_size"])[None]))
+            x = norm(resize(c))
             t2 = time.perf_counter()
+            seg.analyse(c)  # lung fields: the eligibility rule (and the crop, for a model trained with it)
+            tl = time.perf_counter()
             with torch.inference_mode():
                 pred.model(x[None])
+            t3 = time.perf_counter()
+            if pred.ood is not None:
+                pred.ood.score(pred._features)
+            to = time.perf_counter() - t3
             t3 = time.perf_counter()
             pred.predict([x], explain=True)  # forward + backward for Grad-CAM (+ softmax)
             t4 = time.perf_counter()
@@ -62,9 +74,11 @@ def latency(checkpoint: Path, repeats: int) -> dict:
                 continue  # warm-up
             stages["decode"].append(t1 - t0)
             stages["preprocess"].append(t2 - t1)
-            stages["forward"].append(t3 - t2)
+            stages["lungs"].append(tl - t2)
+            stages["forward"].append(t3 - tl - to)
+            stages["ood_score"].append(to)
             stages["predict_gradcam"].append(t4 - t3)
-            stages["total"].append((t2 - t0) + (t4 - t3))  # the standalone forward is not counted twice
+            stages["total"].append((tl - t0) + (t4 - t3))  # the standalone forward is not counted twice
         out[name] = {k: {"p50_ms": pct(v, 50), "p95_ms": pct(v, 95)} for k, v in stages.items()}
         out[name]["repeats"] = repeats
     return out
@@ -122,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(text + "\n")
     if args.json:
         Path(args.json).write_text(text + "\n")
-    sys.stdout.write("\n| film | decode p50 | preprocess p50 | forward p50 | predict + Grad-CAM p50 | total p50 | total p95 |\n"
-                     "|---|---|---|---|---|---|---|\n")
+    sys.stdout.write("\n| film | decode p50 | preprocess p50 | lungs p50 | OOD score p50 | forward p50 | "
+                     "predict + Grad-CAM p50 | total p50 | total p95 | added by eligibility (lungs + OOD) / total |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|\n")
     for name, st in res["latency"].items():
+        added = st['lungs']['p50_ms'] + st['ood_score']['p50_ms']
         sys.stdout.write(f"| {name} | {st['decode']['p50_ms']:.0f} ms | {st['preprocess']['p50_ms']:.0f} ms | "
+                         f"{st['lungs']['p50_ms']:.0f} ms | {st['ood_score']['p50_ms']:.1f} ms | "
                          f"{st['forward']['p50_ms']:.0f} ms | {st['predict_gradcam']['p50_ms']:.0f} ms | "
-                         f"{st['total']['p50_ms']:.0f} ms | {st['total']['p95_ms']:.0f} ms |\n")
+                         f"{st['total']['p50_ms']:.0f} ms | {st['total']['p95_ms']:.0f} ms | "
+                         f"{added:.0f} ms / {st['total']['p50_ms']:.0f} ms = {added / st['total']['p50_ms']:.2f} |\n")
     t = res["training"]
     sys.stdout.write(f"\ntraining: {t['arch']} {t['input_size']}px batch {t['batch']}: "
                      f"{t['images_per_s']:.1f} images/s ({t['step_s_p50']:.2f} s/step)\n")
