@@ -66,6 +66,19 @@ def pixel_reason(lungs: Any, score: float | None, threshold: float | None) -> st
     return lung_reason(lungs) or ood_reason(score, threshold)
 
 
+#: Short names for the kinds of refusal (status, metrics, SR codes), by a phrase of the reason.
+CATEGORIES = (("SOP class", "sop_class"), ("BodyPartExamined", "header"), ("ViewPosition", "header"),
+              ("unusable pixels", "pixels"), ("cannot read", "unreadable"), (OUTSIDE_DISTRIBUTION, "out_of_domain"),
+              ("lung field", "no_lung_fields"), ("lung area", "no_lung_fields"), ("lung shape", "no_lung_fields"),
+              ("one lung", "no_lung_fields"))
+
+
+def category(reason: str | None) -> str:
+    """The kind of a refusal reason: sop_class, header, pixels, unreadable, no_lung_fields,
+    out_of_domain or other."""
+    return next((c for phrase, c in CATEGORIES if reason and phrase in reason), "other")
+
+
 def settings_rules(settings: Any) -> dict[str, Any]:
     """``header_reason`` keyword arguments from the node's settings (``[eligibility]``)."""
     e = getattr(settings, "eligibility", None)

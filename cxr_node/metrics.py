@@ -47,19 +47,29 @@ class _DatabaseCollector:
         from prometheus_client.core import GaugeMetricFamily
         from sqlalchemy import func, select
 
-        from cxr_node.db.models import OutboxItem, Study
+        from cxr_node.db.models import ImageResult, OutboxItem, Study
+        from cxr_node.eligibility import category
 
         studies = GaugeMetricFamily("cxr_node_studies", "Studies by state", labels=["state"])
         outbox = GaugeMetricFamily("cxr_node_outbox_items", "Outbox items by state", labels=["state"])
+        refused = GaugeMetricFamily("cxr_node_films_not_analysed", "Films not analysed, by kind of reason",
+                                    labels=["reason"])
         try:
             with self.db.session() as s:
                 for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state)):
                     studies.add_metric([state], n)
                 counts = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
+                kinds: dict[str, int] = {}
+                for reason, n in s.execute(select(ImageResult.reason, func.count())
+                                           .where(ImageResult.analysed.is_(False)).group_by(ImageResult.reason)):
+                    kinds[category(reason)] = kinds.get(category(reason), 0) + n
         except Exception as e:  # a scrape must not take the daemon down; the log says why it is empty
             log.error("metrics: database query failed: %s", db_error_text(e))
             return
         for state in ("pending", "sent", "dead"):
             outbox.add_metric([state], counts.get(state, 0))
+        for kind, n in sorted(kinds.items()):
+            refused.add_metric([kind], n)
         yield studies
         yield outbox
+        yield refused

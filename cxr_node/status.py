@@ -8,9 +8,10 @@ from typing import Any, TextIO
 
 from sqlalchemy import exists, func, select
 
+from cxr_node import eligibility
 from cxr_node.audit_backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning
-from cxr_node.db.models import AuditEvent, OutboxItem, Study, utcnow
+from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 
 
@@ -35,10 +36,16 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                             .order_by(AuditEvent.id.desc()).limit(1)).first()
         model = s.scalars(select(AuditEvent).where(AuditEvent.event == "image.triaged")
                           .order_by(AuditEvent.id.desc()).limit(1)).first()
+        refused_reasons = s.execute(select(ImageResult.reason, func.count()).where(ImageResult.analysed.is_(False))
+                                    .group_by(ImageResult.reason)).all()
         never_queued = s.scalar(select(func.count()).select_from(Study).where(
             Study.last_sr_uid.is_not(None), ~exists().where(OutboxItem.study_uid == Study.study_uid)))
     now = utcnow()
     backlog = audit_backlog_count(settings)
+    not_analysed: dict[str, int] = {}
+    for reason, n in refused_reasons:
+        k = eligibility.category(reason)
+        not_analysed[k] = not_analysed.get(k, 0) + n
     running = started is not None and started.event == "node.started"
     return {
         "database": "ok",
@@ -46,6 +53,7 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "uptime_seconds": round((now - started.ts).total_seconds()) if running else None,
         "studies": states,
         "priorities": priorities,
+        "films_not_analysed": not_analysed,
         "outbox": {"pending": outbox.get("pending", 0), "sent": outbox.get("sent", 0), "dead": outbox.get("dead", 0),
                    "oldest_pending_seconds": round((now - oldest).total_seconds()) if oldest else None},
         "model": {"configured": str(settings.model.checkpoint),
@@ -78,6 +86,9 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
     out.write(f"daemon      {'running, up ' + _dur(up) if st['running'] else 'not running (last event: stopped)'}\n")
     out.write("studies     " + (", ".join(f"{k} {v}" for k, v in sorted(st["studies"].items())) or "none") + "\n")
     out.write("priority    " + (", ".join(f"{k} {v}" for k, v in sorted(st["priorities"].items())) or "-") + "\n")
+    na = st.get("films_not_analysed") or {}
+    out.write("not analysed " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(na.items())) or "none")
+              + "  (films refused with a reason: cxr-node audit --event image.skipped)\n")
     ob = st["outbox"]
     oldest = f" (oldest waiting {_dur(ob['oldest_pending_seconds'])})" if ob["oldest_pending_seconds"] is not None else ""
     out.write(f"outbox      pending {ob['pending']}{oldest}, sent {ob['sent']}, dead {ob['dead']}\n")

@@ -3,11 +3,12 @@ film as not analysed, nothing is flagged, and the chest film of the same study i
 
 from __future__ import annotations
 
+import json
 import time
 
 from pydicom import dcmread
 
-from conftest import StoreSCP, storescu
+from conftest import StoreSCP, cli, storescu
 from cxr_node.encode.sr import read_findings
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
@@ -47,6 +48,8 @@ def test_a_film_without_lungs_is_refused_audited_and_named_in_the_sr(node_factor
     assert by_source[noise_uid]["evaluations"] == {"Reason not analysed": "No plausible lung fields found"}
     assert by_source[noise_uid]["probabilities"] == {}
     assert by_source[chest_uid]["probabilities"]  # the analysed film has its probabilities
+    status = json.loads(cli("status", "--format", "json", config=node.config).stdout)
+    assert status["films_not_analysed"] == {"no_lung_fields": 1}
 
 
 def test_a_study_with_only_refused_films_still_gets_an_sr_and_no_flag(node_factory, tmp_path):

@@ -77,10 +77,14 @@ def test_no_lungs_on_generated_patterns(seg, name, img):
 def test_plausibility_rules_name_what_is_wrong():
     prob = np.zeros((64, 64), np.float32)
     assert analyse_mask(prob).reason == "no lung fields found"
-    prob[10:50, 5:25] = 0.9          # one lung only
+    prob[10:50, 8:28] = 0.9          # one lung only
     assert "one lung field only" in analyse_mask(prob).reason
-    prob[10:50, 39:59] = 0.9         # and its partner
+    prob[10:50, 36:56] = 0.9         # and its partner, side by side with a gap between them
     assert analyse_mask(prob).reason is None
+    lateral_like = np.zeros((64, 64), np.float32)
+    lateral_like[5:30, 4:31] = 0.9   # two fields at different heights, touching: not a frontal view
+    lateral_like[28:60, 33:60] = 0.9
+    assert "not side by side" in analyse_mask(lateral_like).reason
     prob[:] = 0.9                    # everything is "lung"
     assert analyse_mask(prob).reason is not None
 

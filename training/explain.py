@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--layers", nargs="+", default=["class_layers.relu", "features.denseblock3"])
     ap.add_argument("--max-films", type=int, default=120)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--figure", help="also write before/after pictures (with legend) of this film to OUT")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
 
@@ -69,6 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      lung_mask=pr.lungs.mask if pr.lungs.box else None) \
                     if layer != a.layers[0] else render_overlay(pr.display, p.cam)
                 Image.fromarray(rgb).save(out / f"example-{i}-{layer.replace('.', '_')}.png")
+    if a.figure:
+        from cxr_node.overlay import legend_lines, with_legend
+
+        pr = prepare(a.figure, pred.params, seg)
+        for layer, name, masked in ((a.layers[0], "before", False), (a.layers[-1], "after", True)):
+            pred.target_layer, pred._cam = layer, None
+            f = pred.policy.apply(pred.predict([pr.x])[0])
+            rgb = render_overlay(pr.display, f.cam, box=pr.box, lung_mask=pr.lungs.mask) if masked \
+                else render_overlay(pr.display, f.cam)
+            lines = legend_lines(f, "cxr-node", pred.version)
+            if not masked:
+                lines[-1] = (f"heat map: Grad-CAM for {f.cam_label} at {layer} (before)", lines[-1][1])
+            Image.fromarray(with_legend(rgb, lines, colour_bar=masked)).save(out / f"overlay-{name}.png")
     summary = {"checkpoint_version": pred.version, "n": len(rows), "layers": {}}
     for layer, kinds in res.items():
         summary["layers"][layer] = {kind: {"mean": float(np.mean(v)), "ci95": bootstrap_mean_ci(np.array(v))}

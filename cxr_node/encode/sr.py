@@ -56,22 +56,21 @@ def probability_code(label: str) -> Code:
 
 NOT_ANALYSED = Code("NOTANALYSED", PRIVATE_SCHEME, "Not analysed")
 REASON_NOT_ANALYSED = Code("REASON", PRIVATE_SCHEME, "Reason not analysed")
-#: Reason categories (the full reason, with scores, is in the audit trail).
-REASONS = (
-    ("no lung fields", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
-    ("lung field", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
-    ("lung area", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
-    ("lung shape", Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")),
-    ("outside the training distribution", Code("OOD", PRIVATE_SCHEME, "Outside the model's training distribution")),
-    ("BodyPartExamined", Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film")),
-    ("ViewPosition", Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film")),
-    ("unusable pixels", Code("PIXELS", PRIVATE_SCHEME, "Pixels unusable")),
-)
+#: Coded reason per refusal kind (cxr_node.eligibility.category); the full reason is in the audit trail.
+_NO_LUNGS = Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")
+REASON_CODES = {
+    "no_lung_fields": _NO_LUNGS,
+    "out_of_domain": Code("OOD", PRIVATE_SCHEME, "Outside the model's training distribution"),
+    "header": Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film"),
+    "pixels": Code("PIXELS", PRIVATE_SCHEME, "Pixels unusable"),
+}
 OTHER_REASON = Code("OTHER", PRIVATE_SCHEME, "Not analysed for another reason")
 
 
 def reason_code(reason: str) -> Code:
-    return next((c for key, c in REASONS if key in reason), OTHER_REASON)
+    from cxr_node.eligibility import category
+
+    return REASON_CODES.get(category(reason), OTHER_REASON)
 
 
 @dataclass(frozen=True)
