@@ -127,7 +127,7 @@ class Predictor:
         self.arch = str(self.meta["arch"])
         self.policy = TriagePolicy.from_meta(self.meta)
         self.target_layer = cam_layer(self.meta)
-        self._cam = None
+        self._cams: dict[str, Any] = {}  # one GradCAM (and its hooks) per target layer, made once
         self._preprocess = None
         self._features: torch.Tensor | None = None
         ood_path = Path(ood_reference) if ood_reference else default_ood_path(checkpoint)
@@ -176,11 +176,11 @@ class Predictor:
         return preprocess_with_display(src, self.params)
 
     def _gradcam(self):
-        if self._cam is None:
+        if self.target_layer not in self._cams:
             from monai.visualize import GradCAM
 
-            self._cam = GradCAM(nn_module=self.model, target_layers=self.target_layer)
-        return self._cam
+            self._cams[self.target_layer] = GradCAM(nn_module=self.model, target_layers=self.target_layer)
+        return self._cams[self.target_layer]
 
     def _stack(self, images: torch.Tensor | Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
         if isinstance(images, torch.Tensor):

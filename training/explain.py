@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gt = np.asarray(Image.open(root / r["lung_mask"]).convert("L").resize(pr.display.shape[::-1]),
                         dtype=np.float32) >= 128
         for layer in a.layers:
-            pred.target_layer, pred._cam = layer, None
+            pred.target_layer = layer
             [p] = pred.predict([pr.x])
             raw = place_cam(p.cam, pr.display.shape, pr.box)
             shown = heat(pr.display.shape, p.cam, pr.box, pr.lungs.mask if pr.lungs.box else None)
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pr = prepare(a.figure, pred.params, seg)
         for layer, name, masked in ((a.layers[0], "before", False), (a.layers[-1], "after", True)):
-            pred.target_layer, pred._cam = layer, None
+            pred.target_layer = layer
             f = pred.policy.apply(pred.predict([pr.x])[0])
             rgb = render_overlay(pr.display, f.cam, box=pr.box, lung_mask=pr.lungs.mask) if masked \
                 else render_overlay(pr.display, f.cam)
