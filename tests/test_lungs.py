@@ -123,3 +123,21 @@ def test_header_rules_accept_thorax_and_refuse_other_body_parts():
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", "LL"
     assert "LL" in eligibility.header_reason(ds)
     assert eligibility.header_reason(ds, views=("PA", "LL")) is None
+
+
+def test_bundled_out_of_domain_reference_is_bound_to_the_classifier_and_separates(seg, films, tmp_path):
+    """The bundled classifier's reference verifies, names its classifier's weights, scores a real
+    chest film inside and generated noise far outside its threshold; bound to other weights it is refused."""
+    from cxr_node.config import BUNDLED_CHECKPOINT
+    from cxr_node.infer import OodReference, Predictor, default_ood_path
+
+    pred = Predictor(BUNDLED_CHECKPOINT)
+    assert pred.ood is not None and pred.ood.meta["classifier_sha256"] == pred.weights_sha256
+    chest = prepare(films["RG1_UNCR"], pred.params, seg)
+    noise = np.random.default_rng(0).random((1, 128, 128)).astype(np.float32)
+    noise = (noise - noise.mean()) / noise.std()
+    a, b = pred.predict([chest.x, noise], explain=False)
+    assert a.ood_score < pred.ood.threshold < b.ood_score
+    assert eligibility.ood_reason(b.ood_score, pred.ood.threshold).startswith("outside the training distribution")
+    with pytest.raises(CheckpointError, match="fitted for classifier"):
+        OodReference(default_ood_path(BUNDLED_CHECKPOINT), classifier_sha256="f" * 64)
