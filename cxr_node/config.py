@@ -27,21 +27,25 @@ DEFAULT_DATA_DIR = "/var/lib/cxr-node"
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "cxr-densenet121.pt"
 
 
+# The settings classes have no defaults of their own: every default is in _SCHEMA (the documented
+# TOML value) and reaches them through parse(), so there is one place to read or change them.
+
+
 @dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
     host: str
     port: int
-    tls: bool = False
+    tls: bool
 
 
 @dataclass(frozen=True)
 class TLSSettings:
-    certificate: Path | None = None
-    private_key: Path | None = None
-    ca_certificates: Path | None = None
-    require_client_certificate: bool = True
+    certificate: Path | None
+    private_key: Path | None
+    ca_certificates: Path | None
+    require_client_certificate: bool
 
     @property
     def enabled(self) -> bool:
@@ -51,24 +55,24 @@ class TLSSettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    ae_title: str = "CXRNODE"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    allowed_calling_aets: tuple[str, ...] = ()
-    allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    max_pdu: int = 131072
-    max_associations: int = 16
-    max_connections_per_host: int = 8
-    association_request_timeout: float = 10.0
-    network_timeout: float = 60.0
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    drain_seconds: float = 30.0
+    ae_title: str
+    host: str
+    port: int
+    allowed_calling_aets: tuple[str, ...]
+    allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_pdu: int
+    max_associations: int
+    max_connections_per_host: int
+    association_request_timeout: float
+    network_timeout: float
+    acse_timeout: float
+    dimse_timeout: float
+    drain_seconds: float
 
 
 @dataclass(frozen=True)
 class StorageSettings:
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    data_dir: Path
 
     @property
     def spool_dir(self) -> Path:
@@ -93,7 +97,7 @@ class DatabaseSettings:
 
 @dataclass(frozen=True)
 class StudySettings:
-    quiet_seconds: float = 30.0
+    quiet_seconds: float
 
 
 @dataclass(frozen=True)
@@ -116,15 +120,15 @@ class EligibilitySettings:
 
 @dataclass(frozen=True)
 class OutboxSettings:
-    poll_seconds: float = 2.0
-    retry_base_seconds: float = 10.0
-    retry_max_seconds: float = 900.0
-    max_attempts: int = 15
+    poll_seconds: float
+    retry_base_seconds: float
+    retry_max_seconds: float
+    max_attempts: int
 
 
 @dataclass(frozen=True)
 class RetentionSettings:
-    days: float = 0.0  # 0 = keep everything
+    days: float  # 0 = keep everything
 
     @property
     def enabled(self) -> bool:
@@ -133,12 +137,12 @@ class RetentionSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    port: int = 0  # 0 = no metrics endpoint
+    port: int  # 0 = no metrics endpoint
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    level: str = "INFO"
+    level: str
 
 
 @dataclass(frozen=True)
