@@ -118,7 +118,9 @@ def test_check_config_warns_without_destinations(tmp_path):
     assert p.returncode == 0 and "warning: no [[destinations]] configured" in p.stderr
     assert "`cxr-node resend STUDY_UID`" in p.stderr and "destination none" in p.stdout
     p = cli("check-config", config=_config(tmp_path, dest=True))
-    assert p.stderr == "" and "destination pacs: PACS@127.0.0.1:4242" in p.stdout
+    assert "no [[destinations]]" not in p.stderr and "destination pacs: PACS@127.0.0.1:4242" in p.stdout
+    # the shipped exposure (every interface, any AE title, any host) is allowed but said
+    assert p.returncode == 0 and "accepts any calling AE title from any host" in p.stderr
 
 
 def test_echo_to_a_real_peer_and_failures(tmp_path):
