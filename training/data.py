@@ -66,7 +66,9 @@ def read_tree(root: Path) -> list[Record]:
     return recs
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets of string keys (path halving; the smaller key names a set)."""
+
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
 
@@ -96,7 +98,7 @@ def read_manifest(csv_path: Path, include_excluded: bool = False) -> list[Record
         rows = list(reader)
     if not rows:
         raise ValueError(f"{csv_path}: manifest has no rows")
-    uf = _UnionFind()
+    uf = UnionFind()
     for i, r in enumerate(rows):
         node = f"row:{i}"
         uf.find(node)

@@ -75,6 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from training.data import UnionFind
+
 log = logging.getLogger("training.sources")
 
 KINDS = ("covid19-radiography", "hannover", "nih", "ieee8023", "generic")
@@ -210,23 +212,6 @@ def read_source(spec: SourceSpec) -> list[Row]:
     return rows
 
 
-class _UF:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, x: str) -> str:
-        self.parent.setdefault(x, x)
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def _rank(order: Sequence[str], extra: Sequence[str], row: Row) -> tuple[int, int]:
     if row.kind in order:
         return (0, order.index(row.kind))
@@ -247,7 +232,7 @@ def merge(specs: Sequence[SourceSpec], ieee8023_no_finding: str = "drop", relabe
     hannover = [s.name for s in specs if s.kind == "hannover"]
 
     # ---- film identity (copies) and dedup groups (copies + patients + near-duplicates)
-    copies, groups = _UF(), _UF()
+    copies, groups = UnionFind(), UnionFind()
     for r in rows:
         node = f"file:{r.key}"
         copies.find(node)
