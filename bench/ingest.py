@@ -60,7 +60,10 @@ def run_storescp(work: Path, batches: list[list[Path]]) -> float:
 def run_cxr_node(work: Path, batches: list[list[Path]]) -> float:
     root = work / "node"
     shutil.rmtree(root, ignore_errors=True)
-    node = Node(root, log_level="WARNING")
+    # receiving alone, as in every run since the first: the model is not preloaded (it would load
+    # torch on the same 2 cores during the measurement) and studies complete after the default
+    # 30 s quiet period, after the files are in
+    node = Node(root, log_level="WARNING", extra="[model]\npreload = false\n")
     node.start()
     try:
         elapsed = send(node.port, "CXRNODE", batches)
