@@ -18,6 +18,7 @@ Runs in a scheduler worker thread, never in a receiving thread. The models are l
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,10 +80,17 @@ class Processor:
         self._predictor = None
         self._segmenter = None
         self._identity = None
+        # the start-up preload thread and the first worker may both ask for the models; importing
+        # MONAI from two threads at once fails (a partially initialised module), so one loads
+        self._load_lock = threading.Lock()
 
     # ------------------------------------------------------------------ models, loaded once
 
     def predictor(self):
+        with self._load_lock:
+            return self._load()
+
+    def _load(self):
         if self._predictor is None:
             from cxr_node.encode.identity import ModelIdentity
             from cxr_node.infer import Predictor

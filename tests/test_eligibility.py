@@ -14,13 +14,18 @@ from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 
 
+def _node(node_factory, tmp_path, pacs, name):
+    """A node with a model that flags every analysed film urgent, sending to ``pacs``."""
+    ckpt = make_checkpoint(tmp_path / f"{name}.pt", input_size=64, thresholds={"COVID": 0.0})
+    return node_factory(name, quiet_seconds=1, extra=(
+        f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n[outbox]\npoll_seconds = 0.3\n'
+        f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.ae_title}"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+    )).start()
+
+
 def test_a_film_without_lungs_is_refused_audited_and_named_in_the_sr(node_factory, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "model.pt", input_size=64, thresholds={"COVID": 0.0})  # flags every film
     with StoreSCP(tmp_path / "pacs") as pacs:
-        node = node_factory("elig", quiet_seconds=1, extra=(
-            f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n[outbox]\npoll_seconds = 0.3\n'
-            f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.ae_title}"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
-        )).start()
+        node = _node(node_factory, tmp_path, pacs, "elig")
         study = uid()
         noise = make_cr(tmp_path / "noise.dcm", study_uid=study, rows=300, cols=300, pixels="random")
         chest = make_cr(tmp_path / "chest.dcm", study_uid=study, rows=300, cols=300, seed=3)
@@ -53,12 +58,8 @@ def test_a_film_without_lungs_is_refused_audited_and_named_in_the_sr(node_factor
 
 
 def test_a_study_with_only_refused_films_still_gets_an_sr_and_no_flag(node_factory, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "model.pt", input_size=64, thresholds={"COVID": 0.0})
     with StoreSCP(tmp_path / "pacs") as pacs:
-        node = node_factory("elig2", quiet_seconds=1, extra=(
-            f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n[outbox]\npoll_seconds = 0.3\n'
-            f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.ae_title}"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
-        )).start()
+        node = _node(node_factory, tmp_path, pacs, "elig2")
         study = uid()
         assert storescu(node.port, make_cr(tmp_path / "n.dcm", study_uid=study, pixels="random")).returncode == 0
         (processed,) = node.wait_for_event("study.processed", timeout=120, study_uid=study)
