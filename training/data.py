@@ -222,6 +222,38 @@ def select(records: Sequence[Record], assign: Mapping[str, str] | None, split: s
 # --------------------------------------------------------------------------- uint8 cache
 
 
+_PACK: Any = None  # training.pack.FilmPack, set by use_pack()
+
+
+def use_pack(path: str | os.PathLike[str] | None) -> None:
+    """Read films from a film pack (``python -m training.pack``) instead of the source images, for
+    the rest of the process (train, calibrate, evaluate and lso take ``--film-pack``)."""
+    global _PACK
+    if not path:
+        _PACK = None
+        return
+    from training.pack import FilmPack
+
+    _PACK = FilmPack(path)
+    log.info("reading films from pack %s (%d films, %s)", path, len(_PACK), _PACK.codec)
+
+
+def _from_pack(records: Sequence[Record], params: Mapping[str, Any]) -> np.ndarray:
+    if not _PACK.matches(params):
+        raise SystemExit(f"film pack {_PACK.path} was made with other preprocessing parameters "
+                         f"({json.dumps(_PACK.params, sort_keys=True)}) than this run's "
+                         f"({json.dumps(dict(params), sort_keys=True)}): build a pack with this run's --preprocess")
+    missing = [r.path for r in records if r.path not in _PACK]
+    if missing:
+        raise SystemExit(f"film pack {_PACK.path} lacks {len(missing)} of {len(records)} films, e.g. {missing[0]}: "
+                         "build it from the same manifest (or use its --manifest-out)")
+    size = int(params["input_size"])
+    arr = np.zeros((len(records), size, size), dtype=np.uint8)
+    for i, r in enumerate(records):
+        arr[i] = _PACK.get(r.path)
+    return arr
+
+
 def _cache_key(records: Sequence[Record], params: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(dict(params), sort_keys=True).encode())
@@ -234,6 +266,8 @@ def build_cache(records: Sequence[Record], params: Mapping[str, Any], cache_dir:
                 show_progress: bool = True) -> np.ndarray:
     """Preprocess every record once (cxr_node.preprocess.base_transform) into a uint8 array
     ``(N, S, S)`` stored as ``cache_dir/cache-<key>.npy``; reused when the key matches."""
+    if _PACK is not None:
+        return _from_pack(records, params)
     from cxr_node.preprocess import base_transform, to_uint8
 
     cache_dir = Path(cache_dir)

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="uint8 preprocessing cache folder (default: a temp dir)")
+    p.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.pack) instead of the source images")
     p.add_argument("--record-in-checkpoint", action="store_true",
                    help="also store the summary under meta['metrics'][SPLIT] in the checkpoint")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -152,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.film_pack:
+        from training import data as D
+
+        D.use_pack(args.film_pack)
     evaluate(args)
     return 0
 

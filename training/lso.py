@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which of the builder's splits of a held-out source are predicted (default train,val: "
                         "the test split stays closed until the decision; 'test' once afterwards)")
     common.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC intervals")
+    common.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.pack) instead of the source images")
     common.add_argument("--log-level", default="INFO")
     r = sub.add_parser("run", parents=[common], help="train without each hold-out, predict it, report",
                        description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
@@ -485,6 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if getattr(args, "film_pack", None):
+        from training import data as D
+
+        D.use_pack(args.film_pack)
     if args.cmd == "run":
         cmd_run(args)
     elif args.cmd == "report":

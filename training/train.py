@@ -78,6 +78,7 @@ then: python -m training.calibrate --checkpoint RUN_DIR/best.pt --data ...
                    "OMP_WAIT_POLICY=PASSIVE")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--cache-dir", default=None, help="where the uint8 preprocessed cache lives (default RUN_DIR/cache)")
+    p.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.pack) instead of the source images")
     p.add_argument("--critical", default=None,
                    help=f"critical class for urgent flags (default {DEFAULT_CRITICAL} if present)")
     p.add_argument("--augment", default="v2", choices=["v2", "v3", "none"],
@@ -337,6 +338,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     amp = device.type == "cuda"
     channels_last = device.type == "cuda"
 
+    if getattr(args, "film_pack", None):
+        D.use_pack(args.film_pack)
     records = D.read_dataset(args.data)
     labels = sorted({r.label for r in records})
     label_idx = {n: i for i, n in enumerate(labels)}

@@ -1,0 +1,212 @@
+"""Film packs: preprocessed films in one small file, to train where the source images are not.
+
+A GPU machine lent for an hour rarely holds the source folders, and what travels to it is
+limited. A pack holds every film of a manifest already through the serving preprocessing chain
+(``cxr_node.preprocess``: LUTs, CLAHE, optional lung crop, resize) as an 8-bit image, encoded
+losslessly (PNG) or as JPEG at a stated quality, keyed by the film's path as the manifest names
+it. ``train``, ``calibrate``, ``evaluate`` and ``lso`` take ``--film-pack FILE`` and then read
+films from the pack instead of the source images (the pack's preprocessing parameters must equal
+the run's, or the run stops).
+
+    # every train+val film of a merged manifest, lung crop at 224 px, covid19-radiography subsampled
+    python -m training.pack build --manifest runs/v3/merged.csv --splits train,val \\
+        --input-size 224 --preprocess 'lung_crop={"margin": 0.1, "segmenter_sha256": "..."}' \\
+        --cap covid19-radiography:train=600 --cap covid19-radiography:val=150 \\
+        --codec jpeg:92 --out runs/gpu/v3.pack.npz --manifest-out runs/gpu/v3.csv
+
+``--cap SOURCE:SPLIT=N`` keeps at most N films per label of that source and split (seeded); the
+films left out are marked ``exclude = not in pack`` in ``--manifest-out`` (they still join dedup
+groups), so the written manifest and the pack describe the same films. A JPEG codec is lossy: it
+is a stated deviation from the serving input, of the size of the v3 augmentation's own JPEG
+re-compression; use ``png`` where the pack's size allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger("training.pack")
+
+FORMAT = "cxr-node film pack 1"
+
+
+def _encode(img: np.ndarray, codec: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if codec == "png":
+        Image.fromarray(img).save(buf, "PNG")
+    elif codec.startswith("jpeg:"):
+        Image.fromarray(img).save(buf, "JPEG", quality=int(codec.split(":", 1)[1]))
+    else:
+        raise ValueError(f"unknown codec {codec!r} (png, jpeg:QUALITY)")
+    return buf.getvalue()
+
+
+def check_codec(codec: str) -> str:
+    if codec == "png":
+        return codec
+    if codec.startswith("jpeg:") and codec.split(":", 1)[1].isdigit() and 50 <= int(codec.split(":", 1)[1]) <= 100:
+        return codec
+    raise argparse.ArgumentTypeError(f"{codec!r}: expected png or jpeg:QUALITY (50-100)")
+
+
+class FilmPack:
+    """A pack opened for reading: ``pack.get(path)`` -> (S, S) uint8, ``path in pack``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with np.load(self.path, allow_pickle=False) as z:
+            if str(z["format"]) != FORMAT:
+                raise ValueError(f"{self.path}: not a film pack ({z['format']!s})")
+            self.params = json.loads(str(z["params"]))
+            self.codec = str(z["codec"])
+            keys = [str(k) for k in z["keys"]]
+            self.offsets = z["offsets"].astype(np.int64)
+            self.blob = z["blob"]
+        self.index = {k: i for i, k in enumerate(keys)}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def matches(self, params: Mapping[str, Any]) -> bool:
+        return json.dumps(dict(params), sort_keys=True) == json.dumps(self.params, sort_keys=True)
+
+    def get(self, key: str) -> np.ndarray:
+        from PIL import Image
+
+        i = self.index[key]
+        raw = self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes()
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("L"), dtype=np.uint8)
+
+
+def write_pack(path: Path, keys: Sequence[str], images: Sequence[bytes], params: Mapping[str, Any], codec: str) -> None:
+    offsets = np.zeros(len(images) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in images])
+    blob = np.frombuffer(b"".join(images), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, format=np.array(FORMAT), params=np.array(json.dumps(dict(params), sort_keys=True)),
+             codec=np.array(codec), keys=np.array(list(keys)), offsets=offsets, blob=blob)
+    tmp.replace(path)
+
+
+def parse_caps(items: Sequence[str]) -> dict[tuple[str, str], int]:
+    caps = {}
+    for it in items:
+        try:
+            key, n = it.rsplit("=", 1)
+            source, split = key.split(":", 1)
+            caps[(source, split)] = int(n)
+        except ValueError:
+            raise SystemExit(f"--cap {it!r}: expected SOURCE:SPLIT=N, e.g. covid19-radiography:train=600") from None
+    return caps
+
+
+def choose(rows: Sequence[dict[str, str]], splits: Sequence[str], caps: Mapping[tuple[str, str], int],
+           seed: int) -> set[int]:
+    """Indices of the kept rows in ``splits``, at most ``caps[(source, split)]`` per label (seeded)."""
+    by = defaultdict(list)
+    for i, r in enumerate(rows):
+        if (r.get("exclude") or "").strip() or r.get("split", "") not in splits:
+            continue
+        by[(r.get("source", ""), r["split"], r["label"])].append(i)
+    rng = random.Random(seed)
+    chosen = set()
+    for (source, split, _label), idx in sorted(by.items()):
+        cap = caps.get((source, split))
+        if cap is not None and len(idx) > cap:
+            idx = sorted(rng.sample(idx, cap))
+        chosen.update(idx)
+    return chosen
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from training import data as D
+    from training.train import parse_preprocess
+
+    manifest = Path(args.manifest).resolve()
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    splits = tuple(s for s in args.splits.split(",") if s)
+    chosen = choose(rows, splits, parse_caps(args.cap), args.seed)
+    params = parse_preprocess(args.preprocess, args.input_size)
+    # keys are the manifest's paths made absolute, as training.data.Record.path and training.lso name them
+    keys = []
+    for i in sorted(chosen):
+        p = Path(rows[i]["path"].strip())
+        keys.append(str(p if p.is_absolute() else manifest.parent / p))
+    recs = [D.Record(k, "x", k, k) for k in keys]
+    arr = D.build_cache(recs, params, Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "cache")
+    images = [_encode(np.asarray(a), args.codec) for a in arr]
+    out = Path(args.out)
+    write_pack(out, keys, images, params, args.codec)
+    size = out.stat().st_size
+    log.info("wrote %s: %d films, %.1f MB (%.1f kB per film, %s)", out, len(keys), size / 1e6,
+             size / 1e3 / max(1, len(keys)), args.codec)
+    if args.manifest_out:
+        mo = Path(args.manifest_out)
+        mo.parent.mkdir(parents=True, exist_ok=True)
+        if "exclude" not in fields:
+            fields.append("exclude")
+        with open(mo, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for i, r in enumerate(rows):
+                r = dict(r)
+                p = Path(r["path"].strip())
+                r["path"] = str(p if p.is_absolute() else manifest.parent / p)
+                if i not in chosen and not (r.get("exclude") or "").strip():
+                    r["exclude"] = "not in pack"
+                w.writerow(r)
+        log.info("wrote %s (the pack's films kept, every other row excluded)", mo)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.pack", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="preprocess a manifest's films into one pack file")
+    b.add_argument("--manifest", required=True, help="manifest CSV (path,label,...; e.g. python -m training.sources build)")
+    b.add_argument("--out", required=True, help="the pack file (.npz)")
+    b.add_argument("--splits", default="train,val", help="builder splits to pack (default train,val)")
+    b.add_argument("--cap", action="append", default=[], metavar="SOURCE:SPLIT=N",
+                   help="at most N films per label of SOURCE in SPLIT (seeded subsample)")
+    b.add_argument("--input-size", type=int, default=224)
+    b.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
+                   help="preprocessing parameters as for training.train")
+    b.add_argument("--codec", type=check_codec, default="png", help="png (lossless, default) or jpeg:QUALITY")
+    b.add_argument("--manifest-out", default=None, help="write the manifest with the unpacked rows excluded")
+    b.add_argument("--cache-dir", default=None, help="uint8 cache folder (default: next to --out)")
+    b.add_argument("--seed", type=int, default=42)
+    b.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.common import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    return cmd_build(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
