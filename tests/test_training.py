@@ -205,3 +205,67 @@ def test_metrics_against_brute_force():
     yy = np.array([rng.choice(3, p=np.exp(l / 4) / np.exp(l / 4).sum()) for l in logits])
     tt = fit_temperature(logits, yy)
     assert 2.5 < tt < 6.5 and nll(logits, yy, tt) <= nll(logits, yy, 1.0)
+
+
+def test_film_pack_trains_without_the_source_images(tiny, tmp_path):
+    """A pack holds the films exactly as the serving chain prepares them (PNG is lossless); a run with
+    --film-pack reads them from it, so it trains after the source images are gone, and a run with other
+    preprocessing parameters is refused with what to do."""
+    import shutil
+
+    from training import data as D
+    from training.pack import FilmPack
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny["manifest"].parent, data)
+    manifest = data / tiny["manifest"].name
+    split = D.load_split(tiny["run"] / "split.csv")  # give the manifest a source and a split, as merged ones have
+    rows = list(csv.DictReader(open(manifest, newline="")))
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "source", "split"])
+        w.writeheader()
+        w.writerows({**r, "source": "gen", "split": split[r["path"]]} for r in rows)
+    pack = tmp_path / "films.npz"
+    run_module("training.pack", "build", "--manifest", str(manifest), "--out", str(pack), "--splits",
+               "train,val,test", "--input-size", "64", "--cap", "gen:train=5", "--manifest-out",
+               str(tmp_path / "packed.csv"), "--cache-dir", str(tmp_path / "cache"))
+    fp = FilmPack(pack)
+    rows = list(csv.DictReader(open(tmp_path / "packed.csv", newline="")))
+    packed = [r for r in rows if not r.get("exclude")]
+    assert len(fp) == len(packed) and all(r["path"] in fp for r in packed)
+    per = {}
+    for r in packed:
+        per[(r["split"], r["label"])] = per.get((r["split"], r["label"]), 0) + 1
+    assert max(n for (s, _), n in per.items() if s == "train") == 5
+    assert sum(1 for r in rows if r.get("exclude") == "not in pack") > 0
+    recs = D.read_manifest(tmp_path / "packed.csv")
+    direct = D.build_cache(recs, fp.params, tmp_path / "direct", show_progress=False)
+    assert all(np.array_equal(fp.get(r.path), direct[i]) for i, r in enumerate(recs))
+
+    for f in data.rglob("*.png"):
+        f.unlink()
+    run = tmp_path / "run"
+    run_module("training.train", "--data", str(tmp_path / "packed.csv"), "--film-pack", str(pack), "--out", str(run),
+               "--epochs", "1", "--max-batches", "1", *TRAIN_ARGS)
+    assert (run / "best.pt").is_file()
+    p = subprocess.run([PY, "-m", "training.train", "--data", str(tmp_path / "packed.csv"), "--film-pack", str(pack),
+                        "--out", str(tmp_path / "run2"), "--epochs", "1", *TRAIN_ARGS,
+                        "--preprocess", "clahe_clip_limit=0.05"], capture_output=True, text=True, cwd=REPO,
+                       timeout=240)
+    assert p.returncode != 0 and "other preprocessing parameters" in p.stderr and "build a pack" in p.stderr
+
+
+def test_resume_of_an_early_stopped_run_trains_nothing(tiny, tmp_path):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    ck = torch.load(run / "last.pt", weights_only=True)
+    ck["train_state"]["bad_epochs"] = 3
+    torch.save(ck, run / "last.pt")
+    p = run_module("training.train", "--data", str(tiny["manifest"]), "--out", str(run), "--epochs", "4",
+                   "--patience", "3", "--resume", *TRAIN_ARGS)
+    assert "had stopped early" in p.stderr
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]

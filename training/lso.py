@@ -363,7 +363,16 @@ def cmd_run(args: argparse.Namespace) -> dict:
         counts = Counter((r["split"], r["source"], r["label"]) for r in train_rows)
         log.info("hold-out %s: %d films held out; training on %d (%s)", h, len(test), len(train_rows),
                  ", ".join(f"{s}:{src}/{lab}={n}" for (s, src, lab), n in sorted(counts.items())))
-        targs = T.build_parser().parse_args(["--data", str(fm), "--out", str(fold / "run"), *args.train_arg])
+        pf = fold / "predictions.csv"
+        if args.resume and pf.is_file():
+            log.info("hold-out %s: done in an earlier run (%s): kept", h, pf)
+            pred_files.append(pf)
+            done = fold / "fold.json"
+            if done.is_file():
+                folds[h] = json.loads(done.read_text(encoding="utf-8"))
+            continue
+        resume = ["--resume"] if args.resume and (fold / "run" / "last.pt").is_file() else []
+        targs = T.build_parser().parse_args(["--data", str(fm), "--out", str(fold / "run"), *args.train_arg, *resume])
         t0 = time.perf_counter()
         res = T.train(targs)
         ck = fold / "run" / "best.pt"
@@ -371,7 +380,6 @@ def cmd_run(args: argparse.Namespace) -> dict:
                              args.target_sensitivity, args.sensitivity_rule, args.margin)
         test_keep = list(test)  # every held-out film, also those with labels the model lacks
         meta, p = predict(ck, test_keep, targs.device, targs.cache_dir, targs.threads)
-        pf = fold / "predictions.csv"
         write_predictions(pf, h, test_keep, p, meta)
         pred_files.append(pf)
         folds[h] = {"n_test": len(test_keep), "n_train": len(train_rows),
@@ -379,6 +387,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
                     "epochs": res["epochs"], "temperature": cal["temperature"],
                     "thresholds": {k: v["threshold"] for k, v in cal["operating_points"].items()},
                     "seconds": round(time.perf_counter() - t0, 1)}
+        (fold / "fold.json").write_text(json.dumps(folds[h], indent=2) + "\n", encoding="utf-8")
     preds = read_predictions(pred_files)
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(preds[0]))
@@ -461,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sensitivity-rule", choices=["point", "margin", "wilson"], default="point")
     r.add_argument("--margin", type=float, default=0.0)
     r.add_argument("--seed", type=int, default=42, help="subsampling seed")
+    r.add_argument("--resume", action="store_true",
+                   help="keep hold-outs whose predictions.csv exists; continue a hold-out's training from its "
+                        "last.pt (for long CPU runs that stop and start)")
     rp = sub.add_parser("report", help="re-make report.json / report.md from predictions CSVs (no model)")
     rp.add_argument("--predictions", nargs="+", required=True, help="predictions CSVs written by run or evaluate")
     rp.add_argument("--out", required=True)

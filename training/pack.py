@@ -122,9 +122,10 @@ def choose(rows: Sequence[dict[str, str]], splits: Sequence[str], caps: Mapping[
     """Indices of the kept rows in ``splits``, at most ``caps[(source, split)]`` per label (seeded)."""
     by = defaultdict(list)
     for i, r in enumerate(rows):
-        if (r.get("exclude") or "").strip() or r.get("split", "") not in splits:
-            continue
-        by[(r.get("source", ""), r["split"], r["label"])].append(i)
+        split = r.get("split") or ""
+        if (r.get("exclude") or "").strip() or (split and split not in splits):
+            continue  # rows without a split (a plain manifest) are always packed
+        by[(r.get("source") or "", split, r["label"])].append(i)
     rng = random.Random(seed)
     chosen = set()
     for (source, split, _label), idx in sorted(by.items()):

@@ -451,6 +451,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         version = ck["meta"]["version"]
         if is_main:
             log.info("resumed from %s at epoch %d (best val macro AUC %.4f)", last_path, st["epoch"], best_auc)
+        if bad_epochs >= args.patience:
+            start_epoch = args.epochs + 1  # it had stopped early: nothing left to train
+            if is_main:
+                log.info("the run had stopped early (no val macro AUC gain for %d epochs): nothing to resume",
+                         bad_epochs)
 
     net = model
     if distributed:
