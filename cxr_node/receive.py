@@ -20,6 +20,7 @@ import select
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -166,6 +167,11 @@ class PDULimit:
     P-DATA-TF PDUs may be ``max_pdu`` long (the Maximum Length we advertise, PS3.8 D.1; 0 = no
     limit), every other PDU ``MAX_CONTROL_PDU``. Peeking reads (MSG_PEEK) are not followed."""
 
+    # class-level defaults: recv runs per 4 kB read (pynetdicom's chunk), so it must stay cheap
+    violation: str | None = None
+    _following = False
+    _left = 0
+
     def limit_pdus(self, max_pdu: int, on_too_large: Callable[[PDULimit], None] | None = None) -> None:
         self.max_pdu = max_pdu
         self.on_too_large = on_too_large
@@ -173,12 +179,16 @@ class PDULimit:
         self.association: AssociationInfo | None = None  # set once the association is requested
         self._header = bytearray()
         self._left = 0
+        self._following = True
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if getattr(self, "violation", None):
+        if self.violation:
             return b""  # the connection was cut; reads see its end
-        data = super().recv(bufsize, flags)  # type: ignore[misc]
-        if data and not flags & socket.MSG_PEEK and hasattr(self, "_header"):
+        data = self._raw_recv(bufsize, flags)
+        n = len(data)
+        if n <= self._left and not flags:  # inside a PDU body: the common case, one comparison
+            self._left -= n
+        elif n and self._following and not flags & socket.MSG_PEEK:
             self._follow(data)
         return data
 
@@ -216,12 +226,27 @@ class PDULimit:
         raise PDUTooLarge(self.violation)
 
 
+def _stall_timeout(sock: socket.socket, seconds: float) -> None:
+    """Cut a connection whose peer stalls for ``seconds``. A plain socket gets the kernel's
+    SO_RCVTIMEO / SO_SNDTIMEO and stays in blocking mode: Python's own ``settimeout`` polls before
+    every read, and pynetdicom reads 4 kB at a time (bench/recv.py). A read or write that times out
+    raises an OSError either way, which pynetdicom handles as a lost connection. TLS sockets keep
+    ``settimeout`` (an SSL read must not see a bare EAGAIN)."""
+    if isinstance(sock, ssl.SSLSocket) or not hasattr(socket, "SO_RCVTIMEO"):
+        sock.settimeout(seconds)
+        return
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 class _LimitedSocket(PDULimit, socket.socket):
-    pass
+    _raw_recv = socket.socket.recv
 
 
 class _LimitedSSLSocket(PDULimit, ssl.SSLSocket):
-    pass
+    _raw_recv = ssl.SSLSocket.recv
 
 
 class _PerPeerRate:
@@ -369,7 +394,7 @@ class GuardedServer(ThreadedAssociationServer):
             waiting = False
             # pynetdicom leaves accepted sockets blocking without a timeout: a peer that stops in the
             # middle of a PDU would hold its thread (and slot) for ever
-            request.settimeout(self.guard.network_timeout)
+            _stall_timeout(request, self.guard.network_timeout)
             super().process_request_thread(request, client_address)
         finally:
             self.guard.closed(host, waiting)

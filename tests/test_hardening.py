@@ -103,6 +103,25 @@ def test_connection_storm_and_silent_peers_do_not_lock_out_a_sender(node_factory
     assert not node.events("association.rejected"), "the real sender was never refused"
 
 
+def test_a_peer_that_stalls_inside_a_pdu_is_cut_after_network_timeout(node_factory, films):
+    """The accepted socket's stall timeout (SO_RCVTIMEO since bench/recv.py showed Python's
+    settimeout costing a poll per 4 kB read): a peer that sends half an A-ASSOCIATE-RQ and stops
+    loses the connection after [node] network_timeout, and a real sender still stores meanwhile."""
+    node = node_factory("stall", extra_node="network_timeout = 2", extra=QUIET).start()
+    s = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        s.sendall(bytes([0x01, 0x00]) + (200).to_bytes(4, "big") + b"\x00\x01")  # 8 of 206 bytes
+        t0 = time.monotonic()
+        s.settimeout(15)
+        assert s.recv(1) == b"", "the stalled connection was left open"
+        took = time.monotonic() - t0
+        assert 1.5 < took < 6, f"closed after {took:.1f} s, expected about network_timeout (2 s)"
+    finally:
+        s.close()
+    p = storescu(node.port, films["RG1_UNCR"], timeout=60)
+    assert p.returncode == 0 and "Received Store Response (Success)" in p.stderr, p.stderr
+
+
 def test_pynetdicom_limit_rejections_are_audited(node_factory):
     """max_associations still holds for real associations, and its rejections are audited now."""
     node = node_factory("limit", extra_node="max_associations = 2\nmax_connections_per_host = 10", extra=QUIET).start()
