@@ -1,0 +1,49 @@
+"""``cxr-node web``: the web console in the foreground (a process of its own, beside ``serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser("web", parents=[common], help="run the web console (worklist, studies, audit, outbox) in the foreground",
+                       description="Serve the web console on [web] host:port (default 127.0.0.1:8080), with "
+                       "HTTPS when [web] certificate and private_key are set. It reads the daemon's database "
+                       "and data_dir; run it beside `cxr-node serve` (systemd/cxr-node-web.service). "
+                       "Create users first: `cxr-node user add NAME --role admin`.")
+    p.add_argument("--host", help="listen on this address instead of [web] host")
+    p.add_argument("--port", type=int, help="listen on this port instead of [web] port")
+    p.set_defaults(run=run)
+
+
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+    import uvicorn
+
+    from cxr_node.cli._db import open_database
+    from cxr_node.errors import ConfigError
+    from cxr_node.web.app import create_app
+
+    w = settings.web
+    host, port = args.host or w.host, args.port or w.port
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be from 1 to 65535")
+    for p in (w.certificate, w.private_key):
+        if p is not None and not p.is_file():
+            raise ConfigError(f"[web] certificate/private_key: {p} not found")
+    with open_database(settings) as db:
+        app = create_app(settings, db)
+        scheme = "https" if w.tls else "http"
+        log.info("web console listening on %s://%s:%d (database %s)", scheme, host, port, db.redacted_url)
+        if not w.tls and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("[web] host %s without certificate/private_key: passwords and patient data cross the "
+                        "network unencrypted; set them or put a TLS reverse proxy in front", host)
+        # access_log off: its lines carry query strings (a patient ID search); the app logs paths only
+        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
+                    ssl_certfile=str(w.certificate) if w.certificate else None,
+                    ssl_keyfile=str(w.private_key) if w.private_key else None,
+                    timeout_graceful_shutdown=10)
+    return 0
