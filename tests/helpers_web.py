@@ -32,9 +32,11 @@ class WebConsole:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
+    scheme = "http"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> "WebConsole":
         self._log = open(self.log_path, "ab")
@@ -107,10 +109,13 @@ def hidden(html_text: str, name: str) -> str | None:
 class Client:
     """A browser-like HTTP client: keeps cookies, never follows redirects, 20 s timeout."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, ssl_context=None) -> None:  # noqa: ANN001 - an ssl.SSLContext
         self.base = base
         self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect())
+        handlers = [urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect()]
+        if ssl_context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
+        self.opener = urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, data: dict | list | None = None) -> Reply:
         body = urllib.parse.urlencode(data, doseq=True).encode() if data is not None else None

@@ -51,6 +51,10 @@ def _seed(cfg_root, data_dir) -> dict:
                              path=f"{study}/{sc}.dcm", state="dead", attempts=15, next_attempt_at=now,
                              last_error="gave up", created_at=now))
             out[key] = {"study": study, "film": film, "sc": sc, "pid": pid}
+    from cxr_node.web import users
+
+    for name, role in (("rad", "radiologist"), ("vic", "viewer")):  # ada comes from the CLI (the fixture)
+        users.add(db, name, role, PASSWORDS[name])
     db.dispose()
     return out
 
@@ -60,8 +64,7 @@ def console(tmp_path_factory):
     root = tmp_path_factory.mktemp("websec")
     cfg = node_config(root)
     seeded = _seed(root, root / "data")
-    for name, role in (("ada", "admin"), ("rad", "radiologist"), ("vic", "viewer")):
-        add_user(cfg, name, role, PASSWORDS[name])
+    add_user(cfg, "ada", "admin", PASSWORDS["ada"])
     web = WebConsole(cfg, root / "web.log").start()
     web.cfg, web.seeded, web.db_path = cfg, seeded, root / "data" / "cxr-node.db"
     yield web
@@ -75,6 +78,20 @@ def _client(web, name: str | None = None) -> Client:
         r = c.login(name, PASSWORDS[name])
         assert r.status == 303 and r.location == "/", r.text[:500]
     return c
+
+
+def _events(web, event: str, study: str | None = None) -> list[dict]:
+    """Audit rows of one type, oldest first, read from the database as `cxr-node audit` gives them."""
+    from cxr_node import audit
+    from cxr_node.config import load
+    from cxr_node.db.session import Database
+
+    db = Database(load(web.cfg).database.url)
+    try:
+        with db.session() as s:
+            return audit.as_dicts(audit.query(s, audit.AuditQuery(events=(event,), study_uid=study)))
+    finally:
+        db.dispose()
 
 
 def _outbox_states(web) -> list[str]:
@@ -146,7 +163,7 @@ def test_forms_without_their_csrf_token_are_refused(console):
     r = c.post("/outbox/retry", {"id": ids, "confirm": "yes", "csrf_token": token})
     assert r.status == 303 and "1+item" in r.location
     assert _outbox_states(console) == ["pending", "dead"]
-    (row,) = json.loads(cli("audit", "--format", "json", "--event", "outbox.requeued", config=console.cfg).stdout)
+    (row,) = _events(console, "outbox.requeued")
     assert row["detail"]["user"] == "ada"
 
 
@@ -176,7 +193,7 @@ def test_images_only_of_the_study_in_the_url(console):
         f"/study/{a['study']}/image/..%2F..%2Fcxr-node.db",
         f"/study/{a['study']}/image/..%2F{b['study']}%2F{b['sc']}.png",
         f"/study/{a['study']}/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-        f"/study/..%2F..%2F..%2Fetc/image/passwd.png",
+        "/study/..%2F..%2F..%2Fetc/image/passwd.png",
         f"/study/{a['study']}/image/{a['sc']}.dcm",
         f"/study/{a['study']}/image/{a['sc']}",
         f"/study/{a['study']}/image/1.2.3.png",
@@ -191,7 +208,13 @@ def test_images_only_of_the_study_in_the_url(console):
 
 
 def test_five_wrong_passwords_slow_the_next_attempt(console):
-    add_user(console.cfg, "eve", "viewer", "eves-password-4")
+    from cxr_node.config import load
+    from cxr_node.db.session import Database
+    from cxr_node.web import users
+
+    db = Database(load(console.cfg).database.url)
+    users.add(db, "eve", "viewer", "eves-password-4")
+    db.dispose()
     c = Client(console.url)
     for _ in range(5):
         r = c.login("eve", "wrong password!")
@@ -200,8 +223,7 @@ def test_five_wrong_passwords_slow_the_next_attempt(console):
     r = c.login("eve", "eves-password-4")  # the right password, too soon
     assert r.status == 429 and int(r.headers["retry-after"]) >= 10 and time.monotonic() - t0 < 5
     assert "cxr_session" not in r.headers.get("set-cookie", "")
-    failed = [e for e in json.loads(cli("audit", "--format", "json", "--event", "web.login_failed",
-                                        config=console.cfg).stdout) if e["detail"]["user"] == "eve"]
+    failed = [e for e in _events(console, "web.login_failed") if e["detail"]["user"] == "eve"]
     assert [e["reason"] for e in failed[:5]] == ["wrong password"] * 5
     assert failed[5]["reason"].startswith("throttled") and failed[5]["host"] == "127.0.0.1"
     # an unknown name gets the same answer as a wrong password
@@ -217,8 +239,7 @@ def test_study_views_are_audited_with_who_and_which_patient(console):
     r = c.get(f"/study/{a['study']}")
     assert r.status == 200 and "PID-A" in r.text and f"/study/{a['study']}/image/{a['sc']}.png" in r.text
     assert "available once site onboarding is enabled" in r.text
-    views = json.loads(cli("audit", "--format", "json", "--event", "web.study_viewed", "--study", a["study"],
-                           config=console.cfg).stdout)
+    views = _events(console, "web.study_viewed", a["study"])
     assert views[-1]["patient_id"] == "PID-A" and views[-1]["detail"]["user"] == "rad"
     assert views[-1]["host"] == "127.0.0.1"
     # the audit page itself is audited, and exports CSV and JSON
@@ -228,14 +249,16 @@ def test_study_views_are_audited_with_who_and_which_patient(console):
     assert csv_text.splitlines()[0].startswith("id,time,event,outcome") and "web.study_viewed" in csv_text
     page = c.get("/audit").text
     assert "Hash chain intact" in page
-    used = json.loads(cli("audit", "--format", "json", "--event", "web.audit_viewed", config=console.cfg).stdout)
+    used = _events(console, "web.audit_viewed")
     assert {u["detail"]["format"] for u in used} >= {"json", "csv", "html"}
     # DICOM audit messages: who saw which patient's study (110103 Accessed), logins (110114)
-    p = cli("audit", "export", "--format", "dicom-audit", "--study", a["study"], config=console.cfg)
+    p = cli("audit", "export", "--format", "dicom-audit", "--event", "web.study_viewed", "--event", "web.login",
+            config=console.cfg)
     access = [m for m in p.stdout.splitlines() if 'csd-code="110103"' in m and 'UserID="rad"' in m]
     assert access and 'ParticipantObjectID="PID-A"' in access[-1] and 'NetworkAccessPointID="127.0.0.1"' in access[-1]
-    p = cli("audit", "export", "--format", "dicom-audit", "--event", "web.login", config=console.cfg)
-    assert 'csd-code="110114"' in p.stdout and 'csd-code="110122"' in p.stdout
+    assert a["study"] in access[-1]
+    logins = [m for m in p.stdout.splitlines() if 'csd-code="110114"' in m]
+    assert logins and 'csd-code="110122"' in logins[0] and 'UserIsRequestor="true"' in logins[0]
 
 
 def test_idle_sessions_end_and_disabled_users_are_out_at_once(console):
@@ -246,7 +269,7 @@ def test_idle_sessions_end_and_disabled_users_are_out_at_once(console):
         db.execute("update web_sessions set last_seen_at = ?", (old.isoformat(" "),))
     r = c.get("/")
     assert r.status == 303 and r.location.startswith("/login")
-    ended = json.loads(cli("audit", "--format", "json", "--event", "web.logout", config=console.cfg).stdout)
+    ended = _events(console, "web.logout")
     assert any(e["reason"] == "idle timeout" and e["detail"]["user"] == "vic" for e in ended)
     c = _client(console, "vic")
     assert c.get("/").status == 200
@@ -278,3 +301,81 @@ def test_the_web_unit_verifies(tmp_path):
     if sec.returncode == 0 or "Overall exposure level" in sec.stdout:
         exposure = float(sec.stdout.split("Overall exposure level for")[1].split(":")[1].split()[0])
         assert exposure <= 4.0, sec.stdout[-2000:]
+
+
+def test_with_tls_the_cookie_is_secure(tmp_path):
+    import ssl
+    import subprocess
+
+    from conftest import require_tool
+
+    openssl = require_tool("openssl", "openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    cfg = node_config(tmp_path / "tls", extra='[web]\ncertificate = "../cert.pem"\nprivate_key = "../key.pem"\n')
+    add_user(cfg, "ada", "admin", PASSWORDS["ada"])
+    web = WebConsole(cfg, tmp_path / "web.log")
+    web.scheme = "https"
+    web.start()
+    try:
+        c = Client(web.url, ssl_context=ssl.create_default_context(cafile=str(tmp_path / "cert.pem")))
+        r = c.login("ada", PASSWORDS["ada"])
+        assert r.status == 303
+        session = [x for x in r.headers["set-cookie"].split("\n") if x.startswith("cxr_session=")][0]
+        assert "Secure" in session and "HttpOnly" in session
+        r = c.get("/")
+        assert r.status == 200 and r.headers["strict-transport-security"].startswith("max-age=")
+        plain = Client(f"http://127.0.0.1:{web.port}")  # no plain HTTP on the TLS port
+        with pytest.raises(Exception):
+            plain.get("/healthz")
+    finally:
+        web.stop()
+
+
+def test_web_settings_from_the_config(tmp_path):
+    from cxr_node.config import parse
+    from cxr_node.errors import ConfigError
+
+    s = parse({}, base_dir=tmp_path)
+    assert (s.web.host, s.web.port, s.web.certificate, s.web.tls) == ("127.0.0.1", 8080, None, False)
+    s = parse({"web": {"port": 9443, "certificate": "c.pem", "private_key": "k.pem"}}, base_dir=tmp_path)
+    assert s.web.port == 9443 and s.web.certificate == tmp_path / "c.pem" and s.web.tls
+    with pytest.raises(ConfigError, match=r"\[web\] private_key: certificate and private_key must be given together"):
+        parse({"web": {"certificate": "c.pem"}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"\[web\] port: must be an integer from 1 to 65535"):
+        parse({"web": {"port": 0}}, base_dir=tmp_path)
+
+
+def test_user_add_reads_the_password_from_stdin_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    """In-process through the CLI's main() (the fixture's `add_user` runs it as a subprocess)."""
+    import io
+
+    from cxr_node.cli import main
+
+    cfg = node_config(tmp_path / "u")
+
+    def user(*args: str, stdin: str = "") -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))  # not a terminal: the first line is the password
+        rc = main(["--config", str(cfg), "user", *args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, _, err = user("add", "ann", "--role", "viewer", stdin="short\n")
+    assert rc == 2 and "at least 10 characters" in err
+    assert user("add", "ann", "--role", "viewer")[0] == 2  # nothing on stdin
+    assert "user name '../x'" in user("add", "../x", "--role", "viewer", stdin="long enough pw\n")[2]
+    with pytest.raises(SystemExit):
+        user("add", "ann", "--role", "god", stdin="long enough pw\n")
+    assert user("add", "ann", "--role", "viewer", stdin="long enough pw\n")[0] == 0
+    rc, _, err = user("add", "ann", "--role", "admin", stdin="long enough pw\n")
+    assert rc == 1 and "exists already" in err
+    assert user("passwd", "ann", stdin="another long pw\n")[0] == 0
+    listed = json.loads(user("list", "--format", "json")[1])
+    assert [(u["name"], u["role"], u["disabled"]) for u in listed] == [("ann", "viewer", False)]
+    with sqlite3.connect(tmp_path / "u" / "data" / "cxr-node.db") as db:
+        (h,) = db.execute("select password_hash from web_users").fetchone()
+    assert h.startswith("$argon2id$") and "long" not in h
+    user("list")
+    events = [e["event"] for e in json.loads(cli("audit", "--format", "json", config=cfg).stdout)]
+    assert events == ["user.added", "user.password_changed"]

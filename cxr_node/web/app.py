@@ -13,7 +13,6 @@ from a URL.
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import functools
 import io
 import json
@@ -30,14 +29,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from cxr_node import audit
 from cxr_node.config import Settings
-from cxr_node.db.models import ImageResult, Instance, Study, utcnow
+from cxr_node.db.models import ImageResult, Instance, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError
 from cxr_node.web import images, queries
@@ -48,6 +47,11 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 AUDIT_PAGE = 200
 EXPORT_LIMIT = 100_000
+#: Bodies larger than this are refused (413): every form here is small.
+MAX_BODY = 256 * 1024
+#: A worklist search for the same patient ID by the same user is audited once in this many seconds
+#: (the page refreshes itself every 20 s).
+SEARCH_AUDIT_SECONDS = 600
 #: The security headers every response carries.
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
@@ -71,6 +75,8 @@ class Console:
         self._model_lock = threading.Lock()
         self._chain: tuple[float, dict[str, Any]] | None = None
         self._chain_lock = threading.Lock()
+        self._searches: dict[tuple[str, str], float] = {}
+        self._searches_lock = threading.Lock()
         env = Jinja2Templates(directory=str(HERE / "templates")).env
         env.autoescape = True
         env.globals["nav"] = NAV
@@ -87,6 +93,17 @@ class Console:
         detail = {"user": sess.user.name, "role": sess.user.role, **fields.pop("detail", {})}
         with self.db.transaction() as s:
             audit.record(s, event, host=host[:64], detail=detail, **fields)
+
+    def searched(self, sess: Session, host: str, patient_id: str, matches: int) -> None:
+        """Audit a worklist search by patient ID (once per user and ID in SEARCH_AUDIT_SECONDS)."""
+        now, key = time.monotonic(), (sess.user.name, patient_id)
+        with self._searches_lock:
+            if now - self._searches.get(key, -1e9) < SEARCH_AUDIT_SECONDS:
+                return
+            self._searches[key] = now
+            if len(self._searches) > 10_000:
+                self._searches = {k: t for k, t in self._searches.items() if now - t < SEARCH_AUDIT_SECONDS}
+        self.record("web.worklist_searched", sess, host, patient_id=patient_id, detail={"matches": matches})
 
     def chain_state(self, force: bool = False) -> dict[str, Any]:
         """The audit chain's verify result, recomputed when older than a minute (or ``force``)."""
@@ -289,9 +306,8 @@ def _worklist(console: Console, request: Request, sess: Session) -> tuple[querie
     with console.db.session() as s:
         data = queries.worklist(s, f)
         data["station_choices"] = queries.stations(s)
-    if f.patient_id and not request.query_params.get("refresh"):
-        console.record("web.worklist_searched", sess, _host(request), patient_id=f.patient_id,
-                       detail={"matches": data["total"]})
+    if f.patient_id:
+        console.searched(sess, _host(request), f.patient_id, data["total"])
     return f, data
 
 
@@ -597,6 +613,10 @@ class SecurityHeaders:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = [0]
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            resp = PlainTextResponse(f"Request body too large (at most {MAX_BODY} bytes).", status_code=413)
+            return await resp(scope, receive, send)
 
         async def send_with_headers(message) -> None:  # noqa: ANN001
             if message["type"] == "http.response.start":

@@ -94,6 +94,8 @@ def render(path: Path) -> bytes:
     from pydicom import dcmread
 
     ds = dcmread(path)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "RGB" and ds.pixel_array.dtype == np.uint8:
-        return _png(np.asarray(ds.pixel_array))
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "RGB":
+        a = ds.pixel_array
+        if a.dtype == np.uint8 and a.ndim == 3:
+            return _png(np.asarray(a))
     return _png(_grey(ds))
