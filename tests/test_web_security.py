@@ -141,6 +141,31 @@ def test_the_session_cookie_is_httponly_and_samesite(console):
     assert r.status == 200 and "PID-A" in r.text and r.headers["cache-control"] == "no-store"
 
 
+def test_every_page_renders_for_a_viewer(console):
+    """The read-only pages answer a viewer, with what they are for (and bad filters say why)."""
+    a = console.seeded["a"]
+    c = _client(console, "vic")
+    work = c.get("/?priority=urgent").text
+    assert a["study"] in work and console.seeded["b"]["study"] not in work
+    rows = c.get("/?refresh=1").text  # what the page's script fetches every 20 s: the table only
+    assert "<html" not in rows and rows.index(a["study"]) < rows.index(console.seeded["b"]["study"])
+    api = json.loads(c.get("/api/studies?station=MODALITY").body)
+    assert api["total"] == 2 and [s["priority"] for s in api["studies"]] == ["urgent", "routine"]
+    assert api["studies"][0]["delivery"] == "dead" and api["studies"][0]["analysed"] == 1
+    assert c.get("/?date=yesterday").status == 400 and c.get("/audit?since=soon").status == 400
+    assert "pending" in c.get("/outbox").text and "dead (" in c.get("/outbox").text
+    status = c.get("/status").text
+    assert 'id="health-database">ok<' in status and "processed 2" in status
+    stations = c.get("/stations").text
+    assert "available once site onboarding is enabled" in stations
+    from cxr_node.config import BUNDLED_CHECKPOINT
+    from cxr_node.model import read_checkpoint
+
+    ck = read_checkpoint(BUNDLED_CHECKPOINT)
+    model = c.get("/model").text
+    assert ck["sha256"] in model and f'id="model-version">{ck["meta"]["version"]}<' in model
+
+
 def test_forms_without_their_csrf_token_are_refused(console):
     c = _client(console, "ada")
     token = c.csrf("/outbox")
