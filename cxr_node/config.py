@@ -216,6 +216,22 @@ def exposure_warning(settings: Settings) -> str | None:
             "set allowed_calling_aets and/or allowed_hosts (or host) to limit who can send films")
 
 
+def web_warning(settings: Settings) -> str | None:
+    """One line when the web console would serve plain HTTP on an address other than loopback
+    (passwords and patient data unencrypted on the network); None otherwise."""
+    w = settings.web
+    if w.tls or w.host in ("localhost",):
+        return None
+    try:
+        if ipaddress.ip_address(w.host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"[web] host {w.host} without certificate/private_key: the console's passwords and patient data "
+            "would cross the network unencrypted; set [web] certificate and private_key, or keep host on "
+            "127.0.0.1 behind a TLS reverse proxy")
+
+
 # --------------------------------------------------------------------------- validators
 
 

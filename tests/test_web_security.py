@@ -370,6 +370,12 @@ def test_web_settings_from_the_config(tmp_path):
         parse({"web": {"certificate": "c.pem"}}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"\[web\] port: must be an integer from 1 to 65535"):
         parse({"web": {"port": 0}}, base_dir=tmp_path)
+    from cxr_node.config import web_warning
+
+    assert web_warning(parse({}, base_dir=tmp_path)) is None
+    assert "unencrypted" in web_warning(parse({"web": {"host": "0.0.0.0"}}, base_dir=tmp_path))
+    assert web_warning(parse({"web": {"host": "0.0.0.0", "certificate": "c", "private_key": "k"}},
+                             base_dir=tmp_path)) is None
 
 
 def test_user_add_reads_the_password_from_stdin_and_refuses_bad_input(tmp_path, monkeypatch, capsys):

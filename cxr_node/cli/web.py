@@ -23,7 +23,10 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
     import uvicorn
 
+    from dataclasses import replace
+
     from cxr_node.cli._db import open_database
+    from cxr_node.config import web_warning
     from cxr_node.errors import ConfigError
     from cxr_node.web.app import create_app
 
@@ -38,9 +41,9 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
         app = create_app(settings, db)
         scheme = "https" if w.tls else "http"
         log.info("web console listening on %s://%s:%d (database %s)", scheme, host, port, db.redacted_url)
-        if not w.tls and host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("[web] host %s without certificate/private_key: passwords and patient data cross the "
-                        "network unencrypted; set them or put a TLS reverse proxy in front", host)
+        plain = web_warning(replace(settings, web=replace(w, host=host)))
+        if plain:
+            log.warning("%s", plain)
         # access_log off: its lines carry query strings (a patient ID search); the app logs paths only
         uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
                     ssl_certfile=str(w.certificate) if w.certificate else None,
