@@ -138,6 +138,10 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
             assert "Not analysed: ViewPosition is LL" in page  # the lateral film, and why
             assert "Why flagged" in page and "COVID" in page
             assert "Feedback" in page  # the place the site-onboarding work fills in
+            sr = driver.find_element(By.XPATH, "//h2[text()='Structured report']/following-sibling::table[1]").text
+            assert "Not analysed" in sr and "Reason not analysed" in sr  # the SR names the lateral film
+            sent = driver.find_element(By.XPATH, "//h2[text()='Sent']/following-sibling::table[1]").text
+            assert sent.count("pacs") == 2 and sent.count("sent") == 2  # the SC and the SR, with when
             # the refused film is shown from the spool, without an overlay
             grey = driver.find_element(By.CSS_SELECTOR, "img.film-only")
             _wait(lambda: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0;",

@@ -31,7 +31,7 @@ def _seed(cfg_root, data_dir) -> dict:
     now = utcnow()
     out = {}
     with db.transaction() as s:
-        for key, pid, prio in (("a", "PID-A", "urgent"), ("b", "PID-B", "routine")):
+        for key, pid, prio in (("a", "PID-A", "urgent"), ("b", "PID-B<i>x</i>", "routine")):
             study, film, sc = uid(), uid(), uid()
             make_cr(settings.storage.spool_dir / study / f"{film}.dcm", study_uid=study, sop_uid=film, rows=96, cols=96,
                     patient_id=pid)
@@ -148,6 +148,7 @@ def test_every_page_renders_for_a_viewer(console):
     work = c.get("/?priority=urgent").text
     assert a["study"] in work and console.seeded["b"]["study"] not in work
     rows = c.get("/?refresh=1").text  # what the page's script fetches every 20 s: the table only
+    assert "PID-B&lt;i&gt;x&lt;/i&gt;" in rows and "<i>x" not in rows
     assert "<html" not in rows and rows.index(a["study"]) < rows.index(console.seeded["b"]["study"])
     api = json.loads(c.get("/api/studies?station=MODALITY").body)
     assert api["total"] == 2 and [s["priority"] for s in api["studies"]] == ["urgent", "routine"]

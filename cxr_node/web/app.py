@@ -648,6 +648,9 @@ def create_app(settings: Settings, db: Database) -> Starlette:
         Route("/api/studies", api_studies),
         Route("/study/{study_uid}", study_page),
         Route("/study/{study_uid}/image/{name}", study_image),
+        # POST /study/{study_uid}/feedback comes with site onboarding: @guarded(permission="feedback")
+        # (radiologist and admin), calling cxr_node.feedback.add_label; the form goes in study.html's
+        # "feedback" block.
         Route("/audit", audit_page),
         Route("/outbox", outbox_page),
         Route("/outbox/retry", outbox_retry, methods=["POST"]),
