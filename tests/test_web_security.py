@@ -288,11 +288,27 @@ def test_study_views_are_audited_with_who_and_which_patient(console):
 
 
 def test_idle_sessions_end_and_disabled_users_are_out_at_once(console):
+    import hashlib
+
     c = _client(console, "vic")
     assert c.get("/").status == 200
-    with sqlite3.connect(console.db_path) as db:  # an hour without a request
-        old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)).replace(tzinfo=None)
-        db.execute("update web_sessions set last_seen_at = ?", (old.isoformat(" "),))
+    (token,) = [k.value for k in c.jar if k.name == "cxr_session"]
+    sid = hashlib.sha256(token.encode()).hexdigest()
+
+    def last_seen(value: str | None = None) -> str:
+        with sqlite3.connect(console.db_path) as db:
+            if value:
+                db.execute("update web_sessions set last_seen_at = ? where id = ?", (value, sid))
+            return db.execute("select last_seen_at from web_sessions where id = ?", (sid,)).fetchone()[0]
+
+    ago = lambda minutes: (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=minutes)  # noqa: E731
+                           ).replace(tzinfo=None).isoformat(" ")
+    old = last_seen(ago(25))  # 25 minutes without a request (idle_minutes is 30)
+    assert c.get("/?refresh=1").status == 200  # the page's own refresh is not use...
+    assert last_seen() == old
+    assert c.get("/").status == 200  # ...a page the user opens is
+    assert last_seen() > old
+    last_seen(ago(60))  # an hour without a request
     r = c.get("/")
     assert r.status == 303 and r.location.startswith("/login")
     ended = _events(console, "web.logout")

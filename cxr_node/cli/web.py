@@ -44,8 +44,11 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
         plain = web_warning(replace(settings, web=replace(w, host=host)))
         if plain:
             log.warning("%s", plain)
-        # access_log off: its lines carry query strings (a patient ID search); the app logs paths only
+        # access_log off: its lines carry query strings (a patient ID search); the app logs paths only.
+        # proxy_headers off: the address audited and throttled is the TCP peer's, never a header a
+        # local process could forge
         uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
+                    proxy_headers=False,
                     ssl_certfile=str(w.certificate) if w.certificate else None,
                     ssl_keyfile=str(w.private_key) if w.private_key else None,
                     timeout_graceful_shutdown=10)

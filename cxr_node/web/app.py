@@ -196,7 +196,7 @@ def guarded(permission: str = "view", api: bool = False) -> Callable:
         async def endpoint(request: Request) -> Response:
             console: Console = request.app.state.console
             sess = await run_in_threadpool(console.sessions.resolve, request.cookies.get(SESSION_COOKIE),
-                                           _host(request))
+                                           _host(request), not request.query_params.get("refresh"))
             if sess is None:
                 if api:
                     return JSONResponse({"error": "log in first (POST /login)"}, status_code=401)
@@ -386,7 +386,7 @@ def study_image(console: Console, request: Request, sess: Session, form: Any) ->
             log.warning("cannot render %s of study %s: %s", sop_uid, study_uid, type(e).__name__)
             return PlainTextResponse("This image cannot be shown.", status_code=422)
         console.images.put(key, png)
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+    return Response(png, media_type="image/png")  # no-store like the pages: the console's cache serves repeats
 
 
 # ---------------------------------------------------------------------------------- audit

@@ -146,8 +146,10 @@ class Sessions:
             audit.record(s, "web.login_failed", "failure", host=host[:64], reason=why,
                          detail={"user": name})
 
-    def resolve(self, token: str | None, host: str) -> Session | None:
-        """The live session of a cookie token, or None (expired ones are ended and audited)."""
+    def resolve(self, token: str | None, host: str, touch: bool = True) -> Session | None:
+        """The live session of a cookie token, or None (expired ones are ended and audited).
+        ``touch=False`` (the worklist's own refresh) does not count as use: an open page left
+        alone still times out."""
         if not token or len(token) > 128:
             return None
         tid = token_id(token)
@@ -167,7 +169,7 @@ class Sessions:
         if expired:
             self.end(tid, host, expired, u.name if u else None)
             return None
-        if (now - row.last_seen_at).total_seconds() > TOUCH_SECONDS:
+        if touch and (now - row.last_seen_at).total_seconds() > TOUCH_SECONDS:
             with self.db.transaction() as s:
                 r = s.get(WebSession, tid)
                 if r is not None:
