@@ -45,15 +45,21 @@ class WebConsole:
         wait_port(self.port, proc=self.proc, timeout=30)
         return self
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+    def stop(self) -> int | None:
+        """SIGTERM; the exit status (0 after a graceful shutdown), or None if it had to be killed."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-            self._log.close()
+                return None
+            finally:
+                self._log.close()
+        return self.proc.returncode
 
     @property
     def log(self) -> str:

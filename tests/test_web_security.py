@@ -68,7 +68,7 @@ def console(tmp_path_factory):
     web = WebConsole(cfg, root / "web.log").start()
     web.cfg, web.seeded, web.db_path = cfg, seeded, root / "data" / "cxr-node.db"
     yield web
-    web.stop()
+    assert web.stop() == 0 and "web console stopped" in web.log  # SIGTERM: a graceful stop, status 0
     assert "PID-A" not in web.log and "PID-B" not in web.log  # patient IDs never reach the log
 
 
@@ -371,6 +371,9 @@ def test_with_tls_the_cookie_is_secure(tmp_path):
         plain = Client(f"http://127.0.0.1:{web.port}")  # no plain HTTP on the TLS port
         with pytest.raises(Exception):
             plain.get("/healthz")
+        # a second console on the same port says so and exits 1
+        busy = cli("web", "--port", str(web.port), config=cfg, check=False, timeout=60)
+        assert busy.returncode == 1 and f"could not listen on 127.0.0.1:{web.port}" in busy.stderr
     finally:
         web.stop()
 

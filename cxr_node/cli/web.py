@@ -27,7 +27,7 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
 
     from cxr_node.cli._db import open_database
     from cxr_node.config import web_warning
-    from cxr_node.errors import ConfigError
+    from cxr_node.errors import ConfigError, CxrNodeError
     from cxr_node.web.app import create_app
 
     w = settings.web
@@ -47,9 +47,49 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
         # access_log off: its lines carry query strings (a patient ID search); the app logs paths only.
         # proxy_headers off: the address audited and throttled is the TCP peer's, never a header a
         # local process could forge
-        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
-                    proxy_headers=False,
-                    ssl_certfile=str(w.certificate) if w.certificate else None,
-                    ssl_keyfile=str(w.private_key) if w.private_key else None,
-                    timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
+                                proxy_headers=False,
+                                ssl_certfile=str(w.certificate) if w.certificate else None,
+                                ssl_keyfile=str(w.private_key) if w.private_key else None,
+                                timeout_graceful_shutdown=10)
+        server = _Server(config)
+        try:
+            server.run()
+        except SystemExit as e:  # uvicorn exits this way when it cannot bind (its error is logged above)
+            if e.code not in (0, None):
+                raise CxrNodeError(f"the web console could not listen on {host}:{port} (in use, or not an "
+                                   "address of this machine): set [web] host/port or pass --host/--port") from None
+            raise
+    log.info("web console stopped")
     return 0
+
+
+def _server_class():  # noqa: ANN202
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGTERM/SIGINT end it with exit status 0 after the graceful
+        shutdown (as `serve` does), instead of re-raising the signal; a second one forces it."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # noqa: ANN202
+            def stop(signum, frame) -> None:  # noqa: ANN001
+                if self.should_exit:
+                    self.force_exit = True
+                self.should_exit = True
+
+            old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def _Server(config):  # noqa: ANN001, ANN202, N802 - builds the class lazily (uvicorn imported on use)
+    return _server_class()(config)
