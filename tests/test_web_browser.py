@@ -1,7 +1,7 @@
 """The web console in a real browser: Debian's chromium, driven by Selenium through Debian's
 chromedriver (no browser download). A real storescu send to a real daemon, then a radiologist
 logs in, sees the urgent study at the top of the worklist, opens it, sees its overlay load, and
-finds that view in the audit trail.
+finds that view in the study's audit story; an admin finds it in the audit trail.
 
 ``CXR_WEB_SCREENSHOTS=DIR`` saves the worklist and study pages as PNGs there (the README's are
 made this way: ``CXR_WEB_SCREENSHOTS=docs python -m pytest tests/test_web_browser.py``).
@@ -56,6 +56,16 @@ def _lateral(path: Path) -> Path:
     return path
 
 
+def _add_admin(config: Path) -> None:
+    from cxr_node.config import load
+    from cxr_node.db.session import Database
+    from cxr_node.web import users
+
+    db = Database(load(config).database.url)
+    users.add(db, "ada", "admin", PASSWORD)
+    db.dispose()
+
+
 def _shot(driver, path: Path) -> None:
     """A screenshot as a small PNG (256-colour palette) for the README."""
     import io
@@ -106,6 +116,7 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
             _wait(done, 120, "both studies processed and their results sent")
 
             add_user(node.config, "rita", "radiologist", PASSWORD)
+            _add_admin(node.config)
             web = WebConsole(node.config, tmp_path / "web.log").start()
             shots = os.environ.get("CXR_WEB_SCREENSHOTS")
 
@@ -150,11 +161,21 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
                 driver.set_window_size(1360, 1250)
                 _shot(driver, Path(shots) / "web-study.png")
 
-            driver.get(f"{web.url}/audit?study={urgent}")
+            # the view is in the study's audit story (the radiologist's view of the trail) ...
+            driver.refresh()
+            story = driver.find_element(By.CSS_SELECTOR, "table.story").text
+            assert "web.study_viewed viewed in the web console by rita from 127.0.0.1" in story
+            # ... and in the audit trail an admin reads, with the patient
+            driver.find_element(By.CSS_SELECTOR, "form.logout button").click()
+            _wait(lambda: driver.find_elements(By.NAME, "username"), 20, "the login page")
+            driver.find_element(By.NAME, "username").send_keys("ada")
+            driver.find_element(By.NAME, "password").send_keys(PASSWORD)
+            driver.find_element(By.ID, "login").click()
+            _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "table.worklist"), 20, "the admin's worklist")
+            driver.get(f"{web.url}/audit?study={urgent}&event=web.study_viewed")
             _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr"), 20, "the audit page")
-            views = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")
-                     if "web.study_viewed" in r.text]
-            assert views and "rita" in views[0] and "PAT-0042" in views[0] and "127.0.0.1" in views[0]
+            views = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")]
+            assert len(views) == 2 and all("rita" in v and "PAT-0042" in v and "127.0.0.1" in v for v in views)
             assert "Hash chain intact" in driver.find_element(By.ID, "chain").text
     finally:
         driver.quit()

@@ -196,9 +196,14 @@ def test_forms_without_their_csrf_token_are_refused(console):
 def test_a_viewer_and_a_radiologist_cannot_retry_or_purge_the_outbox(console):
     for name in ("vic", "rad"):
         c = _client(console, name)
-        token = c.csrf("/outbox")
-        page = c.get("/outbox").text
-        assert "Retry every dead item" not in page and "Retry and purge are for admins" in page
+        token = c.csrf("/")
+        if name == "vic":  # a viewer reads the outbox, without its buttons
+            page = c.get("/outbox").text
+            assert "Retry every dead item" not in page and "Retry and purge are for admins" in page
+        else:  # a radiologist has the worklist and studies, not the outbox or the whole audit trail
+            assert c.get("/outbox").status == 403 and c.get("/audit").status == 403
+            assert c.get("/audit?format=csv").status == 403
+            assert 'href="/audit"' not in c.get("/").text
         r = c.post("/outbox/retry", {"id": ["2"], "confirm": "yes", "csrf_token": token})
         assert r.status == 403 and f"the {'viewer' if name == 'vic' else 'radiologist'} role may not" in r.text
         assert c.post("/outbox/purge", {"dead": "1", "confirm": "yes", "csrf_token": token}).status == 403
@@ -268,7 +273,9 @@ def test_study_views_are_audited_with_who_and_which_patient(console):
     views = _events(console, "web.study_viewed", a["study"])
     assert views[-1]["patient_id"] == "PID-A" and views[-1]["detail"]["user"] == "rad"
     assert views[-1]["host"] == "127.0.0.1"
-    # the audit page itself is audited, and exports CSV and JSON
+    assert "viewed in the web console by rad from 127.0.0.1" in c.get(f"/study/{a['study']}").text  # its story
+    # the audit page (a viewer's or an admin's) is itself audited, and exports CSV and JSON
+    c = _client(console, "vic")
     rows = json.loads(c.get(f"/audit?study={a['study']}&format=json").body)
     assert any(x["event"] == "web.study_viewed" and x["detail"]["user"] == "rad" for x in rows)
     csv_text = c.get(f"/audit?study={a['study']}&format=csv").text
@@ -277,6 +284,7 @@ def test_study_views_are_audited_with_who_and_which_patient(console):
     assert "Hash chain intact" in page
     used = _events(console, "web.audit_viewed")
     assert {u["detail"]["format"] for u in used} >= {"json", "csv", "html"}
+    assert all(u["detail"]["user"] == "vic" for u in used)
     # DICOM audit messages: who saw which patient's study (110103 Accessed), logins (110114)
     p = cli("audit", "export", "--format", "dicom-audit", "--event", "web.study_viewed", "--event", "web.login",
             config=console.cfg)

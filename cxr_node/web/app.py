@@ -127,7 +127,7 @@ class Console:
             return self._model
 
 
-NAV = (("/", "Worklist", "view"), ("/audit", "Audit", "view"), ("/outbox", "Outbox", "view"),
+NAV = (("/", "Worklist", "view"), ("/audit", "Audit", "operations"), ("/outbox", "Outbox", "operations"),
        ("/stations", "Stations", "view"), ("/model", "Model", "view"), ("/status", "Status", "view"))
 
 
@@ -422,7 +422,7 @@ def _audit_query(request: Request) -> tuple[audit.AuditQuery, dict[str, Any]]:
     return aq, {**filters, "page": page}
 
 
-@guarded()
+@guarded(permission="operations")
 def audit_page(console: Console, request: Request, sess: Session, form: Any) -> Response:
     try:
         aq, filters = _audit_query(request)
@@ -478,7 +478,7 @@ def _export(rows: list[dict[str, Any]], fmt: str, node_aet: str) -> Response:
 # ---------------------------------------------------------------------------------- outbox
 
 
-@guarded()
+@guarded(permission="operations")
 def outbox_page(console: Console, request: Request, sess: Session, form: Any) -> Response:
     state = request.query_params.get("state") or None
     if state and state not in ("pending", "sent", "dead"):

@@ -1,9 +1,11 @@
 """Web console accounts, kept in the database: a name, an argon2id password hash and a role.
 
-Roles (each includes what the ones below it may do):
+Roles:
 
-    admin        everything: also retry and purge the outbox
-    radiologist  the worklist, studies, and feedback on them (once site onboarding is on)
+    admin        everything: every page, outbox retry and purge, feedback
+    radiologist  the worklist and studies (with each study's own audit story), feedback on them
+                 (once site onboarding is on), the model and status pages; not the whole audit
+                 trail or the outbox
     viewer       read only: every page, no action
 
 Accounts are managed from the command line (``cxr-node user add|passwd|disable|list``), by whoever
@@ -26,11 +28,15 @@ from cxr_node.errors import ConfigError, CxrNodeError
 
 ADMIN, RADIOLOGIST, VIEWER = "admin", "radiologist", "viewer"
 ROLES = (ADMIN, RADIOLOGIST, VIEWER)
-#: What each role may do; checked by every route that changes something.
+#: What each role may do; every route names the permission it needs.
+#:   view        worklist, studies and their images, /api/studies, model, status, stations
+#:   operations  the audit trail (page and exports) and the outbox list
+#:   outbox      outbox retry and purge
+#:   feedback    the reader's labels (site onboarding)
 PERMISSIONS = {
-    ADMIN: {"view", "feedback", "outbox"},
+    ADMIN: {"view", "operations", "outbox", "feedback"},
     RADIOLOGIST: {"view", "feedback"},
-    VIEWER: {"view"},
+    VIEWER: {"view", "operations"},
 }
 MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
