@@ -438,3 +438,12 @@ def test_user_add_reads_the_password_from_stdin_and_refuses_bad_input(tmp_path, 
     user("list")
     events = [e["event"] for e in json.loads(cli("audit", "--format", "json", config=cfg).stdout)]
     assert events == ["user.added", "user.password_changed"]
+
+
+def test_login_follows_only_local_next_paths(console):
+    for nxt, expected in (("/study/1.2.3", "/study/1.2.3"), ("//evil.example", "/"), ("/\t/evil.example", "/"),
+                          ("https://evil.example/", "/"), ("/\\evil.example", "/")):
+        c = Client(console.url)
+        token = hidden(c.get("/login").text, "csrf_token")
+        r = c.post("/login", {"username": "ada", "password": PASSWORDS["ada"], "csrf_token": token, "next": nxt})
+        assert r.status == 303 and r.location == expected, nxt

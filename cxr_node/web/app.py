@@ -220,8 +220,10 @@ def guarded(permission: str = "view", api: bool = False) -> Callable:
 
 
 def _safe_next(value: str | None) -> str:
-    """Only a local path (never //host or a scheme) is followed after login."""
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value and len(value) < 2000:
+    """Only a local path is followed after login: never //host, a scheme, a backslash, or a
+    character a browser drops (a tab in "/<tab>/host" would make it //host)."""
+    if value and len(value) < 2000 and all(32 < ord(c) < 127 for c in value) and value.startswith("/") \
+            and not value.startswith("//") and "\\" not in value:
         return value
     return "/"
 
