@@ -323,6 +323,16 @@ def test_idle_sessions_end_and_disabled_users_are_out_at_once(console):
     assert any(e["reason"] == "idle timeout" and e["detail"]["user"] == "vic" for e in ended)
     c = _client(console, "vic")
     assert c.get("/").status == 200
+    # a session left alone ends at someone's next login (audited), even if it is never used again
+    stale = _client(console, "vic")
+    (token,) = [k.value for k in stale.jar if k.name == "cxr_session"]
+    sid = hashlib.sha256(token.encode()).hexdigest()
+    last_seen(ago(60))
+    _client(console, "rad")
+    with sqlite3.connect(console.db_path) as db:
+        assert db.execute("select count(*) from web_sessions where id = ?", (sid,)).fetchone()[0] == 0
+    assert any(e["reason"] == "expired (ended at a later login)" and e["detail"]["user"] == "vic"
+               for e in _events(console, "web.logout"))
     cli("user", "disable", "vic", config=console.cfg)
     assert c.get("/").status == 303
     assert c.login("vic", PASSWORDS["vic"]).status == 401

@@ -135,6 +135,14 @@ class Sessions:
         self.throttle.succeeded(name, host)
         token, csrf, now = new_token(), new_token(), utcnow()
         with self.db.transaction() as s:
+            # sessions nobody came back to would otherwise stay: end the expired ones here
+            stale = s.execute(select(WebSession.id, WebUser.name).join(WebUser, WebUser.id == WebSession.user_id,
+                                                                       isouter=True)
+                              .where((WebSession.last_seen_at < now - self.idle)
+                                     | (WebSession.created_at < now - self.lifetime)).limit(1000)).all()
+            for sid, who in stale:
+                s.execute(delete(WebSession).where(WebSession.id == sid))
+                audit.record(s, "web.logout", reason="expired (ended at a later login)", detail={"user": who})
             s.add(WebSession(id=token_id(token), user_id=u.id, csrf=csrf, host=host[:64], created_at=now,
                              last_seen_at=now))
             s.get(WebUser, u.id).last_login_at = now
