@@ -217,6 +217,9 @@ def test_images_only_of_the_study_in_the_url(console):
     ok = c.get(f"/study/{a['study']}/image/{a['sc']}.png")
     assert ok.status == 200 and ok.headers["content-type"] == "image/png" and ok.body[:8] == b"\x89PNG\r\n\x1a\n"
     assert c.get(f"/study/{a['study']}/image/{a['film']}.png").status == 200  # the film itself, from the spool
+    # images fetched without the study page are a view of the study too (once per session and study)
+    by_image = [e for e in _events(console, "web.study_viewed", a["study"]) if e["detail"]["via"] == "image"]
+    assert len(by_image) == 1 and by_image[0]["detail"]["user"] == "vic" and by_image[0]["patient_id"] == "PID-A"
     refused = [
         f"/study/{a['study']}/image/{b['sc']}.png",          # another study's overlay
         f"/study/{b['study']}/image/{a['sc']}.png",

@@ -36,7 +36,7 @@ from starlette.templating import Jinja2Templates
 
 from cxr_node import audit
 from cxr_node.config import Settings
-from cxr_node.db.models import ImageResult, Instance, utcnow
+from cxr_node.db.models import ImageResult, Instance, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError
 from cxr_node.web import images, queries
@@ -94,16 +94,31 @@ class Console:
         with self.db.transaction() as s:
             audit.record(s, event, host=host[:64], detail=detail, **fields)
 
-    def searched(self, sess: Session, host: str, patient_id: str, matches: int) -> None:
-        """Audit a worklist search by patient ID (once per user and ID in SEARCH_AUDIT_SECONDS)."""
-        now, key = time.monotonic(), (sess.user.name, patient_id)
+    def _first_in_a_while(self, key: tuple[str, ...]) -> bool:
+        """True (and remembered) unless ``key`` was seen in the last SEARCH_AUDIT_SECONDS."""
+        now = time.monotonic()
         with self._searches_lock:
             if now - self._searches.get(key, -1e9) < SEARCH_AUDIT_SECONDS:
-                return
+                return False
             self._searches[key] = now
             if len(self._searches) > 10_000:
                 self._searches = {k: t for k, t in self._searches.items() if now - t < SEARCH_AUDIT_SECONDS}
-        self.record("web.worklist_searched", sess, host, patient_id=patient_id, detail={"matches": matches})
+            return True
+
+    def searched(self, sess: Session, host: str, patient_id: str, matches: int) -> None:
+        """Audit a worklist search by patient ID (once per user and ID in SEARCH_AUDIT_SECONDS)."""
+        if self._first_in_a_while(("search", sess.user.name, patient_id)):
+            self.record("web.worklist_searched", sess, host, patient_id=patient_id, detail={"matches": matches})
+
+    def viewed(self, sess: Session, host: str, study_uid: str, patient_id: str | None, via: str) -> None:
+        """Audit a study view: every opening of its page; an image fetched without the page (a
+        script, a bookmarked image URL) once per session and study in SEARCH_AUDIT_SECONDS."""
+        if via == "page":
+            self._first_in_a_while(("view", sess.token_id, study_uid))
+        elif not self._first_in_a_while(("view", sess.token_id, study_uid)):
+            return
+        self.record("web.study_viewed", sess, host, study_uid=study_uid, patient_id=patient_id,
+                    detail={"via": via})
 
     def chain_state(self, force: bool = False) -> dict[str, Any]:
         """The audit chain's verify result, recomputed when older than a minute (or ``force``)."""
@@ -349,7 +364,7 @@ def study_page(console: Console, request: Request, sess: Session, form: Any) -> 
         data = queries.study(s, console.settings, uid)
     if data is None:
         return _not_found(console, request, sess, "no such study on this node")
-    console.record("web.study_viewed", sess, _host(request), study_uid=uid, patient_id=data["study"]["patient_id"])
+    console.viewed(sess, _host(request), uid, data["study"]["patient_id"], "page")
     return console.page(request, "study.html", {"user": sess.user, "csrf": sess.csrf, **data})
 
 
@@ -367,6 +382,8 @@ def study_image(console: Console, request: Request, sess: Session, form: Any) ->
         return PlainTextResponse("Not found", status_code=404)
     key = (study_uid, sop_uid)
     png = console.images.get(key)
+    with console.db.session() as s:
+        patient_id = s.scalar(select(Study.patient_id).where(Study.study_uid == study_uid))
     if png is None:
         path = None
         with console.db.session() as s:
@@ -388,6 +405,7 @@ def study_image(console: Console, request: Request, sess: Session, form: Any) ->
             log.warning("cannot render %s of study %s: %s", sop_uid, study_uid, type(e).__name__)
             return PlainTextResponse("This image cannot be shown.", status_code=422)
         console.images.put(key, png)
+    console.viewed(sess, _host(request), study_uid, patient_id, "image")
     return Response(png, media_type="image/png")  # no-store like the pages: the console's cache serves repeats
 
 
