@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/cxr-node.toml
-DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql
+DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql chromium chromium-driver
 
 .PHONY: run test venv debs bench clean
 

@@ -79,6 +79,16 @@ EVENTS: dict[str, str] = {
     "outbox.purged": "an admin removed a sent or dead item",
     "outbox.resend": "an admin queued a study's kept results again (`cxr-node resend`; detail: destinations, counts)",
     "retention.removed": "the retention job deleted an old film or sent result file (detail: kind, path)",
+    "web.login": "a user logged in to the web console (host: their address; detail: user, role)",
+    "web.login_failed": "a web console login was refused (reason: unknown user, wrong password, disabled, "
+                        "or throttled after repeated failures; detail: user as typed)",
+    "web.logout": "a user logged out of the web console, or their session expired",
+    "web.study_viewed": "a user opened a study in the web console (who saw which patient's study)",
+    "web.audit_viewed": "a user read or exported the audit trail in the web console (detail: filters, format)",
+    "web.worklist_searched": "a user searched the web console's worklist by patient ID",
+    "user.added": "a web console user was created (`cxr-node user add`; detail: user, role)",
+    "user.password_changed": "a web console user's password was set (`cxr-node user passwd`)",
+    "user.disabled": "a web console user was disabled (`cxr-node user disable`); their sessions ended",
 }
 
 #: The stable field names of ``cxr-node audit --format json|csv``.
@@ -148,10 +158,21 @@ class AuditQuery:
     outcome: str | None = None
     limit: int | None = None
     offset: int = 0
+    newest_first: bool = False
 
 
 def query(session: Session, q: AuditQuery) -> list[AuditEvent]:
-    stmt = select(AuditEvent)
+    return list(session.scalars(_filtered(select(AuditEvent), q)))
+
+
+def count(session: Session, q: AuditQuery) -> int:
+    """How many rows the query's filters match (its limit and offset aside)."""
+    from sqlalchemy import func
+
+    return session.scalar(_filtered(select(func.count()).select_from(AuditEvent), q, order=False))
+
+
+def _filtered(stmt, q: AuditQuery, order: bool = True):  # noqa: ANN001, ANN202 - a Select
     if q.since:
         stmt = stmt.where(AuditEvent.ts >= q.since)
     if q.until:
@@ -166,12 +187,14 @@ def query(session: Session, q: AuditQuery) -> list[AuditEvent]:
         stmt = stmt.where(AuditEvent.patient_id == q.patient_id)
     if q.outcome:
         stmt = stmt.where(AuditEvent.outcome == q.outcome)
-    stmt = stmt.order_by(AuditEvent.id)
+    if not order:
+        return stmt
+    stmt = stmt.order_by(AuditEvent.id.desc() if q.newest_first else AuditEvent.id)
     if q.offset:
         stmt = stmt.offset(q.offset)
     if q.limit:
         stmt = stmt.limit(q.limit)
-    return list(session.scalars(stmt))
+    return stmt
 
 
 def as_dict(row: AuditEvent) -> dict[str, Any]:
@@ -182,3 +205,48 @@ def as_dict(row: AuditEvent) -> dict[str, Any]:
 
 def as_dicts(rows: Iterable[AuditEvent]) -> list[dict[str, Any]]:
     return [as_dict(r) for r in rows]
+
+
+_ASSOCIATION_EVENTS = ("association.opened", "association.accepted", "association.released", "association.aborted")
+
+
+def study_story(session: Session, study_uid: str) -> list[dict[str, Any]]:
+    """Everything about one study in order, including the associations that brought it."""
+    own = as_dicts(query(session, AuditQuery(study_uid=study_uid)))
+    assoc_ids = {r["association_id"] for r in own if r["association_id"]}
+    assoc: list[dict[str, Any]] = []
+    if assoc_ids:
+        stmt = (select(AuditEvent).where(AuditEvent.event.in_(_ASSOCIATION_EVENTS),
+                                         AuditEvent.association_id.in_(sorted(assoc_ids))).order_by(AuditEvent.id))
+        assoc = as_dicts(session.scalars(stmt))
+    return sorted(own + assoc, key=lambda r: r["id"])
+
+
+def _user(r: dict[str, Any]) -> str:
+    return str((r.get("detail") or {}).get("user", "?"))
+
+
+_STORY = {
+    "association.opened": lambda r: f"association from {r['calling_aet']}@{r['host']}:{r['port']}",
+    "instance.stored": lambda r: f"stored {r['sop_instance_uid']} ({r['bytes']} bytes, {r['transfer_syntax']})",
+    "instance.duplicate": lambda r: f"duplicate {r['sop_instance_uid']}",
+    "image.triaged": lambda r: (f"triaged {r['sop_instance_uid']}: {r['detail']['top_label']} "
+                                f"{max(r['detail']['probabilities'].values()):.3f}, {r['detail']['priority']}"
+                                f"{' URGENT' if r['detail']['urgent'] else ''} (model {r['detail']['model_version']})"),
+    "image.skipped": lambda r: f"not analysed {r['sop_instance_uid']}: {r['reason']}",
+    "outbox.sent": lambda r: f"sent {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
+    "outbox.retry": lambda r: f"send of {r['sop_instance_uid']} to {r['detail']['destination']} failed: {r['reason']}",
+    "outbox.dead": lambda r: f"gave up sending {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
+    "outbox.resend": lambda r: (f"resend to {', '.join(r['detail']['destinations'])}: {r['detail']['queued']} queued, "
+                                f"{r['detail']['requeued']} sent again, {r['detail']['already_pending']} already waiting"),
+    "study.reprocess": lambda r: f"queued for analysis again as version {r['detail']['version']} (was {r['detail']['from']})",
+    "web.study_viewed": lambda r: f"viewed in the web console by {_user(r)} from {r['host']}",
+}
+
+
+def describe(row: dict[str, Any]) -> str:
+    """One line saying what an audit row (as from :func:`as_dict`) means, for a study's story."""
+    text = _STORY.get(row["event"])
+    if text:
+        return text(row)
+    return row["reason"] or (json.dumps(row["detail"]) if row["detail"] else "")

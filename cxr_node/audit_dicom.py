@@ -11,6 +11,14 @@ Mapping (events without a DICOM audit meaning, such as internal study states, ar
   image.triaged                        110103 DICOM Instances Accessed, action R
   retention.removed                    110103 DICOM Instances Accessed, action D
   association.rejected                 110113 Security Alert (110127 Node Authentication)
+  web.login / web.login_failed         110114 User Authentication (110122 Login), the user as requestor
+  web.logout                           110114 User Authentication (110123 Logout)
+  web.study_viewed                     110103 DICOM Instances Accessed, action R, the user as requestor:
+                                       who saw which patient's study, from which address
+  web.worklist_searched                110112 Query, action E, the user as requestor (the patient searched)
+  web.audit_viewed                     110101 Audit Log Used, action R, the user as requestor
+  user.added / user.password_changed   110113 Security Alert (110137 User Security Attributes Changed)
+  / user.disabled
 """
 
 from __future__ import annotations
@@ -31,6 +39,16 @@ _MAP: dict[str, tuple[str, str, str, tuple[str, str] | None, bool]] = {
     "image.triaged": ("110103", "DICOM Instances Accessed", "R", None, True),
     "retention.removed": ("110103", "DICOM Instances Accessed", "D", None, True),
     "association.rejected": ("110113", "Security Alert", "E", ("110127", "Node Authentication"), False),
+    "web.login": ("110114", "User Authentication", "E", ("110122", "Login"), False),
+    "web.login_failed": ("110114", "User Authentication", "E", ("110122", "Login"), False),
+    "web.logout": ("110114", "User Authentication", "E", ("110123", "Logout"), False),
+    "web.study_viewed": ("110103", "DICOM Instances Accessed", "R", None, False),
+    "web.worklist_searched": ("110112", "Query", "E", None, False),
+    "web.audit_viewed": ("110101", "Audit Log Used", "R", None, False),
+    "user.added": ("110113", "Security Alert", "E", ("110137", "User Security Attributes Changed"), False),
+    "user.password_changed": ("110113", "Security Alert", "E", ("110137", "User Security Attributes Changed"),
+                              False),
+    "user.disabled": ("110113", "Security Alert", "E", ("110137", "User Security Attributes Changed"), False),
 }
 OUTCOME = {"success": "0", "warning": "4", "failure": "8"}
 
@@ -66,7 +84,15 @@ def message(row: dict[str, Any], node_aet: str) -> ET.Element | None:
     detail = row.get("detail") or {}
     peer_aet = row.get("calling_aet") or detail.get("destination") or "-"
     source_role, dest_role = ("110153", "Source Role ID"), ("110152", "Destination Role ID")
-    if code == "110104":
+    if row["event"].startswith(("web.", "user.")):
+        # a person at the web console (or an admin at the command line) is the requestor
+        who = detail.get("by") if row["event"].startswith("user.") else detail.get("user")
+        attrs = {"UserID": str(who or "-"), "UserIsRequestor": "true"}
+        if row.get("host"):
+            attrs.update(NetworkAccessPointID=row["host"], NetworkAccessPointTypeCode="2")
+        ET.SubElement(msg, "ActiveParticipant", attrs)
+        _participant(msg, node_aet, False, None, ("110150", "Application"))
+    elif code == "110104":
         if we_are_source:
             _participant(msg, node_aet, True, None, source_role)
             _participant(msg, detail.get("destination", "-"), False, None, dest_role)
@@ -79,6 +105,12 @@ def message(row: dict[str, Any], node_aet: str) -> ET.Element | None:
         _participant(msg, node_aet, False, None, ("110150", "Application"))
 
     ET.SubElement(msg, "AuditSourceIdentification", {"AuditSourceID": SOURCE_ID})
+    if row["event"].startswith("user.") and detail.get("user"):
+        # the account whose security attributes changed (RFC 3881: person, security user entity)
+        ua = ET.SubElement(msg, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": str(detail["user"]), "ParticipantObjectTypeCode": "1",
+            "ParticipantObjectTypeCodeRole": "11"})
+        _code(ua, "ParticipantObjectIDTypeCode", "11", "RFC-3881", "User Identifier")
     if row.get("study_uid"):
         po = ET.SubElement(msg, "ParticipantObjectIdentification", {
             "ParticipantObjectID": row["study_uid"], "ParticipantObjectTypeCode": "2",

@@ -146,6 +146,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The web console (``cxr-node web``, a process of its own): address, TLS, sessions."""
+    host: str
+    port: int
+    certificate: Path | None
+    private_key: Path | None
+    idle_minutes: float     # a session unused this long is over (log in again)
+    session_hours: float    # a session ends this long after login, used or not
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings
     storage: StorageSettings
@@ -158,6 +173,7 @@ class Settings:
     tls: TLSSettings
     metrics: MetricsSettings
     logging: LoggingSettings
+    web: WebSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
 
@@ -198,6 +214,22 @@ def exposure_warning(settings: Settings) -> str | None:
     where = "every interface" if n.host in ("0.0.0.0", "::") else n.host
     return (f"[node] listens on {where} (port {n.port}) and accepts any calling AE title from any host: "
             "set allowed_calling_aets and/or allowed_hosts (or host) to limit who can send films")
+
+
+def web_warning(settings: Settings) -> str | None:
+    """One line when the web console would serve plain HTTP on an address other than loopback
+    (passwords and patient data unencrypted on the network); None otherwise."""
+    w = settings.web
+    if w.tls or w.host in ("localhost",):
+        return None
+    try:
+        if ipaddress.ip_address(w.host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"[web] host {w.host} without certificate/private_key: the console's passwords and patient data "
+            "would cross the network unencrypted; set [web] certificate and private_key, or keep host on "
+            "127.0.0.1 behind a TLS reverse proxy")
 
 
 # --------------------------------------------------------------------------- validators
@@ -329,6 +361,9 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
             "require_client_certificate": (_bool, True)},
     "metrics": {"port": (_int(0, 65535), 0)},
     "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
+    "web": {"host": (_host, "127.0.0.1"), "port": (_int(1, 65535), 8080), "certificate": (_str, ""),
+            "private_key": (_str, ""), "idle_minutes": (_number(1, 1440), 30),
+            "session_hours": (_number(0.1, 168), 12)},
 }
 _DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535), "tls": _bool}
 _DESTINATION_OPTIONAL = {"tls": False}
@@ -431,6 +466,13 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
                       private_key=resolve(t["private_key"]) if t["private_key"] else None,
                       ca_certificates=resolve(t["ca_certificates"]) if t["ca_certificates"] else None,
                       require_client_certificate=t["require_client_certificate"])
+    w = values["web"]
+    if bool(w["certificate"]) != bool(w["private_key"]):
+        raise fail("[web] private_key", "certificate and private_key must be given together")
+    web = WebSettings(host=w["host"], port=w["port"],
+                      certificate=resolve(w["certificate"]) if w["certificate"] else None,
+                      private_key=resolve(w["private_key"]) if w["private_key"] else None,
+                      idle_minutes=w["idle_minutes"], session_hours=w["session_hours"])
     return Settings(
         node=NodeSettings(**values["node"]),
         storage=StorageSettings(data_dir=data_dir),
@@ -446,6 +488,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         tls=tls,
         metrics=MetricsSettings(port=values["metrics"]["port"]),
         logging=LoggingSettings(**values["logging"]),
+        web=web,
         destinations=tuple(dests),
         source=source,
     )

@@ -230,8 +230,9 @@ class Outbox:
                 q = q.where(OutboxItem.state == state)
             return list(s.scalars(q))
 
-    def retry(self, ids: Sequence[int] = (), all_dead: bool = False) -> int:
-        """Put dead (or pending) items back to pending, due now, attempts reset."""
+    def retry(self, ids: Sequence[int] = (), all_dead: bool = False, by: str | None = None) -> int:
+        """Put dead (or pending) items back to pending, due now, attempts reset. ``by``: the web
+        console user who asked (recorded in the audit rows)."""
         n = 0
         with self.db.transaction() as s:
             q = select(OutboxItem).where(OutboxItem.state.in_([DEAD, PENDING]))
@@ -244,12 +245,13 @@ class Outbox:
             for row in s.scalars(q.with_for_update()):
                 row.state, row.attempts, row.next_attempt_at = PENDING, 0, utcnow()
                 audit.record(s, "outbox.requeued", study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
-                             detail={"destination": row.destination, "id": row.id})
+                             detail={"destination": row.destination, "id": row.id, **({"user": by} if by else {})})
                 n += 1
         return n
 
-    def purge(self, states: Sequence[str], older_than_days: float | None = None) -> int:
-        """Delete sent and/or dead items (rows and files). Pending items are never purged."""
+    def purge(self, states: Sequence[str], older_than_days: float | None = None, by: str | None = None) -> int:
+        """Delete sent and/or dead items (rows and files). Pending items are never purged. ``by``:
+        the web console user who asked (recorded in the audit rows)."""
         if PENDING in states:
             raise ConfigError("pending items cannot be purged: they have not been sent yet (retry or wait)")
         n = 0
@@ -265,6 +267,7 @@ class Outbox:
                     (self.dir / row.path).unlink(missing_ok=True)
                 s.delete(row)
                 audit.record(s, "outbox.purged", study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
-                             detail={"destination": row.destination, "state": row.state, "id": row.id})
+                             detail={"destination": row.destination, "state": row.state, "id": row.id,
+                                     **({"user": by} if by else {})})
                 n += 1
         return n

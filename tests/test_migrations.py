@@ -16,9 +16,12 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0004" in cli("db", "upgrade", config=cfg).stdout
-    assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0004"
+    assert "0006" in cli("db", "upgrade", config=cfg).stdout
+    assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
+            "web_users", "web_sessions"} <= _tables(db)
+    assert cli("db", "current", config=cfg).stdout.strip() == "0006"
+    cli("db", "downgrade", "0004", config=cfg)
+    assert _tables(db) & {"web_users", "web_sessions"} == set()
     cli("db", "downgrade", "0003", config=cfg)
     with sqlite3.connect(db) as c:
         assert "removed_at" not in {r[1] for r in c.execute("pragma table_info(instances)")}

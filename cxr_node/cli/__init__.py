@@ -1,7 +1,7 @@
 """The ``cxr-node`` command line: parse, call, print. Nothing heavy is imported up front.
 
 One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``echo``,
-``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``); each registers its
+``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``, ``web``, ``user``); each registers its
 parser and a ``run(settings, args, out) -> int``. Commands that use the database open it with
 :func:`cxr_node.cli._db.open_database`, which never creates one (only ``db upgrade`` does).
 
@@ -24,7 +24,8 @@ from cxr_node.errors import ConfigError, CxrNodeError
 log = logging.getLogger("cxr_node")
 
 #: The command modules, in the order ``--help`` lists them.
-_MODULES = ("serve", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention", "triage")
+_MODULES = ("serve", "web", "user", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention",
+            "triage")
 
 EPILOG = """\
 global options --config and --log-level go before or after the command.
@@ -41,6 +42,8 @@ examples:
   cxr-node resend 1.2.840.113619.2.55.3 --to pacs
   cxr-node reprocess --since 2026-11-20
   cxr-node triage film.dcm --overlay-dir overlays/
+  cxr-node user add alice --role radiologist
+  cxr-node web --config config/cxr-node.toml
 """
 
 

@@ -131,34 +131,12 @@ def _verify(settings: Settings, out: TextIO) -> int:
     return 1
 
 
-_STORY = {
-    "association.opened": lambda r: f"association from {r['calling_aet']}@{r['host']}:{r['port']}",
-    "instance.stored": lambda r: f"stored {r['sop_instance_uid']} ({r['bytes']} bytes, {r['transfer_syntax']})",
-    "instance.duplicate": lambda r: f"duplicate {r['sop_instance_uid']}",
-    "image.triaged": lambda r: (f"triaged {r['sop_instance_uid']}: {r['detail']['top_label']} "
-                                f"{max(r['detail']['probabilities'].values()):.3f}, {r['detail']['priority']}"
-                                f"{' URGENT' if r['detail']['urgent'] else ''} (model {r['detail']['model_version']})"),
-    "image.skipped": lambda r: f"not analysed {r['sop_instance_uid']}: {r['reason']}",
-    "outbox.sent": lambda r: f"sent {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
-    "outbox.retry": lambda r: f"send of {r['sop_instance_uid']} to {r['detail']['destination']} failed: {r['reason']}",
-    "outbox.dead": lambda r: f"gave up sending {r['sop_instance_uid']} to {r['detail']['destination']}: {r['reason']}",
-    "outbox.resend": lambda r: (f"resend to {', '.join(r['detail']['destinations'])}: {r['detail']['queued']} queued, "
-                                f"{r['detail']['requeued']} sent again, {r['detail']['already_pending']} already waiting"),
-    "study.reprocess": lambda r: f"queued for analysis again as version {r['detail']['version']} (was {r['detail']['from']})",
-}
-
-
 def _study(settings: Settings, study_uid: str, fmt: str, out: TextIO) -> int:
     """Everything about one study in order, including the associations that brought it."""
     from cxr_node import audit
 
     with open_database(settings) as db, db.session() as s:
-        own = audit.as_dicts(audit.query(s, audit.AuditQuery(study_uid=study_uid)))
-        assoc_ids = {r["association_id"] for r in own if r["association_id"]}
-        assoc = [r for r in audit.as_dicts(audit.query(s, audit.AuditQuery(
-            events=("association.opened", "association.accepted", "association.released", "association.aborted"))))
-            if r["association_id"] in assoc_ids]
-    rows = sorted(own + assoc, key=lambda r: r["id"])
+        rows = audit.study_story(s, study_uid)
     if not rows:
         raise ConfigError(f"no audit events for study {study_uid}")
     if fmt in ("json", "csv"):
@@ -166,10 +144,5 @@ def _study(settings: Settings, study_uid: str, fmt: str, out: TextIO) -> int:
         return 0
     out.write(f"study {study_uid}\n")
     for r in rows:
-        text = _STORY.get(r["event"])
-        if text:
-            line = text(r)
-        else:
-            line = r["reason"] or (json.dumps(r["detail"]) if r["detail"] else "")
-        out.write(f"  {r['time']}  {r['event']:22} {line}\n")
+        out.write(f"  {r['time']}  {r['event']:22} {audit.describe(r)}\n")
     return 0

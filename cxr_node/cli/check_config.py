@@ -15,14 +15,15 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
                        help="validate the config file and print the effective settings",
                        description="Validate the config file (exit 2 naming the key and the rule) and "
                        "print the effective settings. Warns, still exiting 0, when no [[destinations]] "
-                       "are configured and when the node accepts any AE title from any host.")
+                       "are configured, when the node accepts any AE title from any host, and when the web console "
+                       "would serve plain HTTP beyond loopback.")
     p.set_defaults(run=run)
 
 
 def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
     from sqlalchemy.engine import make_url
 
-    from cxr_node.config import destinations_warning, exposure_warning
+    from cxr_node.config import destinations_warning, exposure_warning, web_warning
 
     n = settings.node
     where = settings.source or "built-in defaults"
@@ -39,6 +40,9 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
               f"pixel checks (lung fields, training distribution) {'on' if e.check_pixels else 'OFF'}\n")
     for d in settings.destinations:
         out.write(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}\n")
+    w = settings.web
+    out.write(f"  web console {'https' if w.tls else 'http'}://{w.host}:{w.port} (`cxr-node web`; sessions end "
+              f"after {w.idle_minutes:g} min idle)\n")
     warning = destinations_warning(settings)
     if warning:
         out.write("  destination none\n")
@@ -46,4 +50,7 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     exposed = exposure_warning(settings)
     if exposed:
         sys.stderr.write(f"cxr-node: warning: {exposed}\n")
+    plain = web_warning(settings)
+    if plain:
+        sys.stderr.write(f"cxr-node: warning: {plain}\n")
     return 0

@@ -1,0 +1,95 @@
+"""``cxr-node web``: the web console in the foreground (a process of its own, beside ``serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+    p = sub.add_parser("web", parents=[common], help="run the web console (worklist, studies, audit, outbox) in the foreground",
+                       description="Serve the web console on [web] host:port (default 127.0.0.1:8080), with "
+                       "HTTPS when [web] certificate and private_key are set. It reads the daemon's database "
+                       "and data_dir; run it beside `cxr-node serve` (systemd/cxr-node-web.service). "
+                       "Create users first: `cxr-node user add NAME --role admin`.")
+    p.add_argument("--host", help="listen on this address instead of [web] host")
+    p.add_argument("--port", type=int, help="listen on this port instead of [web] port")
+    p.set_defaults(run=run)
+
+
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+    import uvicorn
+
+    from dataclasses import replace
+
+    from cxr_node.cli._db import open_database
+    from cxr_node.config import web_warning
+    from cxr_node.errors import ConfigError, CxrNodeError
+    from cxr_node.web.app import create_app
+
+    w = settings.web
+    host, port = args.host or w.host, args.port or w.port
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be from 1 to 65535")
+    for p in (w.certificate, w.private_key):
+        if p is not None and not p.is_file():
+            raise ConfigError(f"[web] certificate/private_key: {p} not found")
+    with open_database(settings) as db:
+        app = create_app(settings, db)
+        scheme = "https" if w.tls else "http"
+        log.info("web console listening on %s://%s:%d (database %s)", scheme, host, port, db.redacted_url)
+        plain = web_warning(replace(settings, web=replace(w, host=host)))
+        if plain:
+            log.warning("%s", plain)
+        # access_log off: its lines carry query strings (a patient ID search); the app logs paths only.
+        # proxy_headers off: the address audited and throttled is the TCP peer's, never a header a
+        # local process could forge
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
+                                proxy_headers=False,
+                                ssl_certfile=str(w.certificate) if w.certificate else None,
+                                ssl_keyfile=str(w.private_key) if w.private_key else None,
+                                timeout_graceful_shutdown=10)
+        server = _Server(config)
+        try:
+            server.run()
+        except SystemExit as e:  # uvicorn exits this way when it cannot bind (its error is logged above)
+            if e.code not in (0, None):
+                raise CxrNodeError(f"the web console could not listen on {host}:{port} (in use, or not an "
+                                   "address of this machine): set [web] host/port or pass --host/--port") from None
+            raise
+    log.info("web console stopped")
+    return 0
+
+
+def _server_class():  # noqa: ANN202
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGTERM/SIGINT end it with exit status 0 after the graceful
+        shutdown (as `serve` does), instead of re-raising the signal; a second one forces it."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # noqa: ANN202
+            def stop(signum, frame) -> None:  # noqa: ANN001
+                if self.should_exit:
+                    self.force_exit = True
+                self.should_exit = True
+
+            old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def _Server(config):  # noqa: ANN001, ANN202, N802 - builds the class lazily (uvicorn imported on use)
+    return _server_class()(config)

@@ -1,0 +1,260 @@
+"""What the console's pages show, read from the database (and the result files for the SR).
+
+The worklist is one filtered, ordered, paged query over ``studies``, then one aggregate query per
+kind of count over the page's studies only, so its cost hardly grows with the number of studies
+(bench/web.py measures it with 10,000).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import case, exists, func, select
+from sqlalchemy.orm import Session
+
+from cxr_node import audit, studies
+from cxr_node.config import Settings
+from cxr_node.db.models import ImageResult, Instance, OutboxItem, Study
+
+PRIORITIES = ("urgent", "review", "routine")
+PAGE_SIZE = 50
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PRIORITY_RANK = case({"urgent": 0, "review": 1, "routine": 2}, value=Study.priority, else_=3)
+
+
+def valid_uid(value: str | None) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (nothing else reaches a query or a path)."""
+    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+
+
+class BadFilter(ValueError):
+    """A worklist filter value that is not one of the allowed forms (the page says which)."""
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    state: str | None = None
+    priority: str | None = None   # urgent | review | routine | none
+    station: str | None = None
+    date: dt.date | None = None   # received on this UTC day
+    patient_id: str | None = None
+    page: int = 1
+
+    @classmethod
+    def from_query(cls, q: Any) -> "WorklistFilter":  # noqa: ANN401 - a Mapping of query parameters
+        def get(k: str) -> str | None:
+            v = (q.get(k) or "").strip()
+            return v or None
+
+        state, priority, station, day, pid = (get(k) for k in ("state", "priority", "station", "date", "patient_id"))
+        if state and state not in studies.STATES:
+            raise BadFilter(f"state must be one of {', '.join(studies.STATES)}")
+        if priority and priority not in PRIORITIES + ("none",):
+            raise BadFilter(f"priority must be one of {', '.join(PRIORITIES)}, none")
+        if station and len(station) > 16:
+            raise BadFilter("station: an AE title has at most 16 characters")
+        if pid and len(pid) > 64:
+            raise BadFilter("patient ID: at most 64 characters")
+        date = None
+        if day:
+            try:
+                date = dt.date.fromisoformat(day)
+            except ValueError:
+                raise BadFilter("date must be YYYY-MM-DD")
+        try:
+            page = max(1, min(100_000, int(get("page") or 1)))
+        except ValueError:
+            raise BadFilter("page must be a number")
+        return cls(state, priority, station, date, pid, page)
+
+    def params(self, **change: Any) -> dict[str, str]:
+        """The filter as query parameters (for paging links and the JSON API)."""
+        d = {"state": self.state, "priority": self.priority, "station": self.station,
+             "date": self.date.isoformat() if self.date else None, "patient_id": self.patient_id,
+             "page": str(self.page) if self.page > 1 else None}
+        d.update({k: (str(v) if v is not None else None) for k, v in change.items()})
+        return {k: v for k, v in d.items() if v}
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
+
+
+def worklist(s: Session, f: WorklistFilter, page_size: int = PAGE_SIZE) -> dict[str, Any]:
+    """One page of studies, urgent first, then the most recently received."""
+    where = []
+    if f.state:
+        where.append(Study.state == f.state)
+    if f.priority == "none":
+        where.append(Study.priority.is_(None))
+    elif f.priority:
+        where.append(Study.priority == f.priority)
+    if f.patient_id:
+        where.append(Study.patient_id == f.patient_id)
+    if f.date:
+        start = dt.datetime.combine(f.date, dt.time(), tzinfo=dt.timezone.utc)
+        where += [Study.first_received_at >= start, Study.first_received_at < start + dt.timedelta(days=1)]
+    if f.station:
+        where.append(exists().where(Instance.study_uid == Study.study_uid, Instance.calling_aet == f.station))
+    total = s.scalar(select(func.count()).select_from(Study).where(*where))
+    rows = s.scalars(select(Study).where(*where).order_by(_PRIORITY_RANK, Study.last_received_at.desc(),
+                                                          Study.study_uid)
+                     .limit(page_size).offset((f.page - 1) * page_size)).all()
+    uids = [r.study_uid for r in rows]
+    stations: dict[str, set[str]] = {}
+    counts: dict[tuple[str, int], dict[bool, int]] = {}
+    delivery: dict[str, dict[str, int]] = {}
+    if uids:
+        for uid, aet in s.execute(select(Instance.study_uid, Instance.calling_aet).where(
+                Instance.study_uid.in_(uids)).distinct()):
+            if aet:
+                stations.setdefault(uid, set()).add(aet)
+        for uid, version, analysed, n in s.execute(
+                select(ImageResult.study_uid, ImageResult.study_version, ImageResult.analysed, func.count())
+                .where(ImageResult.study_uid.in_(uids))
+                .group_by(ImageResult.study_uid, ImageResult.study_version, ImageResult.analysed)):
+            counts.setdefault((uid, version), {})[bool(analysed)] = n
+        for uid, state, n in s.execute(select(OutboxItem.study_uid, OutboxItem.state, func.count())
+                                       .where(OutboxItem.study_uid.in_(uids))
+                                       .group_by(OutboxItem.study_uid, OutboxItem.state)):
+            delivery.setdefault(uid, {})[state] = n
+    items = []
+    for r in rows:
+        c = counts.get((r.study_uid, r.processed_version), {}) if r.processed_version else {}
+        d = delivery.get(r.study_uid, {})
+        items.append({
+            "study_uid": r.study_uid, "patient_id": r.patient_id, "state": r.state, "priority": r.priority,
+            "version": r.version, "stations": sorted(stations.get(r.study_uid, ())),
+            "films": r.instance_count, "analysed": c.get(True, 0), "refused": c.get(False, 0),
+            "received_at": _iso(r.first_received_at), "last_received_at": _iso(r.last_received_at),
+            "processed_at": _iso(r.state_changed_at) if r.state in studies.FINISHED else None,
+            "delivery": delivery_state(d), "outbox": d,
+        })
+    pages = max(1, -(-total // page_size))
+    return {"total": total, "page": f.page, "pages": pages, "page_size": page_size, "studies": items}
+
+
+def delivery_state(counts: dict[str, int]) -> str:
+    """One word for a study's results: none queued, pending, sent, or dead (some gave up)."""
+    if not counts:
+        return "none"
+    if counts.get("dead"):
+        return "dead"
+    if counts.get("pending"):
+        return "pending"
+    return "sent"
+
+
+def stations(s: Session) -> list[str]:
+    return [a for a in s.scalars(select(Instance.calling_aet).where(Instance.calling_aet.is_not(None))
+                                 .distinct().order_by(Instance.calling_aet).limit(500))]
+
+
+@dataclass
+class FilmView:
+    sop_instance_uid: str
+    calling_aet: str | None
+    received_at: str | None
+    on_disk: bool
+    analysed: bool | None = None          # None: no result for the current version yet
+    reason: str | None = None             # why not analysed
+    top_label: str | None = None
+    urgent: bool | None = None
+    priority: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    flag_reasons: str | None = None       # why the policy flagged it (from image.triaged)
+    overlay_uid: str | None = None        # the Secondary Capture, when its file is still there
+    model_version: str | None = None
+
+
+def study(s: Session, settings: Settings, study_uid: str) -> dict[str, Any] | None:
+    """Everything the study page shows; None for an unknown study."""
+    st = s.get(Study, study_uid)
+    if st is None:
+        return None
+    instances = s.scalars(select(Instance).where(Instance.study_uid == study_uid)
+                          .order_by(Instance.received_at, Instance.sop_instance_uid)).all()
+    results = {r.sop_instance_uid: r for r in s.scalars(select(ImageResult).where(
+        ImageResult.study_uid == study_uid, ImageResult.study_version == st.processed_version))} \
+        if st.processed_version else {}
+    story = audit.study_story(s, study_uid)
+    flag_reasons = {r["sop_instance_uid"]: r["reason"] for r in story
+                    if r["event"] == "image.triaged" and (r["detail"] or {}).get("version") == st.processed_version}
+    films = []
+    for inst in instances:
+        f = FilmView(inst.sop_instance_uid, inst.calling_aet, _iso(inst.received_at), inst.removed_at is None)
+        r = results.get(inst.sop_instance_uid)
+        if r is not None:
+            f.analysed, f.reason, f.top_label, f.urgent = r.analysed, r.reason, r.top_label, r.urgent
+            f.priority, f.probabilities, f.model_version = r.priority, dict(r.probabilities or {}), r.model_version
+            f.flag_reasons = flag_reasons.get(inst.sop_instance_uid)
+            if r.sc_sop_instance_uid and result_file(settings, study_uid, r.sc_sop_instance_uid) is not None:
+                f.overlay_uid = r.sc_sop_instance_uid
+        elif not inst.triage_eligible:
+            f.analysed, f.reason = False, inst.not_for_triage_reason
+        films.append(f)
+    outbox = s.scalars(select(OutboxItem).where(OutboxItem.study_uid == study_uid).order_by(OutboxItem.id)).all()
+    return {
+        "study": {"study_uid": st.study_uid, "patient_id": st.patient_id, "state": st.state, "priority": st.priority,
+                  "version": st.version, "processed_version": st.processed_version, "films": st.instance_count,
+                  "received_at": _iso(st.first_received_at), "last_received_at": _iso(st.last_received_at),
+                  "state_changed_at": _iso(st.state_changed_at), "last_error": st.last_error,
+                  "last_sr_uid": st.last_sr_uid},
+        "films": films,
+        "sr": sr_content(settings, study_uid, st.last_sr_uid),
+        "outbox": [outbox_row(o) for o in outbox],
+        "story": [{**r, "text": audit.describe(r)} for r in story],
+    }
+
+
+def result_file(settings: Settings, study_uid: str, sop_uid: str) -> Path | None:
+    """The result file of ``sop_uid`` (both validated UIDs) under data_dir/outbox, if it is there."""
+    if not (valid_uid(study_uid) and valid_uid(sop_uid)):
+        return None
+    base = settings.storage.outbox_dir.resolve()
+    p = (base / study_uid / f"{sop_uid}.dcm").resolve()
+    if not p.is_relative_to(base) or not p.is_file():
+        return None
+    return p
+
+
+def sr_content(settings: Settings, study_uid: str, sr_uid: str | None) -> dict[str, Any] | None:
+    """The study's last SR as plain findings, or why it cannot be shown."""
+    if not sr_uid:
+        return None
+    p = result_file(settings, study_uid, sr_uid)
+    if p is None:
+        return {"sr_uid": sr_uid, "findings": [], "note": "the SR file is no longer kept (retention removes sent results)"}
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from cxr_node.encode.sr import read_findings
+
+    try:
+        findings = read_findings(dcmread(p))
+    except (InvalidDicomError, OSError, ValueError, AttributeError, IndexError) as e:
+        return {"sr_uid": sr_uid, "findings": [], "note": f"the SR cannot be read: {type(e).__name__}"}
+    return {"sr_uid": sr_uid, "findings": findings, "note": None}
+
+
+def outbox_row(o: OutboxItem) -> dict[str, Any]:
+    return {"id": o.id, "state": o.state, "destination": o.destination, "kind": o.kind, "study_uid": o.study_uid,
+            "study_version": o.study_version, "sop_instance_uid": o.sop_instance_uid, "attempts": o.attempts,
+            "next_attempt_at": _iso(o.next_attempt_at), "last_status": o.last_status, "last_error": o.last_error,
+            "created_at": _iso(o.created_at), "sent_at": _iso(o.sent_at)}
+
+
+def outbox(s: Session, state: str | None, page: int, page_size: int = 100) -> dict[str, Any]:
+    q = select(OutboxItem)
+    c = select(func.count()).select_from(OutboxItem)
+    if state:
+        q, c = q.where(OutboxItem.state == state), c.where(OutboxItem.state == state)
+    total = s.scalar(c)
+    rows = s.scalars(q.order_by(OutboxItem.id.desc()).limit(page_size).offset((page - 1) * page_size)).all()
+    counts = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
+    return {"items": [outbox_row(o) for o in rows], "total": total, "page": page,
+            "pages": max(1, -(-total // page_size)), "counts": counts}

@@ -1,0 +1,183 @@
+"""The web console in a real browser: Debian's chromium, driven by Selenium through Debian's
+chromedriver (no browser download). A real storescu send to a real daemon, then a radiologist
+logs in, sees the urgent study at the top of the worklist, opens it, sees its overlay load, and
+finds that view in the study's audit story; an admin finds it in the audit trail.
+
+``CXR_WEB_SCREENSHOTS=DIR`` saves the worklist and study pages as PNGs there (the README's are
+made this way: ``CXR_WEB_SCREENSHOTS=docs python -m pytest tests/test_web_browser.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import StoreSCP, require_tool, storescu
+from dicomgen import make_cr, uid
+from helpers_model import make_checkpoint
+from helpers_web import WebConsole, add_user
+
+PASSWORD = "radiologist-pw-1"
+
+
+def _driver(tmp_path: Path):
+    chromium = require_tool("chromium", "chromium")
+    chromedriver = require_tool("chromedriver", "chromium-driver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        msg = "selenium not installed: pip install '.[test]'"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1360,900",
+                "--disable-extensions", "--no-first-run", "--password-store=basic",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(arg)
+    service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
+    d = webdriver.Chrome(service=service, options=opts)
+    d.set_page_load_timeout(30)
+    return d
+
+
+def _lateral(path: Path) -> Path:
+    """The same kind of film, marked as a lateral view (which cxr-node does not analyse)."""
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    ds.ViewPosition = "LL"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _add_admin(config: Path) -> None:
+    from cxr_node.config import load
+    from cxr_node.db.session import Database
+    from cxr_node.web import users
+
+    db = Database(load(config).database.url)
+    users.add(db, "ada", "admin", PASSWORD)
+    db.dispose()
+
+
+def _shot(driver, path: Path) -> None:
+    """A screenshot as a small PNG (256-colour palette) for the README."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} within {timeout}s")
+
+
+def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = _driver(tmp_path)  # skips (or fails under CI) before anything starts
+    web = None
+    try:
+        with StoreSCP(tmp_path / "pacs") as pacs:
+            ckpt = make_checkpoint(tmp_path / "flag-all.pt", input_size=64, thresholds={"COVID": 0.0})
+            node = node_factory("web", quiet_seconds=1, extra=(
+                f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n[outbox]\npoll_seconds = 0.3\n'
+                f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.ae_title}"\nhost = "127.0.0.1"\n'
+                f"port = {pacs.port}\n")).start()
+            urgent, unreadable = uid(), uid()
+            films = [make_cr(tmp_path / "u1.dcm", study_uid=urgent, rows=320, cols=320, seed=1, patient_id="PAT-0042"),
+                     _lateral(make_cr(tmp_path / "u2.dcm", study_uid=urgent, rows=320, cols=320, seed=2,
+                                      patient_id="PAT-0042"))]
+            assert storescu(node.port, *films, aet="CR-ROOM-2").returncode == 0
+            # a later study whose only film is refused: newer, but no priority, so below the urgent one
+            noise = make_cr(tmp_path / "n.dcm", study_uid=unreadable, rows=320, cols=320, pixels="random",
+                            patient_id="PAT-0043")
+            assert storescu(node.port, noise, aet="DX-WARD-5").returncode == 0
+
+            def done() -> bool:
+                with node.db() as db:
+                    processed = db.execute("select count(*) from studies where state = 'processed'").fetchone()[0]
+                    sent = db.execute("select count(*) from outbox where state = 'sent'").fetchone()[0]
+                return processed == 2 and sent == 3  # the urgent study's SC and SR, the other's SR
+            _wait(done, 120, "both studies processed and their results sent")
+
+            add_user(node.config, "rita", "radiologist", PASSWORD)
+            _add_admin(node.config)
+            web = WebConsole(node.config, tmp_path / "web.log").start()
+            shots = os.environ.get("CXR_WEB_SCREENSHOTS")
+
+            driver.get(web.url + "/")
+            assert "/login" in driver.current_url
+            driver.find_element(By.NAME, "username").send_keys("rita")
+            driver.find_element(By.NAME, "password").send_keys(PASSWORD)
+            driver.find_element(By.ID, "login").click()
+            _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "table.worklist tbody tr"), 20, "the worklist")
+            rows = driver.find_elements(By.CSS_SELECTOR, "table.worklist tbody tr")
+            assert len(rows) == 2
+            top = rows[0]
+            assert top.find_element(By.CSS_SELECTOR, ".study-link").text == urgent
+            assert top.find_element(By.CSS_SELECTOR, ".badge").text == "URGENT"
+            assert "CR-ROOM-2" in top.text and "PAT-0042" in top.text and "1 / 1 of 2" in top.text
+            assert top.find_element(By.CSS_SELECTOR, ".delivery").text == "sent"
+            assert rows[1].find_element(By.CSS_SELECTOR, ".study-link").text == unreadable
+            if shots:
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                _shot(driver, Path(shots) / "web-worklist.png")
+
+            top.find_element(By.CSS_SELECTOR, ".study-link").click()
+            _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "img.overlay"), 20, "the study page")
+            img = driver.find_element(By.CSS_SELECTOR, "img.overlay")
+            loaded = _wait(lambda: driver.execute_script(
+                "const i = arguments[0]; return i.complete && i.naturalWidth > 0 ? [i.naturalWidth, i.naturalHeight]"
+                " : null;", img), 30, "the overlay image to load")
+            assert loaded[0] >= 200 and loaded[1] > loaded[0]  # the film plus its legend strip below
+            page = driver.find_element(By.TAG_NAME, "main").text
+            assert "Not analysed: ViewPosition is LL" in page  # the lateral film, and why
+            assert "Why flagged" in page and "COVID" in page
+            assert "Feedback" in page  # the place the site-onboarding work fills in
+            sr = driver.find_element(By.XPATH, "//h2[text()='Structured report']/following-sibling::table[1]").text
+            assert "Not analysed" in sr and "Reason not analysed" in sr  # the SR names the lateral film
+            sent = driver.find_element(By.XPATH, "//h2[text()='Sent']/following-sibling::table[1]").text
+            assert sent.count("pacs") == 2 and sent.count("sent") == 2  # the SC and the SR, with when
+            # the refused film is shown from the spool, without an overlay
+            grey = driver.find_element(By.CSS_SELECTOR, "img.film-only")
+            _wait(lambda: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0;",
+                                                grey), 30, "the refused film to load")
+            if shots:
+                driver.set_window_size(1360, 1250)
+                _shot(driver, Path(shots) / "web-study.png")
+
+            # the view is in the study's audit story (the radiologist's view of the trail) ...
+            driver.refresh()
+            story = driver.find_element(By.CSS_SELECTOR, "table.story").text
+            assert "web.study_viewed viewed in the web console by rita from 127.0.0.1" in story
+            # ... and in the audit trail an admin reads, with the patient
+            driver.find_element(By.CSS_SELECTOR, "form.logout button").click()
+            _wait(lambda: driver.find_elements(By.NAME, "username"), 20, "the login page")
+            driver.find_element(By.NAME, "username").send_keys("ada")
+            driver.find_element(By.NAME, "password").send_keys(PASSWORD)
+            driver.find_element(By.ID, "login").click()
+            _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "table.worklist"), 20, "the admin's worklist")
+            driver.get(f"{web.url}/audit?study={urgent}&event=web.study_viewed")
+            _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr"), 20, "the audit page")
+            views = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")]
+            assert len(views) == 2 and all("rita" in v and "PAT-0042" in v and "127.0.0.1" in v for v in views)
+            assert "Hash chain intact" in driver.find_element(By.ID, "chain").text
+    finally:
+        driver.quit()
+        if web is not None:
+            web.stop()
