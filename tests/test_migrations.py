@@ -16,9 +16,14 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0004" in cli("db", "upgrade", config=cfg).stdout
-    assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0004"
+    assert "0005" in cli("db", "upgrade", config=cfg).stdout
+    assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
+            "stations", "feedback", "site_calibrations"} <= _tables(db)
+    assert cli("db", "current", config=cfg).stdout.strip() == "0005"
+    cli("db", "downgrade", "0004", config=cfg)
+    assert _tables(db) & {"stations", "feedback", "site_calibrations"} == set()
+    with sqlite3.connect(db) as c:
+        assert "station" not in {r[1] for r in c.execute("pragma table_info(image_results)")}
     cli("db", "downgrade", "0003", config=cfg)
     with sqlite3.connect(db) as c:
         assert "removed_at" not in {r[1] for r in c.execute("pragma table_info(instances)")}
