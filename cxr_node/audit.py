@@ -79,6 +79,17 @@ EVENTS: dict[str, str] = {
     "outbox.purged": "an admin removed a sent or dead item",
     "outbox.resend": "an admin queued a study's kept results again (`cxr-node resend`; detail: destinations, counts)",
     "retention.removed": "the retention job deleted an old film or sent result file (detail: kind, path)",
+    "station.added": "films came from a station for the first time (detail: station, mode)",
+    "station.mode": "a station's mode changed, e.g. shadow -> active (detail: station, from, to)",
+    "station.baseline": "a station without a site calibration got its drift baseline: its first films",
+    "station.drift": "a station's films or the model's answers on them moved past [onboarding] drift_threshold "
+                     "(reason and detail: what moved, PSI per statistic)",
+    "station.drift_cleared": "a station that had drifted is back within the threshold",
+    "study.shadow": "a study from a station in shadow mode was analysed; its results are kept, not sent",
+    "feedback.added": "a reader's label for a study (or film) was stored (detail: label, reader, source, supersedes)",
+    "feedback.import": "a feedback CSV was imported (detail: file, counts)",
+    "calibration.site": "a site calibration was stored and made active (detail: station, version, figures)",
+    "calibration.rollback": "a station's site calibration was rolled back to the previous one (or to the model's)",
 }
 
 #: The stable field names of ``cxr-node audit --format json|csv``.
