@@ -342,6 +342,10 @@ class Processor:
                              detail={"version": w.version, "station": ref.name, "objects": len(written)})
             if sr is not None:
                 st.last_sr_uid = sr.SOPInstanceUID
+            accession = next((str(f.ds.get("AccessionNumber") or "").strip() for f in w.films
+                              if str(f.ds.get("AccessionNumber") or "").strip()), None)
+            if accession:
+                st.accession_number = accession[:16]
             reason = None if analysed else ("no frontal chest film to analyse" if not w.films
                                             else "no film was analysed: " + "; ".join(f.refused for f in w.refused))
             if studies.finish(s, st, w.version, reason=reason, **detail):

@@ -1,7 +1,8 @@
 """The ``cxr-node`` command line: parse, call, print. Nothing heavy is imported up front.
 
 One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``echo``,
-``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``); each registers its
+``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``, ``feedback``,
+``performance``, ``calibrate-site``); each registers its
 parser and a ``run(settings, args, out) -> int``. Commands that use the database open it with
 :func:`cxr_node.cli._db.open_database`, which never creates one (only ``db upgrade`` does).
 
@@ -24,7 +25,8 @@ from cxr_node.errors import ConfigError, CxrNodeError
 log = logging.getLogger("cxr_node")
 
 #: The command modules, in the order ``--help`` lists them.
-_MODULES = ("serve", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention", "triage")
+_MODULES = ("serve", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention", "triage",
+            "feedback", "performance", "calibrate_site")
 
 EPILOG = """\
 global options --config and --log-level go before or after the command.
@@ -41,6 +43,9 @@ examples:
   cxr-node resend 1.2.840.113619.2.55.3 --to pacs
   cxr-node reprocess --since 2026-11-20
   cxr-node triage film.dcm --overlay-dir overlays/
+  cxr-node feedback import labels.csv
+  cxr-node performance --station CR_ROOM1 --out perf/
+  cxr-node calibrate-site --station CR_ROOM1 --dry-run
 """
 
 

@@ -86,6 +86,7 @@ class Study(Base):
     last_sr_uid: Mapped[str | None] = mapped_column(UID)
     last_error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # the node processing it
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)  # set when analysed (0005)
 
 
 class Instance(Base):
