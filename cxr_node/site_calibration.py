@@ -121,8 +121,11 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
         raise CalibrationRefused(f"station {station}: no operating point for {', '.join(missing)} (its labelled "
                                  "films are all of that class or none is)")
     # the films fitted on, as the drift reference for this station from now on
+    # (their probabilities as this calibration gives them: what the station's films will be compared with)
     rows = list(session.scalars(select(ImageResult).where(ImageResult.id.in_([f.image_result_id for f in films]))))
-    reference = stations.reference_from(rows, labels)
+    p_new = softmax(logits, new["temperature"])
+    site_probs = {f.image_result_id: dict(zip(labels, map(float, p_new[i]))) for i, f in enumerate(films)}
+    reference = stations.reference_from(rows, labels, site_probs)
     return {"station": station, "model_version": model.version, "weights_sha256": model.weights_sha256,
             "films": len(films), "counts": counts, "target_sensitivity": target_sensitivity,
             "min_per_class": min_per_class, "temperature": new["temperature"], "thresholds": new["thresholds"],

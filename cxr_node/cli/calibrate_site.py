@@ -41,6 +41,8 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     from cxr_node.stations import calibration_name
 
     station = station_name(settings, args.station)
+    if not (args.rollback or args.dry_run or args.yes or sys.stdin.isatty()):
+        raise ConfigError("calibrate-site: not on a terminal: add --yes to store the calibration (or --dry-run)")
     model = sc.ModelInfo.from_checkpoint(settings.model.checkpoint)
     o = settings.onboarding
     target = args.target_sensitivity if args.target_sensitivity is not None else o.target_sensitivity
@@ -69,8 +71,6 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
             out.write("nothing stored (--dry-run)\n")
             return 0
         if not args.yes:
-            if not sys.stdin.isatty():
-                raise ConfigError("calibrate-site: not on a terminal: add --yes to store it (or --dry-run)")
             answer = input(f"store this as station {station}'s calibration and use it from now on? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 out.write("nothing stored\n")

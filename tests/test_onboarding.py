@@ -1,0 +1,242 @@
+"""Site onboarding end to end, against the real daemon and a real Orthanc as the PACS.
+
+A new station sends films in shadow mode (analysed, kept, nothing reaches Orthanc); readers'
+labels are imported; `performance` agrees with an independent computation from the audit trail;
+`calibrate-site` refuses below the minimum and succeeds above it; the station goes active and its
+results reach Orthanc naming the site calibration; films of another kind then drive the station
+past the drift threshold and `station.drift` is audited. Generated films and a tiny random model:
+no external data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from conftest import cli, free_port, storescu
+from dicomgen import make_cr, uid
+from helpers_model import LABELS, make_checkpoint
+
+STATION = "site-a"
+AET = "SITEA"
+
+
+def _wait(predicate, timeout: float, what: str, node=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.4)
+    raise TimeoutError(f"{what} within {timeout}s" + (f"; log:\n{node.log[-4000:]}" if node else ""))
+
+
+def _events(node, event: str, **match) -> list[dict]:
+    """Audit rows read straight from the node's SQLite database (polling through `cxr-node audit`
+    would start a Python process per poll); the CLI's view is checked where it matters."""
+    with node.db() as c:
+        rows = c.execute("select id, event, outcome, study_uid, reason, detail from audit_events where event = ? "
+                         "order by id", (event,)).fetchall()
+    out = [{"id": r[0], "event": r[1], "outcome": r[2], "study_uid": r[3], "reason": r[4],
+            "detail": json.loads(r[5]) if r[5] else None} for r in rows]
+    return [r for r in out if all(r.get(k) == v for k, v in match.items())]
+
+
+def _texts(ds) -> list[str]:
+    """Every TextValue in an SR's content tree."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out.extend(_texts(item))
+    return out
+
+
+def _independent(films: list[dict], labels: dict[str, str]) -> dict:
+    """Sensitivity and specificity per class (top class as the prediction) and the urgent flag's
+    precision and recall, computed here from image.triaged audit rows and the labels we gave."""
+    out = {}
+    for name in LABELS:
+        tp = sum(labels[f["study_uid"]] == name and f["detail"]["top_label"] == name for f in films)
+        fn = sum(labels[f["study_uid"]] == name and f["detail"]["top_label"] != name for f in films)
+        tn = sum(labels[f["study_uid"]] != name and f["detail"]["top_label"] != name for f in films)
+        fp = sum(labels[f["study_uid"]] != name and f["detail"]["top_label"] == name for f in films)
+        out[name] = (tp, fn, tn, fp)
+    utp = sum(labels[f["study_uid"]] == "COVID" and f["detail"]["urgent"] for f in films)
+    ufp = sum(labels[f["study_uid"]] != "COVID" and f["detail"]["urgent"] for f in films)
+    ufn = sum(labels[f["study_uid"]] == "COVID" and not f["detail"]["urgent"] for f in films)
+    out["urgent"] = (utp, ufp, ufn)
+    return out
+
+
+def test_a_new_site_from_shadow_to_active_with_its_own_calibration_and_a_drift_alarm(
+        node_factory, orthanc_factory, tmp_path):
+    orthanc = orthanc_factory().start()
+    ckpt = make_checkpoint(tmp_path / "model.pt", input_size=64)
+    metrics_port = free_port()
+    station_cfg = f'[[stations]]\nae_title = "{AET}"\nname = "{STATION}"\nmode = "shadow"\n'
+    node = node_factory("site", quiet_seconds=1, extra=(
+        f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n'
+        "[outbox]\npoll_seconds = 0.3\nretry_base_seconds = 1\nretry_max_seconds = 2\n"
+        f"[metrics]\nport = {metrics_port}\n"
+        "[onboarding]\nmin_per_class = 3\ndrift_window = 12\ndrift_min_films = 6\ndrift_threshold = 0.5\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        + station_cfg))
+    node.start()
+
+    # 1. shadow: 12 films (one study each) are analysed and kept; nothing reaches the PACS
+    studies = [uid() for _ in range(12)]
+    files = [make_cr(tmp_path / "shadow" / f"{i}.dcm", study_uid=s, rows=128, cols=128, seed=i,
+                     patient_id=f"P{i}") for i, s in enumerate(studies)]
+    for i, f in enumerate(files):  # accession numbers, for the feedback file
+        ds = dcmread(f)
+        ds.AccessionNumber = f"ACC{i:03d}"
+        ds.save_as(f, enforce_file_format=True)
+    assert storescu(node.port, *files, aet=AET).returncode == 0
+    _wait(lambda: len(_events(node, "study.processed")) >= 12, 120, "12 studies processed", node)
+    shadow = _events(node, "study.shadow")
+    assert {r["study_uid"] for r in shadow} == set(studies)
+    assert all(r["detail"]["station"] == STATION for r in shadow)
+    (added,) = _events(node, "station.added")
+    assert added["detail"] == {"station": STATION, "mode": "shadow", "configured": True}
+    assert _events(node, "outbox.queued") == [] and orthanc.rest("GET", "/instances") == []
+    assert len(list((node.data_dir / "outbox" / studies[0]).glob("*.dcm"))) == 2  # kept: SC + SR
+    triaged = {r["study_uid"]: r for r in _events(node, "image.triaged")}
+    assert {r["detail"]["calibration"] for r in triaged.values()} == {"model"}
+
+    # 2. feedback: a bad file is refused whole, each problem on its line
+    labels = {s: LABELS[i % 3] for i, s in enumerate(studies)}
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["study_uid", "accession_number", "label", "reader", "time"])
+        w.writerow([studies[0], "", "COVID", "dr.a", "2026-11-23T10:00:00Z"])
+        w.writerow(["1.2.3.404", "", "COVID", "dr.a", ""])
+        w.writerow([studies[1], "", "Pneumothorax", "dr.a", ""])
+    p = cli("feedback", "import", str(bad), config=node.config, check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "line 3: study 1.2.3.404: not known to this node" in p.stdout
+    assert "line 4: unknown label 'Pneumothorax'" in p.stdout and "nothing imported" in p.stdout
+    assert json.loads(cli("feedback", "list", "--format", "json", config=node.config).stdout) == []
+
+    good = tmp_path / "labels.csv"
+    with open(good, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["study_uid", "accession_number", "label", "reader", "time"])
+        for i, s in enumerate(studies):
+            # half by study UID, half by accession number; one label wrong at first (superseded below)
+            first = "Normal" if i == 0 else labels[s]
+            w.writerow([s if i % 2 else "", "" if i % 2 else f"ACC{i:03d}", first.lower(), "dr.a",
+                        "2026-11-23T10:00:00Z"])
+        w.writerow([studies[1], "", labels[studies[1]], "dr.a", ""])  # the same row twice
+    p = cli("feedback", "import", str(good), config=node.config)
+    assert f"{good}: 12 label(s) stored (0 superseding an earlier label), 1 duplicate(s) skipped" in p.stdout
+    assert "line 14: duplicate of line 3" in p.stdout
+    p = cli("feedback", "import", str(good), config=node.config)  # again: all duplicates, nothing new
+    assert "0 label(s) stored" in p.stdout and p.stdout.count("already labelled") == 12
+    p = cli("feedback", "add", "--study", studies[0], "--label", "COVID", "--reader", "dr.b", config=node.config)
+    assert "labelled 'COVID' by dr.b" in p.stdout and "supersedes 'Normal'" in p.stdout
+    hist = json.loads(cli("feedback", "list", "--study", studies[0], "--format", "json", config=node.config).stdout)
+    assert [(h["label"], h["reader"], h["superseded_by"] is not None) for h in hist] == [
+        ("Normal", "dr.a", True), ("COVID", "dr.b", False)]
+    added = _events(node, "feedback.added", study_uid=studies[0])
+    assert [r["detail"]["label"] for r in added] == ["Normal", "COVID"] and added[1]["reason"] == "supersedes 'Normal'"
+
+    # 3. performance agrees with an independent computation from the audit trail and our labels
+    out_dir = tmp_path / "perf"
+    rep = json.loads(cli("performance", "--station", AET, "--format", "json", "--out", str(out_dir),
+                         "--bootstrap", "200", config=node.config).stdout)
+    assert rep["films"] == 12 and rep["counts"] == {"COVID": 4, "Normal": 4, "Viral Pneumonia": 4, "Other": 0}
+    ind = _independent(list(triaged.values()), labels)
+    for name in LABELS:
+        tp, fn, tn, fp = ind[name]
+        c = rep["per_class"][name]
+        assert (c["tp"], c["fn"], c["tn"], c["fp"]) == (tp, fn, tn, fp)
+        assert c["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
+        assert c["specificity"]["value"] == pytest.approx(tn / (tn + fp))
+        lo, hi = c["sensitivity"]["ci95"]
+        assert lo - 1e-9 <= tp / (tp + fn) <= hi + 1e-9 and hi - lo > 0.3  # 4 films: a wide interval
+    utp, ufp, ufn = ind["urgent"]
+    assert rep["urgent_flag"]["recall"]["value"] == pytest.approx(utp / (utp + ufn))
+    assert (rep["urgent_flag"]["tp"], rep["urgent_flag"]["fp"]) == (utp, ufp)
+    assert sum(map(sum, rep["confusion_matrix"]["counts"])) == 12
+    assert "too few films to mean much" in rep["too_few"]
+    assert {p.name for p in out_dir.iterdir()} == {"performance.json", "roc.png", "reliability.png", "confusion.png"}
+    table = cli("performance", "--station", STATION, "--bootstrap", "50", config=node.config).stdout
+    assert "films with a label: 12" in table and "NOTE: too few films" in table
+
+    # 4. calibrate-site refuses below the minimum, then stores version 1
+    p = cli("calibrate-site", "--station", STATION, "--min-per-class", "5", "--yes", config=node.config, check=False)
+    assert p.returncode == 1 and "too few labelled films to calibrate: COVID 4, Normal 4, Viral Pneumonia 4" in p.stderr
+    p = cli("calibrate-site", "--station", STATION, "--dry-run", config=node.config)
+    assert "nothing stored (--dry-run)" in p.stdout and "urgent flag" in p.stdout
+    assert _events(node, "calibration.site") == []
+    p = cli("calibrate-site", "--station", STATION, config=node.config, check=False)
+    assert p.returncode == 2 and "add --yes" in p.stderr
+    p = cli("calibrate-site", "--station", STATION, "--yes", config=node.config)
+    assert f"station {STATION}: site {STATION} v1 stored and active" in p.stdout
+    (cal,) = node.events("calibration.site")  # through `cxr-node audit`
+    assert cal["detail"]["version"] == 1 and cal["detail"]["films"] == 12
+    site_t = cal["detail"]["temperature"]
+    site_th = cal["detail"]["thresholds"]
+
+    # 5. the station goes active (config edit + restart: audited); resend delivers a shadow result
+    node.stop()
+    node.config.write_text(node.config.read_text().replace(station_cfg, station_cfg.replace("shadow", "active")))
+    node.start()
+    (mode,) = _events(node, "station.mode")
+    assert mode["detail"]["from"] == "shadow" and mode["detail"]["to"] == "active"
+    assert "2 queued" in cli("resend", studies[0], config=node.config).stdout
+    _wait(lambda: len(orthanc.find(StudyInstanceUID=studies[0])) == 2, 60, "resent results in Orthanc", node)
+
+    new = [uid() for _ in range(3)]
+    more = [make_cr(tmp_path / "active" / f"{i}.dcm", study_uid=s, rows=128, cols=128, seed=100 + i)
+            for i, s in enumerate(new)]
+    assert storescu(node.port, *more, aet=AET).returncode == 0
+    srs = _wait(lambda: [i for s in new for i in orthanc.find(StudyInstanceUID=s, Modality="SR")] if all(
+        orthanc.find(StudyInstanceUID=s, Modality="SR") for s in new) else None, 120, "SRs in Orthanc", node)
+    name = f"site {STATION} v1"
+    for inst in srs:
+        sr = dcmread(io.BytesIO(orthanc.file(inst["ID"])))
+        assert any(f"calibration {name} temperature {site_t:.4f}" == t for t in _texts(sr)), _texts(sr)
+        assert any(t == f"COVID threshold {site_th['COVID']:.4f}" for t in _texts(sr))
+    scs = [i for s in new for i in orthanc.find(StudyInstanceUID=s, Modality="OT")]
+    assert len(scs) == 3
+    for inst in scs:
+        sc = dcmread(io.BytesIO(orthanc.file(inst["ID"])), stop_before_pixels=True)
+        assert sc.DerivationDescription.endswith(f"operating points: {name}")
+    for s in new:
+        (t,) = _events(node, "image.triaged", study_uid=s)
+        assert t["detail"]["calibration"] == name and t["detail"]["temperature"] == pytest.approx(site_t)
+        p_site = np.array(list(t["detail"]["probabilities"].values()))
+        assert t["detail"]["urgent"] == bool(p_site[0] >= site_th["COVID"])
+    assert _events(node, "station.drift") == []
+
+    # 6. films of another kind (another detector: other size, other exposure) move the station
+    other = [make_cr(tmp_path / "other" / f"{i}.dcm", rows=224, cols=176, seed=200 + i) for i in range(8)]
+    assert storescu(node.port, *other, aet=AET).returncode == 0
+    (drift,) = _wait(lambda: _events(node, "station.drift"), 120, "station.drift", node)
+    moved = {m["statistic"] for m in drift["detail"]["moved"]}
+    assert {"rows", "cols"} <= moved and drift["outcome"] == "warning"
+    assert drift["detail"]["reference"] == name and drift["detail"]["station"] == STATION
+    assert "rows PSI" in drift["reason"]
+    st = json.loads(cli("status", "--format", "json", config=node.config).stdout)
+    (sta,) = st["stations"]
+    assert sta["mode"] == "active" and sta["calibration"] == name and sta["drift"]["state"] == "drifted"
+    assert any(w.startswith(f"station {STATION} has drifted") for w in st["warnings"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        scrape = r.read().decode()
+    assert f'cxr_node_station_drifted{{station="{STATION}"}} 1.0' in scrape
+    assert f'cxr_node_station_shadow{{station="{STATION}"}} 0.0' in scrape
+
+    # 7. rollback: the model's operating points again
+    p = cli("calibrate-site", "--station", STATION, "--rollback", config=node.config)
+    assert f"site {STATION} v1 retired; films are now triaged with model operating points" in p.stdout
+    assert len(_events(node, "calibration.rollback")) == 1
+    node.stop()
