@@ -95,23 +95,38 @@ def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[s
 def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, min_per_class: int,  # noqa: ANN001
         current: SiteCalibration | None = None) -> dict[str, Any]:
     """Fit a calibration for ``station`` on its labelled films (nothing stored). Raises
-    CalibrationRefused below ``min_per_class`` labelled films of any of the model's classes."""
+    CalibrationRefused below ``min_per_class`` labelled films of a critical class, or of films of no
+    critical class. Another class with fewer films than that keeps the threshold in force."""
     from cxr_node.calibration import fit_operating_points, softmax
 
     films = labelled_films(session, station=station, model_version=model.version)
     labels = list(model.labels)
     counts = {n: sum(f.label == n for f in films) for n in labels + ["Other"]}
-    short = [f"{n} {counts[n]}" for n in labels if counts[n] < min_per_class]
+    critical = [c for c in model.critical if c in labels]
+    negatives = sum(f.label not in critical for f in films)
+    neg_name = "not " + "/".join(critical)
+    short = [f"{n} {counts[n]}" for n in critical if counts[n] < min_per_class]
+    if negatives < min_per_class:
+        short.append(f"{neg_name} {negatives}")
     if short:
         raise CalibrationRefused(
             f"station {station}: too few labelled films to calibrate: {', '.join(short)} (at least {min_per_class} "
-            f"of each of {', '.join(labels)} needed; have {', '.join(f'{k} {v}' for k, v in counts.items())}). "
-            "Import more feedback (cxr-node feedback import), or lower --min-per-class / [onboarding] "
-            "min_per_class knowing the operating points will be less certain")
+            f"films of each critical class and {min_per_class} {neg_name} films needed; have "
+            f"{', '.join(f'{k} {v}' for k, v in counts.items())}). Import more feedback (cxr-node feedback import), "
+            "or lower --min-per-class / [onboarding] min_per_class knowing the operating points will be less certain")
     y, logits = _arrays(films, labels, model.temperature)
-    new = fit_operating_points(logits, y, labels, model.critical, target_sensitivity, "point")
+    new = fit_operating_points(logits, y, labels, critical, target_sensitivity, "point")
     before_t = current.temperature if current is not None else model.temperature
     before_th = dict(current.thresholds) if current is not None else dict(model.thresholds)
+    # a class with too few films of its own here keeps the operating point in force
+    for name in labels:
+        if name not in critical and counts[name] < min_per_class and name in before_th:
+            new["thresholds"][name] = before_th[name]
+            new["operating_points"][name] = {"threshold": before_th[name],
+                                             "rule": f"kept: only {counts[name]} {name} film(s) here"}
+        elif name not in critical and name not in new["thresholds"] and name in before_th:
+            new["thresholds"][name] = before_th[name]
+            new["operating_points"][name] = {"threshold": before_th[name], "rule": "kept: no films to fit on"}
     before = operating_figures(y, softmax(logits, before_t), before_th, labels, model.critical)
     after = operating_figures(y, softmax(logits, new["temperature"]), new["thresholds"], labels, model.critical)
     before.update(temperature=before_t, calibration=stations.calibration_name(current))
