@@ -43,7 +43,6 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     station = station_name(settings, args.station)
     if not (args.rollback or args.dry_run or args.yes or sys.stdin.isatty()):
         raise ConfigError("calibrate-site: not on a terminal: add --yes to store the calibration (or --dry-run)")
-    model = sc.ModelInfo.from_checkpoint(settings.model.checkpoint)
     o = settings.onboarding
     target = args.target_sensitivity if args.target_sensitivity is not None else o.target_sensitivity
     minimum = args.min_per_class if args.min_per_class is not None else o.min_per_class
@@ -52,6 +51,7 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     if minimum < 1:
         raise ConfigError(f"--min-per-class must be at least 1 (got {minimum})")
     with open_database(settings) as db:
+        model = sc.ModelInfo.from_checkpoint(settings.model.checkpoint)
         if args.rollback:
             cur, prev = sc.rollback(db, station, model.weights_sha256)
             out.write(f"station {station}: {calibration_name(cur)} retired; films are now triaged with "
