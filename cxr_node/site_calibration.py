@@ -184,9 +184,9 @@ def store(db, result: dict[str, Any]) -> SiteCalibration:  # noqa: ANN001
     return row
 
 
-def rollback(db, station: str, weights_sha256: str) -> tuple[SiteCalibration, SiteCalibration | None]:  # noqa: ANN001
+def rollback(db, station: str) -> tuple[SiteCalibration, SiteCalibration | None]:  # noqa: ANN001
     """Retire the station's active calibration and restore the newest earlier version fitted for the
-    same weights (None: the model's own operating points again)."""
+    same weights as the one retired (None: the model's own operating points again)."""
     with db.transaction() as s:
         cur = active(s, station)
         if cur is None:
@@ -195,7 +195,7 @@ def rollback(db, station: str, weights_sha256: str) -> tuple[SiteCalibration, Si
         cur.active, cur.retired_at = False, now
         prev = s.scalars(select(SiteCalibration).where(
             SiteCalibration.station == station, SiteCalibration.version < cur.version,
-            SiteCalibration.weights_sha256 == weights_sha256).order_by(SiteCalibration.version.desc())).first()
+            SiteCalibration.weights_sha256 == cur.weights_sha256).order_by(SiteCalibration.version.desc())).first()
         if prev is not None:
             prev.active, prev.retired_at = True, None
         audit.record(s, "calibration.rollback",

@@ -1,7 +1,7 @@
 """Goal figure for site onboarding: does a site calibration put the urgent flag's sensitivity where
 the site asked, on films the bundled model never saw?
 
-    OMP_NUM_THREADS=2 nice -n 10 python -m training.site_onboarding \\
+    OMP_NUM_THREADS=2 nice -n 10 python -m training.site_onboarding --data /path/to/data \\
         --covid hannover-covid --normal nih-chestxray8-subset --out training/results/site-onboarding
 
 The simulated site: the COVID films of one folder (default hannover-covid, Hannover Medical School)
@@ -34,8 +34,8 @@ log = logging.getLogger("training.site_onboarding")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.site_onboarding", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="folder holding the source folders (default: ../shared/data beside "
-                   "the repository)")
+    p.add_argument("--data", required=True, help="folder holding the source folders (hannover-covid, "
+                   "nih-chestxray8-subset, ...)")
     p.add_argument("--covid", default="hannover-covid", help="source folder of the site's COVID films")
     p.add_argument("--normal", default="nih-chestxray8-subset", help="source folder of its No Finding and "
                    "Pneumonia films")
@@ -138,8 +138,7 @@ def run(args: argparse.Namespace) -> dict:
     from cxr_node.config import BUNDLED_CHECKPOINT
     from cxr_node.site_calibration import ModelInfo, operating_figures
 
-    repo = Path(__file__).resolve().parents[1]
-    data = Path(args.data) if args.data else repo.parent / "shared" / "data"
+    data = Path(args.data)
     ckpt = Path(args.checkpoint) if args.checkpoint else BUNDLED_CHECKPOINT
     model = ModelInfo.from_checkpoint(ckpt)
     labels = list(model.labels)

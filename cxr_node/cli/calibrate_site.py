@@ -51,12 +51,12 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     if minimum < 1:
         raise ConfigError(f"--min-per-class must be at least 1 (got {minimum})")
     with open_database(settings) as db:
-        model = sc.ModelInfo.from_checkpoint(settings.model.checkpoint)
         if args.rollback:
-            cur, prev = sc.rollback(db, station, model.weights_sha256)
+            cur, prev = sc.rollback(db, station)
             out.write(f"station {station}: {calibration_name(cur)} retired; films are now triaged with "
                       f"{calibration_name(prev)} operating points\n")
             return 0
+        model = sc.ModelInfo.from_checkpoint(settings.model.checkpoint)
         with db.session() as s:
             current = sc.active(s, station)
             if current is not None and current.weights_sha256 != model.weights_sha256:
