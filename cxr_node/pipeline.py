@@ -236,6 +236,8 @@ class Processor:
         with the model's own operating points."""
         import dataclasses
 
+        import numpy as np
+
         from cxr_node.calibration import softmax
         from cxr_node.triage import TriagePolicy
 
@@ -260,8 +262,6 @@ class Processor:
                 if film.refused is None and film.prediction is not None:
                     p = film.prediction
                     if cal is not None:  # the same logits, the site's temperature
-                        import numpy as np
-
                         logits = np.log(np.clip(np.asarray(p.probabilities, dtype=np.float64), 1e-12, None))
                         q = softmax(logits[None] * predictor.temperature, cal.temperature)[0]
                         k = int(np.argmax(q))

@@ -1,5 +1,6 @@
 """Site onboarding: stations (mode, drift), feedback labels, site calibrations; per-image station,
-calibration, temperature, out-of-domain score and image statistics.
+calibration, temperature, out-of-domain score and image statistics; studies.accession_number (feedback
+files may name studies by accession number).
 
 Revision ID: 0005
 Revises: 0004
@@ -17,6 +18,9 @@ UTC = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("studies") as b:
+        b.add_column(sa.Column("accession_number", sa.String(16)))
+        b.create_index("ix_studies_accession_number", ["accession_number"])
     with op.batch_alter_table("image_results") as b:
         b.add_column(sa.Column("station", sa.String(64)))
         b.add_column(sa.Column("calibration", sa.String(64)))
@@ -84,3 +88,6 @@ def downgrade() -> None:
         b.drop_index("ix_image_results_station")
         for c in ("image_stats", "ood_score", "temperature", "calibration", "station"):
             b.drop_column(c)
+    with op.batch_alter_table("studies") as b:
+        b.drop_index("ix_studies_accession_number")
+        b.drop_column("accession_number")
