@@ -228,6 +228,9 @@ def test_a_new_site_from_shadow_to_active_with_its_own_calibration_and_a_drift_a
     (sta,) = st["stations"]
     assert sta["mode"] == "active" and sta["calibration"] == name and sta["drift"]["state"] == "drifted"
     assert any(w.startswith(f"station {STATION} has drifted") for w in st["warnings"])
+    text = cli("status", config=node.config).stdout
+    assert f"station     {STATION} ({AET}): ACTIVE, site {STATION} v1 calibration, DRIFTED from site {STATION} v1: " \
+        in text and "rows PSI" in text
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         scrape = r.read().decode()
     assert f'cxr_node_station_drifted{{station="{STATION}"}} 1.0' in scrape
