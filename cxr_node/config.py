@@ -356,7 +356,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "new_stations": (_choice("active", "shadow"), "active"),
         "min_per_class": (_int(1, 100000), 50),
         "target_sensitivity": (_number(0.5, 1.0), 0.95),
-        "drift_window": (_int(10, 1000000), 200),
+        "drift_window": (_int(5, 1000000), 200),
         "drift_min_films": (_int(5, 1000000), 50),
         "drift_threshold": (_number(0.01, 10), 0.25),
     },
