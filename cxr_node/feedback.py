@@ -55,7 +55,7 @@ def canonical_label(label: str, labels: Sequence[str]) -> str:
             if name == NORMAL:  # the model's own normal class, whatever its spelling
                 return next((x for x in labels if x.lower() in ("normal", "no finding", "no_finding")), NORMAL)
             return name
-    known = ", ".join(list(labels) + [NORMAL, OTHER])
+    known = ", ".join(dict.fromkeys(list(labels) + [NORMAL, OTHER]))
     raise FeedbackError(f"unknown label {label!r} (known: {known})")
 
 

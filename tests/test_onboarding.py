@@ -268,3 +268,97 @@ def test_drift_statistics_alarm_on_a_real_shift_and_not_on_noise():
     small = stations.reference_from(films(12, 128, 0.5, 0.1), LABELS)
     assert stations.compare(small, films(12, 128, 0.5, 0.1), LABELS, 0.5)["moved"] == []
     assert "rows" in {m["statistic"] for m in stations.compare(small, films(12, 224, 0.5, 0.1), LABELS, 0.5)["moved"]}
+
+
+def test_feedback_api_performance_and_site_calibration_in_process(tmp_path):
+    """The Python API the CLI and the web console use, on a real (migrated) database: labels with
+    history, an import that stores nothing when a row is wrong, performance, and a site calibration
+    fitted, stored, refused and rolled back."""
+    import datetime as dt
+
+    from cxr_node import config, feedback, performance, site_calibration as sc
+    from cxr_node.db import migrate
+    from cxr_node.db.models import ImageResult, Study, utcnow
+    from cxr_node.db.session import Database
+
+    settings = config.parse({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)
+    migrate.upgrade(settings.database.url)
+    db = Database(settings.database.url)
+    rng = np.random.default_rng(3)
+    truth = {}
+    with db.transaction() as s:
+        now = utcnow()
+        for i in range(120):
+            uid_, label = f"1.2.3.{i}", LABELS[i % 3]
+            s.add(Study(study_uid=uid_, state="processed", version=1, patient_id=f"P{i}", first_received_at=now,
+                        last_received_at=now, state_changed_at=now, accession_number=f"A{i}"))
+            logit = rng.normal(0, 1, 3)
+            logit[i % 3] += 1.5  # an informative, over-confident model
+            p = np.exp(logit * 2) / np.exp(logit * 2).sum()
+            s.add(ImageResult(study_uid=uid_, study_version=1, sop_instance_uid=f"{uid_}.1", analysed=True,
+                              model_version="m1", top_label=LABELS[int(p.argmax())], urgent=bool(p[0] >= 0.5),
+                              priority="routine", probabilities=dict(zip(LABELS, map(float, p))), created_at=now,
+                              station="st1", calibration="model", temperature=1.0,
+                              image_stats={"rows": 128, "cols": 128, "mean": 0.5, "std": 0.2}))
+            truth[uid_] = label
+
+    # one label at a time: a Database, a session, an Engine all work; a repeat stores nothing
+    out = feedback.add_label(db, "1.2.3.0", "covid", "dr.a", labelled_at="2026-11-20T08:00:00Z")
+    assert out.feedback.label == "COVID" and out.feedback.labelled_at == dt.datetime(2026, 11, 20, 8, tzinfo=dt.timezone.utc)
+    assert feedback.add_label(db.engine, "1.2.3.0", "COVID", "dr.a").feedback is None  # duplicate
+    with db.transaction() as s:
+        later = feedback.add_label(s, None, "Normal", "dr.b", accession_number="A0", source="web")
+    assert later.superseded.label == "COVID"
+    with pytest.raises(feedback.FeedbackError, match="unknown label 'Fracture'"):
+        feedback.add_label(db, "1.2.3.1", "Fracture")
+    with pytest.raises(feedback.FeedbackError, match="not known to this node"):
+        feedback.add_label(db, "9.9.9", "COVID")
+    with db.session() as s:
+        assert [f.label for f in feedback.history(s, "1.2.3.0")] == ["COVID", "Normal"]
+        assert feedback.current(s, "1.2.3.0").reader == "dr.b"
+
+    # an import with one bad row stores nothing; fixed, it stores every row in one go
+    rows = [("study_uid", "label", "reader")] + [(u, lab, "dr.c") for u, lab in truth.items()]
+    path = tmp_path / "f.csv"
+    path.write_text("\n".join(",".join(r) for r in rows + [("1.2.3.5", "Nonsense", "x")]) + "\n")
+    rep = feedback.import_csv(db, path)
+    assert not rep.ok and rep.problems == ["line 122: unknown label 'Nonsense' (known: COVID, Normal, "
+                                           "Viral Pneumonia, Other)"]
+    with db.session() as s:
+        assert feedback.current(s, "1.2.3.1") is None
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    rep = feedback.import_csv(db, path, dry_run=True)
+    assert rep.ok and rep.stored == 120
+    with db.session() as s:
+        assert feedback.current(s, "1.2.3.1") is None  # a dry run stores nothing
+    rep = feedback.import_csv(db, path)
+    assert rep.ok and rep.stored == 120 and rep.superseded == 1  # 1.2.3.0: Normal -> COVID again
+
+    with db.session() as s:
+        films = performance.labelled_films(s, station="st1")
+    report = performance.compute(films, LABELS, ["COVID"], n_boot=100)
+    covid = report["per_class"]["COVID"]
+    assert covid["positives"] == 40 and covid["tp"] + covid["fn"] == 40 and report["films"] == 120
+    assert report["urgent_flag"]["tp"] == sum(f.urgent and f.label == "COVID" for f in films)
+
+    model = sc.ModelInfo(tuple(LABELS), ("COVID",), "m1", "a" * 64, 1.0, {"COVID": 0.5, "Normal": 0.5,
+                                                                           "Viral Pneumonia": 0.5})
+    with db.session() as s, pytest.raises(sc.CalibrationRefused, match="COVID 40 .at least 50"):
+        sc.fit(s, "st1", model, target_sensitivity=0.9, min_per_class=50)
+    with db.session() as s:
+        res = sc.fit(s, "st1", model, target_sensitivity=0.9, min_per_class=30)
+    assert res["after"]["urgent_flag"]["sensitivity"]["value"] >= 0.9
+    assert res["temperature"] > 1.2  # the over-confident model is softened
+    v1 = sc.store(db, res)
+    v2 = sc.store(db, res)
+    assert (v1.version, v2.version) == (1, 2)
+    with db.session() as s:
+        assert sc.active(s, "st1").version == 2
+    cur, prev = sc.rollback(db, "st1")
+    assert (cur.version, prev.version) == (2, 1)
+    sc.rollback(db, "st1")
+    with db.session() as s:
+        assert sc.active(s, "st1") is None
+    with pytest.raises(sc.CalibrationRefused, match="nothing to roll back"):
+        sc.rollback(db, "st1")
+    db.dispose()
