@@ -144,6 +144,7 @@ class Processor:
                 studies.fail(self.db, uid, version, str(e))
             return
         work = [self.load(uid, version) for uid, version in claimed]      # load + header eligibility
+        stations.ensure(self.db, [w.station for w in work])                 # new stations audited once
         films = [f for w in work for f in w.films]
         self.preprocess(predictor, films)                                 # pixels, lung fields, crop
         self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM

@@ -100,6 +100,20 @@ def note(session, ref: StationRef) -> StationRow:  # noqa: ANN001
     return row
 
 
+def ensure(db: Database, refs: Iterable[StationRef]) -> None:
+    """Make the rows of stations seen for the first time, each in its own short transaction, before
+    the studies are recorded; a node sharing the database that made the same row first wins (its
+    ``station.added`` stands) and the study is not failed for it."""
+    from sqlalchemy.exc import IntegrityError
+
+    for ref in {r.name: r for r in refs}.values():
+        try:
+            with db.transaction() as s:
+                note(s, ref)
+        except IntegrityError:
+            log.info("station %s was added by another node meanwhile", ref.name)
+
+
 def _change(session, row: StationRow, mode: str, is_configured: bool, now) -> None:  # noqa: ANN001
     if row.mode != mode:
         audit.record(session, "station.mode", calling_aet=row.ae_title,
