@@ -177,9 +177,15 @@ def film_features(row: ImageResult, labels: Sequence[str],
                   probabilities: dict[str, float] | None = None) -> dict[str, float | None]:
     """The film's statistics; ``probabilities`` overrides the stored ones (a reference made for a
     new temperature)."""
+    from cxr_node.eligibility import category
+
     st = row.image_stats or {}
+    # refusals that say something about the films: pixels, lung fields, out of domain (not a
+    # lateral view or a non-image object in the study)
+    refused = 0.0 if row.analysed else (
+        1.0 if category(row.reason) in ("pixels", "no_lung_fields", "out_of_domain") else None)
     f: dict[str, float | None] = {
-        "refused": 0.0 if row.analysed else 1.0,
+        "refused": refused,
         "ood_score": row.ood_score,
         "rows": st.get("rows"), "cols": st.get("cols"),
         "intensity_mean": st.get("mean"), "intensity_std": st.get("std"),
@@ -308,7 +314,7 @@ def describe(moved: Sequence[dict]) -> str:
 
 
 def check_drift(settings: Settings, db: Database, station_names: Iterable[str], labels: Sequence[str],
-                weights_sha256: str | None = None, metrics=None) -> dict[str, dict]:  # noqa: ANN001
+                weights_sha256: str | None = None) -> dict[str, dict]:
     """Compare each station's last ``drift_window`` films with its reference and record the verdict.
 
     The reference is the films its active site calibration was fitted on; a station without one gets

@@ -264,6 +264,17 @@ def test_drift_statistics_alarm_on_a_real_shift_and_not_on_noise():
     moved = {m["statistic"] for m in other["moved"]}
     assert {"rows", "cols", "intensity_mean", "p:COVID"} <= moved and "ood_score" not in moved
     assert "rows PSI" in stations.describe(other["moved"])
+    # films the out-of-domain check refuses count as refusals; a lateral view (a header rule) does not
+    from cxr_node import eligibility
+
+    def refused(n, reason):
+        return [SimpleNamespace(id=None, calibration=None, analysed=False, reason=reason, ood_score=9.0,
+                                probabilities=None, image_stats={"rows": 2048, "cols": 2048}) for _ in range(n)]
+
+    mixed = films(140, 2048, 0.5, 0.1) + refused(60, eligibility.ood_reason(9.0, 5.0))
+    assert "refused" in {m["statistic"] for m in stations.compare(ref, mixed, LABELS, 0.25)["moved"]}
+    lateral = films(140, 2048, 0.5, 0.1) + refused(60, "ViewPosition is LL, not a frontal view")
+    assert "refused" not in {m["statistic"] for m in stations.compare(ref, lateral, LABELS, 0.25)["moved"]}
     # a dozen films cannot show a small wobble as drift (chance explains it), but a new detector shows
     small = stations.reference_from(films(12, 128, 0.5, 0.1), LABELS)
     assert stations.compare(small, films(12, 128, 0.5, 0.1), LABELS, 0.5)["moved"] == []
