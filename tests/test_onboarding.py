@@ -145,6 +145,8 @@ def test_a_new_site_from_shadow_to_active_with_its_own_calibration_and_a_drift_a
     hist = json.loads(cli("feedback", "list", "--study", studies[0], "--format", "json", config=node.config).stdout)
     assert [(h["label"], h["reader"], h["superseded_by"] is not None) for h in hist] == [
         ("Normal", "dr.a", True), ("COVID", "dr.b", False)]
+    story = cli("audit", "study", studies[0], config=node.config).stdout
+    assert "study.shadow" in story and "labelled COVID by dr.b at " in story and "(cli); supersedes Normal" in story
     added = _events(node, "feedback.added", study_uid=studies[0])
     assert [r["detail"]["label"] for r in added] == ["Normal", "COVID"] and added[1]["reason"] == "supersedes 'Normal'"
 

@@ -145,6 +145,12 @@ _STORY = {
     "outbox.resend": lambda r: (f"resend to {', '.join(r['detail']['destinations'])}: {r['detail']['queued']} queued, "
                                 f"{r['detail']['requeued']} sent again, {r['detail']['already_pending']} already waiting"),
     "study.reprocess": lambda r: f"queued for analysis again as version {r['detail']['version']} (was {r['detail']['from']})",
+    "feedback.added": lambda r: (f"labelled {r['detail']['label']}"
+                                 + (f" (film {r['sop_instance_uid']})" if r['sop_instance_uid'] else "")
+                                 + (f" by {r['detail']['reader']}" if r['detail'].get('reader') else "")
+                                 + f" at {r['detail']['labelled_at']} ({r['detail']['source']})"
+                                 + (f"; supersedes {r['detail']['previous_label']}" if r['detail'].get('supersedes')
+                                    else "")),
 }
 
 
