@@ -81,3 +81,15 @@ def test_stations_resolve_by_calling_ae_title_then_station_and_institution_name(
     assert stations.resolve(s, "CR1", " er ", None).name == "cr1-er"  # the more specific entry, any case
     assert stations.resolve(s, "NEWONE", None, None) == stations.StationRef("NEWONE", "NEWONE", "shadow", False)
     assert stations.resolve(_parse(""), "X", None, None).mode == "active"  # the default for new stations
+
+
+def test_check_config_names_the_stations(tmp_path, capsys):
+    from cxr_node.cli import main
+
+    f = tmp_path / "c.toml"
+    f.write_text('[onboarding]\nnew_stations = "shadow"\n[[stations]]\nae_title = "CR1"\nname = "cr1-er"\n'
+                 'mode = "active"\nstation_name = "ER"\n')
+    assert main(["--config", str(f), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "station     cr1-er: calling AE CR1 (StationName ER), active" in out
+    assert "new station shadow (stations not listed in [[stations]])" in out

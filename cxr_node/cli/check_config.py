@@ -39,6 +39,13 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
               f"pixel checks (lung fields, training distribution) {'on' if e.check_pixels else 'OFF'}\n")
     for d in settings.destinations:
         out.write(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}\n")
+    for st in settings.stations:
+        refine = ", ".join(f"{k} {v}" for k, v in (("StationName", st.station_name),
+                                                  ("InstitutionName", st.institution_name)) if v)
+        out.write(f"  station     {st.name}: calling AE {st.ae_title}{' (' + refine + ')' if refine else ''}, "
+                  f"{st.mode}\n")
+    if settings.onboarding is not None:
+        out.write(f"  new station {settings.onboarding.new_stations} (stations not listed in [[stations]])\n")
     warning = destinations_warning(settings)
     if warning:
         out.write("  destination none\n")
