@@ -195,6 +195,8 @@ class Processor:
         return work
 
     def preprocess(self, predictor, films: list[Film]) -> None:
+        import numpy as np
+
         from cxr_node.preprocess import prepare
 
         check = self.settings.eligibility.check_pixels
@@ -207,13 +209,8 @@ class Processor:
                 film.refused = f"unusable pixels: {e}"
                 continue
             film.x, film.display, film.lungs, film.box = pr.x, pr.display, pr.lungs, pr.box
-            try:
-                import numpy as np
-
-                d = np.asarray(pr.display, dtype=np.float64)
-                film.stats.update(mean=round(float(d.mean()), 5), std=round(float(d.std()), 5))
-            except (TypeError, ValueError) as e:
-                log.debug("no intensity statistics for %s: %s", film.instance.sop_instance_uid, e)
+            d = np.asarray(pr.display, dtype=np.float64)  # the film in [0, 1], for drift
+            film.stats.update(mean=round(float(d.mean()), 5), std=round(float(d.std()), 5))
             if check:
                 film.refused = eligibility.lung_reason(pr.lungs)
 
