@@ -74,7 +74,7 @@ def find_study(session, study_uid: str | None = None, accession_number: str | No
     if study_uid:
         st = session.get(Study, study_uid.strip())
         if st is None:
-            raise FeedbackError(f"study {study_uid.strip()}: not known to this node")
+            raise FeedbackError(f"study {study_uid.strip()}: not known to this node (check the UID, and --config)")
         return st
     if accession_number:
         found = list(session.scalars(select(Study).where(Study.accession_number == accession_number.strip())))

@@ -100,6 +100,12 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
     from cxr_node.calibration import fit_operating_points, softmax
 
     films = labelled_films(session, station=station, model_version=model.version)
+    if not films and session.scalar(select(ImageResult.id).where(ImageResult.station == station).limit(1)) is None:
+        from cxr_node.db.models import StationRow
+
+        known = ", ".join(session.scalars(select(StationRow.name).order_by(StationRow.name))) or "none yet"
+        raise CalibrationRefused(f"station {station}: no film from it was analysed (known stations: {known}; "
+                                 "--station takes a station's name or its AE title)")
     labels = list(model.labels)
     counts = {n: sum(f.label == n for f in films) for n in labels + ["Other"]}
     critical = [c for c in model.critical if c in labels]
