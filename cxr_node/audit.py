@@ -89,6 +89,17 @@ EVENTS: dict[str, str] = {
     "user.added": "a web console user was created (`cxr-node user add`; detail: user, role)",
     "user.password_changed": "a web console user's password was set (`cxr-node user passwd`)",
     "user.disabled": "a web console user was disabled (`cxr-node user disable`); their sessions ended",
+    "station.added": "films came from a station for the first time (detail: station, mode)",
+    "station.mode": "a station's mode changed, e.g. shadow -> active (detail: station, from, to)",
+    "station.baseline": "a station without a site calibration got its drift baseline: its first films",
+    "station.drift": "a station's films or the model's answers on them moved past [onboarding] drift_threshold "
+                     "(reason and detail: what moved, PSI per statistic)",
+    "station.drift_cleared": "a station that had drifted is back within the threshold",
+    "study.shadow": "a study from a station in shadow mode was analysed; its results are kept, not sent",
+    "feedback.added": "a reader's label for a study (or film) was stored (detail: label, reader, source, supersedes)",
+    "feedback.import": "a feedback CSV was imported (detail: file, counts)",
+    "calibration.site": "a site calibration was stored and made active (detail: station, version, figures)",
+    "calibration.rollback": "a station's site calibration was rolled back to the previous one (or to the model's)",
 }
 
 #: The stable field names of ``cxr-node audit --format json|csv``.
@@ -240,6 +251,12 @@ _STORY = {
     "outbox.resend": lambda r: (f"resend to {', '.join(r['detail']['destinations'])}: {r['detail']['queued']} queued, "
                                 f"{r['detail']['requeued']} sent again, {r['detail']['already_pending']} already waiting"),
     "study.reprocess": lambda r: f"queued for analysis again as version {r['detail']['version']} (was {r['detail']['from']})",
+    "feedback.added": lambda r: (f"labelled {r['detail']['label']}"
+                                 + (f" (film {r['sop_instance_uid']})" if r['sop_instance_uid'] else "")
+                                 + (f" by {r['detail']['reader']}" if r['detail'].get('reader') else "")
+                                 + f" at {r['detail']['labelled_at']} ({r['detail']['source']})"
+                                 + (f"; supersedes {r['detail']['previous_label']}" if r['detail'].get('supersedes')
+                                    else "")),
     "web.study_viewed": lambda r: f"viewed in the web console by {_user(r)} from {r['host']}",
 }
 

@@ -41,6 +41,27 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Station:
+    """A sending station (``[[stations]]``): films whose calling AE title is ``ae_title`` (and, when
+    given, whose StationName / InstitutionName match) belong to it."""
+    name: str
+    ae_title: str
+    mode: str                    # "active" | "shadow"
+    station_name: str            # "" = any
+    institution_name: str        # "" = any
+
+
+@dataclass(frozen=True)
+class OnboardingSettings:
+    new_stations: str            # mode of stations not in [[stations]]: "active" | "shadow"
+    min_per_class: int           # calibrate-site refuses with fewer labelled films of a class
+    target_sensitivity: float    # calibrate-site's default for the critical classes
+    drift_window: int            # films per station in the rolling window
+    drift_min_films: int         # no drift verdict with fewer films in the window
+    drift_threshold: float       # population stability index past which a statistic has moved
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     certificate: Path | None
     private_key: Path | None
@@ -176,6 +197,8 @@ class Settings:
     web: WebSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
+    onboarding: OnboardingSettings | None = None  # None only for Settings built by hand; parse() sets it
+    stations: tuple[Station, ...] = ()
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
@@ -364,9 +387,20 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "web": {"host": (_host, "127.0.0.1"), "port": (_int(1, 65535), 8080), "certificate": (_str, ""),
             "private_key": (_str, ""), "idle_minutes": (_number(1, 1440), 30),
             "session_hours": (_number(0.1, 168), 12)},
+    "onboarding": {
+        "new_stations": (_choice("active", "shadow"), "active"),
+        "min_per_class": (_int(1, 100000), 50),
+        "target_sensitivity": (_number(0.5, 1.0), 0.95),
+        "drift_window": (_int(5, 1000000), 200),
+        "drift_min_films": (_int(5, 1000000), 50),
+        "drift_threshold": (_number(0.01, 10), 0.25),
+    },
 }
 _DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535), "tls": _bool}
 _DESTINATION_OPTIONAL = {"tls": False}
+_STATION_KEYS = {"name": _str, "ae_title": _ae_title, "mode": _choice("active", "shadow"), "station_name": _str,
+                 "institution_name": _str}
+_STATION_OPTIONAL = {"station_name": "", "institution_name": ""}
 
 
 def schema_defaults() -> dict[str, dict[str, Any]]:
@@ -404,9 +438,10 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
     def fail(key: str, rule: str) -> ConfigError:
         return ConfigError(f"{where}{key}: {rule}")
 
-    unknown = set(raw) - set(_SCHEMA) - {"destinations"}
+    unknown = set(raw) - set(_SCHEMA) - {"destinations", "stations"}
     if unknown:
-        raise fail(f"[{sorted(unknown)[0]}]", f"unknown section (known: {', '.join(sorted(_SCHEMA))}, destinations)")
+        raise fail(f"[{sorted(unknown)[0]}]",
+                   f"unknown section (known: {', '.join(sorted(_SCHEMA))}, destinations, stations)")
 
     values: dict[str, dict[str, Any]] = {}
     for sec, keys in _SCHEMA.items():
@@ -451,6 +486,11 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
             raise fail(f"{label} name", f"must be unique ({kw['name']!r} is used twice)")
         dests.append(Destination(**kw))
 
+    stations = _parse_stations(raw.get("stations", []), fail)
+    o = values["onboarding"]
+    if o["drift_min_films"] > o["drift_window"]:
+        raise fail("[onboarding] drift_min_films", f"must not exceed drift_window ({o['drift_window']})")
+
     def resolve(p: str) -> Path:
         q = Path(p).expanduser()
         return q if q.is_absolute() else (base_dir / q).resolve()
@@ -491,4 +531,42 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         web=web,
         destinations=tuple(dests),
         source=source,
+        onboarding=OnboardingSettings(**values["onboarding"]),
+        stations=stations,
     )
+
+
+def _parse_stations(raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[Station, ...]:
+    if not isinstance(raw, list):
+        raise fail("[[stations]]", "must be an array of tables ([[stations]])")
+    out: list[Station] = []
+    for i, d in enumerate(raw):
+        label = f"[[stations]] #{i + 1}"
+        if not isinstance(d, dict):
+            raise fail(label, "must be a table")
+        extra = set(d) - set(_STATION_KEYS)
+        if extra:
+            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(_STATION_KEYS)})")
+        kw = {}
+        for key, check in _STATION_KEYS.items():
+            if key not in d:
+                if key in _STATION_OPTIONAL:
+                    kw[key] = _STATION_OPTIONAL[key]
+                    continue
+                raise fail(f"{label} {key}", "is required")
+            try:
+                kw[key] = check(d[key])
+            except _Rule as r:
+                raise fail(f"{label} {key}", str(r))
+        kw["name"] = kw["name"].strip()
+        if not kw["name"] or len(kw["name"]) > 64:
+            raise fail(f"{label} name", "must be 1 to 64 characters")
+        if any(x.name == kw["name"] for x in out):
+            raise fail(f"{label} name", f"must be unique ({kw['name']!r} is used twice)")
+        kw["station_name"], kw["institution_name"] = kw["station_name"].strip(), kw["institution_name"].strip()
+        if any(x.ae_title == kw["ae_title"] and x.station_name == kw["station_name"]
+               and x.institution_name == kw["institution_name"] for x in out):
+            raise fail(f"{label} ae_title", f"{kw['ae_title']!r} with the same station_name and institution_name "
+                       "is already another station: add station_name or institution_name to tell them apart")
+        out.append(Station(**kw))
+    return tuple(out)

@@ -47,13 +47,19 @@ class _DatabaseCollector:
         from prometheus_client.core import GaugeMetricFamily
         from sqlalchemy import func, select
 
-        from cxr_node.db.models import ImageResult, OutboxItem, Study
+        from cxr_node.db.models import ImageResult, OutboxItem, StationRow, Study
         from cxr_node.eligibility import category
 
         studies = GaugeMetricFamily("cxr_node_studies", "Studies by state", labels=["state"])
         outbox = GaugeMetricFamily("cxr_node_outbox_items", "Outbox items by state", labels=["state"])
         refused = GaugeMetricFamily("cxr_node_films_not_analysed", "Films not analysed, by kind of reason",
                                     labels=["reason"])
+        drifted = GaugeMetricFamily("cxr_node_station_drifted", "1 when the station's films or the model's answers "
+                                    "moved past [onboarding] drift_threshold (see cxr-node status)", labels=["station"])
+        psi = GaugeMetricFamily("cxr_node_station_psi", "Population stability index of a statistic of the station's "
+                                "recent films against its reference", labels=["station", "statistic"])
+        shadow = GaugeMetricFamily("cxr_node_station_shadow", "1 when the station is in shadow mode (results kept, "
+                                   "not sent)", labels=["station"])
         try:
             with self.db.session() as s:
                 for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state)):
@@ -63,6 +69,8 @@ class _DatabaseCollector:
                 for reason, n in s.execute(select(ImageResult.reason, func.count())
                                            .where(ImageResult.analysed.is_(False)).group_by(ImageResult.reason)):
                     kinds[category(reason)] = kinds.get(category(reason), 0) + n
+                station_rows = [(r.name, r.mode, r.drift_state, dict((r.drift_detail or {}).get("psi") or {}))
+                                for r in s.scalars(select(StationRow))]
         except Exception as e:  # a scrape must not take the daemon down; the log says why it is empty
             log.error("metrics: database query failed: %s", db_error_text(e))
             return
@@ -70,6 +78,15 @@ class _DatabaseCollector:
             outbox.add_metric([state], counts.get(state, 0))
         for kind, n in sorted(kinds.items()):
             refused.add_metric([kind], n)
+        for name, mode, state, values in station_rows:
+            shadow.add_metric([name], 1 if mode == "shadow" else 0)
+            if state is not None:
+                drifted.add_metric([name], 1 if state == "drifted" else 0)
+            for stat, v in values.items():
+                psi.add_metric([name, stat], float(v))
         yield studies
         yield outbox
         yield refused
+        yield drifted
+        yield psi
+        yield shadow

@@ -161,10 +161,10 @@ def legend_lines(prediction, model_name: str, model_version: str, calibration: s
 
 def render_figure(film: np.ndarray, prediction, model_name: str, model_version: str,  # noqa: ANN001
                   box: Sequence[float] | None = None, lung_mask: np.ndarray | None = None,
-                  max_side: int = 1024) -> np.ndarray:
+                  max_side: int = 1024, calibration: str | None = None) -> np.ndarray:
     """The whole picture: film + heat map (inside the lungs) + legend with colour scale, RGB uint8."""
     if prediction.cam is None:
         raise ValueError("the prediction has no Grad-CAM map (predict with explain=True)")
     film = fit(film, max_side)
     rgb = render_overlay(film, prediction.cam, box=box, lung_mask=lung_mask)
-    return with_legend(rgb, legend_lines(prediction, model_name, model_version))
+    return with_legend(rgb, legend_lines(prediction, model_name, model_version, calibration))

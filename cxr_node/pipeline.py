@@ -7,10 +7,14 @@
                  plausible lung fields are refused here
     infer        probabilities, out-of-domain score, Grad-CAM (cxr_node.infer), in batches;
                  films outside the training distribution are refused here
-    triage       operating points -> urgent flag and priority (cxr_node.triage.Finding)
+    triage       operating points -> urgent flag and priority (cxr_node.triage.Finding); a study
+                 from a station with a site calibration (cxr_node.stations) uses that
+                 station's temperature and operating points, and its results say so
     encode       a Secondary Capture per analysed film, one SR per study naming refused films
-    enqueue      the outbox (durable) for every destination
+    enqueue      the outbox (durable) for every destination, unless the study's station is in
+                 shadow mode (results kept, nothing sent)
     record       image results, audit rows, and the study's state (cxr_node.studies), in one transaction
+    drift        each station's recent films against its reference (cxr_node.stations.check_drift)
 
 Runs in a scheduler worker thread, never in a receiving thread. The models are loaded once.
 """
@@ -28,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 
-from cxr_node import audit, eligibility, studies
+from cxr_node import audit, eligibility, stations, studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, Study, utcnow
 from cxr_node.db.session import Database
@@ -51,6 +55,7 @@ class Film:
     box: object = None      # lung crop applied to the model input, or None
     prediction: object = None  # cxr_node.infer.Prediction, then cxr_node.triage.Finding
     refused: str | None = None  # why this film was not analysed (cxr_node.eligibility)
+    stats: dict | None = None   # image size and intensity, for drift
 
 
 @dataclass
@@ -59,6 +64,9 @@ class StudyWork:
     version: int
     films: list[Film] = field(default_factory=list)                       # candidates for triage
     skipped: list[tuple[Instance, str]] = field(default_factory=list)     # never candidates
+    station: object = None      # cxr_node.stations.StationRef
+    calibration: object = None  # the station's SiteCalibration for these weights, or None
+    model: object = None        # the ModelIdentity its results carry (thresholds, calibration)
 
     @property
     def analysed(self) -> list[Film]:
@@ -136,10 +144,11 @@ class Processor:
                 studies.fail(self.db, uid, version, str(e))
             return
         work = [self.load(uid, version) for uid, version in claimed]      # load + header eligibility
+        stations.ensure(self.db, [w.station for w in work])                 # new stations audited once
         films = [f for w in work for f in w.films]
         self.preprocess(predictor, films)                                 # pixels, lung fields, crop
         self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
-        self.triage(predictor, films)                                     # operating points -> priority
+        self.triage(predictor, work)                                      # operating points -> priority
         for w in work:
             try:
                 written, sr = self.encode(w)                              # SC per film, SR per study
@@ -147,6 +156,17 @@ class Processor:
             except Exception as e:  # one broken study must not stop the others; it is recorded
                 log.exception("processing study %s failed", w.study_uid)
                 studies.fail(self.db, w.study_uid, w.version, f"{type(e).__name__}: {e}")
+        self.drift(predictor, {w.station.name for w in work if w.station is not None})
+
+    def drift(self, predictor, names: set[str]) -> None:
+        """Each station's recent films against its reference; a failure here never fails a study."""
+        if not names:
+            return
+        try:
+            stations.check_drift(self.settings, self.db, sorted(names), predictor.policy.labels,
+                                 predictor.weights_sha256)
+        except Exception:  # the studies are recorded; drift is checked again with the next ones
+            log.exception("drift check for %s failed", ", ".join(sorted(names)))
 
     def load(self, study_uid: str, version: int) -> StudyWork:
         """Read the study's films and apply the header rules (why not, per image)."""
@@ -164,10 +184,19 @@ class Processor:
             except Exception as e:  # the file was valid on receipt; anything now is an I/O or decode fault
                 work.skipped.append((inst, f"cannot read the spooled file: {type(e).__name__}: {e}"))
                 continue
-            work.films.append(Film(inst, ds, refused=eligibility.header_reason(ds, **rules)))
+            if work.station is None:
+                work.station = stations.resolve(self.settings, inst.calling_aet, ds.get("StationName"),
+                                                ds.get("InstitutionName"))
+            work.films.append(Film(inst, ds, refused=eligibility.header_reason(ds, **rules),
+                                   stats={"rows": _int(ds.get("Rows")), "cols": _int(ds.get("Columns"))}))
+        if work.station is None:
+            aet = instances[0].calling_aet if instances else None
+            work.station = stations.resolve(self.settings, aet)
         return work
 
     def preprocess(self, predictor, films: list[Film]) -> None:
+        import numpy as np
+
         from cxr_node.preprocess import prepare
 
         check = self.settings.eligibility.check_pixels
@@ -180,6 +209,8 @@ class Processor:
                 film.refused = f"unusable pixels: {e}"
                 continue
             film.x, film.display, film.lungs, film.box = pr.x, pr.display, pr.lungs, pr.box
+            d = np.asarray(pr.display, dtype=np.float64)  # the film in [0, 1], for drift
+            film.stats.update(mean=round(float(d.mean()), 5), std=round(float(d.std()), 5))
             if check:
                 film.refused = eligibility.lung_reason(pr.lungs)
 
@@ -198,17 +229,50 @@ class Processor:
                 for _ in batch:
                     self.metrics.inference.observe(per_image)
 
-    def triage(self, predictor, films: list[Film]) -> None:
-        for film in films:
-            if film.refused is None and film.prediction is not None:
-                film.prediction = predictor.policy.apply(film.prediction)
+    def triage(self, predictor, work: list[StudyWork]) -> None:
+        """Each study with its station's site calibration when it has one for these weights, else
+        with the model's own operating points."""
+        import dataclasses
+
+        import numpy as np
+
+        from cxr_node.calibration import softmax
+        from cxr_node.triage import TriagePolicy
+
+        cals = stations.active_calibrations(self.db)
+        for w in work:
+            cal = cals.get(w.station.name) if w.station is not None else None
+            if cal is not None and cal.weights_sha256 != predictor.weights_sha256:
+                log.warning("station %s: site calibration v%d was fitted for other model weights; using the "
+                            "model's operating points (run `cxr-node calibrate-site --station %s` again)",
+                            w.station.name, cal.version, w.station.name)
+                cal = None
+            w.calibration = cal
+            policy, model = predictor.policy, self._identity
+            if cal is not None:
+                policy = TriagePolicy(labels=policy.labels, thresholds=dict(cal.thresholds),
+                                      critical_labels=policy.critical_labels, normal_label=policy.normal_label)
+                model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
+                                            calibration=stations.calibration_name(cal),
+                                            temperature=cal.temperature)
+            w.model = model
+            for film in w.films:
+                if film.refused is None and film.prediction is not None:
+                    p = film.prediction
+                    if cal is not None:  # the same logits, the site's temperature
+                        logits = np.log(np.clip(np.asarray(p.probabilities, dtype=np.float64), 1e-12, None))
+                        q = softmax(logits[None] * predictor.temperature, cal.temperature)[0]
+                        k = int(np.argmax(q))
+                        p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
+                                                top_label=p.labels[k], top_probability=float(q[k]))
+                    film.prediction = policy.apply(p)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
         """The Secondary Capture of each analysed film and the study's SR (naming refused films)."""
         from cxr_node.encode.sc import build_sc
         from cxr_node.encode.sr import AnalysedFilm, RefusedFilm, build_sr
 
-        model = self._identity
+        model = w.model or self._identity
         analysed, written = [], []
         for n, film in enumerate(w.analysed, start=1):
             sc = build_sc(film.ds, film.display, film.prediction, model, instance_number=n, box=film.box,
@@ -224,15 +288,23 @@ class Processor:
 
     def record(self, w: StudyWork, written: list, sr: Dataset | None) -> None:
         """Outbox rows, image results, audit rows and the state change, in one transaction."""
-        model = self._identity
+        model = w.model or self._identity
+        ref = w.station or stations.resolve(self.settings, None)
+        shadow = ref.mode == stations.SHADOW
+        temperature = model.temperature if model.temperature is not None else self._predictor.temperature
         analysed = w.analysed
         priority = min((f.prediction.priority for f in analysed), key=_rank, default=None)
         not_analysed = list(w.skipped) + [(f.instance, f.refused) for f in w.refused]
         now = utcnow()
+        stats = {f.instance.sop_instance_uid: f.stats for f in w.films}
         with self.db.transaction() as s:
+            stations.note(s, ref)
             for inst, reason in not_analysed:
+                film = next((f for f in w.refused if f.instance is inst), None)
                 s.add(ImageResult(study_uid=w.study_uid, study_version=w.version, sop_instance_uid=inst.sop_instance_uid,
-                                  analysed=False, reason=reason, created_at=now))
+                                  analysed=False, reason=reason, created_at=now, station=ref.name,
+                                  image_stats=stats.get(inst.sop_instance_uid),
+                                  ood_score=getattr(film.prediction, "ood_score", None) if film else None))
                 audit.record(s, "image.skipped", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
                              sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason,
                              detail={"version": w.version})
@@ -244,20 +316,34 @@ class Processor:
                                   sop_instance_uid=film.instance.sop_instance_uid, analysed=True,
                                   model_version=model.version, top_label=p.top_label, urgent=p.urgent,
                                   priority=p.priority, probabilities=probs, sc_sop_instance_uid=sc_uid,
-                                  created_at=now))
+                                  created_at=now, station=ref.name, calibration=model.calibration,
+                                  temperature=temperature, ood_score=p.ood_score, image_stats=film.stats))
                 audit.record(s, "image.triaged", study_uid=w.study_uid, sop_instance_uid=film.instance.sop_instance_uid,
                              sop_class_uid=film.instance.sop_class_uid, patient_id=film.instance.patient_id,
                              reason="; ".join(p.reasons) or None,
                              detail={"version": w.version, "model_version": model.version, "device_uid": model.device_uid,
                                      "top_label": p.top_label, "urgent": p.urgent, "priority": p.priority,
-                                     "probabilities": probs, "sc_uid": sc_uid, "ood_score": p.ood_score})
-            queued = self.outbox.enqueue(s, written, w.study_uid, w.version)
+                                     "probabilities": probs, "sc_uid": sc_uid, "ood_score": p.ood_score,
+                                     "station": ref.name, "calibration": model.calibration,
+                                     "temperature": temperature})
+            queued = 0 if shadow else self.outbox.enqueue(s, written, w.study_uid, w.version)
             st = s.get(Study, w.study_uid, with_for_update=True)
             detail = {"analysed": len(analysed), "refused": len(w.refused), "skipped": len(not_analysed),
                       "priority": priority, "objects": len(written), "queued": queued,
-                      "model_version": model.version, "sr_uid": sr.SOPInstanceUID if sr else None}
+                      "model_version": model.version, "sr_uid": sr.SOPInstanceUID if sr else None,
+                      "station": ref.name, "mode": ref.mode, "calibration": model.calibration}
+            if shadow and written:
+                audit.record(s, "study.shadow", study_uid=w.study_uid, patient_id=st.patient_id,
+                             calling_aet=ref.ae_title,
+                             reason=f"station {ref.name} is in shadow mode: {len(written)} result object(s) kept, "
+                                    "none sent (`cxr-node resend` delivers them)",
+                             detail={"version": w.version, "station": ref.name, "objects": len(written)})
             if sr is not None:
                 st.last_sr_uid = sr.SOPInstanceUID
+            accession = next((str(f.ds.get("AccessionNumber") or "").strip() for f in w.films
+                              if str(f.ds.get("AccessionNumber") or "").strip()), None)
+            if accession:
+                st.accession_number = accession[:16]
             reason = None if analysed else ("no frontal chest film to analyse" if not w.films
                                             else "no film was analysed: " + "; ".join(f.refused for f in w.refused))
             if studies.finish(s, st, w.version, reason=reason, **detail):
@@ -265,8 +351,9 @@ class Processor:
             else:
                 audit.record(s, "study.processed", study_uid=w.study_uid, patient_id=st.patient_id,
                              reason=reason, detail={"version": w.version, **detail})
-        log.info("study %s v%d: %d analysed, %d refused, %d skipped, priority %s, %d object(s) queued", w.study_uid,
-                 w.version, len(analysed), len(w.refused), len(w.skipped), priority, queued)
+        log.info("study %s v%d: %d analysed, %d refused, %d skipped, priority %s, %d object(s) queued%s", w.study_uid,
+                 w.version, len(analysed), len(w.refused), len(w.skipped), priority, queued,
+                 f" (station {ref.name} in shadow mode: kept, not sent)" if shadow else "")
 
     def _predecessor(self, w: StudyWork) -> Dataset | None:
         """The SR this version revises: read from the outbox copy when it is still there."""
@@ -283,6 +370,13 @@ class Processor:
         ref.SeriesInstanceUID = self._identity.sr_series_uid(w.study_uid)
         ref.SOPClassUID = Comprehensive3DSRStorage
         return ref
+
+
+def _int(v) -> int | None:  # noqa: ANN001
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _rank(priority: str) -> int:

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from cxr_node import __version__, audit
+from cxr_node import __version__, audit, stations
 from cxr_node.audit_backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning, exposure_warning
 from cxr_node.db.session import Database
@@ -119,6 +119,7 @@ def serve(settings: Settings) -> int:
     outbox.metrics = metrics
     processor = Processor(settings, db, outbox, node_id, metrics)
     processor.requeue_interrupted()
+    stations.sync(settings, db)  # a mode changed in [[stations]] since the last start is audited here
     preloader = None
     if settings.model.preload:
         log.info("loading the model in the background; receiving already")

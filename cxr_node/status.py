@@ -11,7 +11,7 @@ from sqlalchemy import exists, func, select
 from cxr_node import eligibility
 from cxr_node.audit_backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning
-from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, Study, utcnow
+from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, SiteCalibration, StationRow, Study, utcnow
 from cxr_node.db.session import Database
 
 
@@ -40,6 +40,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                                     .group_by(ImageResult.reason)).all()
         never_queued = s.scalar(select(func.count()).select_from(Study).where(
             Study.last_sr_uid.is_not(None), ~exists().where(OutboxItem.study_uid == Study.study_uid)))
+        station_rows = list(s.scalars(select(StationRow).order_by(StationRow.name)))
+        cals = {c.station: c for c in s.scalars(select(SiteCalibration).where(SiteCalibration.active.is_(True)))}
     now = utcnow()
     backlog = audit_backlog_count(settings)
     not_analysed: dict[str, int] = {}
@@ -47,6 +49,9 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         k = eligibility.category(reason)
         not_analysed[k] = not_analysed.get(k, 0) + n
     running = started is not None and started.event == "node.started"
+    station_list = [station_status(settings, r, cals.get(r.name)) for r in station_rows]
+    drift_warnings = [f"station {st['name']} has drifted from {st['drift']['reference']}: {st['drift']['moved']}"
+                      for st in station_list if st["drift"] and st["drift"]["state"] == "drifted"]
     return {
         "database": "ok",
         "running": running,
@@ -61,10 +66,24 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "audit_backlog": backlog,
         "destinations": [d.name for d in settings.destinations],
         "results_never_queued": never_queued,
-        "warnings": [w for w in (destinations_warning(settings),) if w],
+        "stations": station_list,
+        "warnings": [w for w in (destinations_warning(settings),) if w] + drift_warnings,
         "last_errors": [{"time": e.ts.isoformat(timespec="seconds"), "event": e.event, "reason": e.reason}
                         for e in errors],
     }
+
+
+def station_status(settings: Settings, row: StationRow, cal: SiteCalibration | None) -> dict[str, Any]:
+    from cxr_node import stations
+
+    d = row.drift_detail or {}
+    return {"name": row.name, "ae_title": row.ae_title, "mode": stations.mode_of(settings, row.name),
+            "configured": row.configured,
+            "calibration": stations.calibration_name(cal),
+            "drift": None if row.drift_state is None else {
+                "state": row.drift_state, "reference": d.get("reference"), "films": d.get("n"),
+                "moved": stations.describe(d.get("moved") or []) or None, "psi": d.get("psi"),
+                "checked_at": row.drift_checked_at.isoformat(timespec="seconds") if row.drift_checked_at else None}}
 
 
 def write_unreachable(why: str, backlog: int, fmt: str, out: TextIO) -> None:
@@ -97,6 +116,13 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
         out.write(f"results     {st['results_never_queued']} stud{'y' if st['results_never_queued'] == 1 else 'ies'} "
                   "with results never queued for any destination (kept in data_dir/outbox; "
                   "`cxr-node resend STUDY_UID` sends them)\n")
+    for sta in st.get("stations", []):
+        dr = sta["drift"]
+        drift = ("drift: too few films yet" if dr is None else
+                 f"DRIFTED from {dr['reference']}: {dr['moved']}" if dr["state"] == "drifted" else
+                 f"drift ok ({dr['films']} recent films vs {dr['reference']})")
+        out.write(f"station     {sta['name']} ({sta['ae_title'] or '-'}): {sta['mode'].upper()}, "
+                  f"{sta['calibration']} calibration, {drift}\n")
     out.write(f"model       {st['model']['configured']}"
               + (f" (last used: {st['model']['last_used_version']})" if st["model"]["last_used_version"] else "") + "\n")
     if st["audit_backlog"]:

@@ -20,7 +20,7 @@ from cxr_node.audit import FIELDS
 from dicomgen import make_cr
 
 COMMANDS = {"serve", "db", "check-config", "status", "echo", "audit", "outbox", "resend", "reprocess", "retention",
-            "triage", "web", "user"}
+            "triage", "web", "user", "feedback", "performance", "calibrate-site"}
 
 
 def test_help_lists_every_command(capsys):
@@ -90,7 +90,9 @@ def test_read_only_commands_create_nothing(tmp_path):
                  ["audit"], ["audit", "verify"], ["audit", "study", "1.2.3"], ["audit", "export", "--format",
                  "dicom-audit"], ["outbox", "list"], ["outbox", "retry", "--all-dead"], ["retention"],
                  ["resend", "1.2.3"], ["reprocess", "1.2.3"], ["web"], ["user", "list"], ["user", "add", "x",
-                 "--role", "viewer"], ["user", "disable", "x"]):
+                 "--role", "viewer"], ["user", "disable", "x"], ["feedback", "list"], ["performance"],
+                 ["feedback", "add", "--study", "1.2.3", "--label", "COVID"],
+                 ["calibrate-site", "--station", "CR1", "--dry-run"]):
         p = cli(*args, config=cfg, check=False)
         assert p.returncode == 1, (args, p.stderr)
         assert f"no database at {data / 'cxr-node.db'} (from the config file {cfg})" in p.stderr, args

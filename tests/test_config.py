@@ -41,6 +41,13 @@ def test_defaults_and_relative_paths_resolve_against_the_config_file():
     ("[[destinations]]\nname = \"p\"\nae_title = \"P\"\nhost = \"h\"", "[[destinations]] #1 port", "is required"),
     ("[[destinations]]\nname = \"p\"\nae_title = \"P\"\nhost = \"h\"\nport = 1\n"
      "[[destinations]]\nname = \"p\"\nae_title = \"Q\"\nhost = \"h\"\nport = 2", "[[destinations]] #2 name", "unique"),
+    ("[onboarding]\nnew_stations = \"silent\"", "[onboarding] new_stations", "must be one of active, shadow"),
+    ("[onboarding]\ndrift_window = 20\ndrift_min_films = 50", "[onboarding] drift_min_films", "must not exceed"),
+    ("[[stations]]\nae_title = \"CR1\"\nname = \"room 1\"\nmode = \"quiet\"", "[[stations]] #1 mode",
+     "must be one of active, shadow"),
+    ("[[stations]]\nae_title = \"CR1\"\nname = \"a\"\nmode = \"shadow\"\n"
+     "[[stations]]\nae_title = \"CR1\"\nname = \"b\"\nmode = \"active\"", "[[stations]] #2 ae_title",
+     "add station_name or institution_name"),
 ])
 def test_invalid_values_name_the_key_and_the_rule(text, key, rule):
     with pytest.raises(ConfigError) as e:
@@ -62,3 +69,27 @@ def test_check_config_cli(tmp_path):
     assert p.returncode == 2 and "bad.toml" in p.stderr
     p = cli("check-config", check=False, env={"CXR_NODE_CONFIG": str(tmp_path / "missing.toml")})
     assert p.returncode == 2 and "config file not found" in p.stderr
+
+
+def test_stations_resolve_by_calling_ae_title_then_station_and_institution_name():
+    from cxr_node import stations
+
+    s = _parse('[onboarding]\nnew_stations = "shadow"\n'
+               '[[stations]]\nae_title = "CR1"\nname = "cr1"\nmode = "active"\n'
+               '[[stations]]\nae_title = "CR1"\nname = "cr1-er"\nmode = "shadow"\nstation_name = "ER"\n')
+    assert stations.resolve(s, "CR1", "ward", None) == stations.StationRef("cr1", "CR1", "active", True)
+    assert stations.resolve(s, "CR1", " er ", None).name == "cr1-er"  # the more specific entry, any case
+    assert stations.resolve(s, "NEWONE", None, None) == stations.StationRef("NEWONE", "NEWONE", "shadow", False)
+    assert stations.resolve(_parse(""), "X", None, None).mode == "active"  # the default for new stations
+
+
+def test_check_config_names_the_stations(tmp_path, capsys):
+    from cxr_node.cli import main
+
+    f = tmp_path / "c.toml"
+    f.write_text('[onboarding]\nnew_stations = "shadow"\n[[stations]]\nae_title = "CR1"\nname = "cr1-er"\n'
+                 'mode = "active"\nstation_name = "ER"\n')
+    assert main(["--config", str(f), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "station     cr1-er: calling AE CR1 (StationName ER), active" in out
+    assert "new station shadow (stations not listed in [[stations]])" in out

@@ -18,10 +18,15 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     db = tmp_path / "d" / "cxr-node.db"
     assert "0006" in cli("db", "upgrade", config=cfg).stdout
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
-            "web_users", "web_sessions"} <= _tables(db)
+            "stations", "feedback", "site_calibrations", "web_users", "web_sessions"} <= _tables(db)
     assert cli("db", "current", config=cfg).stdout.strip() == "0006"
-    cli("db", "downgrade", "0004", config=cfg)
+    cli("db", "downgrade", "0005", config=cfg)
     assert _tables(db) & {"web_users", "web_sessions"} == set()
+    assert {"stations", "feedback", "site_calibrations"} <= _tables(db)
+    cli("db", "downgrade", "0004", config=cfg)
+    assert _tables(db) & {"stations", "feedback", "site_calibrations"} == set()
+    with sqlite3.connect(db) as c:
+        assert "station" not in {r[1] for r in c.execute("pragma table_info(image_results)")}
     cli("db", "downgrade", "0003", config=cfg)
     with sqlite3.connect(db) as c:
         assert "removed_at" not in {r[1] for r in c.execute("pragma table_info(instances)")}

@@ -59,17 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def calibrate(args: argparse.Namespace) -> dict:
+    from cxr_node.calibration import binary_stats, fit_operating_points
     from cxr_node.model import read_checkpoint, save_checkpoint
     from training.common import split_logits
-    from training.metrics import (binary_stats, expected_calibration_error, fit_temperature, nll, softmax,
-                                  threshold_for_sensitivity_rule, threshold_max_youden)
 
     if args.split == "test":
         raise SystemExit("calibrating on the test split would leak it into the operating points; use val")
     ckpt = Path(args.checkpoint)
     meta, labels, _, y, logits = split_logits(args)
-    t = fit_temperature(logits, y)
-    p0, p = softmax(logits, 1.0), softmax(logits, t)
     critical = args.critical or list(meta.get("critical_labels") or [])
     for c in critical:
         if c not in labels:
@@ -77,43 +74,24 @@ def calibrate(args: argparse.Namespace) -> dict:
     rule_name = getattr(args, "sensitivity_rule", "point")
     margin = float(getattr(args, "margin", 0.0) or 0.0)
     lso = read_lso_predictions(Path(args.lso_predictions), critical) if getattr(args, "lso_predictions", None) else {}
-    thresholds, points = {}, {}
-    for k, name in enumerate(labels):
-        yk = y == k
-        if not yk.any() or yk.all():
-            log.warning("class %s: no positives or no negatives in %s; no threshold", name, args.split)
-            continue
-        if name in critical:
-            desc = {"point": f"sensitivity >= {args.target_sensitivity}",
-                    "margin": f"sensitivity >= {args.target_sensitivity} + margin {margin}",
-                    "wilson": f"lower Wilson 95% bound of sensitivity >= {args.target_sensitivity}"}[rule_name]
-            if name in lso:
-                ly, ls = lso[name]
-                th = threshold_for_sensitivity_rule(ly, ls, args.target_sensitivity, rule_name, margin)
-                st_lso = binary_stats(ly, ls >= th)
-                rule = f"{desc} on {len(ly)} pooled LSO predictions ({args.lso_predictions})"
-                log.info("%s: LSO threshold %.4f -> LSO sensitivity %.3f specificity %.3f", name, th,
-                         st_lso["sensitivity"], st_lso["specificity"])
-            else:
-                th = threshold_for_sensitivity_rule(yk, p[:, k], args.target_sensitivity, rule_name, margin)
-                rule = desc
-        else:
-            th = threshold_max_youden(yk, p[:, k])
-            rule = "max Youden J"
-        thresholds[name] = float(min(max(th, 0.0), 1.0))
-        st = binary_stats(yk, p[:, k] >= thresholds[name])
-        points[name] = {"threshold": thresholds[name], "rule": rule, "sensitivity": st["sensitivity"],
-                        "specificity": st["specificity"], "ppv": st["ppv"], "npv": st["npv"]}
-        log.info("%s: threshold %.4f (%s) -> %s sensitivity %.3f specificity %.3f", name, thresholds[name], rule,
-                 args.split, st["sensitivity"], st["specificity"])
-    ece0, _ = expected_calibration_error(y, p0)
-    ece1, _ = expected_calibration_error(y, p)
-    cal = {"split": args.split, "n": int(len(y)), "temperature": t, "nll_before": nll(logits, y, 1.0),
-           "nll_after": nll(logits, y, t), "ece_before": ece0, "ece_after": ece1,
+    # the same code as `cxr-node calibrate-site` (cxr_node.calibration)
+    fit = fit_operating_points(logits, y, labels, critical, args.target_sensitivity, rule_name, margin,
+                               critical_scores=lso, log=log)
+    t, thresholds, points = fit["temperature"], fit["thresholds"], fit["operating_points"]
+    for name in lso:
+        if name in thresholds:
+            ly, ls = lso[name]
+            st_lso = binary_stats(ly, ls >= thresholds[name])
+            points[name]["rule"] = points[name]["rule"].replace(
+                f"on {len(ly)} other predictions", f"on {len(ly)} pooled LSO predictions ({args.lso_predictions})")
+            log.info("%s: LSO threshold %.4f -> LSO sensitivity %.3f specificity %.3f", name, thresholds[name],
+                     st_lso["sensitivity"], st_lso["specificity"])
+    cal = {"split": args.split, "n": fit["n"], "temperature": t, "nll_before": fit["nll_before"],
+           "nll_after": fit["nll_after"], "ece_before": fit["ece_before"], "ece_after": fit["ece_after"],
            "target_sensitivity": args.target_sensitivity, "sensitivity_rule": rule_name, "margin": margin,
            "lso_predictions": getattr(args, "lso_predictions", None), "operating_points": points}
     log.info("temperature %.4f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", t, cal["nll_before"], cal["nll_after"],
-             ece0, ece1)
+             cal["ece_before"], cal["ece_after"])
     raw = read_checkpoint(ckpt)
     new_meta = dict(raw["meta"], temperature=t, thresholds=thresholds, critical_labels=critical,
                     calibration=cal, calibrated=True)

@@ -1,7 +1,8 @@
 """The ``cxr-node`` command line: parse, call, print. Nothing heavy is imported up front.
 
 One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``echo``,
-``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``, ``web``, ``user``); each registers its
+``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``, ``web``, ``user``, ``feedback``,
+``performance``, ``calibrate-site``); each registers its
 parser and a ``run(settings, args, out) -> int``. Commands that use the database open it with
 :func:`cxr_node.cli._db.open_database`, which never creates one (only ``db upgrade`` does).
 
@@ -25,7 +26,7 @@ log = logging.getLogger("cxr_node")
 
 #: The command modules, in the order ``--help`` lists them.
 _MODULES = ("serve", "web", "user", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention",
-            "triage")
+            "triage", "feedback", "performance", "calibrate_site")
 
 EPILOG = """\
 global options --config and --log-level go before or after the command.
@@ -44,6 +45,9 @@ examples:
   cxr-node triage film.dcm --overlay-dir overlays/
   cxr-node user add alice --role radiologist
   cxr-node web --config config/cxr-node.toml
+  cxr-node feedback import labels.csv
+  cxr-node performance --station CR_ROOM1 --out perf/
+  cxr-node calibrate-site --station CR_ROOM1 --dry-run
 """
 
 

@@ -43,6 +43,13 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     w = settings.web
     out.write(f"  web console {'https' if w.tls else 'http'}://{w.host}:{w.port} (`cxr-node web`; sessions end "
               f"after {w.idle_minutes:g} min idle)\n")
+    for st in settings.stations:
+        refine = ", ".join(f"{k} {v}" for k, v in (("StationName", st.station_name),
+                                                  ("InstitutionName", st.institution_name)) if v)
+        out.write(f"  station     {st.name}: calling AE {st.ae_title}{' (' + refine + ')' if refine else ''}, "
+                  f"{st.mode}\n")
+    if settings.onboarding is not None:
+        out.write(f"  new station {settings.onboarding.new_stations} (stations not listed in [[stations]])\n")
     warning = destinations_warning(settings)
     if warning:
         out.write("  destination none\n")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, Integer, String, Text, TypeDecorator,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UID = String(64)
@@ -85,6 +86,7 @@ class Study(Base):
     last_sr_uid: Mapped[str | None] = mapped_column(UID)
     last_error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # the node processing it
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)  # set when analysed (0005)
 
 
 class Instance(Base):
@@ -125,6 +127,13 @@ class ImageResult(Base):
     probabilities: Mapped[dict | None] = mapped_column(JSON)
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # site onboarding (0005): which station sent it, which calibration triaged it (the temperature the
+    # probabilities were made with, so the logits can be recovered), and what drift watches
+    station: Mapped[str | None] = mapped_column(String(64), index=True)
+    calibration: Mapped[str | None] = mapped_column(String(64))   # "model" or "site <station> v<N>"
+    temperature: Mapped[float | None] = mapped_column(Float)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    image_stats: Mapped[dict | None] = mapped_column(JSON)        # rows, cols, intensity mean and std
 
 
 class OutboxItem(Base):
@@ -189,3 +198,57 @@ class WebSession(Base):
     host: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+class StationRow(Base):
+    """A sending station as this node last saw it: its mode (audited when it changes) and its drift state."""
+
+    __tablename__ = "stations"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ae_title: Mapped[str | None] = mapped_column(AET)
+    mode: Mapped[str] = mapped_column(String(8))  # active | shadow
+    configured: Mapped[bool] = mapped_column(Boolean)  # listed in [[stations]] (else [onboarding] new_stations)
+    mode_since: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    drift_state: Mapped[str | None] = mapped_column(String(8))  # ok | drifted | None (too few films)
+    drift_detail: Mapped[dict | None] = mapped_column(JSON)
+    drift_checked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    baseline: Mapped[dict | None] = mapped_column(JSON)  # the station's first window, when no site calibration
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Feedback(Base):
+    """What a reader said about a study (or one film of it). Never updated but to be superseded:
+    a later label for the same study (and film) sets ``superseded_at`` on the earlier one."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    label: Mapped[str] = mapped_column(String(64))
+    reader: Mapped[str | None] = mapped_column(String(64))
+    labelled_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)  # when the reader said it
+    recorded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)  # when this node stored it
+    source: Mapped[str] = mapped_column(String(255))  # "cli", "csv FILE line N", "web"
+    superseded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
+    superseded_by: Mapped[int | None] = mapped_column(Integer)
+
+
+class SiteCalibration(Base):
+    """A station's own temperature and operating points, bound to the model weights they were fitted
+    for. One active per station at most; older versions are kept for rollback and the record."""
+
+    __tablename__ = "site_calibrations"
+    __table_args__ = (UniqueConstraint("station", "version", name="uq_site_calibration_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    station: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(128))
+    temperature: Mapped[float] = mapped_column(Float)
+    thresholds: Mapped[dict] = mapped_column(JSON)
+    report: Mapped[dict] = mapped_column(JSON)      # counts, rules, before/after figures with intervals
+    reference: Mapped[dict | None] = mapped_column(JSON)  # drift reference: the calibration films' statistics
+    active: Mapped[bool] = mapped_column(Boolean, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    retired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -32,6 +32,10 @@ class ModelIdentity:
     weights_sha256: str
     labels: tuple[str, ...]
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    #: which operating points these results used: "model" (the checkpoint's own) or "site <station> vN"
+    #: (cxr-node calibrate-site); the SR's algorithm parameters and the SC legend name it
+    calibration: str = "model"
+    temperature: float | None = None  # the site calibration's temperature (None: the checkpoint's)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "ModelIdentity":

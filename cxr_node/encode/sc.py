@@ -26,7 +26,12 @@ def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_ma
     from cxr_node.overlay import render_figure
 
     return render_figure(film, prediction, model.name, model.version, box=box, lung_mask=lung_mask,
-                         max_side=MAX_SIDE)
+                         max_side=MAX_SIDE, calibration=_legend_calibration(model))
+
+
+def _legend_calibration(model: ModelIdentity) -> str | None:
+    """The legend names a site calibration; the model's own operating points need no mention."""
+    return None if model.calibration == "model" else f"{model.calibration} calibration"
 
 
 def build_sc(source: Dataset, film: np.ndarray, prediction, model: ModelIdentity, *,
@@ -62,7 +67,8 @@ def build_sc(source: Dataset, film: np.ndarray, prediction, model: ModelIdentity
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.BodyPartExamined = "CHEST"
-    sc.DerivationDescription = f"Grad-CAM heat map of {model.name} {model.version} blended over the film"[:1024]
+    sc.DerivationDescription = (f"Grad-CAM heat map of {model.name} {model.version} blended over the film; "
+                                f"operating points: {model.calibration}")[:1024]
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID

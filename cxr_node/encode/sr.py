@@ -132,6 +132,8 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
             uid=model.device_uid, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=model.name[:64]),
     )
     params = [f"{label} threshold {t:.4f}" for label, t in model.thresholds.items()]
+    params.append(f"calibration {model.calibration}"
+                  + (f" temperature {model.temperature:.4f}" if model.temperature is not None else ""))
     algorithm = hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64],
                                               parameters=params or None, manufacturer=MANUFACTURER)
     groups = []

@@ -1,0 +1,228 @@
+"""Site recalibration (``cxr-node calibrate-site``): a station's own temperature and operating points,
+fitted on its labelled films by the code that calibrated the model (:func:`cxr_node.calibration.
+fit_operating_points`).
+
+The logits are recovered from what was stored: each film's probabilities were ``softmax(logits /
+T)`` with the temperature recorded beside them, so ``T * log(p)`` is the logits up to a constant,
+which softmax ignores. Only films analysed by the model whose weights are configured now are used,
+and the calibration is bound to those weights' sha256: a new model ignores it (the daemon says so)
+until the station is calibrated again.
+
+Stored versioned (``site_calibrations``), one active per station, audited as ``calibration.site``;
+``rollback`` retires the active one and restores the previous version of the same weights (or
+the model's own operating points when there is none), audited as ``calibration.rollback``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sqlalchemy import func, select
+
+from cxr_node import audit, stations
+from cxr_node.db.models import ImageResult, SiteCalibration, utcnow
+from cxr_node.errors import CxrNodeError
+from cxr_node.performance import LabelledFilm, labelled_films
+
+
+class CalibrationRefused(CxrNodeError):
+    """Too few labelled films, or nothing to roll back; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What calibrate-site needs to know about the configured model (from its checkpoint metadata)."""
+    labels: tuple[str, ...]
+    critical: tuple[str, ...]
+    version: str
+    weights_sha256: str
+    temperature: float
+    thresholds: dict[str, float]
+
+    @classmethod
+    def from_checkpoint(cls, path) -> "ModelInfo":  # noqa: ANN001
+        from cxr_node.model import read_checkpoint
+
+        ck = read_checkpoint(path)
+        m = ck["meta"]
+        return cls(tuple(m["labels"]), tuple(m.get("critical_labels") or ()), str(m["version"]), str(ck["sha256"]),
+                   float(m["temperature"]), {k: float(v) for k, v in m["thresholds"].items()})
+
+
+def _arrays(films: Sequence[LabelledFilm], labels: Sequence[str], default_t: float):
+    import numpy as np
+
+    y = np.array([labels.index(f.label) if f.label in labels else -1 for f in films], dtype=int)
+    p = np.array([[float(f.probabilities.get(n, 0.0)) for n in labels] for f in films], dtype=np.float64)
+    t = np.array([f.temperature if f.temperature else default_t for f in films], dtype=np.float64)
+    logits = np.log(np.clip(p, 1e-12, None)) * t[:, None]
+    return y, logits
+
+
+def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[str],  # noqa: ANN001
+                      critical: Sequence[str]) -> dict[str, Any]:
+    """Per class at its threshold (one vs rest, p >= t) and for the urgent flag (any critical class
+    at or above its threshold): sensitivity and specificity with Wilson 95% intervals; plus ECE."""
+    import numpy as np
+
+    from cxr_node.calibration import expected_calibration_error, wilson_interval
+
+    def rate(k: int, n: int) -> dict:
+        return {"value": k / n if n else None, "k": k, "n": n, "ci95": wilson_interval(k, n) if n else None}
+
+    out: dict[str, Any] = {"per_class": {}}
+    for k, name in enumerate(labels):
+        if name not in thresholds:
+            continue
+        pos, hit = y == k, probs[:, k] >= thresholds[name]
+        out["per_class"][name] = {"threshold": thresholds[name],
+                                  "sensitivity": rate(int((pos & hit).sum()), int(pos.sum())),
+                                  "specificity": rate(int((~pos & ~hit).sum()), int((~pos).sum()))}
+    crit = [labels.index(c) for c in critical if c in labels and c in thresholds]
+    if crit:
+        truth = np.isin(y, crit)
+        flag = np.zeros(len(y), bool)
+        for k in crit:
+            flag |= probs[:, k] >= thresholds[labels[k]]
+        out["urgent_flag"] = {"sensitivity": rate(int((truth & flag).sum()), int(truth.sum())),
+                              "specificity": rate(int((~truth & ~flag).sum()), int((~truth).sum()))}
+    known = y >= 0
+    out["ece"] = expected_calibration_error(y[known], probs[known])[0] if known.any() else None
+    return out
+
+
+def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, min_per_class: int,  # noqa: ANN001
+        current: SiteCalibration | None = None) -> dict[str, Any]:
+    """Fit a calibration for ``station`` on its labelled films (nothing stored). Raises
+    CalibrationRefused below ``min_per_class`` labelled films of a critical class, or of films of no
+    critical class. Another class with fewer films than that keeps the threshold in force."""
+    from cxr_node.calibration import fit_operating_points, softmax
+
+    films = labelled_films(session, station=station, model_version=model.version)
+    if not films and session.scalar(select(ImageResult.id).where(ImageResult.station == station).limit(1)) is None:
+        from cxr_node.db.models import StationRow
+
+        known = ", ".join(session.scalars(select(StationRow.name).order_by(StationRow.name))) or "none yet"
+        raise CalibrationRefused(f"station {station}: no film from it was analysed (known stations: {known}; "
+                                 "--station takes a station's name or its AE title)")
+    labels = list(model.labels)
+    counts = {n: sum(f.label == n for f in films) for n in labels + ["Other"]}
+    critical = [c for c in model.critical if c in labels]
+    negatives = sum(f.label not in critical for f in films)
+    neg_name = "not " + "/".join(critical)
+    short = [f"{n} {counts[n]}" for n in critical if counts[n] < min_per_class]
+    if negatives < min_per_class:
+        short.append(f"{neg_name} {negatives}")
+    if short:
+        raise CalibrationRefused(
+            f"station {station}: too few labelled films to calibrate: {', '.join(short)} (at least {min_per_class} "
+            f"films of each critical class and {min_per_class} {neg_name} films needed; have "
+            f"{', '.join(f'{k} {v}' for k, v in counts.items())}). Import more feedback (cxr-node feedback import), "
+            "or lower --min-per-class / [onboarding] min_per_class knowing the operating points will be less certain")
+    y, logits = _arrays(films, labels, model.temperature)
+    new = fit_operating_points(logits, y, labels, critical, target_sensitivity, "point")
+    before_t = current.temperature if current is not None else model.temperature
+    before_th = dict(current.thresholds) if current is not None else dict(model.thresholds)
+    # a class with too few films of its own here keeps the operating point in force
+    for name in labels:
+        if name not in critical and counts[name] < min_per_class and name in before_th:
+            new["thresholds"][name] = before_th[name]
+            new["operating_points"][name] = {"threshold": before_th[name],
+                                             "rule": f"kept: only {counts[name]} {name} film(s) here"}
+        elif name not in critical and name not in new["thresholds"] and name in before_th:
+            new["thresholds"][name] = before_th[name]
+            new["operating_points"][name] = {"threshold": before_th[name], "rule": "kept: no films to fit on"}
+    before = operating_figures(y, softmax(logits, before_t), before_th, labels, model.critical)
+    after = operating_figures(y, softmax(logits, new["temperature"]), new["thresholds"], labels, model.critical)
+    before.update(temperature=before_t, calibration=stations.calibration_name(current))
+    after.update(temperature=new["temperature"])
+    missing = [c for c in model.critical if c not in new["thresholds"]]
+    if missing:
+        raise CalibrationRefused(f"station {station}: no operating point for {', '.join(missing)} (its labelled "
+                                 "films are all of that class or none is)")
+    # the films fitted on, as the drift reference for this station from now on
+    # (their probabilities as this calibration gives them: what the station's films will be compared with)
+    rows = list(session.scalars(select(ImageResult).where(ImageResult.id.in_([f.image_result_id for f in films]))))
+    p_new = softmax(logits, new["temperature"])
+    site_probs = {f.image_result_id: dict(zip(labels, map(float, p_new[i]))) for i, f in enumerate(films)}
+    reference = stations.reference_from(rows, labels, site_probs)
+    return {"station": station, "model_version": model.version, "weights_sha256": model.weights_sha256,
+            "films": len(films), "counts": counts, "target_sensitivity": target_sensitivity,
+            "min_per_class": min_per_class, "temperature": new["temperature"], "thresholds": new["thresholds"],
+            "operating_points": new["operating_points"], "nll_before": new["nll_before"],
+            "nll_after": new["nll_after"], "before": before, "after": after,
+            "note": "before and after are measured on the same films the calibration was fitted on",
+            "reference": reference}
+
+
+def active(session, station: str) -> SiteCalibration | None:  # noqa: ANN001
+    return session.scalars(select(SiteCalibration).where(SiteCalibration.station == station,
+                                                         SiteCalibration.active.is_(True))).first()
+
+
+def store(db, result: dict[str, Any]) -> SiteCalibration:  # noqa: ANN001
+    """Make ``result`` (from :func:`fit`) the station's active calibration, as a new version."""
+    station = result["station"]
+    with db.transaction() as s:
+        now = utcnow()
+        previous = active(s, station)
+        if previous is not None:
+            previous.active, previous.retired_at = False, now
+        version = (s.scalar(select(func.max(SiteCalibration.version)).where(SiteCalibration.station == station))
+                   or 0) + 1
+        report = {k: v for k, v in result.items() if k != "reference"}
+        row = SiteCalibration(station=station, version=version, weights_sha256=result["weights_sha256"],
+                              model_version=result["model_version"], temperature=result["temperature"],
+                              thresholds=result["thresholds"], report=_json_safe(report),
+                              reference=result["reference"], active=True, created_at=now)
+        s.add(row)
+        s.flush()
+        audit.record(s, "calibration.site", reason=f"station {station}: {stations.calibration_name(row)} active"
+                     + (f", replacing v{previous.version}" if previous is not None else ""),
+                     detail={"station": station, "version": version, "id": row.id,
+                             "replaces": previous.version if previous is not None else None,
+                             "weights_sha256": row.weights_sha256, "temperature": row.temperature,
+                             "thresholds": row.thresholds, "films": result["films"], "counts": result["counts"],
+                             "target_sensitivity": result["target_sensitivity"],
+                             "before": _json_safe(result["before"]), "after": _json_safe(result["after"])})
+        s.expunge(row)
+    return row
+
+
+def rollback(db, station: str) -> tuple[SiteCalibration, SiteCalibration | None]:  # noqa: ANN001
+    """Retire the station's active calibration and restore the newest earlier version fitted for the
+    same weights as the one retired (None: the model's own operating points again)."""
+    with db.transaction() as s:
+        cur = active(s, station)
+        if cur is None:
+            raise CalibrationRefused(f"station {station}: no site calibration is active; nothing to roll back")
+        now = utcnow()
+        cur.active, cur.retired_at = False, now
+        prev = s.scalars(select(SiteCalibration).where(
+            SiteCalibration.station == station, SiteCalibration.version < cur.version,
+            SiteCalibration.weights_sha256 == cur.weights_sha256).order_by(SiteCalibration.version.desc())).first()
+        if prev is not None:
+            prev.active, prev.retired_at = True, None
+        audit.record(s, "calibration.rollback",
+                     reason=f"station {station}: v{cur.version} retired; now {stations.calibration_name(prev)}",
+                     detail={"station": station, "retired": cur.version,
+                             "restored": prev.version if prev is not None else None})
+        s.expunge(cur)
+        if prev is not None:
+            s.expunge(prev)
+    return cur, prev
+
+
+def _json_safe(x: Any) -> Any:
+    import math
+
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if hasattr(x, "item"):  # numpy scalars
+        return _json_safe(x.item())
+    return x
