@@ -148,7 +148,7 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
             page = driver.find_element(By.TAG_NAME, "main").text
             assert "Not analysed: ViewPosition is LL" in page  # the lateral film, and why
             assert "Why flagged" in page and "COVID" in page
-            assert "Feedback" in page  # the place the site-onboarding work fills in
+            assert "No reader's label yet." in page
             sr = driver.find_element(By.XPATH, "//h2[text()='Structured report']/following-sibling::table[1]").text
             assert "Not analysed" in sr and "Reason not analysed" in sr  # the SR names the lateral film
             sent = driver.find_element(By.XPATH, "//h2[text()='Sent']/following-sibling::table[1]").text
@@ -165,6 +165,17 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
             driver.refresh()
             story = driver.find_element(By.CSS_SELECTOR, "table.story").text
             assert "web.study_viewed viewed in the web console by rita from 127.0.0.1" in story
+            # the radiologist's label for the study: stored with her name, shown, in the story
+            from selenium.webdriver.support.ui import Select
+
+            Select(driver.find_element(By.ID, "feedback-label")).select_by_visible_text("COVID")
+            driver.find_element(By.ID, "feedback-submit").click()
+            done = _wait(lambda: driver.find_elements(By.ID, "feedback-done"), 20, "the feedback notice")[0].text
+            assert done == "Stored COVID for the study."
+            assert "COVID" in driver.find_element(By.ID, "feedback-in-force").text
+            assert "rita" in driver.find_element(By.ID, "feedback-in-force").text
+            story = driver.find_element(By.CSS_SELECTOR, "table.story").text
+            assert "feedback.added labelled COVID by rita" in story and "(web)" in story
             # ... and in the audit trail an admin reads, with the patient
             driver.find_element(By.CSS_SELECTOR, "form.logout button").click()
             _wait(lambda: driver.find_elements(By.NAME, "username"), 20, "the login page")
@@ -175,8 +186,23 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
             driver.get(f"{web.url}/audit?study={urgent}&event=web.study_viewed")
             _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr"), 20, "the audit page")
             views = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")]
-            assert len(views) == 2 and all("rita" in v and "PAT-0042" in v and "127.0.0.1" in v for v in views)
+            # opened, refreshed, and shown again after her label was stored
+            assert len(views) == 3 and all("rita" in v and "PAT-0042" in v and "127.0.0.1" in v for v in views)
             assert "Hash chain intact" in driver.find_element(By.ID, "chain").text
+            driver.get(f"{web.url}/audit?study={urgent}&event=feedback.added")
+            _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr"), 20, "the audit page")
+            labels = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")]
+            assert len(labels) == 1 and "PAT-0042" in labels[0]
+
+            # the station that sent it: active, its one labelled film counted, its plots drawn
+            driver.get(f"{web.url}/stations")
+            section = _wait(lambda: driver.find_elements(By.ID, "station-CR-ROOM-2"), 20, "the stations page")[0]
+            assert section.find_element(By.CSS_SELECTOR, ".mode").get_attribute("textContent") == "active"
+            assert "1 analysed film(s) with a reader's label" in section.text
+            assert "too few films" in section.text  # one label means little, and the page says so
+            roc = section.find_element(By.CSS_SELECTOR, "img[alt^='roc plot']")
+            _wait(lambda: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0;",
+                                                roc), 30, "the station's ROC plot to load")
     finally:
         driver.quit()
         if web is not None:

@@ -175,7 +175,7 @@ def _model_facts(settings: Settings) -> dict[str, Any]:
         ck = read_checkpoint(ckpt)
         meta = ck["meta"]
         out["meta"] = {k: v for k, v in sorted(meta.items())
-                       if isinstance(v, (str, int, float, bool)) or k in ("labels", "thresholds")}
+                       if isinstance(v, (str, int, float, bool)) or k in ("labels", "thresholds", "critical_labels")}
         out["weights_sha256"] = ck["sha256"]
         out["version"] = meta.get("version")
     except CheckpointError as e:
@@ -362,10 +362,39 @@ def study_page(console: Console, request: Request, sess: Session, form: Any) -> 
         return _not_found(console, request, sess, "not a study UID")
     with console.db.session() as s:
         data = queries.study(s, console.settings, uid)
+        if data is not None:
+            data["feedback"] = queries.study_feedback(s, uid)
     if data is None:
         return _not_found(console, request, sess, "no such study on this node")
     console.viewed(sess, _host(request), uid, data["study"]["patient_id"], "page")
-    return console.page(request, "study.html", {"user": sess.user, "csrf": sess.csrf, **data})
+    return console.page(request, "study.html", {"user": sess.user, "csrf": sess.csrf,
+                                                "done": request.query_params.get("done"), **data})
+
+
+@guarded(permission="feedback")
+def study_feedback(console: Console, request: Request, sess: Session, form: Any) -> Response:
+    """The reader's label for the study or one of its films (cxr_node.feedback.add_label; audited as
+    feedback.added with the user as reader, superseding the label in force)."""
+    from cxr_node.feedback import FeedbackError, add_label
+
+    uid = request.path_params["study_uid"]
+    if not queries.valid_uid(uid):
+        return _not_found(console, request, sess, "not a study UID")
+    sop = (form.get("sop_instance_uid") or "").strip() or None
+    if sop is not None and not queries.valid_uid(sop):
+        return PlainTextResponse("Bad request: not a film UID.", status_code=400)
+    try:
+        out = add_label(console.db, uid, str(form.get("label") or ""), reader=sess.user.name, sop_instance_uid=sop,
+                        source="web")
+    except FeedbackError as e:
+        done = f"Not stored: {e}."
+    else:
+        what = f"film {sop}" if sop else "the study"
+        done = (f"{out.duplicate_of.label} was already the label in force for {what}: nothing changed."
+                if out.feedback is None else
+                f"Stored {out.feedback.label} for {what}" + (f" (it supersedes {out.superseded.label})."
+                                                              if out.superseded else "."))
+    return RedirectResponse(f"/study/{uid}?" + urlencode({"done": done}) + "#feedback", status_code=303)
 
 
 def _not_found(console: Console, request: Request, sess: Session, why: str) -> Response:
@@ -613,8 +642,40 @@ def status_page(console: Console, request: Request, sess: Session, form: Any) ->
 
 @guarded()
 def stations_page(console: Console, request: Request, sess: Session, form: Any) -> Response:
-    # Filled in by the site-onboarding work: mode, local performance, calibration history, drift.
-    return console.page(request, "stations.html", {"user": sess.user, "csrf": sess.csrf})
+    """Each sending station: mode, drift state and what moved, site calibrations (history), and local
+    performance from the readers' labels (``cxr-node performance --station``), with intervals."""
+    critical = list((console.model_facts().get("meta") or {}).get("critical_labels") or [])
+    with console.db.session() as s:
+        stations = queries.stations_overview(s, critical)
+    return console.page(request, "stations.html", {"user": sess.user, "csrf": sess.csrf, "stations": stations,
+                                                   "plots": STATION_PLOTS})
+
+
+STATION_PLOTS = ("roc", "reliability", "confusion")
+
+
+@guarded()
+def station_plot(console: Console, request: Request, sess: Session, form: Any) -> Response:
+    """A station's ROC, reliability or confusion plot from its labelled films, rendered now."""
+    import tempfile
+
+    from cxr_node import performance
+
+    name, kind = request.path_params["station"], request.path_params["name"].removesuffix(".png")
+    if kind not in STATION_PLOTS or not request.path_params["name"].endswith(".png"):
+        return PlainTextResponse("Not found", status_code=404)
+    critical = list((console.model_facts().get("meta") or {}).get("critical_labels") or [])
+    with console.db.session() as s:
+        if name not in queries.station_names(s):
+            return PlainTextResponse("Not found", status_code=404)
+        films = performance.labelled_films(s, station=name)
+    if not films:
+        return PlainTextResponse("Not found: no labelled films from this station yet", status_code=404)
+    report = performance.compute(films, list(films[0].probabilities), critical, n_boot=0)
+    with tempfile.TemporaryDirectory(prefix="cxr-web-plot-") as tmp:
+        performance.write_plots(report, Path(tmp))
+        png = (Path(tmp) / f"{kind}.png").read_bytes()
+    return Response(png, media_type="image/png")
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -668,9 +729,7 @@ def create_app(settings: Settings, db: Database) -> Starlette:
         Route("/api/studies", api_studies),
         Route("/study/{study_uid}", study_page),
         Route("/study/{study_uid}/image/{name}", study_image),
-        # POST /study/{study_uid}/feedback comes with site onboarding: @guarded(permission="feedback")
-        # (radiologist and admin), calling cxr_node.feedback.add_label; the form goes in study.html's
-        # "feedback" block.
+        Route("/study/{study_uid}/feedback", study_feedback, methods=["POST"]),
         Route("/audit", audit_page),
         Route("/outbox", outbox_page),
         Route("/outbox/retry", outbox_retry, methods=["POST"]),
@@ -679,6 +738,7 @@ def create_app(settings: Settings, db: Database) -> Starlette:
         Route("/model/plot/{name}", model_plot),
         Route("/status", status_page),
         Route("/stations", stations_page),
+        Route("/stations/{station}/plot/{name}", station_plot),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     app = Starlette(routes=routes)

@@ -258,3 +258,54 @@ def outbox(s: Session, state: str | None, page: int, page_size: int = 100) -> di
     counts = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
     return {"items": [outbox_row(o) for o in rows], "total": total, "page": page,
             "pages": max(1, -(-total // page_size)), "counts": counts}
+
+
+# ---------------------------------------------------------------------------------- onboarding
+
+
+def study_feedback(s: Session, study_uid: str) -> dict[str, Any]:
+    """The readers' labels of a study: those in force (study and films), the history, and the
+    labels a reader may choose (the model's, plus Normal and Other)."""
+    from cxr_node import feedback
+    from cxr_node.db.models import Feedback
+
+    rows = feedback.history(s, study_uid)
+    choices = list(dict.fromkeys(feedback.model_labels(s, study_uid) + [feedback.NORMAL, feedback.OTHER]))
+
+    def view(r: Feedback) -> dict[str, Any]:
+        return {"label": r.label, "reader": r.reader, "film": r.sop_instance_uid, "source": r.source,
+                "labelled_at": r.labelled_at, "superseded": r.superseded_at is not None}
+
+    return {"in_force": [view(r) for r in rows if r.superseded_at is None], "history": [view(r) for r in rows],
+            "choices": choices}
+
+
+def station_names(s: Session) -> set[str]:
+    from cxr_node.db.models import StationRow
+
+    return set(s.scalars(select(StationRow.name)))
+
+
+def stations_overview(s: Session, critical: list[str], n_boot: int = 200) -> list[dict[str, Any]]:
+    """Every station this node has seen: mode, drift, site calibrations, and local performance."""
+    from cxr_node import performance
+    from cxr_node.db.models import SiteCalibration, StationRow
+
+    out = []
+    for row in s.scalars(select(StationRow).order_by(StationRow.name)):
+        cals = s.scalars(select(SiteCalibration).where(SiteCalibration.station == row.name)
+                         .order_by(SiteCalibration.version.desc())).all()
+        films = performance.labelled_films(s, station=row.name)
+        perf = performance.compute(films, list(films[0].probabilities), critical, n_boot=n_boot) if films else None
+        moved = (row.drift_detail or {}).get("moved") if isinstance(row.drift_detail, dict) else None
+        out.append({
+            "name": row.name, "ae_title": row.ae_title, "mode": row.mode, "configured": row.configured,
+            "mode_since": row.mode_since, "drift_state": row.drift_state or "too few films",
+            "drift_checked_at": row.drift_checked_at, "moved": moved or [],
+            "calibrations": [{"version": c.version, "active": c.active, "model_version": c.model_version,
+                              "temperature": c.temperature, "thresholds": c.thresholds, "created_at": c.created_at,
+                              "retired_at": c.retired_at} for c in cals],
+            "films": len(films), "perf": perf,
+            "critical": [(c, perf["per_class"][c]) for c in critical if perf and c in perf.get("per_class", {})],
+        })
+    return out
