@@ -458,28 +458,9 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
             except _Rule as r:
                 raise fail(f"[{sec}] {key}", str(r))
 
-    dests_raw = raw.get("destinations", [])
-    if not isinstance(dests_raw, list):
-        raise fail("[[destinations]]", "must be an array of tables ([[destinations]])")
     dests: list[Destination] = []
-    for i, d in enumerate(dests_raw):
-        label = f"[[destinations]] #{i + 1}"
-        if not isinstance(d, dict):
-            raise fail(label, "must be a table")
-        extra = set(d) - set(_DESTINATION_KEYS)
-        if extra:
-            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(_DESTINATION_KEYS)})")
-        kw = {}
-        for key, check in _DESTINATION_KEYS.items():
-            if key not in d:
-                if key in _DESTINATION_OPTIONAL:
-                    kw[key] = _DESTINATION_OPTIONAL[key]
-                    continue
-                raise fail(f"{label} {key}", "is required")
-            try:
-                kw[key] = check(d[key])
-            except _Rule as r:
-                raise fail(f"{label} {key}", str(r))
+    for label, kw in _tables(raw.get("destinations", []), "destinations", _DESTINATION_KEYS, _DESTINATION_OPTIONAL,
+                             fail):
         if not kw["name"].strip():
             raise fail(f"{label} name", "must not be empty")
         if any(x.name == kw["name"] for x in dests):
@@ -536,28 +517,37 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
     )
 
 
-def _parse_stations(raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[Station, ...]:
+def _tables(raw: Any, name: str, keys: dict[str, Callable[[Any], Any]], optional: dict[str, Any],
+            fail: Callable[[str, str], ConfigError]) -> list[tuple[str, dict[str, Any]]]:
+    """An array of tables (``[[name]]``) checked against ``keys``: (label for messages, values) each."""
     if not isinstance(raw, list):
-        raise fail("[[stations]]", "must be an array of tables ([[stations]])")
-    out: list[Station] = []
+        raise fail(f"[[{name}]]", f"must be an array of tables ([[{name}]])")
+    out = []
     for i, d in enumerate(raw):
-        label = f"[[stations]] #{i + 1}"
+        label = f"[[{name}]] #{i + 1}"
         if not isinstance(d, dict):
             raise fail(label, "must be a table")
-        extra = set(d) - set(_STATION_KEYS)
+        extra = set(d) - set(keys)
         if extra:
-            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(_STATION_KEYS)})")
+            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(keys)})")
         kw = {}
-        for key, check in _STATION_KEYS.items():
+        for key, check in keys.items():
             if key not in d:
-                if key in _STATION_OPTIONAL:
-                    kw[key] = _STATION_OPTIONAL[key]
+                if key in optional:
+                    kw[key] = optional[key]
                     continue
                 raise fail(f"{label} {key}", "is required")
             try:
                 kw[key] = check(d[key])
             except _Rule as r:
                 raise fail(f"{label} {key}", str(r))
+        out.append((label, kw))
+    return out
+
+
+def _parse_stations(raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[Station, ...]:
+    out: list[Station] = []
+    for label, kw in _tables(raw, "stations", _STATION_KEYS, _STATION_OPTIONAL, fail):
         kw["name"] = kw["name"].strip()
         if not kw["name"] or len(kw["name"]) > 64:
             raise fail(f"{label} name", "must be 1 to 64 characters")
