@@ -32,6 +32,18 @@ def require_tool(tool: str, package: str) -> str:
     pytest.skip(msg)
 
 
+def wait_until(predicate, timeout: float, what: str, node=None, poll: float = 0.4):
+    """``predicate()``'s first truthy value within ``timeout`` s, else TimeoutError naming ``what``
+    (with the end of ``node``'s log when given)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(poll)
+    raise TimeoutError(f"{what} within {timeout}s" + (f"; log:\n{node.log[-4000:]}" if node else ""))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,12 +4,11 @@ Secondary Capture per film, an SR per study) land back in Orthanc, in the same s
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 from pydicom import dcmread
 
-from conftest import free_port, storescu
+from conftest import free_port, storescu, wait_until as _wait
 from cxr_node.encode.identity import MANUFACTURER
 from cxr_node.encode.sr import read_findings
 from dicomgen import make_cr, uid
@@ -28,14 +27,6 @@ def _setup(node_factory, orthanc_factory, tmp_path, name="cxr"):
     return node, orthanc
 
 
-def _wait(predicate, timeout: float, what: str, node=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} within {timeout}s" + (f"; log:\n{node.log[-4000:]}" if node else ""))
 
 
 def test_results_reach_the_pacs_in_the_same_study(node_factory, orthanc_factory, films, tmp_path):

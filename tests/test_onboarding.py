@@ -12,14 +12,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 from pydicom import dcmread
 
-from conftest import cli, free_port, storescu
+from conftest import cli, free_port, storescu, wait_until as _wait
 from dicomgen import make_cr, uid
 from helpers_model import LABELS, make_checkpoint
 
@@ -27,14 +26,6 @@ STATION = "site-a"
 AET = "SITEA"
 
 
-def _wait(predicate, timeout: float, what: str, node=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.4)
-    raise TimeoutError(f"{what} within {timeout}s" + (f"; log:\n{node.log[-4000:]}" if node else ""))
 
 
 def _events(node, event: str, **match) -> list[dict]:

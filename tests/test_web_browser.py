@@ -10,12 +10,11 @@ made this way: ``CXR_WEB_SCREENSHOTS=docs python -m pytest tests/test_web_browse
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import StoreSCP, require_tool, storescu
+from conftest import StoreSCP, require_tool, storescu, wait_until as _wait
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 from helpers_web import WebConsole, add_user
@@ -76,14 +75,6 @@ def _shot(driver, path: Path) -> None:
     img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} within {timeout}s")
 
 
 def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory, tmp_path):
