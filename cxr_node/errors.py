@@ -16,6 +16,10 @@ class DatabaseError(CxrNodeError):
     """The audit database cannot be reached or is not at the expected schema."""
 
 
+class SchemaError(DatabaseError):
+    """The database answers but is not at the schema this version needs (`cxr-node db upgrade`)."""
+
+
 class SpoolError(CxrNodeError):
     """An instance could not be made durable (disk full, permissions, I/O error)."""
 

@@ -86,6 +86,15 @@ def station_status(settings: Settings, row: StationRow, cal: SiteCalibration | N
                 "checked_at": row.drift_checked_at.isoformat(timespec="seconds") if row.drift_checked_at else None}}
 
 
+def write_old_schema(why: str, fmt: str, out: TextIO) -> None:
+    """The database answers, at an older (or newer) schema than this version's."""
+    if fmt == "json":
+        json.dump({"database": "old schema", "error": why}, out, indent=1)
+        out.write("\n")
+    else:
+        out.write(f"database    SCHEMA NOT CURRENT: {why}\n")
+
+
 def write_unreachable(why: str, backlog: int, fmt: str, out: TextIO) -> None:
     """What status knows while the database does not answer."""
     if fmt == "json":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import signal
 import stat
@@ -115,6 +116,17 @@ def test_read_only_commands_create_nothing(tmp_path):
         cli(*args, config=cfg)
         assert sorted(data.rglob("*")) == before, args  # no spool, outbox or other directory made
 
+
+
+def test_status_says_an_old_schema_needs_an_upgrade_not_that_the_database_is_down(tmp_path):
+    cfg = _config(tmp_path)
+    cli("db", "upgrade", config=cfg)
+    cli("db", "downgrade", "0004", config=cfg)
+    p = cli("status", config=cfg, check=False)
+    assert p.returncode == 1 and "SCHEMA NOT CURRENT" in p.stdout and "cxr-node db upgrade" in p.stdout
+    assert "UNREACHABLE" not in p.stdout
+    p = cli("status", "--format", "json", config=cfg, check=False)
+    assert p.returncode == 1 and json.loads(p.stdout)["database"] == "old schema"
 
 def test_check_config_warns_without_destinations(tmp_path):
     p = cli("check-config", config=_config(tmp_path))

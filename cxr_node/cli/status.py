@@ -22,12 +22,15 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     from sqlalchemy.exc import SQLAlchemyError
 
     from cxr_node import status
-    from cxr_node.errors import DatabaseError, db_error_text
+    from cxr_node.errors import DatabaseError, SchemaError, db_error_text
 
     require_existing(settings)  # no database at all is a wrong --config, not an outage
     try:
         with open_database(settings) as db:
             st = status.collect(settings, db)
+    except SchemaError as e:  # it answers: an upgrade is due, not an outage
+        status.write_old_schema(str(e), args.format, out)
+        return 1
     except (DatabaseError, SQLAlchemyError) as e:
         why = str(e) if isinstance(e, DatabaseError) else db_error_text(e)
         status.write_unreachable(why, status.audit_backlog_count(settings), args.format, out)

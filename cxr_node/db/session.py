@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_node.errors import DatabaseError
+from cxr_node.errors import DatabaseError, SchemaError
 
 
 def make_engine(url: str) -> Engine:
@@ -74,7 +74,7 @@ class Database:
             raise DatabaseError(f"cannot open the database {self.redacted_url}: {e.orig}")
         want = migrate.head()
         if have != want:
-            raise DatabaseError(
+            raise SchemaError(
                 f"database {self.redacted_url} is at revision {have or 'base (empty)'}, "
                 f"not {want}: run `cxr-node db upgrade` first"
             )
