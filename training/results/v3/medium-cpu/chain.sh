@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # v3 protocol, medium CPU configuration (128 px, 6 epochs), both recipes, hold-outs paired; resumable.
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"  # packs: python -m training.pack build (PROTOCOL.md addendum)
 LUNG='lung_crop={"margin": 0.1, "segmenter_sha256": "3ee8067753781bdd9d5c775e9778273e5403e7183cd1b0316f5f948c55bac156"}'
 CFG=(--train-arg=--input-size=128 --train-arg=--epochs=6 --train-arg=--schedule=cosine --train-arg=--batch-size=32
      --train-arg=--patience=3 --train-arg=--threads=2 --resume)
