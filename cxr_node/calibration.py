@@ -127,6 +127,14 @@ def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int
     return {"per_class": [ci(v) for v in per], "macro": ci(macro), "n_boot": n_boot, "seed": seed}
 
 
+def logits_from(probabilities: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
+    """Logits (up to a constant per row, which softmax ignores) of probabilities that were
+    ``softmax(logits, temperature)``: what a stored result can be re-calibrated from."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, None)
+    t = np.asarray(temperature, dtype=np.float64)
+    return np.log(p) * (t[:, None] if t.ndim == 1 else t)
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
     z = z - z.max(axis=1, keepdims=True)

@@ -236,7 +236,7 @@ class Processor:
 
         import numpy as np
 
-        from cxr_node.calibration import softmax
+        from cxr_node.calibration import logits_from, softmax
         from cxr_node.triage import TriagePolicy
 
         cals = stations.active_calibrations(self.db)
@@ -260,8 +260,7 @@ class Processor:
                 if film.refused is None and film.prediction is not None:
                     p = film.prediction
                     if cal is not None:  # the same logits, the site's temperature
-                        logits = np.log(np.clip(np.asarray(p.probabilities, dtype=np.float64), 1e-12, None))
-                        q = softmax(logits[None] * predictor.temperature, cal.temperature)[0]
+                        q = softmax(logits_from([p.probabilities], predictor.temperature), cal.temperature)[0]
                         k = int(np.argmax(q))
                         p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
                                                 top_label=p.labels[k], top_probability=float(q[k]))

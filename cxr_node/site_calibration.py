@@ -53,11 +53,12 @@ class ModelInfo:
 def _arrays(films: Sequence[LabelledFilm], labels: Sequence[str], default_t: float):
     import numpy as np
 
+    from cxr_node.calibration import logits_from
+
     y = np.array([labels.index(f.label) if f.label in labels else -1 for f in films], dtype=int)
     p = np.array([[float(f.probabilities.get(n, 0.0)) for n in labels] for f in films], dtype=np.float64)
     t = np.array([f.temperature if f.temperature else default_t for f in films], dtype=np.float64)
-    logits = np.log(np.clip(p, 1e-12, None)) * t[:, None]
-    return y, logits
+    return y, logits_from(p, t)
 
 
 def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[str],  # noqa: ANN001
