@@ -2,12 +2,14 @@
 #   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
 #   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), then run pytest
 # Variables: CONFIG=FILE  the config `make run` uses (default config/cxr-node.toml)
+#            WORKERS=N    pytest-xdist workers for `make test` (default 2; 0 runs the suite in one process)
 #            PYTHON=EXE   the interpreter that creates .venv (default python3)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/cxr-node.toml
+WORKERS ?= 2
 DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql chromium chromium-driver
 
 .PHONY: run test venv debs bench clean
@@ -35,8 +37,10 @@ run: venv
 	$(BIN)/cxr-node --config $(CONFIG) db upgrade
 	$(BIN)/cxr-node --config $(CONFIG) serve
 
+# Two workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one
+# process): most tests wait on subprocesses, so two workers halve the wall time on two cores.
 test: venv debs
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 bench: venv debs
 	$(BIN)/python bench/ingest.py

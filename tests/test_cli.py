@@ -154,7 +154,9 @@ def test_echo_to_a_real_peer_and_failures(tmp_path):
 
 
 def test_audit_filters_and_formats(node_factory, tmp_path):
-    n = node_factory("aud").start()
+    # the study must not complete while the trail is compared with itself: a loaded machine (CI runs
+    # the suite on parallel workers) once took longer than a 30 s quiet period between two reads
+    n = node_factory("aud", quiet_seconds=3600).start()
     a, b = make_cr(tmp_path / "a.dcm"), make_cr(tmp_path / "b.dcm")
     assert storescu(n.port, a, aet="MOD_A").returncode == 0
     assert storescu(n.port, b, aet="MOD_B").returncode == 0
