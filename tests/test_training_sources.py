@@ -334,3 +334,62 @@ def test_lso_harness_end_to_end(sources, tmp_path):
     th = c["operating_points"]["COVID"]["threshold"]
     k = int((s[y] >= th).sum())
     assert wilson_interval(k, int(y.sum()))[0] >= 0.5 or k == y.sum()
+
+
+def _fake_predictions(path: Path, seed: int = 0, shift: dict[str, float] | None = None) -> Path:
+    """Predictions of three hold-outs as training.lso writes them: hannover (COVID only), nih
+    (Normal only), ieee8023 (both). ``shift`` moves one hold-out's COVID scores."""
+    rng = np.random.default_rng(seed)
+    labels = ["COVID", "Normal", "Viral Pneumonia"]
+    rows = []
+    for h, labs in (("hannover", ["COVID"] * 40), ("nih", ["Normal"] * 50), ("ieee8023", ["COVID"] * 30 + ["Normal"] * 10)):
+        for i, lab in enumerate(labs):
+            z = rng.normal(0, 1, 3)
+            z[0] += (1.5 if lab == "COVID" else 0.0) + (shift or {}).get(h, 0.0)
+            p = np.exp(z) / np.exp(z).sum()
+            rows.append({"holdout": h, "id": f"{h}:{i}", "label": lab, "raw_label": lab, "source": h, "site": h,
+                         "group": f"{h}-{i}", "split": "train", "top": labels[int(p.argmax())], "urgent": "0",
+                         "threshold_COVID": "0.5", **{f"p_{n}": f"{v:.6f}" for n, v in zip(labels, p)}})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
+    """`lso crossfit`: each hold-out's threshold and temperature come from the other hold-outs only
+    (moving a hold-out's own scores leaves them unchanged), reach the Wilson rule on those films,
+    and decide that hold-out's urgent flags; report.md names them."""
+    from cxr_node.calibration import wilson_interval
+    from training.lso import crossfit, read_predictions
+
+    base = read_predictions([_fake_predictions(tmp_path / "a.csv")])
+    moved = read_predictions([_fake_predictions(tmp_path / "b.csv", shift={"ieee8023": 3.0})])
+    rows_a, info_a = crossfit(base, 0.70, "wilson")
+    rows_b, info_b = crossfit(moved, 0.70, "wilson")
+    assert info_a["per_holdout"]["ieee8023"] == info_b["per_holdout"]["ieee8023"]  # its own films never count
+    assert info_a["per_holdout"]["hannover"] != info_b["per_holdout"]["hannover"]  # ieee8023's do for the others
+    assert info_a["per_holdout"]["nih"]["fitted_on_holdouts"] == ["hannover", "ieee8023"]
+    assert info_a["per_holdout"]["nih"]["fitted_on_critical"] == 70
+    # hannover's threshold: ieee8023's 30 COVID films, after the fitted temperature, reach the rule
+    from cxr_node.calibration import logits_from, softmax
+
+    f = info_a["per_holdout"]["hannover"]
+    others = [r for r in base if r["holdout"] != "hannover" and r["label"] == "COVID"]
+    P = np.array([[float(r[f"p_{n}"]) for n in ("COVID", "Normal", "Viral Pneumonia")] for r in others])
+    pc = softmax(logits_from(P, 1.0), f["temperature"])[:, 0]
+    k = int((pc >= f["threshold"] - 1e-9).sum())
+    assert wilson_interval(k, len(pc))[0] >= 0.70 and wilson_interval(k - 1, len(pc))[0] < 0.70
+    for r in rows_a:  # every re-scored row is flagged by its hold-out's threshold
+        th = info_a["per_holdout"][r["holdout"]]["threshold"]
+        assert r["urgent"] == str(int(float(r["p_COVID"]) >= th)) and r["threshold_COVID"] == f"{th:.6f}"
+    assert len(rows_a) == len(base) and info_a["all"]["fitted_on_films"] == len(base)
+    # the CLI: report plus the operating-point table; no COVID outside a hold-out is refused
+    run_module("training.lso", "crossfit", "--predictions", str(tmp_path / "a.csv"), "--out", str(tmp_path / "cf"),
+               "--n-boot", "50")
+    md = (tmp_path / "cf" / "report.md").read_text()
+    assert "Operating points cross-fitted" in md and "| nih | hannover, ieee8023 | 80 (70) |" in md
+    only = [r for r in base if r["holdout"] != "ieee8023"]
+    with pytest.raises(SystemExit, match="no COVID films outside the hold-out"):
+        crossfit(only, 0.70, "wilson")

@@ -10,6 +10,10 @@
         --holdout hannover --holdout nih --holdout ieee8023 --seen-source covid19-radiography
     # re-make the report from predictions CSVs
     python -m training.lso report --predictions runs/lso-v3/predictions.csv --out runs/lso-v3
+    # operating points chosen on leave-source-out predictions: each hold-out judged with the
+    # temperature and threshold fitted on the other hold-outs' predictions
+    python -m training.lso crossfit --predictions runs/lso-v3/predictions.csv --out runs/lso-v3-crossfit \\
+        --target-sensitivity 0.70 --sensitivity-rule wilson
 
 The manifest is a merged one (``python -m training.sources build``). A hold-out is a source name
 (``nih``: the sites that source holds most films of, from any folder), ``site:SITE`` (e.g. ``site:ieee8023/Italy``) or ``ieee8023-countries`` (every ieee8023
@@ -329,6 +333,93 @@ def write_report(out: Path, preds: Sequence[dict[str, str]], extra: dict[str, An
     return rep
 
 
+# --------------------------------------------------------------------------- cross-fitted operating points
+
+
+def crossfit(preds: Sequence[dict[str, str]], target: float, rule: str = "wilson", margin: float = 0.0,
+             temperature: bool = True) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Operating points chosen on leave-source-out predictions, judged on a source they never saw.
+
+    For each hold-out H, a temperature (multi-class NLL over the films with a model label) and the
+    critical-class threshold (``rule`` at ``target`` sensitivity, as ``training.calibrate``) are fitted
+    on the pooled predictions of the *other* hold-outs only, then applied to H's predictions. The
+    returned rows are H's films re-scored that way (``urgent``, ``threshold_*``, ``p_*``), so
+    :func:`report` reads them as it reads a fold's own. ``info["all"]`` is the same fit on every
+    hold-out: the operating point a model trained on all sources would ship with."""
+    from cxr_node.calibration import fit_temperature, logits_from, softmax, threshold_for_sensitivity_rule
+
+    if not preds:
+        raise ValueError("no predictions")
+    labels = [c[2:] for c in preds[0] if c.startswith("p_")]
+    critical = next((c[len("threshold_"):] for c in preds[0] if c.startswith("threshold_")), CRITICAL)
+    ci = labels.index(critical)
+    P = np.array([[float(r[f"p_{n}"]) for n in labels] for r in preds])
+    logit = logits_from(P, 1.0)
+    holdout = np.array([r["holdout"] for r in preds])
+    known = np.array([r["label"] in labels for r in preds])
+    y = np.array([labels.index(r["label"]) if r["label"] in labels else -1 for r in preds])
+    is_crit = np.array([r["label"] == critical for r in preds])
+
+    def fit(m: np.ndarray) -> dict[str, Any]:
+        k = m & known
+        t = fit_temperature(logit[k], y[k]) if temperature and k.sum() >= 2 and len(set(y[k])) > 1 else 1.0
+        pc = softmax(logit[m], t)[:, ci]
+        if not is_crit[m].any():
+            raise SystemExit(f"cross-fit: no {critical} films outside the hold-out(s) "
+                             f"{sorted(set(holdout) - set(holdout[m]))} to set the threshold on")
+        th = threshold_for_sensitivity_rule(is_crit[m], pc, target, rule, margin)
+        return {"temperature": float(t), "threshold": float(th), "fitted_on_films": int(m.sum()),
+                "fitted_on_critical": int(is_crit[m].sum()), "fitted_on_holdouts": sorted(set(holdout[m]))}
+
+    out_rows: list[dict[str, str]] = []
+    info: dict[str, Any] = {"target_sensitivity": target, "sensitivity_rule": rule, "margin": margin,
+                            "temperature": temperature, "per_holdout": {}}
+    for h in dict.fromkeys(holdout.tolist()):
+        f = fit(holdout != h)
+        info["per_holdout"][h] = f
+        idx = np.flatnonzero(holdout == h)
+        p = softmax(logit[idx], f["temperature"])
+        for i, row in zip(idx, p):
+            r = dict(preds[i])
+            r.update({f"p_{n}": f"{v:.6f}" for n, v in zip(labels, row)})
+            r[f"threshold_{critical}"] = f"{f['threshold']:.6f}"
+            r["urgent"] = str(int(row[ci] >= f["threshold"]))
+            r["top"] = labels[int(row.argmax())]
+            out_rows.append(r)
+    info["all"] = fit(np.ones(len(preds), bool))
+    return out_rows, info
+
+
+def crossfit_markdown(info: dict[str, Any]) -> str:
+    lines = ["", f"Operating points cross-fitted over hold-outs (target sensitivity {info['target_sensitivity']}, "
+             f"rule {info['sensitivity_rule']}, temperature {'fitted' if info['temperature'] else 'not fitted'}): "
+             "each hold-out's temperature and threshold come from the other hold-outs' predictions only.", "",
+             "| applied to | fitted on | films (COVID) | temperature | COVID threshold |", "|---|---|---|---|---|"]
+    for h, f in list(info["per_holdout"].items()) + [("(shipping: all)", info["all"])]:
+        lines.append(f"| {h} | {', '.join(f['fitted_on_holdouts'])} | {f['fitted_on_films']} "
+                     f"({f['fitted_on_critical']}) | {f['temperature']:.3f} | {f['threshold']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_crossfit(args: argparse.Namespace) -> dict:
+    preds = read_predictions([Path(p) for p in args.predictions])
+    rows, info = crossfit(preds, args.target_sensitivity, args.sensitivity_rule, args.margin,
+                          temperature=not args.no_temperature)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(preds[0].keys())
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    rep = write_report(out, rows, {"command": "crossfit", "predictions": [str(p) for p in args.predictions],
+                                   "crossfit": info}, args.n_boot)
+    with open(out / "report.md", "a", encoding="utf-8") as f:
+        f.write(crossfit_markdown(info))
+    log.info("%s", crossfit_markdown(info))
+    return rep
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -480,6 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report only predictions of films in these builder splits (default all)")
     rp.add_argument("--n-boot", type=int, default=1000)
     rp.add_argument("--log-level", default="INFO")
+    cf = sub.add_parser("crossfit", help="operating points chosen on the other hold-outs' predictions, judged on "
+                        "each hold-out (no model)")
+    cf.add_argument("--predictions", nargs="+", required=True, help="predictions CSVs of at least two hold-outs")
+    cf.add_argument("--out", required=True)
+    cf.add_argument("--target-sensitivity", type=float, default=0.70,
+                    help="critical-class sensitivity the threshold aims at (default 0.70, the issue's floor)")
+    cf.add_argument("--sensitivity-rule", choices=["point", "margin", "wilson"], default="wilson")
+    cf.add_argument("--margin", type=float, default=0.0)
+    cf.add_argument("--no-temperature", action="store_true", help="keep each fold's own temperature")
+    cf.add_argument("--n-boot", type=int, default=1000)
+    cf.add_argument("--log-level", default="INFO")
     e = sub.add_parser("evaluate", parents=[common], help="one fixed checkpoint on the hold-outs (no training)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--seen-source", action="append", default=[],
@@ -511,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"no predictions in splits {args.splits}")
         write_report(Path(args.out), preds, {"command": "report", "predictions": [str(p) for p in args.predictions],
                                              "holdout_splits": args.splits}, args.n_boot)
+    elif args.cmd == "crossfit":
+        cmd_crossfit(args)
     else:
         cmd_evaluate(args)
     return 0
