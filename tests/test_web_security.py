@@ -488,3 +488,35 @@ def test_login_follows_only_local_next_paths(console):
         r = c.post("/login", {"username": "ada", "password": PASSWORDS["ada"], "csrf_token": token, "next": nxt})
         assert r.status == 303 and r.location == expected, nxt
 
+
+
+def test_oversized_bodies_are_refused_with_or_without_a_length(console):
+    """A body over 256 KiB gets 413 whether it says its length or streams it in chunks (no
+    Content-Length to check first), and the console keeps serving."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    big = ("username=ada&password=x&pad=" + "x" * (300 * 1024)).encode()
+    u = urlsplit(console.url)
+    for chunked in (False, True):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if chunked:
+            conn.putrequest("POST", "/login")
+            for k, v in {**headers, "Transfer-Encoding": "chunked"}.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            for i in range(0, len(big), 16384):
+                part = big[i:i + 16384]
+                try:
+                    conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            else:
+                conn.send(b"0\r\n\r\n")
+        else:
+            conn.request("POST", "/login", body=big, headers=headers)
+        r = conn.getresponse()
+        assert r.status == 413 and b"too large" in r.read(), chunked
+        conn.close()
+    assert Client(console.url).get("/login").status == 200  # still serving

@@ -681,6 +681,10 @@ def station_plot(console: Console, request: Request, sess: Session, form: Any) -
 # ---------------------------------------------------------------------------------- the app
 
 
+class _BodyTooLarge(Exception):
+    """A streamed (chunked) request body went past :data:`MAX_BODY`."""
+
+
 class SecurityHeaders:
     """Adds :data:`HEADERS` to every response, and ``Cache-Control: no-store`` unless it has one
     (pages show patient IDs: no copy in shared caches or the browser's disk cache). Logs one line
@@ -694,10 +698,19 @@ class SecurityHeaders:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = [0]
+        too_large = PlainTextResponse(f"Request body too large (at most {MAX_BODY} bytes).", status_code=413)
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > MAX_BODY:
-            resp = PlainTextResponse(f"Request body too large (at most {MAX_BODY} bytes).", status_code=413)
-            return await resp(scope, receive, send)
+            return await too_large(scope, receive, send)
+        received = [0]
+
+        async def receive_limited():  # noqa: ANN202 - a chunked body has no Content-Length to check first
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > MAX_BODY:
+                    raise _BodyTooLarge
+            return message
 
         async def send_with_headers(message) -> None:  # noqa: ANN001
             if message["type"] == "http.response.start":
@@ -713,7 +726,11 @@ class SecurityHeaders:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive_limited, send_with_headers)
+        except _BodyTooLarge:
+            if status[0]:  # pragma: no cover - every handler reads its form before it answers
+                raise
+            await too_large(scope, receive, send_with_headers)
         finally:
             log.info("%s %s %d %.0fms", scope.get("method"), scope.get("path"), status[0],
                      1000 * (time.perf_counter() - t0))
