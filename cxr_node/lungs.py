@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -218,15 +219,18 @@ class LungSegmenter:
 
 
 _shared: dict[str, LungSegmenter] = {}
+_shared_lock = threading.Lock()
 
 
 def shared_segmenter(checkpoint: str | os.PathLike[str] | None = None) -> LungSegmenter:
-    """One segmenter per checkpoint path per process (it is small and stateless at inference)."""
+    """One segmenter per checkpoint path per process (it is small and stateless at inference).
+    Locked: the model's preload thread and a worker can ask at once, and must get one instance."""
     key = str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve())
-    if key not in _shared:
-        _shared[key] = LungSegmenter(key)
-        log.info("lung segmenter %s loaded from %s", _shared[key].version, key)
-    return _shared[key]
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = LungSegmenter(key)
+            log.info("lung segmenter %s loaded from %s", _shared[key].version, key)
+        return _shared[key]
 
 
 def crop(img: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:

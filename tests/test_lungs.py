@@ -141,3 +141,35 @@ def test_bundled_out_of_domain_reference_is_bound_to_the_classifier_and_separate
     assert eligibility.ood_reason(b.ood_score, pred.ood.threshold).startswith("outside the training distribution")
     with pytest.raises(CheckpointError, match="fitted for classifier"):
         OodReference(default_ood_path(BUNDLED_CHECKPOINT), classifier_sha256="f" * 64)
+
+
+def test_shared_segmenter_is_built_once_when_threads_ask_together(monkeypatch):
+    """The preload thread and a worker can ask for the segmenter at the same moment: one instance."""
+    import threading
+    import time
+
+    from cxr_node import lungs
+
+    built = []
+
+    class Slow:
+        version = "slow"
+
+        def __init__(self, key):
+            time.sleep(0.2)  # a load long enough for the other threads to arrive
+            built.append(key)
+
+    monkeypatch.setattr(lungs, "LungSegmenter", Slow)
+    monkeypatch.setattr(lungs, "_shared", {})
+    got, barrier = [], threading.Barrier(4)
+
+    def ask():
+        barrier.wait()
+        got.append(lungs.shared_segmenter("/nonexistent/lung.pt"))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(built) == 1 and len(got) == 4 and all(g is got[0] for g in got)
