@@ -49,7 +49,10 @@ class LabelledFilm:
 def labelled_films(session, *, station: str | None = None, since: dt.datetime | None = None,  # noqa: ANN001
                    until: dt.datetime | None = None, model_version: str | None = None) -> list[LabelledFilm]:
     """The newest analysis of every film that has a label in force (its own, else its study's)."""
-    newest = select(func.max(ImageResult.id)).where(ImageResult.analysed.is_(True))
+    labelled = select(Feedback.study_uid).where(Feedback.superseded_at.is_(None))
+    # only studies with a label in force: the cost follows the labelled films, not every film analysed
+    newest = select(func.max(ImageResult.id)).where(ImageResult.analysed.is_(True),
+                                                    ImageResult.study_uid.in_(labelled))
     if station is not None:
         newest = newest.where(ImageResult.station == station)
     if model_version is not None:
