@@ -390,6 +390,11 @@ def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
                "--n-boot", "50")
     md = (tmp_path / "cf" / "report.md").read_text()
     assert "Operating points cross-fitted" in md and "| nih | hannover, ieee8023 | 80 (70) |" in md
+    from training.lso import main as lso_main
+
+    with pytest.raises(SystemExit, match="no predictions in splits val"):  # --splits filters (all are train)
+        lso_main(["crossfit", "--predictions", str(tmp_path / "a.csv"), "--out", str(tmp_path / "cf2"),
+                  "--splits", "val"])
     only = [r for r in base if r["holdout"] != "ieee8023"]
     with pytest.raises(SystemExit, match="no COVID films outside the hold-out"):
         crossfit(only, 0.70, "wilson")

@@ -402,7 +402,10 @@ def crossfit_markdown(info: dict[str, Any]) -> str:
 
 
 def cmd_crossfit(args: argparse.Namespace) -> dict:
-    preds = read_predictions([Path(p) for p in args.predictions])
+    keep = _splits(args.splits)
+    preds = [r for r in read_predictions([Path(p) for p in args.predictions]) if r.get("split", "train") in keep]
+    if not preds:
+        raise SystemExit(f"no predictions in splits {args.splits}")
     rows, info = crossfit(preds, args.target_sensitivity, args.sensitivity_rule, args.margin,
                           temperature=not args.no_temperature)
     out = Path(args.out)
@@ -413,7 +416,7 @@ def cmd_crossfit(args: argparse.Namespace) -> dict:
         w.writeheader()
         w.writerows(rows)
     rep = write_report(out, rows, {"command": "crossfit", "predictions": [str(p) for p in args.predictions],
-                                   "crossfit": info}, args.n_boot)
+                                   "splits": args.splits, "crossfit": info}, args.n_boot)
     with open(out / "report.md", "a", encoding="utf-8") as f:
         f.write(crossfit_markdown(info))
     log.info("%s", crossfit_markdown(info))
@@ -580,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--sensitivity-rule", choices=["point", "margin", "wilson"], default="wilson")
     cf.add_argument("--margin", type=float, default=0.0)
     cf.add_argument("--no-temperature", action="store_true", help="keep each fold's own temperature")
+    cf.add_argument("--splits", default="train,val,test",
+                    help="use only predictions of films in these builder splits (default all; rows without a "
+                    "split column count as train)")
     cf.add_argument("--n-boot", type=int, default=1000)
     cf.add_argument("--log-level", default="INFO")
     e = sub.add_parser("evaluate", parents=[common], help="one fixed checkpoint on the hold-outs (no training)")
