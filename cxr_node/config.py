@@ -175,6 +175,8 @@ class WebSettings:
     private_key: Path | None
     idle_minutes: float     # a session unused this long is over (log in again)
     session_hours: float    # a session ends this long after login, used or not
+    #: reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (empty: none)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -386,7 +388,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
     "web": {"host": (_host, "127.0.0.1"), "port": (_int(1, 65535), 8080), "certificate": (_str, ""),
             "private_key": (_str, ""), "idle_minutes": (_number(1, 1440), 30),
-            "session_hours": (_number(0.1, 168), 12)},
+            "session_hours": (_number(0.1, 168), 12), "trusted_proxies": (_cidr_list, [])},
     "onboarding": {
         "new_stations": (_choice("active", "shadow"), "active"),
         "min_per_class": (_int(1, 100000), 50),
@@ -493,7 +495,8 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
     web = WebSettings(host=w["host"], port=w["port"],
                       certificate=resolve(w["certificate"]) if w["certificate"] else None,
                       private_key=resolve(w["private_key"]) if w["private_key"] else None,
-                      idle_minutes=w["idle_minutes"], session_hours=w["session_hours"])
+                      idle_minutes=w["idle_minutes"], session_hours=w["session_hours"],
+                      trusted_proxies=w["trusted_proxies"])
     return Settings(
         node=NodeSettings(**values["node"]),
         storage=StorageSettings(data_dir=data_dir),

@@ -115,8 +115,9 @@ def hidden(html_text: str, name: str) -> str | None:
 class Client:
     """A browser-like HTTP client: keeps cookies, never follows redirects, 20 s timeout."""
 
-    def __init__(self, base: str, ssl_context=None) -> None:  # noqa: ANN001 - an ssl.SSLContext
+    def __init__(self, base: str, ssl_context=None, headers: dict[str, str] | None = None) -> None:  # noqa: ANN001
         self.base = base
+        self.headers = dict(headers or {})  # sent with every request (e.g. a proxy's X-Forwarded-For)
         self.jar = http.cookiejar.CookieJar()
         handlers = [urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect()]
         if ssl_context is not None:
@@ -125,7 +126,7 @@ class Client:
 
     def request(self, method: str, path: str, data: dict | list | None = None) -> Reply:
         body = urllib.parse.urlencode(data, doseq=True).encode() if data is not None else None
-        req = urllib.request.Request(self.base + path, data=body, method=method)
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=self.headers)
         if body is not None:
             req.add_header("Content-Type", "application/x-www-form-urlencoded")
         try:

@@ -438,6 +438,11 @@ def test_web_settings_from_the_config(tmp_path):
         parse({"web": {"certificate": "c.pem"}}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"\[web\] port: must be an integer from 1 to 65535"):
         parse({"web": {"port": 0}}, base_dir=tmp_path)
+    assert parse({}, base_dir=tmp_path).web.trusted_proxies == ()
+    assert [str(n) for n in parse({"web": {"trusted_proxies": ["10.0.0.5", "192.168.1.0/24"]}},
+                                  base_dir=tmp_path).web.trusted_proxies] == ["10.0.0.5/32", "192.168.1.0/24"]
+    with pytest.raises(ConfigError, match=r"\[web\] trusted_proxies: must be a list of CIDR networks"):
+        parse({"web": {"trusted_proxies": ["the proxy"]}}, base_dir=tmp_path)
     from cxr_node.config import web_warning
 
     assert web_warning(parse({}, base_dir=tmp_path)) is None
@@ -520,3 +525,30 @@ def test_oversized_bodies_are_refused_with_or_without_a_length(console):
         assert r.status == 413 and b"too large" in r.read(), chunked
         conn.close()
     assert Client(console.url).get("/login").status == 200  # still serving
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_audited(tmp_path, console):
+    """[web] trusted_proxies: that proxy's X-Forwarded-For names the client in the audit trail (and
+    the login throttle), and X-Forwarded-Proto https makes the cookies Secure. Without it (the
+    module's console) the same headers are ignored: a client cannot pick the address it is audited as."""
+    cfg = node_config(tmp_path / "proxy", extra='[web]\ntrusted_proxies = ["127.0.0.1/32"]\n')
+    add_user(cfg, "ada", "admin", PASSWORDS["ada"])
+    web = WebConsole(cfg, tmp_path / "web.log").start()
+    web.cfg = cfg
+    try:
+        via = Client(web.url, headers={"X-Forwarded-For": "203.0.113.7"})
+        assert via.login("ada", "wrong password!").status == 401
+        r = via.login("ada", PASSWORDS["ada"])
+        session = [x for x in r.headers["set-cookie"].split("\n") if x.startswith("cxr_session=")][0]
+        assert r.status == 303 and "Secure" not in session  # the proxy spoke plain HTTP to its client
+        assert [e["host"] for e in _events(web, "web.login_failed")] == ["203.0.113.7"]
+        assert _events(web, "web.login")[-1]["host"] == "203.0.113.7"
+        tls_proxy = Client(web.url, headers={"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"})
+        r = tls_proxy.get("/login")
+        assert "Secure" in r.headers["set-cookie"] and r.headers["strict-transport-security"].startswith("max-age")
+    finally:
+        web.stop()
+    forged = Client(console.url, headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
+    r = forged.login("nobody", "whatever-pass")
+    assert r.status == 401 and "Secure" not in r.headers.get("set-cookie", "")
+    assert _events(console, "web.login_failed")[-1]["host"] == "127.0.0.1"

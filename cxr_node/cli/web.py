@@ -45,10 +45,12 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
         if plain:
             log.warning("%s", plain)
         # access_log off: its lines carry query strings (a patient ID search); the app logs paths only.
-        # proxy_headers off: the address audited and throttled is the TCP peer's, never a header a
-        # local process could forge
+        # proxy headers only from [web] trusted_proxies: otherwise the address audited and throttled
+        # is the TCP peer's, never a header any client could forge. Behind a trusted proxy it is the
+        # client the proxy names, and X-Forwarded-Proto https makes the cookies Secure.
+        trusted = [str(n) for n in w.trusted_proxies]
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
-                                proxy_headers=False,
+                                proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None,
                                 ssl_certfile=str(w.certificate) if w.certificate else None,
                                 ssl_keyfile=str(w.private_key) if w.private_key else None,
                                 timeout_graceful_shutdown=10)

@@ -251,7 +251,7 @@ async def login_page(request: Request) -> Response:
     token = new_token()
     resp = console.page(request, "login.html", {"csrf": token, "next": _safe_next(request.query_params.get("next")),
                                                 "error": None, "user": None})
-    _set_cookie(resp, console, LOGIN_COOKIE, token, max_age=3600)
+    _set_cookie(resp, console, request, LOGIN_COOKIE, token, max_age=3600)
     return resp
 
 
@@ -272,17 +272,19 @@ async def login_submit(request: Request) -> Response:
                             status=status)
         if e.retry_after:
             resp.headers["Retry-After"] = str(int(e.retry_after) + 1)
-        _set_cookie(resp, console, LOGIN_COOKIE, fresh, max_age=3600)
+        _set_cookie(resp, console, request, LOGIN_COOKIE, fresh, max_age=3600)
         return resp
     resp = RedirectResponse(nxt, status_code=303)
-    _set_cookie(resp, console, SESSION_COOKIE, token, max_age=int(console.settings.web.session_hours * 3600))
+    _set_cookie(resp, console, request, SESSION_COOKIE, token,
+                max_age=int(console.settings.web.session_hours * 3600))
     resp.delete_cookie(LOGIN_COOKIE, path="/")
     return resp
 
 
-def _set_cookie(resp: Response, console: Console, name: str, value: str, max_age: int) -> None:
+def _set_cookie(resp: Response, console: Console, request: Request, name: str, value: str, max_age: int) -> None:
+    # https in the URL: TLS here, or a trusted reverse proxy's X-Forwarded-Proto ([web] trusted_proxies)
     resp.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite="strict",
-                    secure=console.settings.web.tls)
+                    secure=console.settings.web.tls or request.url.scheme == "https")
 
 
 @guarded()
