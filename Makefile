@@ -39,8 +39,10 @@ run: venv
 
 # Two workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one
 # process): most tests wait on subprocesses, so two workers halve the wall time on two cores.
+# One torch thread per process unless OMP_NUM_THREADS says otherwise (two workers, each with
+# daemons, would otherwise run four busy threads on two cores).
 test: venv debs
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 bench: venv debs
 	$(BIN)/python bench/ingest.py
