@@ -395,6 +395,15 @@ def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
     with pytest.raises(SystemExit, match="no predictions in splits val"):  # --splits filters (all are train)
         lso_main(["crossfit", "--predictions", str(tmp_path / "a.csv"), "--out", str(tmp_path / "cf2"),
                   "--splits", "val"])
+    # prediction files from before the split column existed count as train, in report as in crossfit
+    old_rows = [{k: v for k, v in r.items() if k != "split"} for r in base]
+    with open(tmp_path / "old.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(old_rows[0]))
+        w.writeheader()
+        w.writerows(old_rows)
+    assert lso_main(["report", "--predictions", str(tmp_path / "old.csv"), "--out", str(tmp_path / "old"),
+                     "--n-boot", "20", "--splits", "train,val"]) == 0
+    assert json.loads((tmp_path / "old" / "report.json").read_text())["pooled"]["n"] == len(base)
     only = [r for r in base if r["holdout"] != "ieee8023"]
     with pytest.raises(SystemExit, match="no COVID films outside the hold-out"):
         crossfit(only, 0.70, "wilson")

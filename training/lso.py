@@ -403,7 +403,7 @@ def crossfit_markdown(info: dict[str, Any]) -> str:
 
 def cmd_crossfit(args: argparse.Namespace) -> dict:
     keep = _splits(args.splits)
-    preds = [r for r in read_predictions([Path(p) for p in args.predictions]) if r.get("split", "train") in keep]
+    preds = [r for r in read_predictions([Path(p) for p in args.predictions]) if (r.get("split") or "train") in keep]
     if not preds:
         raise SystemExit(f"no predictions in splits {args.splits}")
     rows, info = crossfit(preds, args.target_sensitivity, args.sensitivity_rule, args.margin,
@@ -571,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--predictions", nargs="+", required=True, help="predictions CSVs written by run or evaluate")
     rp.add_argument("--out", required=True)
     rp.add_argument("--splits", default="train,val,test",
-                    help="report only predictions of films in these builder splits (default all)")
+                    help="report only predictions of films in these builder splits (default all; rows without a "
+                    "split, from runs before the column existed, count as train)")
     rp.add_argument("--n-boot", type=int, default=1000)
     rp.add_argument("--log-level", default="INFO")
     cf = sub.add_parser("crossfit", help="operating points chosen on the other hold-outs' predictions, judged on "
@@ -614,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd_run(args)
     elif args.cmd == "report":
         keep = _splits(args.splits)
-        preds = [r for r in read_predictions([Path(p) for p in args.predictions]) if r.get("split", "") in keep]
+        preds = [r for r in read_predictions([Path(p) for p in args.predictions])
+                 if (r.get("split") or "train") in keep]
         if not preds:
             raise SystemExit(f"no predictions in splits {args.splits}")
         write_report(Path(args.out), preds, {"command": "report", "predictions": [str(p) for p in args.predictions],
