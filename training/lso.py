@@ -197,6 +197,23 @@ def read_predictions(paths: Sequence[Path]) -> list[dict[str, str]]:
     return out
 
 
+def read_predictions_in(paths: Sequence[Path], splits: str) -> list[dict[str, str]]:
+    """The rows of films in ``splits`` (comma-separated builder splits); rows without a split, from
+    runs before the column existed, count as train. Refuses an empty result."""
+    keep = _splits(splits)
+    preds = [r for r in read_predictions(paths) if (r.get("split") or "train") in keep]
+    if not preds:
+        raise SystemExit(f"no predictions in splits {splits}")
+    return preds
+
+
+def prediction_columns(preds: Sequence[dict[str, str]]) -> tuple[list[str], str]:
+    """(model labels, critical label) named by a predictions file's ``p_*`` and ``threshold_*`` columns."""
+    labels = [c[2:] for c in preds[0] if c.startswith("p_")]
+    critical = next((c[len("threshold_"):] for c in preds[0] if c.startswith("threshold_")), CRITICAL)
+    return labels, critical
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -232,8 +249,7 @@ def report(preds: Sequence[dict[str, str]], n_boot: int = 1000, seed: int = 0) -
 
     if not preds:
         raise ValueError("no predictions")
-    labels = [c[2:] for c in preds[0] if c.startswith("p_")]
-    critical = next((c[len("threshold_"):] for c in preds[0] if c.startswith("threshold_")), CRITICAL)
+    labels, critical = prediction_columns(preds)
     out: dict[str, Any] = {"model_labels": labels, "critical": critical, "per_holdout": {}}
     by_h: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in preds:
@@ -350,8 +366,7 @@ def crossfit(preds: Sequence[dict[str, str]], target: float, rule: str = "wilson
 
     if not preds:
         raise ValueError("no predictions")
-    labels = [c[2:] for c in preds[0] if c.startswith("p_")]
-    critical = next((c[len("threshold_"):] for c in preds[0] if c.startswith("threshold_")), CRITICAL)
+    labels, critical = prediction_columns(preds)
     ci = labels.index(critical)
     P = np.array([[float(r[f"p_{n}"]) for n in labels] for r in preds])
     logit = logits_from(P, 1.0)
@@ -402,10 +417,7 @@ def crossfit_markdown(info: dict[str, Any]) -> str:
 
 
 def cmd_crossfit(args: argparse.Namespace) -> dict:
-    keep = _splits(args.splits)
-    preds = [r for r in read_predictions([Path(p) for p in args.predictions]) if (r.get("split") or "train") in keep]
-    if not preds:
-        raise SystemExit(f"no predictions in splits {args.splits}")
+    preds = read_predictions_in([Path(p) for p in args.predictions], args.splits)
     rows, info = crossfit(preds, args.target_sensitivity, args.sensitivity_rule, args.margin,
                           temperature=not args.no_temperature)
     out = Path(args.out)
@@ -614,11 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "run":
         cmd_run(args)
     elif args.cmd == "report":
-        keep = _splits(args.splits)
-        preds = [r for r in read_predictions([Path(p) for p in args.predictions])
-                 if (r.get("split") or "train") in keep]
-        if not preds:
-            raise SystemExit(f"no predictions in splits {args.splits}")
+        preds = read_predictions_in([Path(p) for p in args.predictions], args.splits)
         write_report(Path(args.out), preds, {"command": "report", "predictions": [str(p) for p in args.predictions],
                                              "holdout_splits": args.splits}, args.n_boot)
     elif args.cmd == "crossfit":
