@@ -119,6 +119,8 @@ class DatabaseSettings:
 @dataclass(frozen=True)
 class StudySettings:
     quiet_seconds: float
+    max_attempts: int = 3
+    retry_seconds: float = 60
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "storage": {"data_dir": (_str, DEFAULT_DATA_DIR)},
     "database": {"url": (_str, "")},
-    "study": {"quiet_seconds": (_number(0.1, 86400), 30)},
+    "study": {"quiet_seconds": (_number(0.1, 86400), 30), "max_attempts": (_int(1, 100), 3),
+              "retry_seconds": (_number(0, 86400), 60)},
     "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
               "batch_size": (_int(1, 256), 8), "preload": (_bool, True),
               "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},

@@ -28,6 +28,7 @@ TRIAGE_SOP_CLASSES = frozenset({ComputedRadiographyImageStorage, DigitalXRayImag
 DEFAULT_BODY_PARTS = ("CHEST", "THORAX")
 DEFAULT_VIEWS = ("PA", "AP")
 OUTSIDE_DISTRIBUTION = "outside the training distribution"
+UNUSABLE_HEADER = "unusable header"
 
 
 def sop_class_reason(sop_class_uid: str) -> str | None:
@@ -40,14 +41,29 @@ def sop_class_reason(sop_class_uid: str) -> str | None:
 
 def header_reason(ds: Any, body_parts: Sequence[str] = DEFAULT_BODY_PARTS,
                   views: Sequence[str] = DEFAULT_VIEWS) -> str | None:
-    """None when the header allows a frontal chest film, else why it is not analysed."""
-    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    """None when the header allows a frontal chest film, else why it is not analysed. An element
+    that cannot be read is a refusal too (``unusable header``), never an exception."""
+    body = _header_text(ds, "BodyPartExamined")
+    if body.startswith(UNUSABLE_HEADER):
+        return body
     if body and body not in body_parts:
         return f"BodyPartExamined is {body}, not a chest value ({', '.join(body_parts[:4])}...)"
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    view = _header_text(ds, "ViewPosition")
+    if view.startswith(UNUSABLE_HEADER):
+        return view
     if view and view not in views:
         return f"ViewPosition is {view}: only frontal ({'/'.join(views[:2])}) films are analysed"
     return None
+
+
+def _header_text(ds: Any, keyword: str) -> str:
+    """The element as upper-case text ('' when absent), or an ``unusable header`` reason when
+    pydicom cannot read it (the reason names the element, never its value)."""
+    try:
+        text = str(ds.get(keyword, "") or "").strip().upper()
+        return "".join(c if c.isprintable() else "?" for c in text)
+    except Exception as e:  # pydicom converts values lazily and raises many types for malformed ones
+        return f"{UNUSABLE_HEADER}: {keyword} cannot be read ({type(e).__name__})"
 
 
 def lung_reason(lungs: Any) -> str | None:
@@ -67,15 +83,15 @@ def pixel_reason(lungs: Any, score: float | None, threshold: float | None) -> st
 
 
 #: Short names for the kinds of refusal (status, metrics, SR codes), by a phrase of the reason.
-CATEGORIES = (("SOP class", "sop_class"), ("BodyPartExamined", "header"), ("ViewPosition", "header"),
+CATEGORIES = ((UNUSABLE_HEADER, "unreadable"), ("SOP class", "sop_class"), ("BodyPartExamined", "header"), ("ViewPosition", "header"),
               ("unusable pixels", "pixels"), ("cannot read", "unreadable"), (OUTSIDE_DISTRIBUTION, "out_of_domain"),
               ("lung field", "no_lung_fields"), ("lung area", "no_lung_fields"), ("lung shape", "no_lung_fields"),
               ("one lung", "no_lung_fields"))
 
 
 def category(reason: str | None) -> str:
-    """The kind of a refusal reason: sop_class, header, pixels, unreadable, no_lung_fields,
-    out_of_domain or other."""
+    """The kind of a refusal reason: sop_class, header, pixels, unreadable (the file or a header
+    element cannot be read), no_lung_fields, out_of_domain or other."""
     return next((c for phrase, c in CATEGORIES if reason and phrase in reason), "other")
 
 

@@ -126,8 +126,9 @@ class Processor:
     # ------------------------------------------------------------------ the pipeline
 
     def requeue_interrupted(self) -> int:
-        """At start-up: studies a crash left in ``processing`` go back to ``queued``."""
-        return studies.requeue_interrupted(self.db, self.node_id)
+        """At start-up: studies a crash left in ``processing`` go back to ``queued`` (failed once they
+        have been interrupted ``[study] max_attempts`` times)."""
+        return studies.requeue_interrupted(self.db, self.node_id, self.settings.study.max_attempts)
 
     def process_queued(self, limit: int = 8) -> int:
         claimed = studies.claim(self.db, limit, self.node_id)
@@ -136,27 +137,57 @@ class Processor:
         return len(claimed)
 
     def run_studies(self, claimed: list[tuple[str, int]]) -> None:
-        """The stages in order, over every claimed study (films are batched across studies)."""
+        """The stages over every claimed study (films are batched across studies). No study is left
+        in ``processing``: a film that breaks a stage is refused with its reason, a study that breaks
+        one is failed (and retried, bounded), and a fault no stage caught sends each study through
+        alone so that one study cannot take the batch down with it."""
         try:
             predictor = self.predictor()
         except CheckpointError as e:
             for uid, version in claimed:
-                studies.fail(self.db, uid, version, str(e))
+                self.fail(uid, version, str(e))
             return
+        try:
+            self._run(predictor, claimed)
+        except Exception as e:  # not one film's or one study's fault as far as the stages could tell
+            pending = studies.still_processing(self.db, claimed)
+            log.error("a batch of %d stud(ies) failed (%s); %d still to finish are processed one by one",
+                      len(claimed), type(e).__name__, len(pending))
+            log.debug("batch failure", exc_info=True)
+            if len(claimed) == 1:
+                for uid, version in pending:
+                    self.fail(uid, version, f"processing failed: {type(e).__name__}: {e}")
+                return
+            for one in pending:
+                try:
+                    self._run(predictor, [one])
+                except Exception as e1:  # this study's own fault: failed, retried with backoff
+                    log.debug("study failure", exc_info=True)
+                    self.fail(*one, f"processing failed: {type(e1).__name__}: {e1}")
+
+    def _run(self, predictor, claimed: list[tuple[str, int]]) -> None:
         work = [self.load(uid, version) for uid, version in claimed]      # load + header eligibility
         stations.ensure(self.db, [w.station for w in work])                 # new stations audited once
         films = [f for w in work for f in w.films]
         self.preprocess(predictor, films)                                 # pixels, lung fields, crop
         self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
-        self.triage(predictor, work)                                      # operating points -> priority
+        work = self.triage(predictor, work)                               # operating points -> priority
         for w in work:
             try:
                 written, sr = self.encode(w)                              # SC per film, SR per study
                 self.record(w, written, sr)                               # outbox + results + audit + state
             except Exception as e:  # one broken study must not stop the others; it is recorded
-                log.exception("processing study %s failed", w.study_uid)
-                studies.fail(self.db, w.study_uid, w.version, f"{type(e).__name__}: {e}")
+                log.error("processing study %s failed: %s", w.study_uid, type(e).__name__)
+                log.debug("study failure", exc_info=True)
+                self.fail(w.study_uid, w.version, f"{type(e).__name__}: {e}")
         self.drift(predictor, {w.station.name for w in work if w.station is not None})
+
+    def fail(self, study_uid: str, version: int, reason: str) -> None:
+        """The study failed this attempt: recorded, and queued again after the backoff while the
+        configured attempts last (``[study] max_attempts``, ``retry_seconds``)."""
+        st = self.settings.study
+        studies.fail(self.db, study_uid, version, reason[:2000], max_attempts=st.max_attempts,
+                     retry_seconds=st.retry_seconds)
 
     def drift(self, predictor, names: set[str]) -> None:
         """Each station's recent films against its reference; a failure here never fails a study."""
@@ -185,10 +216,10 @@ class Processor:
                 work.skipped.append((inst, f"cannot read the spooled file: {type(e).__name__}: {e}"))
                 continue
             if work.station is None:
-                work.station = stations.resolve(self.settings, inst.calling_aet, ds.get("StationName"),
-                                                ds.get("InstitutionName"))
+                work.station = stations.resolve(self.settings, inst.calling_aet, _get(ds, "StationName"),
+                                                _get(ds, "InstitutionName"))
             work.films.append(Film(inst, ds, refused=eligibility.header_reason(ds, **rules),
-                                   stats={"rows": _int(ds.get("Rows")), "cols": _int(ds.get("Columns"))}))
+                                   stats={"rows": _int(_get(ds, "Rows")), "cols": _int(_get(ds, "Columns"))}))
         if work.station is None:
             aet = instances[0].calling_aet if instances else None
             work.station = stations.resolve(self.settings, aet)
@@ -206,7 +237,13 @@ class Processor:
             try:
                 pr = prepare(film.ds, predictor.params, self._segmenter)
             except PreprocessError as e:
-                film.refused = f"unusable pixels: {e}"
+                film.refused = str(e) if str(e).startswith(eligibility.UNUSABLE_HEADER) else f"unusable pixels: {e}"
+                continue
+            except Exception as e:  # a fault the preprocessing rules did not name: this film only
+                log.warning("film %s: preprocessing failed (%s); refused", film.instance.sop_instance_uid,
+                            type(e).__name__)
+                log.debug("preprocessing failure", exc_info=True)
+                film.refused = f"unusable pixels: preprocessing failed ({type(e).__name__})"
                 continue
             film.x, film.display, film.lungs, film.box = pr.x, pr.display, pr.lungs, pr.box
             d = np.asarray(pr.display, dtype=np.float64)  # the film in [0, 1], for drift
@@ -221,7 +258,9 @@ class Processor:
         for i in range(0, len(ready), bs):
             batch = ready[i:i + bs]
             t0 = time.perf_counter()
-            for film, pred in zip(batch, predictor.predict([f.x for f in batch], explain=True)):
+            for film, pred in zip(batch, self._predict(predictor, batch)):
+                if pred is None:
+                    continue
                 film.prediction = pred
                 film.refused = eligibility.ood_reason(pred.ood_score, threshold)
             if self.metrics:
@@ -229,9 +268,39 @@ class Processor:
                 for _ in batch:
                     self.metrics.inference.observe(per_image)
 
-    def triage(self, predictor, work: list[StudyWork]) -> None:
+    @staticmethod
+    def _predict(predictor, batch: list[Film]) -> list:
+        """The batch's predictions; when the batch fails, each film alone, and a film that fails
+        alone is refused (None in its place) so that the others are analysed."""
+        try:
+            return list(predictor.predict([f.x for f in batch], explain=True))
+        except Exception as e:  # which film? ask each alone
+            if len(batch) == 1:
+                film = batch[0]
+                log.warning("film %s: the model could not analyse it (%s); refused",
+                            film.instance.sop_instance_uid, type(e).__name__)
+                log.debug("inference failure", exc_info=True)
+                film.refused = f"unusable pixels: the model could not analyse the film ({type(e).__name__})"
+                return [None]
+            return [p for f in batch for p in Processor._predict(predictor, [f])]
+
+    def triage(self, predictor, work: list[StudyWork]) -> list[StudyWork]:
         """Each study with its station's site calibration when it has one for these weights, else
-        with the model's own operating points."""
+        with the model's own operating points. Returns the studies that go on; a study this stage
+        cannot triage is failed here."""
+        cals = stations.active_calibrations(self.db)
+        ok = []
+        for w in work:
+            try:
+                self._triage_study(predictor, w, cals)
+                ok.append(w)
+            except Exception as e:  # this study only
+                log.error("triage of study %s failed: %s", w.study_uid, type(e).__name__)
+                log.debug("triage failure", exc_info=True)
+                self.fail(w.study_uid, w.version, f"triage failed: {type(e).__name__}: {e}")
+        return ok
+
+    def _triage_study(self, predictor, w: StudyWork, cals: dict) -> None:
         import dataclasses
 
         import numpy as np
@@ -239,32 +308,30 @@ class Processor:
         from cxr_node.calibration import logits_from, softmax
         from cxr_node.triage import TriagePolicy
 
-        cals = stations.active_calibrations(self.db)
-        for w in work:
-            cal = cals.get(w.station.name) if w.station is not None else None
-            if cal is not None and cal.weights_sha256 != predictor.weights_sha256:
-                log.warning("station %s: site calibration v%d was fitted for other model weights; using the "
-                            "model's operating points (run `cxr-node calibrate-site --station %s` again)",
-                            w.station.name, cal.version, w.station.name)
-                cal = None
-            w.calibration = cal
-            policy, model = predictor.policy, self._identity
-            if cal is not None:
-                policy = TriagePolicy(labels=policy.labels, thresholds=dict(cal.thresholds),
-                                      critical_labels=policy.critical_labels, normal_label=policy.normal_label)
-                model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
-                                            calibration=stations.calibration_name(cal),
-                                            temperature=cal.temperature)
-            w.model = model
-            for film in w.films:
-                if film.refused is None and film.prediction is not None:
-                    p = film.prediction
-                    if cal is not None:  # the same logits, the site's temperature
-                        q = softmax(logits_from([p.probabilities], predictor.temperature), cal.temperature)[0]
-                        k = int(np.argmax(q))
-                        p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
-                                                top_label=p.labels[k], top_probability=float(q[k]))
-                    film.prediction = policy.apply(p)
+        cal = cals.get(w.station.name) if w.station is not None else None
+        if cal is not None and cal.weights_sha256 != predictor.weights_sha256:
+            log.warning("station %s: site calibration v%d was fitted for other model weights; using the "
+                        "model's operating points (run `cxr-node calibrate-site --station %s` again)",
+                        w.station.name, cal.version, w.station.name)
+            cal = None
+        w.calibration = cal
+        policy, model = predictor.policy, self._identity
+        if cal is not None:
+            policy = TriagePolicy(labels=policy.labels, thresholds=dict(cal.thresholds),
+                                  critical_labels=policy.critical_labels, normal_label=policy.normal_label)
+            model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
+                                        calibration=stations.calibration_name(cal),
+                                        temperature=cal.temperature)
+        w.model = model
+        for film in w.films:
+            if film.refused is None and film.prediction is not None:
+                p = film.prediction
+                if cal is not None:  # the same logits, the site's temperature
+                    q = softmax(logits_from([p.probabilities], predictor.temperature), cal.temperature)[0]
+                    k = int(np.argmax(q))
+                    p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
+                                            top_label=p.labels[k], top_probability=float(q[k]))
+                film.prediction = policy.apply(p)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
         """The Secondary Capture of each analysed film and the study's SR (naming refused films)."""
@@ -339,8 +406,8 @@ class Processor:
                              detail={"version": w.version, "station": ref.name, "objects": len(written)})
             if sr is not None:
                 st.last_sr_uid = sr.SOPInstanceUID
-            accession = next((str(f.ds.get("AccessionNumber") or "").strip() for f in w.films
-                              if str(f.ds.get("AccessionNumber") or "").strip()), None)
+            accession = next((str(_get(f.ds, "AccessionNumber") or "").strip() for f in w.films
+                              if str(_get(f.ds, "AccessionNumber") or "").strip()), None)
             if accession:
                 st.accession_number = accession[:16]
             reason = None if analysed else ("no frontal chest film to analyse" if not w.films
@@ -375,6 +442,16 @@ def _int(v) -> int | None:  # noqa: ANN001
     try:
         return int(v)
     except (TypeError, ValueError):
+        return None
+
+
+def _get(ds: Dataset, keyword: str):  # noqa: ANN202
+    """``ds.get(keyword)``, or None when pydicom cannot read the value (a malformed element is the
+    eligibility rules' business, not a reason to stop the study)."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # pydicom converts lazily and raises many types for malformed values
+        log.debug("element %s of a spooled film cannot be read", keyword, exc_info=True)
         return None
 
 

@@ -139,22 +139,44 @@ def percentile_scale(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
 
 
+def header_value(ds: Dataset, keyword: str, convert: Any, default: Any = None) -> Any:
+    """``convert(ds.keyword)`` (``default`` when absent or empty); a value that cannot be read or
+    converted (``NumberOfFrames`` ``abc``, a 3-byte US, a non-numeric ``WindowCenter``) raises
+    :class:`PreprocessError` naming the element, never the value (it may be patient data)."""
+    try:
+        value = ds.get(keyword, None)
+        if value is None or value == "":
+            return default
+        return convert(value)
+    except PreprocessError:
+        raise
+    except Exception as e:  # pydicom converts lazily and raises many types for malformed values
+        raise PreprocessError(f"unusable header: {keyword} cannot be read ({type(e).__name__})") from e
+
+
+def _int_value(value: Any) -> int:
+    return int(_first(value))
+
+
 def check_dicom(ds: Dataset, min_size: int = 64) -> None:
-    """Refuse datasets that are not a single-frame greyscale 2-D image, before decoding."""
+    """Refuse datasets that are not a single-frame greyscale 2-D image, before decoding; a header
+    element that cannot be read is refused the same way (``unusable header``)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PreprocessError("DICOM dataset has no pixel data (Pixel Data element missing); "
                               "is it a structured report or a presentation state?")
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    spp = header_value(ds, "SamplesPerPixel", _int_value, 1) or 1
+    pi = header_value(ds, "PhotometricInterpretation", lambda v: str(v).strip().upper(), "")
     if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
         raise PreprocessError(f"DICOM image is colour (Samples per Pixel {spp}, Photometric Interpretation "
                               f"{pi or 'missing'}); a greyscale MONOCHROME1/2 radiograph is required")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = header_value(ds, "NumberOfFrames", _int_value, 1) or 1
     if frames != 1:
         raise PreprocessError(f"DICOM image is multi-frame ({frames} frames); a single 2-D radiograph is required")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows, cols = header_value(ds, "Rows", _int_value, 0), header_value(ds, "Columns", _int_value, 0)
     if min(rows, cols) < min_size:
         raise PreprocessError(f"DICOM image is {cols}x{rows} px; at least {min_size} px on each side is required")
+    for keyword in ("BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept"):
+        header_value(ds, keyword, _first)
 
 
 def dicom_to_float(ds: Dataset, percentiles: Sequence[float] = (0.5, 99.5), min_size: int = 64) -> np.ndarray:
@@ -164,7 +186,7 @@ def dicom_to_float(ds: Dataset, percentiles: Sequence[float] = (0.5, 99.5), min_
     first window (Window Center/Width with VOI LUT Function), else robust percentile scaling ->
     MONOCHROME1 inversion (``1 - x``).
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     check_dicom(ds, min_size)
     try:
@@ -174,7 +196,26 @@ def dicom_to_float(ds: Dataset, percentiles: Sequence[float] = (0.5, 99.5), min_
         raise PreprocessError(f"DICOM pixel data cannot be decoded (transfer syntax {ts}): {e}") from e
     if raw.ndim != 2:
         raise PreprocessError(f"DICOM pixel array has shape {raw.shape}; a single 2-D greyscale frame is required")
-    x = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    try:
+        x = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    except Exception as e:  # a malformed Modality LUT Sequence or rescale values
+        raise PreprocessError(f"unusable header: the Modality LUT cannot be applied ({type(e).__name__})") from e
+    try:
+        y = _voi(ds, x, percentiles)
+    except PreprocessError:
+        raise
+    except Exception as e:  # a malformed VOI LUT Sequence, window or VOI LUT Function
+        raise PreprocessError(f"unusable header: the VOI LUT or window cannot be applied ({type(e).__name__})") from e
+    if header_value(ds, "PhotometricInterpretation", lambda v: str(v).strip().upper(), "") == "MONOCHROME1":
+        y = 1.0 - y
+    if not np.all(np.isfinite(y)) or float(y.max()) - float(y.min()) <= 0:
+        raise PreprocessError("DICOM image is blank after the VOI transform (a single grey level)")
+    return y.astype(np.float32)
+
+
+def _voi(ds: Dataset, x: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:
+    """The VOI step of :func:`dicom_to_float`: LUT sequence, else the first window, else percentiles."""
+    from pydicom.pixels import apply_voi_lut
 
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         item = ds.VOILUTSequence[0]
@@ -190,12 +231,7 @@ def dicom_to_float(ds: Dataset, percentiles: Sequence[float] = (0.5, 99.5), min_
             y = _window_linear(x, c, w, exact=(fn == "LINEAR_EXACT"))
     else:
         y = percentile_scale(x, *percentiles)
-
-    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
-        y = 1.0 - y
-    if float(y.max()) - float(y.min()) <= 0:
-        raise PreprocessError("DICOM image is blank after the VOI transform (a single grey level)")
-    return y.astype(np.float32)
+    return y
 
 
 def image_file_to_float(path: str | os.PathLike[str], min_size: int = 64) -> np.ndarray:

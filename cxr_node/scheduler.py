@@ -96,7 +96,9 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
             pass
 
     def complete_studies() -> None:
-        if studies.complete_quiet_studies(db, settings.study.quiet_seconds):
+        done = studies.complete_quiet_studies(db, settings.study.quiet_seconds)
+        retried = studies.retry_failed(db)  # failed attempts whose backoff has run out
+        if done or retried:
             wake("process-studies")
 
     add("complete-studies", "study completion check", complete_studies,

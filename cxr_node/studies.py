@@ -3,6 +3,7 @@
     receiving --(quiet for quiet_seconds)--> complete --> queued --(claimed by a worker)--> processing
     processing --> processed | failed            (the pipeline, cxr_node.pipeline)
     processing --> queued                        (start-up: processing was interrupted)
+    failed --(retry_at reached, attempts left)--> queued   (retry_failed: bounded, with backoff)
     any state but receiving --(an instance arrives)--> receiving, version + 1   (study.reopened)
     processed | failed --(cxr-node reprocess)--> queued, version + 1
 
@@ -10,6 +11,12 @@ The database is the only state: after a restart every study resumes from its per
 and its persisted ``last_received_at``. Every transition is audited as ``study.<new state>``
 (``study.reopened`` for a reopening) with ``detail.from``/``to``/``version``. Retention removes
 only studies in a :data:`FINISHED` state.
+
+Each claim of a version counts as an attempt (``Study.attempts``). A failed version is queued
+again after ``retry_seconds`` (doubling each time) until ``max_attempts`` claims have failed; a
+version that was interrupted (the daemon died while analysing it) as often is failed at start-up
+rather than queued again, so one film that crashes the process cannot stall the queue for ever.
+A new version (a late instance, ``cxr-node reprocess``) starts with no attempts.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ def note_instance(session: Session, study_uid: str, patient_id: str | None, now:
         study.version += 1
         study.state = RECEIVING
         study.state_changed_at = now
+        study.attempts, study.retry_at = 0, None
         audit.record(session, "study.reopened", ts=now, study_uid=study_uid, patient_id=study.patient_id,
                      association_id=association_id,
                      reason=f"instance arrived while the study was {previous}",
@@ -104,20 +112,35 @@ def claim(db: Database, limit: int, node_id: str) -> list[tuple[str, int]]:
             q = q.with_for_update(skip_locked=True)
         for st in s.scalars(q):
             st.claimed_by = node_id
-            move(s, st, PROCESSING, node=node_id)
+            st.attempts = (st.attempts or 0) + 1
+            move(s, st, PROCESSING, node=node_id, attempt=st.attempts)
             out.append((st.study_uid, st.version))
     return out
 
 
-def requeue_interrupted(db: Database, node_id: str) -> int:
-    """At start-up: studies a crash left in processing (claimed by this node) go back to queued."""
+def requeue_interrupted(db: Database, node_id: str, max_attempts: int = 3) -> int:
+    """At start-up: studies a crash left in processing (claimed by this node) go back to queued,
+    unless they have been interrupted ``max_attempts`` times (then they fail: something in them
+    takes the process down). Returns how many were queued again."""
     n = 0
     with db.transaction() as s:
         for st in s.scalars(select(Study).where(Study.state == PROCESSING, Study.claimed_by == node_id)
                             .with_for_update()):
-            move(s, st, QUEUED, reason="processing was interrupted; queued again at start-up")
+            if (st.attempts or 0) >= max_attempts:
+                reason = (f"processing was interrupted {st.attempts} time(s) (the daemon stopped while analysing "
+                          "it); not retried again: `cxr-node reprocess` queues it once the cause is fixed")
+                st.last_error, st.retry_at = reason, None
+                move(s, st, FAILED, reason=reason, attempt=st.attempts, final=True)
+                continue
+            move(s, st, QUEUED, reason="processing was interrupted; queued again at start-up", attempt=st.attempts)
             n += 1
     return n
+
+
+def backoff_seconds(attempt: int, retry_seconds: float) -> float:
+    """The wait before claim number ``attempt + 1``: ``retry_seconds`` doubled per failed attempt,
+    at most one day."""
+    return min(86400.0, retry_seconds * 2 ** max(0, attempt - 1))
 
 
 def finish(session: Session, study: Study, version: int, **detail) -> bool:
@@ -129,15 +152,46 @@ def finish(session: Session, study: Study, version: int, **detail) -> bool:
     return True
 
 
-def fail(db: Database, study_uid: str, version: int, reason: str) -> None:
+def fail(db: Database, study_uid: str, version: int, reason: str, *, max_attempts: int = 1,
+         retry_seconds: float = 60, retry: bool = True) -> dt.datetime | None:
+    """processing -> failed for ``version``, audited with ``reason``. While the version has been
+    claimed fewer than ``max_attempts`` times (and ``retry``), it is queued again after the backoff
+    (:func:`retry_failed`); returns when, or None when this failure is final."""
+    retry_at = None
     with db.transaction() as s:
         st = s.get(Study, study_uid, with_for_update=True)
         if st is not None and st.state == PROCESSING and st.version == version:
-            st.last_error = reason
-            move(s, st, FAILED, reason=reason)
+            attempt = st.attempts or 0
+            if retry and attempt < max_attempts:
+                retry_at = utcnow() + dt.timedelta(seconds=backoff_seconds(attempt, retry_seconds))
+            st.last_error, st.retry_at = reason, retry_at
+            move(s, st, FAILED, reason=reason, attempt=attempt, max_attempts=max_attempts,
+                 retry_at=retry_at.isoformat(timespec="seconds") if retry_at else None, final=retry_at is None)
         else:
             audit.record(s, "study.failed", "failure", study_uid=study_uid, reason=reason, detail={"version": version})
-    log.error("study %s v%d failed: %s", study_uid, version, reason)
+    if retry_at is not None:
+        log.error("study %s v%d failed: %s (retried at %s)", study_uid, version, reason,
+                  retry_at.isoformat(timespec="seconds"))
+    else:
+        log.error("study %s v%d failed: %s", study_uid, version, reason)
+    return retry_at
+
+
+def retry_failed(db: Database, now: dt.datetime | None = None) -> list[str]:
+    """failed -> queued for every study whose ``retry_at`` has come (set by :func:`fail` while
+    attempts were left). Returns their UIDs."""
+    now = now or utcnow()
+    done = []
+    with db.transaction() as s:
+        for st in s.scalars(select(Study).where(Study.state == FAILED, Study.retry_at.is_not(None),
+                                                Study.retry_at <= now).with_for_update()):
+            st.retry_at = None
+            move(s, st, QUEUED, reason=f"retry after a failed attempt ({st.attempts} so far): {st.last_error}"[:500],
+                 attempt=st.attempts)
+            done.append(st.study_uid)
+    for uid in done:
+        log.info("study %s queued again after a failed attempt", uid)
+    return done
 
 
 def reprocess(db: Database, study_uid: str) -> int:
@@ -160,6 +214,7 @@ def reprocess(db: Database, study_uid: str) -> int:
         previous, now = st.state, utcnow()
         st.version += 1
         st.state, st.state_changed_at, st.claimed_by = QUEUED, now, None
+        st.attempts, st.retry_at = 0, None
         audit.record(s, "study.reprocess", ts=now, study_uid=study_uid, patient_id=st.patient_id,
                      reason="requested by an admin (cxr-node reprocess)",
                      detail={"from": previous, "to": QUEUED, "version": st.version, "films": films})
@@ -174,3 +229,14 @@ def finished_since(db: Database, since: dt.datetime) -> list[str]:
         return list(s.scalars(select(Study.study_uid).where(Study.state.in_(FINISHED),
                                                             Study.last_received_at >= since)
                               .order_by(Study.last_received_at)))
+
+
+def still_processing(db: Database, claimed: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The ``(uid, version)`` pairs of ``claimed`` that are still processing at that version."""
+    if not claimed:
+        return []
+    with db.session() as s:
+        rows = s.execute(select(Study.study_uid, Study.version).where(
+            Study.study_uid.in_([uid for uid, _ in claimed]), Study.state == PROCESSING)).all()
+    live = {(uid, version) for uid, version in rows}
+    return [c for c in claimed if tuple(c) in live]

@@ -16,10 +16,15 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0006" in cli("db", "upgrade", config=cfg).stdout
+    assert "0007" in cli("db", "upgrade", config=cfg).stdout
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
             "stations", "feedback", "site_calibrations", "web_users", "web_sessions"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0006"
+    assert cli("db", "current", config=cfg).stdout.strip() == "0007"
+    with sqlite3.connect(db) as c:
+        assert {"attempts", "retry_at"} <= {r[1] for r in c.execute("pragma table_info(studies)")}
+    cli("db", "downgrade", "0006", config=cfg)
+    with sqlite3.connect(db) as c:
+        assert {"attempts", "retry_at"} & {r[1] for r in c.execute("pragma table_info(studies)")} == set()
     cli("db", "downgrade", "0005", config=cfg)
     assert _tables(db) & {"web_users", "web_sessions"} == set()
     assert {"stations", "feedback", "site_calibrations"} <= _tables(db)

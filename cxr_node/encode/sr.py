@@ -63,6 +63,7 @@ REASON_CODES = {
     "out_of_domain": Code("OOD", PRIVATE_SCHEME, "Outside the model's training distribution"),
     "header": Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film"),
     "pixels": Code("PIXELS", PRIVATE_SCHEME, "Pixels unusable"),
+    "unreadable": Code("UNREADABLE", PRIVATE_SCHEME, "File or header element unreadable"),
 }
 OTHER_REASON = Code("OTHER", PRIVATE_SCHEME, "Not analysed for another reason")
 
