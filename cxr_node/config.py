@@ -24,7 +24,9 @@ from cxr_node.errors import ConfigError
 ENV_VAR = "CXR_NODE_CONFIG"
 DEFAULT_DATA_DIR = "/var/lib/cxr-node"
 #: The model bundled with the package (issue 3); an empty ``[model] checkpoint`` means this.
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "cxr-densenet121.pt"
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"  # the weights shipped in the package
+BUNDLED_CHECKPOINT = BUNDLED_DIR / "cxr-densenet121.pt"
+BUNDLED_LUNG_CHECKPOINT = BUNDLED_DIR / "lung-unet.pt"
 
 
 # The settings classes have no defaults of their own: every default is in _SCHEMA (the documented
@@ -135,7 +137,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class EligibilitySettings:
-    """Which films are analysed (cxr_node.eligibility): header values, then the pixels."""
+    """Which films are analysed (cxr_node.eligibility.rules): header values, then the pixels."""
     body_parts: tuple[str, ...]
     views: tuple[str, ...]
     check_pixels: bool

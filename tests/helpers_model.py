@@ -156,8 +156,8 @@ def make_checkpoint(path: Path, input_size: int = 64, seed: int = 0, thresholds:
     """A randomly initialised but complete checkpoint (no training)."""
     import torch
 
-    from cxr_node.model import build_model, save_checkpoint
-    from cxr_node.preprocess import make_params
+    from cxr_node.model.checkpoint import build_model, save_checkpoint
+    from cxr_node.model.preprocess import make_params
 
     torch.manual_seed(seed)
     model = build_model(arch, len(LABELS))

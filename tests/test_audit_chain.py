@@ -94,8 +94,8 @@ def test_audit_backlog_replays_in_order_keeps_times_and_survives_a_failed_try(tm
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cxr_node.audit import verify_chain
-    from cxr_node.audit_backlog import AuditBacklog
+    from cxr_node.audit.trail import verify_chain
+    from cxr_node.audit.backlog import AuditBacklog
     from cxr_node.db.migrate import upgrade
     from cxr_node.db.models import AuditEvent
     from cxr_node.db.session import Database

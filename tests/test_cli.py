@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PY, REPO, StoreSCP, cli, echoscu, free_port, require_tool, storescu, wait_port
-from cxr_node.audit import FIELDS
+from cxr_node.audit.trail import FIELDS
 from dicomgen import make_cr
 
 COMMANDS = {"serve", "db", "check-config", "status", "echo", "audit", "outbox", "resend", "reprocess", "retention",

@@ -24,7 +24,7 @@ def _ours(ds):
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory, films):
-    from cxr_node.infer import Predictor
+    from cxr_node.model.infer import Predictor
 
     ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", input_size=64, thresholds=THRESHOLDS)
     predictor = Predictor(ckpt, device="cpu")

@@ -240,7 +240,7 @@ def test_drift_statistics_alarm_on_a_real_shift_and_not_on_noise():
     """In process: the PSI with its chance guard, on statistics like the daemon records."""
     from types import SimpleNamespace
 
-    from cxr_node import stations
+    from cxr_node.onboarding import stations
 
     rng = np.random.default_rng(1)
 
@@ -258,7 +258,7 @@ def test_drift_statistics_alarm_on_a_real_shift_and_not_on_noise():
     assert {"rows", "cols", "intensity_mean", "p:COVID"} <= moved and "ood_score" not in moved
     assert "rows PSI" in stations.describe(other["moved"])
     # films the out-of-domain check refuses count as refusals; a lateral view (a header rule) does not
-    from cxr_node import eligibility
+    from cxr_node.eligibility import rules as eligibility
 
     def refused(n, reason):
         return [SimpleNamespace(id=None, calibration=None, analysed=False, reason=reason, ood_score=9.0,
@@ -280,7 +280,10 @@ def test_feedback_api_performance_and_site_calibration_in_process(tmp_path):
     fitted, stored, refused and rolled back."""
     import datetime as dt
 
-    from cxr_node import config, feedback, performance, site_calibration as sc
+    from cxr_node import config
+    from cxr_node.onboarding import feedback
+    from cxr_node.onboarding import performance
+    from cxr_node.onboarding import site_calibration as sc
     from cxr_node.db import migrate
     from cxr_node.db.models import ImageResult, Study, utcnow
     from cxr_node.db.session import Database

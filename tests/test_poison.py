@@ -18,12 +18,13 @@ from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 from pydicom import dcmread
 
-from cxr_node import eligibility, studies
+from cxr_node.eligibility import rules as eligibility
+from cxr_node.study import states as studies
 from cxr_node.db.migrate import upgrade
 from cxr_node.db.models import Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import PreprocessError
-from cxr_node.preprocess import dicom_to_float
+from cxr_node.model.preprocess import dicom_to_float
 
 #: What a fuzzer or a broken modality sends, as the raw bytes of one element (Explicit VR LE).
 MALFORMED = {

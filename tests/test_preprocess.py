@@ -1,4 +1,4 @@
-"""cxr_node.preprocess against independently computed numpy results, and its refusals."""
+"""cxr_node.model.preprocess against independently computed numpy results, and its refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_node.errors import PreprocessError
-from cxr_node import preprocess as P
+from cxr_node.model import preprocess as P
 
 
 def make_ds(arr: np.ndarray, photometric: str = "MONOCHROME2", **elems) -> Dataset:

@@ -36,7 +36,7 @@ def triage(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def test_uncompressed_and_j2k_lossless_give_same_probabilities(films, checkpoint):
-    from cxr_node.infer import Predictor
+    from cxr_node.model.infer import Predictor
 
     pred = Predictor(checkpoint)
     a, b = pred.predict_sources([films["RG1_UNCR.dcm"], films["RG1_J2KR.dcm"]])

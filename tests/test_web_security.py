@@ -82,7 +82,7 @@ def _client(web, name: str | None = None) -> Client:
 
 def _events(web, event: str, study: str | None = None) -> list[dict]:
     """Audit rows of one type, oldest first, read from the database as `cxr-node audit` gives them."""
-    from cxr_node import audit
+    from cxr_node.audit import trail as audit
     from cxr_node.config import load
     from cxr_node.db.session import Database
 
@@ -160,7 +160,7 @@ def test_every_page_renders_for_a_viewer(console):
     stations = c.get("/stations").text
     assert 'id="no-stations"' in stations  # the seeded studies came from no station row
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.model import read_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint
 
     ck = read_checkpoint(BUNDLED_CHECKPOINT)
     model = c.get("/model").text

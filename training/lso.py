@@ -159,7 +159,7 @@ def predict(checkpoint: Path, rows: Sequence[dict[str, str]], device: str, cache
     """Probabilities (temperature-scaled) of ``checkpoint`` for ``rows``: (meta, (N, K))."""
     import torch
 
-    from cxr_node.model import load_checkpoint, resolve_device
+    from cxr_node.model.checkpoint import load_checkpoint, resolve_device
     from training.common import logits_for
     from training.data import Record
     from training.metrics import softmax
@@ -362,7 +362,7 @@ def crossfit(preds: Sequence[dict[str, str]], target: float, rule: str = "wilson
     returned rows are H's films re-scored that way (``urgent``, ``threshold_*``, ``p_*``), so
     :func:`report` reads them as it reads a fold's own. ``info["all"]`` is the same fit on every
     hold-out: the operating point a model trained on all sources would ship with."""
-    from cxr_node.calibration import fit_temperature, logits_from, softmax, threshold_for_sensitivity_rule
+    from cxr_node.model.calibration import fit_temperature, logits_from, softmax, threshold_for_sensitivity_rule
 
     if not preds:
         raise ValueError("no predictions")

@@ -1,8 +1,8 @@
-"""Classification metrics: the implementation lives in :mod:`cxr_node.calibration` (the node's site
+"""Classification metrics: the implementation lives in :mod:`cxr_node.model.calibration` (the node's site
 calibration uses the same code); re-exported here so training code keeps importing them from
 ``training.metrics``."""
 
-from cxr_node.calibration import (  # noqa: F401 - re-exports
+from cxr_node.model.calibration import (  # noqa: F401 - re-exports
     binary_ece,
     binary_stats,
     bootstrap_auc_ci,

@@ -13,7 +13,7 @@ films its out-of-domain check refuses are left out, as the daemon would not tria
 
 Each repetition draws, by patient, at most ``--per-class`` films of each label as the labelled
 calibration films, fits temperature and operating points on them with the code `cxr-node
-calibrate-site` uses (:func:`cxr_node.calibration.fit_operating_points`), and measures the urgent
+calibrate-site` uses (:func:`cxr_node.model.calibration.fit_operating_points`), and measures the urgent
 flag on the site's OTHER films, with the model's global operating points and with the site's.
 Repetition 0 is reported with Wilson 95% intervals; all repetitions give the spread.
 """
@@ -75,7 +75,7 @@ def predict(films: list[dict], checkpoint: Path, cache: Path) -> list[dict]:
             log.info("predictions read from %s", cache)
             return films
     from cxr_node.errors import PreprocessError
-    from cxr_node.infer import Predictor
+    from cxr_node.model.infer import Predictor
 
     pred = Predictor(checkpoint, device="cpu")
     threshold = pred.ood.threshold if pred.ood else None
@@ -134,9 +134,9 @@ def draw(films: list[dict], per_class: int, rng) -> tuple[list[int], list[int]]:
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from cxr_node.calibration import fit_operating_points, softmax
+    from cxr_node.model.calibration import fit_operating_points, softmax
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.site_calibration import ModelInfo, operating_figures
+    from cxr_node.onboarding.site_calibration import ModelInfo, operating_figures
 
     data = Path(args.data)
     ckpt = Path(args.checkpoint) if args.checkpoint else BUNDLED_CHECKPOINT

@@ -51,7 +51,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node import audit
+    from cxr_node.audit import trail as audit
 
     if args.action == "verify":
         return _verify(settings, out)
@@ -81,12 +81,12 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def write_rows(rows: list[dict[str, Any]], fmt: str, out: TextIO, node_aet: str = "CXRNODE") -> None:
-    from cxr_node import audit
+    from cxr_node.audit import trail as audit
 
     if fmt == "dicom-audit":
         import sys
 
-        from cxr_node.audit_dicom import write_messages
+        from cxr_node.audit.atna import write_messages
 
         written, skipped = write_messages(rows, node_aet, out)
         sys.stderr.write(f"{written} DICOM audit message(s); {skipped} event(s) without a DICOM audit meaning\n")
@@ -119,7 +119,7 @@ def _cell(v: Any) -> str:
 def _verify(settings: Settings, out: TextIO) -> int:
     import sys
 
-    from cxr_node import audit
+    from cxr_node.audit import trail as audit
 
     with open_database(settings) as db, db.session() as s:
         report = audit.verify_chain(s)
@@ -133,7 +133,7 @@ def _verify(settings: Settings, out: TextIO) -> int:
 
 def _study(settings: Settings, study_uid: str, fmt: str, out: TextIO) -> int:
     """Everything about one study in order, including the associations that brought it."""
-    from cxr_node import audit
+    from cxr_node.audit import trail as audit
 
     with open_database(settings) as db, db.session() as s:
         rows = audit.study_story(s, study_uid)

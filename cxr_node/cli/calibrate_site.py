@@ -1,5 +1,5 @@
 """``cxr-node calibrate-site``: a station's own temperature and operating points, from its labelled
-films (cxr_node.site_calibration); ``--rollback`` restores the previous one."""
+films (cxr_node.onboarding.site_calibration); ``--rollback`` restores the previous one."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node import site_calibration as sc
+    from cxr_node.onboarding import site_calibration as sc
     from cxr_node.cli.performance import station_name
-    from cxr_node.stations import calibration_name
+    from cxr_node.onboarding.stations import calibration_name
 
     station = station_name(settings, args.station)
     if not (args.rollback or args.dry_run or args.yes or sys.stdin.isatty()):

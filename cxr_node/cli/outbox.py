@@ -35,7 +35,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node.outbox import DEAD, DONE, Outbox
+    from cxr_node.outbox.queue import DEAD, DONE, Outbox
 
     with open_database(settings) as db:
         box = Outbox(settings, db)

@@ -1,7 +1,7 @@
 """The Grad-CAM Secondary Capture: the film in grey, the heat map only where it matters, and a
 legend in a strip below the film (so it covers no lung) with "NOT FOR DIAGNOSTIC USE", the top
 class and its probability, the model's name and version and a colour scale, all burned into the
-pixels (:mod:`cxr_node.overlay`).
+pixels (:mod:`cxr_node.encode.overlay`).
 
 highdicom's SCImage does most of it; what it leaves out (dciodvfy reports it otherwise) is set here:
 BurnedInAnnotation YES, BodyPartExamined CHEST, SourceImageSequence, and Contributing Equipment
@@ -23,7 +23,7 @@ MAX_SIDE = 1024
 
 def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_mask=None) -> np.ndarray:  # noqa: ANN001
     """RGB uint8 (H + legend, W, 3): the overlay (heat only inside the lungs) plus the legend strip."""
-    from cxr_node.overlay import render_figure
+    from cxr_node.encode.overlay import render_figure
 
     return render_figure(film, prediction, model.name, model.version, box=box, lung_mask=lung_mask,
                          max_side=MAX_SIDE, calibration=_legend_calibration(model))

@@ -69,7 +69,7 @@ OTHER_REASON = Code("OTHER", PRIVATE_SCHEME, "Not analysed for another reason")
 
 
 def reason_code(reason: str) -> Code:
-    from cxr_node.eligibility import category
+    from cxr_node.eligibility.rules import category
 
     return REASON_CODES.get(category(reason), OTHER_REASON)
 
@@ -77,14 +77,14 @@ def reason_code(reason: str) -> Code:
 @dataclass(frozen=True)
 class RefusedFilm:
     source: Dataset        # the film as received (header)
-    reason: str            # why it was not analysed (cxr_node.eligibility)
+    reason: str            # why it was not analysed (cxr_node.eligibility.rules)
 
 
 @dataclass(frozen=True)
 class AnalysedFilm:
     source: Dataset        # the film as received (header is enough; pixels not needed)
     sc: Dataset            # its Secondary Capture
-    prediction: object     # cxr_node.infer.Prediction
+    prediction: object     # cxr_node.model.infer.Prediction
 
 
 def _ref(ds: Dataset) -> Dataset:

@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import Session
 
-from cxr_node import audit, studies
+from cxr_node.audit import trail as audit
+from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, OutboxItem, Study
 
@@ -266,7 +267,7 @@ def outbox(s: Session, state: str | None, page: int, page_size: int = 100) -> di
 def study_feedback(s: Session, study_uid: str) -> dict[str, Any]:
     """The readers' labels of a study: those in force (study and films), the history, and the
     labels a reader may choose (the model's, plus Normal and Other)."""
-    from cxr_node import feedback
+    from cxr_node.onboarding import feedback
     from cxr_node.db.models import Feedback
 
     rows = feedback.history(s, study_uid)
@@ -288,7 +289,7 @@ def station_names(s: Session) -> set[str]:
 
 def stations_overview(s: Session, critical: list[str], n_boot: int = 200) -> list[dict[str, Any]]:
     """Every station this node has seen: mode, drift, site calibrations, and local performance."""
-    from cxr_node import performance
+    from cxr_node.onboarding import performance
     from cxr_node.db.models import SiteCalibration, StationRow
 
     out = []

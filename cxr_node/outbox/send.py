@@ -16,7 +16,7 @@ from cxr_node.errors import NetworkError
 def _tls_args(settings: Settings, dest: Destination):  # noqa: ANN202
     if not dest.tls:
         return None
-    from cxr_node.tls import client_context
+    from cxr_node.dicom.tls import client_context
 
     return (client_context(settings.tls), dest.host)
 

@@ -48,7 +48,7 @@ class _DatabaseCollector:
         from sqlalchemy import func, select
 
         from cxr_node.db.models import ImageResult, OutboxItem, StationRow, Study
-        from cxr_node.eligibility import category
+        from cxr_node.eligibility.rules import category
 
         studies = GaugeMetricFamily("cxr_node_studies", "Studies by state", labels=["state"])
         outbox = GaugeMetricFamily("cxr_node_outbox_items", "Outbox items by state", labels=["state"])

@@ -19,15 +19,17 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from cxr_node import audit, eligibility, studies
-from cxr_node.audit_backlog import AuditBacklog
+from cxr_node.audit import trail as audit
+from cxr_node.eligibility import rules as eligibility
+from cxr_node.study import states as studies
+from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.db.models import Instance, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import InvalidInstanceError, db_error_text
-from cxr_node.spool import Spool, is_valid_uid
+from cxr_node.receive.spool import Spool, is_valid_uid
 
 if TYPE_CHECKING:
-    from cxr_node.receive import AssociationInfo
+    from cxr_node.receive.scp import AssociationInfo
 
 log = logging.getLogger(__name__)
 

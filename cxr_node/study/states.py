@@ -1,7 +1,7 @@
 """The study state machine: every state, every transition, and who makes it, in one module.
 
     receiving --(quiet for quiet_seconds)--> complete --> queued --(claimed by a worker)--> processing
-    processing --> processed | failed            (the pipeline, cxr_node.pipeline)
+    processing --> processed | failed            (the pipeline, cxr_node.study.pipeline)
     processing --> queued                        (start-up: processing was interrupted)
     failed --(retry_at reached, attempts left)--> queued   (retry_failed: bounded, with backoff)
     any state but receiving --(an instance arrives)--> receiving, version + 1   (study.reopened)
@@ -27,7 +27,7 @@ import logging
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cxr_node import audit
+from cxr_node.audit import trail as audit
 from cxr_node.db.models import Instance, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import CxrNodeError

@@ -1,5 +1,5 @@
 """Site recalibration (``cxr-node calibrate-site``): a station's own temperature and operating points,
-fitted on its labelled films by the code that calibrated the model (:func:`cxr_node.calibration.
+fitted on its labelled films by the code that calibrated the model (:func:`cxr_node.model.calibration.
 fit_operating_points`).
 
 The logits are recovered from what was stored: each film's probabilities were ``softmax(logits /
@@ -20,10 +20,11 @@ from typing import Any, Sequence
 
 from sqlalchemy import func, select
 
-from cxr_node import audit, stations
+from cxr_node.audit import trail as audit
+from cxr_node.onboarding import stations
 from cxr_node.db.models import ImageResult, SiteCalibration, utcnow
 from cxr_node.errors import CxrNodeError
-from cxr_node.performance import LabelledFilm, labelled_films
+from cxr_node.onboarding.performance import LabelledFilm, labelled_films
 
 
 class CalibrationRefused(CxrNodeError):
@@ -42,7 +43,7 @@ class ModelInfo:
 
     @classmethod
     def from_checkpoint(cls, path) -> "ModelInfo":  # noqa: ANN001
-        from cxr_node.model import read_checkpoint
+        from cxr_node.model.checkpoint import read_checkpoint
 
         ck = read_checkpoint(path)
         m = ck["meta"]
@@ -53,7 +54,7 @@ class ModelInfo:
 def _arrays(films: Sequence[LabelledFilm], labels: Sequence[str], default_t: float):
     import numpy as np
 
-    from cxr_node.calibration import logits_from
+    from cxr_node.model.calibration import logits_from
 
     y = np.array([labels.index(f.label) if f.label in labels else -1 for f in films], dtype=int)
     p = np.array([[float(f.probabilities.get(n, 0.0)) for n in labels] for f in films], dtype=np.float64)
@@ -67,7 +68,7 @@ def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[s
     at or above its threshold): sensitivity and specificity with Wilson 95% intervals; plus ECE."""
     import numpy as np
 
-    from cxr_node.calibration import expected_calibration_error, wilson_interval
+    from cxr_node.model.calibration import expected_calibration_error, wilson_interval
 
     def rate(k: int, n: int) -> dict:
         return {"value": k / n if n else None, "k": k, "n": n, "ci95": wilson_interval(k, n) if n else None}
@@ -98,7 +99,7 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
     """Fit a calibration for ``station`` on its labelled films (nothing stored). Raises
     CalibrationRefused below ``min_per_class`` labelled films of a critical class, or of films of no
     critical class. Another class with fewer films than that keeps the threshold in force."""
-    from cxr_node.calibration import fit_operating_points, softmax
+    from cxr_node.model.calibration import fit_operating_points, softmax
 
     films = labelled_films(session, station=station, model_version=model.version)
     if not films and session.scalar(select(ImageResult.id).where(ImageResult.station == station).limit(1)) is None:

@@ -2,9 +2,9 @@
 
 Used twice, through one code path for training and serving:
 
-* **eligibility** (:mod:`cxr_node.eligibility`): a film without two plausible lung fields (area,
+* **eligibility** (:mod:`cxr_node.eligibility.rules`): a film without two plausible lung fields (area,
   one on each side, position) is not a frontal human chest film and is refused with the reason;
-* **preprocessing** (:mod:`cxr_node.preprocess`): the classifier's input is cropped to the lungs'
+* **preprocessing** (:mod:`cxr_node.model.preprocess`): the classifier's input is cropped to the lungs'
   bounding box with a margin, so borders, text labels, markers and what lies outside the chest stop
   being evidence, and the Grad-CAM map is shown only inside the lungs.
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxr_node.config import BUNDLED_LUNG_CHECKPOINT
 from cxr_node.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ KIND = "lung-segmenter"
 ARCH = "monai-unet-2d"
 REQUIRED_META = ("kind", "arch", "channels", "strides", "num_res_units", "input_size", "threshold",
                  "plausibility", "metrics", "data_manifest_sha256", "version")
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "lung-unet.pt"
+DEFAULT_CHECKPOINT = BUNDLED_LUNG_CHECKPOINT
 
 #: Rules for "two plausible lung fields", as fractions of the segmenter's square input.
 #: Bounds chosen on the segmenter's validation films (see the lung model card); a checkpoint
@@ -170,7 +171,7 @@ def analyse_mask(prob: np.ndarray, threshold: float = 0.5,
 
 def read_segmenter_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and verify a lung-segmenter checkpoint (format, sha256, metadata); no model built."""
-    from cxr_node.model import read_verified
+    from cxr_node.model.checkpoint import read_verified
 
     ck = read_verified(path)
     meta = ck["meta"]

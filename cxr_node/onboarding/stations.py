@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 from sqlalchemy import select
 
-from cxr_node import audit
+from cxr_node.audit import trail as audit
 from cxr_node.config import Settings, Station
 from cxr_node.db.models import ImageResult, SiteCalibration, StationRow, utcnow
 from cxr_node.db.session import Database
@@ -177,7 +177,7 @@ def film_features(row: ImageResult, labels: Sequence[str],
                   probabilities: dict[str, float] | None = None) -> dict[str, float | None]:
     """The film's statistics; ``probabilities`` overrides the stored ones (a reference made for a
     new temperature)."""
-    from cxr_node.eligibility import category
+    from cxr_node.eligibility.rules import category
 
     st = row.image_stats or {}
     # refusals that say something about the films: pixels, lung fields, out of domain (not a

@@ -19,17 +19,19 @@ import threading
 import time
 from pathlib import Path
 
-from cxr_node import __version__, audit, stations
-from cxr_node.audit_backlog import AuditBacklog
+from cxr_node import __version__
+from cxr_node.audit import trail as audit
+from cxr_node.onboarding import stations
+from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning, exposure_warning
 from cxr_node.db.session import Database
 from cxr_node.errors import CxrNodeError, NetworkError
-from cxr_node.outbox import Outbox
-from cxr_node.pipeline import Processor
-from cxr_node.ingest import Ingest
-from cxr_node.receive import Receiver
-from cxr_node.scheduler import build_scheduler
-from cxr_node.spool import Spool
+from cxr_node.outbox.queue import Outbox
+from cxr_node.study.pipeline import Processor
+from cxr_node.receive.ingest import Ingest
+from cxr_node.receive.scp import Receiver
+from cxr_node.node.scheduler import build_scheduler
+from cxr_node.receive.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def serve(settings: Settings) -> int:
     outbox = Outbox(settings, db, incoming / "outbox")
     metrics = None
     if settings.metrics.port:
-        from cxr_node.metrics import Metrics
+        from cxr_node.ops.prometheus import Metrics
 
         metrics = Metrics(db)
     backlog = AuditBacklog(settings.storage.data_dir / "audit-backlog" / f"{node_id}.jsonl")

@@ -51,8 +51,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.config import NodeSettings, Settings
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
-from cxr_node.ingest import STATUS_SUCCESS, Header, Ingest, read_header
-from cxr_node.spool import is_valid_uid
+from cxr_node.receive.ingest import STATUS_SUCCESS, Header, Ingest, read_header
+from cxr_node.receive.spool import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ class Receiver:
         sweeps or recovers anything."""
         from pynetdicom import _config
 
-        from cxr_node.tls import server_context
+        from cxr_node.dicom.tls import server_context
 
         n = self.settings.node
         handlers = [

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cxr_node import audit
+from cxr_node.audit import trail as audit
 from cxr_node.db.models import utcnow
 
 log = logging.getLogger(__name__)

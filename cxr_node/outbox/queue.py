@@ -25,13 +25,13 @@ from typing import Iterable, Sequence
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from cxr_node import audit
+from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError, CxrNodeError
-from cxr_node.send import PERMANENT, SENT, FileToSend, SendOutcome, store_files
-from cxr_node.spool import Spool
+from cxr_node.outbox.send import PERMANENT, SENT, FileToSend, SendOutcome, store_files
+from cxr_node.receive.spool import Spool
 
 log = logging.getLogger(__name__)
 

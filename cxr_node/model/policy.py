@@ -28,7 +28,7 @@ class Decision:
 
 @dataclass(frozen=True)
 class Finding:
-    """A model's prediction (:class:`cxr_node.infer.Prediction`) with the policy's decision.
+    """A model's prediction (:class:`cxr_node.model.infer.Prediction`) with the policy's decision.
     Reads like the prediction (labels, probabilities, cam, ...) plus ``urgent``, ``priority``
     and ``reasons``."""
 
@@ -89,7 +89,7 @@ class TriagePolicy:
                    critical_labels=critical, normal_label=normal)
 
     def apply(self, prediction: Any) -> Finding:
-        """The decision for a :class:`cxr_node.infer.Prediction`, kept together with it."""
+        """The decision for a :class:`cxr_node.model.infer.Prediction`, kept together with it."""
         return Finding(prediction, self.decide(prediction.probabilities))
 
     def decide(self, probabilities: Sequence[float]) -> Decision:

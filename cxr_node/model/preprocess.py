@@ -17,7 +17,7 @@ The chain, for one film::
 
 The chain is defined once, in :func:`chain`; training, serving and the dictionary form
 (:class:`ApplyToKeys` over each array transform) all build from it. :func:`prepare` runs it for
-serving and keeps the display film and the lung fields (:mod:`cxr_node.lungs`); with
+serving and keeps the display film and the lung fields (:mod:`cxr_node.model.lungs`); with
 ``lung_crop`` set, the chain crops to the lungs after CLAHE. The one random transform here (``RandWindowJitter``) draws only
 from its own ``self.R`` so pipelines are seedable with ``set_random_state``.
 
@@ -60,7 +60,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "clahe_nbins": 256,
     "input_size": 224,
     "normalize": "zscore",
-    # None, or {"margin": 0.1, "segmenter_sha256": "<hex>"}: crop to the lung fields' box (see cxr_node.lungs)
+    # None, or {"margin": 0.1, "segmenter_sha256": "<hex>"}: crop to the lung fields' box (see cxr_node.model.lungs)
     "lung_crop": None,
 }
 #: Parameters added after version 1, with the value that reproduces older checkpoints.
@@ -478,7 +478,7 @@ class RandWindowJitterd(Randomizable, MapTransform):
 
 
 class LungCrop(Transform):
-    """Crop ``(1, H, W)`` to the lung fields' box grown by ``margin`` (:mod:`cxr_node.lungs`).
+    """Crop ``(1, H, W)`` to the lung fields' box grown by ``margin`` (:mod:`cxr_node.model.lungs`).
 
     The segmenter is the bundled one (or ``checkpoint``), loaded once per process; when
     ``segmenter_sha256`` is given, a segmenter with other weights is refused, so a classifier is
@@ -496,7 +496,7 @@ class LungCrop(Transform):
     def segmenter(self):
         if self._segmenter is None:
             from cxr_node.errors import CheckpointError
-            from cxr_node.lungs import shared_segmenter
+            from cxr_node.model.lungs import shared_segmenter
 
             seg = shared_segmenter(self.checkpoint)
             if self.segmenter_sha256 and seg.weights_sha256 != self.segmenter_sha256:
@@ -507,7 +507,7 @@ class LungCrop(Transform):
 
     def analyse_and_crop(self, img: np.ndarray, fields=None):  # noqa: ANN001 - LungFields
         """``(1, H, W)`` -> (cropped image, the LungFields found, the box used or None)."""
-        from cxr_node.lungs import crop
+        from cxr_node.model.lungs import crop
 
         fields = fields if fields is not None else self.segmenter.analyse(img)
         box = fields.crop_box(self.margin) if fields.box is not None else None
@@ -571,14 +571,14 @@ class Prepared:
 
     x: torch.Tensor                  # (1, S, S) model input
     display: np.ndarray              # (H, W) in [0, 1]: the film as a person sees it (no CLAHE)
-    lungs: Any = None                # cxr_node.lungs.LungFields, when a segmenter ran
+    lungs: Any = None                # cxr_node.model.lungs.LungFields, when a segmenter ran
     box: tuple[float, float, float, float] | None = None  # the crop applied (fractions of display)
 
 
 def prepare(src: Any, params: Mapping[str, Any], segmenter: Any = None) -> Prepared:
     """Decode once and run :func:`chain`, keeping the display film and the lung fields.
 
-    ``segmenter`` (a :class:`cxr_node.lungs.LungSegmenter`) analyses the lungs even when the
+    ``segmenter`` (a :class:`cxr_node.model.lungs.LungSegmenter`) analyses the lungs even when the
     checkpoint does not crop, for the eligibility rules; a cropping chain uses it for its crop."""
     display, lungs, box, img = None, None, None, src
     for step in chain(params):

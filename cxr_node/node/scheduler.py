@@ -11,7 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from sqlalchemy.exc import SQLAlchemyError
 
-from cxr_node import studies
+from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
 from cxr_node.errors import db_error_text
@@ -114,7 +114,7 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
     if backlog is not None:
         add("audit-backlog", "audit backlog replay", lambda: backlog.replay(db), seconds=2)
     if settings.retention.enabled:
-        from cxr_node.retention import run_retention
+        from cxr_node.ops.retention import run_retention
 
         add("retention", "retention job", lambda: run_retention(settings, db), hours=1)
     return sched

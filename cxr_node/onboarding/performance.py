@@ -82,7 +82,7 @@ def labelled_films(session, *, station: str | None = None, since: dt.datetime | 
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
-    from cxr_node.calibration import wilson_interval
+    from cxr_node.model.calibration import wilson_interval
 
     return {"value": (k / n) if n else None, "k": k, "n": n, "ci95": wilson_interval(k, n) if n else None}
 
@@ -102,7 +102,7 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
             n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     import numpy as np
 
-    from cxr_node.calibration import bootstrap_binary_auc, expected_calibration_error
+    from cxr_node.model.calibration import bootstrap_binary_auc, expected_calibration_error
 
     labels = list(labels)
     report: dict[str, Any] = {"films": len(films), "labels": labels, "critical_labels": list(critical)}
@@ -202,7 +202,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from cxr_node.calibration import roc_curve
+    from cxr_node.model.calibration import roc_curve
 
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = report["labels"]

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from sqlalchemy import select
 
-from cxr_node import audit
+from cxr_node.audit import trail as audit
 from cxr_node.db.models import Feedback, ImageResult, Instance, Study, utcnow
 from cxr_node.errors import CxrNodeError
 

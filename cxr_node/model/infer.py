@@ -4,12 +4,12 @@
     x = predictor.preprocess("film.dcm")           # (1, S, S) tensor, the checkpoint's preprocessing
     [pred] = predictor.predict([x])                 # or a (B, 1, S, S) batch
     pred.top_label, pred.probabilities, pred.cam, pred.ood_score
-    finding = predictor.policy.apply(pred)         # + urgent flag and priority (cxr_node.triage)
+    finding = predictor.policy.apply(pred)         # + urgent flag and priority (cxr_node.model.policy)
 
 Probabilities are ``softmax(logits / temperature)`` with the checkpoint's temperature. A
 :class:`Prediction` holds only what the model said; the urgent flag and priority are the triage
-policy's (:class:`cxr_node.triage.TriagePolicy`, the checkpoint's operating points), and whether a
-film is analysed at all is :mod:`cxr_node.eligibility`'s. A Predictor is not thread-safe (Grad-CAM hooks live on it): give each worker its own, or
+policy's (:class:`cxr_node.model.policy.TriagePolicy`, the checkpoint's operating points), and whether a
+film is analysed at all is :mod:`cxr_node.eligibility.rules`'s. A Predictor is not thread-safe (Grad-CAM hooks live on it): give each worker its own, or
 serialise calls.
 """
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from cxr_node.errors import CheckpointError, PreprocessError
-from cxr_node.model import GRADCAM_LAYERS, load_checkpoint, read_verified, resolve_device
-from cxr_node.triage import TriagePolicy
+from cxr_node.model.checkpoint import GRADCAM_LAYERS, load_checkpoint, read_verified, resolve_device
+from cxr_node.model.policy import TriagePolicy
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Predictor:
     def preprocess(self, src: Any) -> torch.Tensor:
         """A path (DICOM/PNG/JPEG) or pydicom Dataset -> (1, S, S) tensor; PreprocessError if unusable."""
         if self._preprocess is None:
-            from cxr_node.preprocess import preprocess_transform
+            from cxr_node.model.preprocess import preprocess_transform
 
             self._preprocess = preprocess_transform(self.params)
         try:
@@ -171,7 +171,7 @@ class Predictor:
 
     def preprocess_with_display(self, src: Any) -> tuple[torch.Tensor, np.ndarray]:
         """Like :meth:`preprocess`, plus the film for display (H, W) in [0, 1]; decodes once."""
-        from cxr_node.preprocess import preprocess_with_display
+        from cxr_node.model.preprocess import preprocess_with_display
 
         return preprocess_with_display(src, self.params)
 

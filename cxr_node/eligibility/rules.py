@@ -6,11 +6,11 @@ A film is analysed only when all of these hold, checked in this order (cheap fir
 2. **Header**: ``BodyPartExamined`` empty or a chest value (``[eligibility] body_parts``) and
    ``ViewPosition`` empty or frontal (``[eligibility] views``). Cheap and self-explaining, but a
    header saying CHEST/PA does not make a film eligible by itself.
-3. **Pixels**: usable (decodes, 2-D greyscale, large enough, not flat: :mod:`cxr_node.preprocess`).
-4. **Lung fields** (:mod:`cxr_node.lungs`): two plausible lung fields (area, one on each side,
+3. **Pixels**: usable (decodes, 2-D greyscale, large enough, not flat: :mod:`cxr_node.model.preprocess`).
+4. **Lung fields** (:mod:`cxr_node.model.lungs`): two plausible lung fields (area, one on each side,
    height, confidence).
 5. **Training distribution**: the classifier's own features are close enough to its training
-   films (:class:`cxr_node.infer.OodReference`, threshold chosen on validation films).
+   films (:class:`cxr_node.model.infer.OodReference`, threshold chosen on validation films).
 
 A refused film gets no probabilities presented as a finding and no urgent flag; its reason is
 audited (``image.skipped``), counted, and named in the study's SR.
@@ -67,7 +67,7 @@ def _header_text(ds: Any, keyword: str) -> str:
 
 
 def lung_reason(lungs: Any) -> str | None:
-    """None when two plausible lung fields were found (a :class:`cxr_node.lungs.LungFields`)."""
+    """None when two plausible lung fields were found (a :class:`cxr_node.model.lungs.LungFields`)."""
     return None if lungs is None else lungs.reason
 
 

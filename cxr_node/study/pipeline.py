@@ -1,20 +1,20 @@
 """Processing complete studies: the stages in order, readable top to bottom in :meth:`Processor.run_studies`.
 
     load         claim queued studies, read each film's header from the spool
-    eligibility  header rules (cxr_node.eligibility): SOP class, body part, view
-    preprocess   the one MONAI chain (cxr_node.preprocess.prepare): LUTs, CLAHE, lung fields,
+    eligibility  header rules (cxr_node.eligibility.rules): SOP class, body part, view
+    preprocess   the one MONAI chain (cxr_node.model.preprocess.prepare): LUTs, CLAHE, lung fields,
                  lung crop when the model was trained with it, resize; films without two
                  plausible lung fields are refused here
-    infer        probabilities, out-of-domain score, Grad-CAM (cxr_node.infer), in batches;
+    infer        probabilities, out-of-domain score, Grad-CAM (cxr_node.model.infer), in batches;
                  films outside the training distribution are refused here
-    triage       operating points -> urgent flag and priority (cxr_node.triage.Finding); a study
-                 from a station with a site calibration (cxr_node.stations) uses that
+    triage       operating points -> urgent flag and priority (cxr_node.model.policy.Finding); a study
+                 from a station with a site calibration (cxr_node.onboarding.stations) uses that
                  station's temperature and operating points, and its results say so
     encode       a Secondary Capture per analysed film, one SR per study naming refused films
     enqueue      the outbox (durable) for every destination, unless the study's station is in
                  shadow mode (results kept, nothing sent)
-    record       image results, audit rows, and the study's state (cxr_node.studies), in one transaction
-    drift        each station's recent films against its reference (cxr_node.stations.check_drift)
+    record       image results, audit rows, and the study's state (cxr_node.study.states), in one transaction
+    drift        each station's recent films against its reference (cxr_node.onboarding.stations.check_drift)
 
 Runs in a scheduler worker thread, never in a receiving thread. The models are loaded once.
 """
@@ -32,12 +32,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 
-from cxr_node import audit, eligibility, stations, studies
+from cxr_node.audit import trail as audit
+from cxr_node.eligibility import rules as eligibility
+from cxr_node.onboarding import stations
+from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import CheckpointError, PreprocessError
-from cxr_node.outbox import Outbox
+from cxr_node.outbox.queue import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +54,10 @@ class Film:
     ds: Dataset
     x: object = None        # preprocessed tensor
     display: object = None  # film for the overlay
-    lungs: object = None    # cxr_node.lungs.LungFields
+    lungs: object = None    # cxr_node.model.lungs.LungFields
     box: object = None      # lung crop applied to the model input, or None
-    prediction: object = None  # cxr_node.infer.Prediction, then cxr_node.triage.Finding
-    refused: str | None = None  # why this film was not analysed (cxr_node.eligibility)
+    prediction: object = None  # cxr_node.model.infer.Prediction, then cxr_node.model.policy.Finding
+    refused: str | None = None  # why this film was not analysed (cxr_node.eligibility.rules)
     stats: dict | None = None   # image size and intensity, for drift
 
 
@@ -64,7 +67,7 @@ class StudyWork:
     version: int
     films: list[Film] = field(default_factory=list)                       # candidates for triage
     skipped: list[tuple[Instance, str]] = field(default_factory=list)     # never candidates
-    station: object = None      # cxr_node.stations.StationRef
+    station: object = None      # cxr_node.onboarding.stations.StationRef
     calibration: object = None  # the station's SiteCalibration for these weights, or None
     model: object = None        # the ModelIdentity its results carry (thresholds, calibration)
 
@@ -101,8 +104,8 @@ class Processor:
     def _load(self):
         if self._predictor is None:
             from cxr_node.encode.identity import ModelIdentity
-            from cxr_node.infer import Predictor
-            from cxr_node.lungs import LungSegmenter
+            from cxr_node.model.infer import Predictor
+            from cxr_node.model.lungs import LungSegmenter
 
             ckpt = self.settings.model.checkpoint
             if not Path(ckpt).is_file():
@@ -228,7 +231,7 @@ class Processor:
     def preprocess(self, predictor, films: list[Film]) -> None:
         import numpy as np
 
-        from cxr_node.preprocess import prepare
+        from cxr_node.model.preprocess import prepare
 
         check = self.settings.eligibility.check_pixels
         for film in films:
@@ -305,8 +308,8 @@ class Processor:
 
         import numpy as np
 
-        from cxr_node.calibration import logits_from, softmax
-        from cxr_node.triage import TriagePolicy
+        from cxr_node.model.calibration import logits_from, softmax
+        from cxr_node.model.policy import TriagePolicy
 
         cal = cals.get(w.station.name) if w.station is not None else None
         if cal is not None and cal.weights_sha256 != predictor.weights_sha256:

@@ -8,8 +8,8 @@ from typing import Any, TextIO
 
 from sqlalchemy import exists, func, select
 
-from cxr_node import eligibility
-from cxr_node.audit_backlog import AuditBacklog
+from cxr_node.eligibility import rules as eligibility
+from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning
 from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, SiteCalibration, StationRow, Study, utcnow
 from cxr_node.db.session import Database
@@ -74,7 +74,7 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
 
 
 def station_status(settings: Settings, row: StationRow, cal: SiteCalibration | None) -> dict[str, Any]:
-    from cxr_node import stations
+    from cxr_node.onboarding import stations
 
     d = row.drift_detail or {}
     return {"name": row.name, "ae_title": row.ae_title, "mode": stations.mode_of(settings, row.name),
