@@ -23,6 +23,7 @@ from cxr_node.study import states as studies
 from cxr_node.db.migrate import upgrade
 from cxr_node.db.models import Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.eligibility.refusal import RefusalCode
 from cxr_node.errors import PreprocessError
 from cxr_node.model.preprocess import dicom_to_float
 
@@ -48,8 +49,8 @@ def test_each_malformed_header_value_is_a_refusal_not_an_exception(kind, tmp_pat
         dicom_to_float(ds)
     reason = str(e.value)
     assert reason.startswith("unusable header") or "cannot be decoded" in reason, reason
-    assert eligibility.category(reason if reason.startswith("unusable header") else f"unusable pixels: {reason}") in (
-        "unreadable", "pixels")
+    refusal = eligibility.preprocess_refusal(e.value)  # what the pipeline records
+    assert refusal.code == (RefusalCode.UNREADABLE if reason.startswith("unusable header") else RefusalCode.PIXELS)
 
 
 class _Unreadable(dict):
@@ -69,7 +70,7 @@ class _Unreadable(dict):
 def test_header_rules_name_an_unreadable_element_never_its_value(keyword):
     reason = eligibility.header_reason(_Unreadable(keyword))
     assert reason == f"unusable header: {keyword} cannot be read (ValueError)"
-    assert eligibility.category(reason) == "unreadable"
+    assert reason.code == RefusalCode.UNREADABLE
 
 
 # --------------------------------------------------------------------------- the state machine, in process

@@ -174,7 +174,8 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
             rows.append(row)
             continue
         if reason:
-            row["refused"] = reason
+            row["refused"] = str(reason)
+            row["refusal_code"] = reason.code.value
             sys.stderr.write(f"cxr-node triage: {f}: not analysed: {reason} (--any-film analyses it anyway)\n")
             rows.append(row)
             log.info("not analysed %s: %s", path.name, reason)

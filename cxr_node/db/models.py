@@ -121,7 +121,8 @@ class ImageResult(Base):
     study_version: Mapped[int] = mapped_column(Integer)
     sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     analysed: Mapped[bool] = mapped_column(Boolean)
-    reason: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)  # for people; never parsed
+    refusal_code: Mapped[str | None] = mapped_column(String(32), index=True)  # RefusalCode value (0008)
     model_version: Mapped[str | None] = mapped_column(String(128))
     top_label: Mapped[str | None] = mapped_column(String(64))
     urgent: Mapped[bool | None] = mapped_column(Boolean)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from cxr_node.eligibility.refusal import Refusal, RefusalCode
+
 from pydicom.uid import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                          DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
 
@@ -31,68 +33,78 @@ OUTSIDE_DISTRIBUTION = "outside the training distribution"
 UNUSABLE_HEADER = "unusable header"
 
 
-def sop_class_reason(sop_class_uid: str) -> str | None:
+def sop_class_reason(sop_class_uid: str) -> Refusal | None:
     if sop_class_uid in TRIAGE_SOP_CLASSES:
         return None
     from pydicom.uid import UID
 
-    return f"SOP class {UID(sop_class_uid).name or sop_class_uid} is not a radiograph class cxr-node triages"
+    return Refusal(RefusalCode.SOP_CLASS,
+                   f"SOP class {UID(sop_class_uid).name or sop_class_uid} is not a radiograph class cxr-node triages")
 
 
 def header_reason(ds: Any, body_parts: Sequence[str] = DEFAULT_BODY_PARTS,
-                  views: Sequence[str] = DEFAULT_VIEWS) -> str | None:
+                  views: Sequence[str] = DEFAULT_VIEWS) -> Refusal | None:
     """None when the header allows a frontal chest film, else why it is not analysed. An element
-    that cannot be read is a refusal too (``unusable header``), never an exception."""
+    that cannot be read is a refusal too (``unreadable``), never an exception."""
     body = _header_text(ds, "BodyPartExamined")
-    if body.startswith(UNUSABLE_HEADER):
+    if isinstance(body, Refusal):
         return body
     if body and body not in body_parts:
-        return f"BodyPartExamined is {body}, not a chest value ({', '.join(body_parts[:4])}...)"
+        return Refusal(RefusalCode.HEADER,
+                       f"BodyPartExamined is {body}, not a chest value ({', '.join(body_parts[:4])}...)")
     view = _header_text(ds, "ViewPosition")
-    if view.startswith(UNUSABLE_HEADER):
+    if isinstance(view, Refusal):
         return view
     if view and view not in views:
-        return f"ViewPosition is {view}: only frontal ({'/'.join(views[:2])}) films are analysed"
+        return Refusal(RefusalCode.HEADER,
+                       f"ViewPosition is {view}: only frontal ({'/'.join(views[:2])}) films are analysed")
     return None
 
 
-def _header_text(ds: Any, keyword: str) -> str:
-    """The element as upper-case text ('' when absent), or an ``unusable header`` reason when
-    pydicom cannot read it (the reason names the element, never its value)."""
+def _header_text(ds: Any, keyword: str) -> str | Refusal:
+    """The element as upper-case text ('' when absent), or an ``unreadable`` refusal when pydicom
+    cannot read it (the text names the element, never its value)."""
     try:
         text = str(ds.get(keyword, "") or "").strip().upper()
         return "".join(c if c.isprintable() else "?" for c in text)
     except Exception as e:  # pydicom converts values lazily and raises many types for malformed ones
-        return f"{UNUSABLE_HEADER}: {keyword} cannot be read ({type(e).__name__})"
+        return unreadable(f"{UNUSABLE_HEADER}: {keyword} cannot be read ({type(e).__name__})")
 
 
-def lung_reason(lungs: Any) -> str | None:
+def unreadable(text: str) -> Refusal:
+    """The spooled file, or a header element the chain needs, cannot be read."""
+    return Refusal(RefusalCode.UNREADABLE, text)
+
+
+def unusable_pixels(text: str) -> Refusal:
+    """The pixels cannot be used (decoding, colour, size, blank) or the model could not take them."""
+    return Refusal(RefusalCode.PIXELS, text if text.startswith("unusable pixels") else f"unusable pixels: {text}")
+
+
+def preprocess_refusal(error: Exception) -> Refusal:
+    """The refusal for a :class:`cxr_node.errors.PreprocessError` (its ``code`` when it carries one)."""
+    code = getattr(error, "code", None)
+    if code == RefusalCode.UNREADABLE:
+        return unreadable(str(error))
+    return unusable_pixels(str(error))
+
+
+def lung_reason(lungs: Any) -> Refusal | None:
     """None when two plausible lung fields were found (a :class:`cxr_node.model.lungs.LungFields`)."""
-    return None if lungs is None else lungs.reason
+    if lungs is None or lungs.reason is None:
+        return None
+    return Refusal(RefusalCode.NO_LUNG_FIELDS, lungs.reason)
 
 
-def ood_reason(score: float | None, threshold: float | None) -> str | None:
+def ood_reason(score: float | None, threshold: float | None) -> Refusal | None:
     if score is None or threshold is None or score <= threshold:
         return None
-    return f"{OUTSIDE_DISTRIBUTION} (score {score:.1f}, threshold {threshold:.1f})"
+    return Refusal(RefusalCode.OUT_OF_DOMAIN, f"{OUTSIDE_DISTRIBUTION} (score {score:.1f}, threshold {threshold:.1f})")
 
 
-def pixel_reason(lungs: Any, score: float | None, threshold: float | None) -> str | None:
-    """The pixel rules (4, 5) together, as serving applies them."""
+def pixel_reason(lungs: Any, score: float | None, threshold: float | None) -> Refusal | None:
+    """The pixel rules (4, 5) together, in the pipeline's order (training's out-of-domain report)."""
     return lung_reason(lungs) or ood_reason(score, threshold)
-
-
-#: Short names for the kinds of refusal (status, metrics, SR codes), by a phrase of the reason.
-CATEGORIES = ((UNUSABLE_HEADER, "unreadable"), ("SOP class", "sop_class"), ("BodyPartExamined", "header"), ("ViewPosition", "header"),
-              ("unusable pixels", "pixels"), ("cannot read", "unreadable"), (OUTSIDE_DISTRIBUTION, "out_of_domain"),
-              ("lung field", "no_lung_fields"), ("lung area", "no_lung_fields"), ("lung shape", "no_lung_fields"),
-              ("one lung", "no_lung_fields"))
-
-
-def category(reason: str | None) -> str:
-    """The kind of a refusal reason: sop_class, header, pixels, unreadable (the file or a header
-    element cannot be read), no_lung_fields, out_of_domain or other."""
-    return next((c for phrase, c in CATEGORIES if reason and phrase in reason), "other")
 
 
 def settings_rules(settings: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from cxr_node.encode.identity import DEVICE_NAME, MANUFACTURER, ModelIdentity, contributing_equipment, with_type2
+from cxr_node.eligibility.refusal import Refusal, RefusalCode
 
 SR_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "cxr-node triage report - NOT FOR DIAGNOSTIC USE"
@@ -56,28 +57,27 @@ def probability_code(label: str) -> Code:
 
 NOT_ANALYSED = Code("NOTANALYSED", PRIVATE_SCHEME, "Not analysed")
 REASON_NOT_ANALYSED = Code("REASON", PRIVATE_SCHEME, "Reason not analysed")
-#: Coded reason per refusal kind (cxr_node.eligibility.category); the full reason is in the audit trail.
+#: Coded reason per refusal code (cxr_node.eligibility.refusal.RefusalCode); the text is in the audit trail.
 _NO_LUNGS = Code("NOLUNGS", PRIVATE_SCHEME, "No plausible lung fields found")
 REASON_CODES = {
-    "no_lung_fields": _NO_LUNGS,
-    "out_of_domain": Code("OOD", PRIVATE_SCHEME, "Outside the model's training distribution"),
-    "header": Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film"),
-    "pixels": Code("PIXELS", PRIVATE_SCHEME, "Pixels unusable"),
-    "unreadable": Code("UNREADABLE", PRIVATE_SCHEME, "File or header element unreadable"),
+    RefusalCode.NO_LUNG_FIELDS: _NO_LUNGS,
+    RefusalCode.OUT_OF_DOMAIN: Code("OOD", PRIVATE_SCHEME, "Outside the model's training distribution"),
+    RefusalCode.HEADER: Code("HEADER", PRIVATE_SCHEME, "Header: not a frontal chest film"),
+    RefusalCode.PIXELS: Code("PIXELS", PRIVATE_SCHEME, "Pixels unusable"),
+    RefusalCode.UNREADABLE: Code("UNREADABLE", PRIVATE_SCHEME, "File or header element unreadable"),
 }
 OTHER_REASON = Code("OTHER", PRIVATE_SCHEME, "Not analysed for another reason")
 
 
-def reason_code(reason: str) -> Code:
-    from cxr_node.eligibility.rules import category
-
-    return REASON_CODES.get(category(reason), OTHER_REASON)
+def reason_code(refusal: Refusal) -> Code:
+    """The SR's coded reason for a refusal: from its code, never from its wording."""
+    return REASON_CODES.get(refusal.code, OTHER_REASON)
 
 
 @dataclass(frozen=True)
 class RefusedFilm:
     source: Dataset        # the film as received (header)
-    reason: str            # why it was not analysed (cxr_node.eligibility.rules)
+    reason: Refusal        # why it was not analysed: the code is what the SR carries
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,8 @@ def header_value(ds: Dataset, keyword: str, convert: Any, default: Any = None) -
     except PreprocessError:
         raise
     except Exception as e:  # pydicom converts lazily and raises many types for malformed values
-        raise PreprocessError(f"unusable header: {keyword} cannot be read ({type(e).__name__})") from e
+        raise PreprocessError(f"unusable header: {keyword} cannot be read ({type(e).__name__})",
+                              code="unreadable") from e
 
 
 def _int_value(value: Any) -> int:
@@ -199,13 +200,15 @@ def dicom_to_float(ds: Dataset, percentiles: Sequence[float] = (0.5, 99.5), min_
     try:
         x = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     except Exception as e:  # a malformed Modality LUT Sequence or rescale values
-        raise PreprocessError(f"unusable header: the Modality LUT cannot be applied ({type(e).__name__})") from e
+        raise PreprocessError(f"unusable header: the Modality LUT cannot be applied ({type(e).__name__})",
+                              code="unreadable") from e
     try:
         y = _voi(ds, x, percentiles)
     except PreprocessError:
         raise
     except Exception as e:  # a malformed VOI LUT Sequence, window or VOI LUT Function
-        raise PreprocessError(f"unusable header: the VOI LUT or window cannot be applied ({type(e).__name__})") from e
+        raise PreprocessError(f"unusable header: the VOI LUT or window cannot be applied ({type(e).__name__})",
+                              code="unreadable") from e
     if header_value(ds, "PhotometricInterpretation", lambda v: str(v).strip().upper(), "") == "MONOCHROME1":
         y = 1.0 - y
     if not np.all(np.isfinite(y)) or float(y.max()) - float(y.min()) <= 0:

@@ -28,6 +28,7 @@ from cxr_node.audit import trail as audit
 from cxr_node.config import Settings, Station
 from cxr_node.db.models import ImageResult, SiteCalibration, StationRow, utcnow
 from cxr_node.db.session import Database
+from cxr_node.eligibility.refusal import RefusalCode
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +174,20 @@ PROB_PREFIX = "p:"
 FEATURES_FIXED = ("ood_score", "refused", "rows", "cols", "intensity_mean", "intensity_std")
 
 
+def _refusal_code(row: Any) -> RefusalCode:
+    """A result row's refusal code (the stored column; an in-memory row may carry a Refusal)."""
+    return RefusalCode.of(getattr(row, "refusal_code", None) or getattr(row.reason, "code", None))
+
+
 def film_features(row: ImageResult, labels: Sequence[str],
                   probabilities: dict[str, float] | None = None) -> dict[str, float | None]:
     """The film's statistics; ``probabilities`` overrides the stored ones (a reference made for a
     new temperature)."""
-    from cxr_node.eligibility.rules import category
-
     st = row.image_stats or {}
     # refusals that say something about the films: pixels, lung fields, out of domain (not a
     # lateral view or a non-image object in the study)
     refused = 0.0 if row.analysed else (
-        1.0 if category(row.reason) in ("pixels", "no_lung_fields", "out_of_domain") else None)
+        1.0 if _refusal_code(row).is_pixel_rule else None)
     f: dict[str, float | None] = {
         "refused": refused,
         "ood_score": row.ood_score,

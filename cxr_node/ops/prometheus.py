@@ -48,7 +48,7 @@ class _DatabaseCollector:
         from sqlalchemy import func, select
 
         from cxr_node.db.models import ImageResult, OutboxItem, StationRow, Study
-        from cxr_node.eligibility.rules import category
+        from cxr_node.eligibility.refusal import RefusalCode
 
         studies = GaugeMetricFamily("cxr_node_studies", "Studies by state", labels=["state"])
         outbox = GaugeMetricFamily("cxr_node_outbox_items", "Outbox items by state", labels=["state"])
@@ -66,9 +66,10 @@ class _DatabaseCollector:
                     studies.add_metric([state], n)
                 counts = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
                 kinds: dict[str, int] = {}
-                for reason, n in s.execute(select(ImageResult.reason, func.count())
-                                           .where(ImageResult.analysed.is_(False)).group_by(ImageResult.reason)):
-                    kinds[category(reason)] = kinds.get(category(reason), 0) + n
+                for code, n in s.execute(select(ImageResult.refusal_code, func.count())
+                                         .where(ImageResult.analysed.is_(False)).group_by(ImageResult.refusal_code)):
+                    kind = RefusalCode.of(code).value
+                    kinds[kind] = kinds.get(kind, 0) + n
                 station_rows = [(r.name, r.mode, r.drift_state, dict((r.drift_detail or {}).get("psi") or {}))
                                 for r in s.scalars(select(StationRow))]
         except Exception as e:  # a scrape must not take the daemon down; the log says why it is empty

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from sqlalchemy import exists, func, select
 
-from cxr_node.eligibility import rules as eligibility
+from cxr_node.eligibility.refusal import RefusalCode
 from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning
 from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, SiteCalibration, StationRow, Study, utcnow
@@ -36,8 +36,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                             .order_by(AuditEvent.id.desc()).limit(1)).first()
         model = s.scalars(select(AuditEvent).where(AuditEvent.event == "image.triaged")
                           .order_by(AuditEvent.id.desc()).limit(1)).first()
-        refused_reasons = s.execute(select(ImageResult.reason, func.count()).where(ImageResult.analysed.is_(False))
-                                    .group_by(ImageResult.reason)).all()
+        refused_codes = s.execute(select(ImageResult.refusal_code, func.count())
+                                  .where(ImageResult.analysed.is_(False)).group_by(ImageResult.refusal_code)).all()
         never_queued = s.scalar(select(func.count()).select_from(Study).where(
             Study.last_sr_uid.is_not(None), ~exists().where(OutboxItem.study_uid == Study.study_uid)))
         station_rows = list(s.scalars(select(StationRow).order_by(StationRow.name)))
@@ -45,8 +45,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
     now = utcnow()
     backlog = audit_backlog_count(settings)
     not_analysed: dict[str, int] = {}
-    for reason, n in refused_reasons:
-        k = eligibility.category(reason)
+    for code, n in refused_codes:
+        k = RefusalCode.of(code).value
         not_analysed[k] = not_analysed.get(k, 0) + n
     running = started is not None and started.event == "node.started"
     station_list = [station_status(settings, r, cals.get(r.name)) for r in station_rows]

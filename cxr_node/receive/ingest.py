@@ -134,7 +134,8 @@ class Ingest:
             version = studies.note_instance(s, h.study_uid, h.patient_id, now, a.get("association_id"))
             s.add(Instance(sop_instance_uid=h.sop_instance_uid, study_uid=h.study_uid, series_uid=h.series_uid,
                            sop_class_uid=h.sop_class_uid, transfer_syntax=ts, path=str(rel), bytes=size,
-                           patient_id=h.patient_id, triage_eligible=reason is None, not_for_triage_reason=reason,
+                           patient_id=h.patient_id, triage_eligible=reason is None,
+                           not_for_triage_reason=reason.text if reason else None,
                            study_version=version, association_id=a.get("association_id"),
                            calling_aet=a.get("calling_aet"), received_at=now))
             common = dict(study_uid=h.study_uid, series_uid=h.series_uid, sop_instance_uid=h.sop_instance_uid,
@@ -142,7 +143,8 @@ class Ingest:
             audit.record(s, event, ts=now, transfer_syntax=ts, bytes=size, status=STATUS_SUCCESS,
                          detail={"path": str(rel), "study_version": version}, **common)
             if reason:
-                audit.record(s, "instance.not_for_triage", ts=now, reason=reason, **common)
+                audit.record(s, "instance.not_for_triage", ts=now, reason=reason.text,
+                             detail={"refusal_code": reason.code.value}, **common)
 
     def _record_duplicate(self, h: Header, size: int, assoc: AssociationInfo | None) -> None:
         with self.db.transaction() as s:

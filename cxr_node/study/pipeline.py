@@ -39,6 +39,7 @@ from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.errors import CheckpointError, PreprocessError
 from cxr_node.outbox.queue import Outbox
 
@@ -57,7 +58,7 @@ class Film:
     lungs: object = None    # cxr_node.model.lungs.LungFields
     box: object = None      # lung crop applied to the model input, or None
     prediction: object = None  # cxr_node.model.infer.Prediction, then cxr_node.model.policy.Finding
-    refused: str | None = None  # why this film was not analysed (cxr_node.eligibility.rules)
+    refused: Refusal | None = None  # why this film was not analysed (code + text)
     stats: dict | None = None   # image size and intensity, for drift
 
 
@@ -66,7 +67,7 @@ class StudyWork:
     study_uid: str
     version: int
     films: list[Film] = field(default_factory=list)                       # candidates for triage
-    skipped: list[tuple[Instance, str]] = field(default_factory=list)     # never candidates
+    skipped: list[tuple[Instance, Refusal]] = field(default_factory=list)  # never candidates
     station: object = None      # cxr_node.onboarding.stations.StationRef
     calibration: object = None  # the station's SiteCalibration for these weights, or None
     model: object = None        # the ModelIdentity its results carry (thresholds, calibration)
@@ -211,12 +212,14 @@ class Processor:
                                        .order_by(Instance.received_at)))
         for inst in instances:
             if not inst.triage_eligible:
-                work.skipped.append((inst, inst.not_for_triage_reason or "not a triage SOP class"))
+                work.skipped.append((inst, Refusal(RefusalCode.SOP_CLASS,
+                                                   inst.not_for_triage_reason or "not a triage SOP class")))
                 continue
             try:
                 ds = dcmread(self.settings.storage.spool_dir / inst.path)
             except Exception as e:  # the file was valid on receipt; anything now is an I/O or decode fault
-                work.skipped.append((inst, f"cannot read the spooled file: {type(e).__name__}: {e}"))
+                work.skipped.append((inst, eligibility.unreadable(
+                    f"cannot read the spooled file: {type(e).__name__}: {e}")))
                 continue
             if work.station is None:
                 work.station = stations.resolve(self.settings, inst.calling_aet, _get(ds, "StationName"),
@@ -240,13 +243,13 @@ class Processor:
             try:
                 pr = prepare(film.ds, predictor.params, self._segmenter)
             except PreprocessError as e:
-                film.refused = str(e) if str(e).startswith(eligibility.UNUSABLE_HEADER) else f"unusable pixels: {e}"
+                film.refused = eligibility.preprocess_refusal(e)
                 continue
             except Exception as e:  # a fault the preprocessing rules did not name: this film only
                 log.warning("film %s: preprocessing failed (%s); refused", film.instance.sop_instance_uid,
                             type(e).__name__)
                 log.debug("preprocessing failure", exc_info=True)
-                film.refused = f"unusable pixels: preprocessing failed ({type(e).__name__})"
+                film.refused = eligibility.unusable_pixels(f"preprocessing failed ({type(e).__name__})")
                 continue
             film.x, film.display, film.lungs, film.box = pr.x, pr.display, pr.lungs, pr.box
             d = np.asarray(pr.display, dtype=np.float64)  # the film in [0, 1], for drift
@@ -283,7 +286,8 @@ class Processor:
                 log.warning("film %s: the model could not analyse it (%s); refused",
                             film.instance.sop_instance_uid, type(e).__name__)
                 log.debug("inference failure", exc_info=True)
-                film.refused = f"unusable pixels: the model could not analyse the film ({type(e).__name__})"
+                film.refused = eligibility.unusable_pixels(
+                    f"the model could not analyse the film ({type(e).__name__})")
                 return [None]
             return [p for f in batch for p in Processor._predict(predictor, [f])]
 
@@ -371,12 +375,13 @@ class Processor:
             for inst, reason in not_analysed:
                 film = next((f for f in w.refused if f.instance is inst), None)
                 s.add(ImageResult(study_uid=w.study_uid, study_version=w.version, sop_instance_uid=inst.sop_instance_uid,
-                                  analysed=False, reason=reason, created_at=now, station=ref.name,
+                                  analysed=False, reason=reason.text, refusal_code=reason.code.value,
+                                  created_at=now, station=ref.name,
                                   image_stats=stats.get(inst.sop_instance_uid),
                                   ood_score=getattr(film.prediction, "ood_score", None) if film else None))
                 audit.record(s, "image.skipped", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
-                             sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason,
-                             detail={"version": w.version})
+                             sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason.text,
+                             detail={"version": w.version, "refusal_code": reason.code.value})
             sc_uids = iter(d.sop_instance_uid for d in written if d.kind == "sc")
             for film in analysed:
                 p, sc_uid = film.prediction, next(sc_uids)
@@ -414,7 +419,7 @@ class Processor:
             if accession:
                 st.accession_number = accession[:16]
             reason = None if analysed else ("no frontal chest film to analyse" if not w.films
-                                            else "no film was analysed: " + "; ".join(f.refused for f in w.refused))
+                                            else "no film was analysed: " + "; ".join(f.refused.text for f in w.refused))
             if studies.finish(s, st, w.version, reason=reason, **detail):
                 st.priority, st.processed_version, st.last_error = priority, w.version, None
             else:
