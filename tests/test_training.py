@@ -202,7 +202,7 @@ def test_metrics_against_brute_force():
     ece, _ = expected_calibration_error(np.array([0, 1, 1]), p, n_bins=10)
     assert abs(ece - (abs(0.9 - 1) + abs(0.6 - 0) + abs(0.8 - 1)) / 3) < 1e-9
     logits = rng.normal(size=(200, 3)) * 4
-    yy = np.array([rng.choice(3, p=np.exp(l / 4) / np.exp(l / 4).sum()) for l in logits])
+    yy = np.array([rng.choice(3, p=np.exp(z / 4) / np.exp(z / 4).sum()) for z in logits])
     tt = fit_temperature(logits, yy)
     assert 2.5 < tt < 6.5 and nll(logits, yy, tt) <= nll(logits, yy, 1.0)
 

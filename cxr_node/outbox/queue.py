@@ -30,7 +30,8 @@ from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError, CxrNodeError
-from cxr_node.outbox.send import PERMANENT, SENT, FileToSend, SendOutcome, store_files
+from cxr_node.dicom.status import PERMANENT, SENT, SendOutcome
+from cxr_node.outbox.send import FileToSend, store_files
 from cxr_node.receive.spool import Spool
 
 log = logging.getLogger(__name__)

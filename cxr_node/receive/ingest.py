@@ -12,13 +12,14 @@ import logging
 import threading
 from dataclasses import dataclass
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from cxr_node.dicom import status as dimse
 from cxr_node.audit import trail as audit
 from cxr_node.eligibility import rules as eligibility
 from cxr_node.study import states as studies
@@ -26,15 +27,13 @@ from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.db.models import Instance, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import InvalidInstanceError, db_error_text
+from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.spool import Spool, is_valid_uid
-
-if TYPE_CHECKING:
-    from cxr_node.receive.scp import AssociationInfo
 
 log = logging.getLogger(__name__)
 
 #: DIMSE status recorded on stored and duplicate rows (the peer got Success for both).
-STATUS_SUCCESS = 0x0000
+STATUS_SUCCESS = dimse.SUCCESS
 
 @dataclass(frozen=True)
 class Header:

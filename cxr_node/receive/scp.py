@@ -26,7 +26,6 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
@@ -49,16 +48,18 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from cxr_node.dicom import status as dimse
 from cxr_node.config import NodeSettings, Settings
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
+from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.ingest import STATUS_SUCCESS, Header, Ingest, read_header
 from cxr_node.receive.spool import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SOP_CLASS_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_OUT_OF_RESOURCES = dimse.OUT_OF_RESOURCES      # the table: cxr_node.dicom.status
+STATUS_SOP_CLASS_MISMATCH = dimse.DATASET_MISMATCH
+STATUS_CANNOT_UNDERSTAND = dimse.CANNOT_UNDERSTAND
 
 #: Explicit VR Little Endian first: pynetdicom accepts the first syntax in *our* list that the
 #: requestor proposed, and its own list starts with Implicit. Then Implicit, then what pydicom +
@@ -82,29 +83,6 @@ TRANSFER_SYNTAXES = [
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)   # permanent, service-user, called AE title not recognised
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
 REJECT_HOST = (0x01, 0x01, 0x01)         # permanent, service-user, no reason given
-
-
-@dataclass
-class AssociationInfo:
-    id: str
-    calling_aet: str
-    called_aet: str
-    host: str
-    port: int
-    stored: int = 0
-    duplicates: int = 0
-    failed: int = 0
-    bytes: int = 0
-    rejected: bool = False
-    abort_reason: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def fields(self) -> dict[str, Any]:
-        return {"association_id": self.id, "calling_aet": self.calling_aet, "called_aet": self.called_aet,
-                "host": self.host, "port": self.port}
-
-    def counts(self) -> dict[str, int]:
-        return {"stored": self.stored, "duplicates": self.duplicates, "failed": self.failed, "bytes": self.bytes}
 
 
 def _status(code: int, comment: str) -> Dataset:
