@@ -10,6 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_node.errors import PreprocessError
 from cxr_node.model import preprocess as P
+from training import transforms as T
 
 
 def make_ds(arr: np.ndarray, photometric: str = "MONOCHROME2", **elems) -> Dataset:
@@ -101,14 +102,14 @@ def test_normalize_zscore():
 
 def test_rand_window_jitter_is_seedable():
     a = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
-    t1 = P.RandWindowJitter(prob=1.0).set_random_state(seed=7)
-    t2 = P.RandWindowJitter(prob=1.0).set_random_state(seed=7)
-    t3 = P.RandWindowJitter(prob=1.0).set_random_state(seed=8)
+    t1 = T.RandWindowJitter(prob=1.0).set_random_state(seed=7)
+    t2 = T.RandWindowJitter(prob=1.0).set_random_state(seed=7)
+    t3 = T.RandWindowJitter(prob=1.0).set_random_state(seed=8)
     o1, o2, o3 = t1(a), t2(a), t3(a)
     assert np.array_equal(o1.numpy(), o2.numpy())
     assert not np.array_equal(o1.numpy(), o3.numpy())
     assert not np.array_equal(o1.numpy(), a)
-    d = P.RandWindowJitterd("image", prob=1.0).set_random_state(seed=7)({"image": a})
+    d = T.RandWindowJitterd("image", prob=1.0).set_random_state(seed=7)({"image": a})
     np.testing.assert_array_equal(d["image"].numpy(), o1.numpy())
 
 

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_node.model.lungs import shared_segmenter
     from cxr_node.encode.overlay import heat, place_cam, render_overlay
     from cxr_node.model.preprocess import prepare
-    from cxr_node.model.stats import bootstrap_mean_ci
+    from training.metrics import bootstrap_mean_ci
 
     root, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def features_and_lungs(paths: Sequence[Path], model, params: dict, segmenter, la
 
 
 def wilson(k: int, n: int) -> list[float]:
-    from cxr_node.model.stats import wilson_interval
+    from cxr_node.model.calibration import wilson_interval
 
     return list(wilson_interval(k, n))
 

@@ -161,7 +161,7 @@ def make_v2_augment():
     from monai.transforms import (Compose, RandAdjustContrast, RandGaussianNoise, RandRotate, RandZoom,
                                   ScaleIntensityRange)
 
-    from cxr_node.model.preprocess import RandWindowJitter
+    from training.transforms import RandWindowJitter
 
     return Compose([
         RandRotate(range_x=math.radians(8), prob=0.5, padding_mode="border", keep_size=True),

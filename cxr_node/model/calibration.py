@@ -227,6 +227,24 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> list[float]:
     return [float(max(0.0, c - h)), float(min(1.0, c + h))]
 
 
+def rate(k: int, n: int) -> dict[str, Any]:
+    """``{"value", "k", "n", "ci95"}`` for k of n (Wilson 95%; value and interval None when n = 0)."""
+    return {"value": (k / n) if n else None, "k": k, "n": n, "ci95": wilson_interval(k, n) if n else None}
+
+
+def json_safe(x: Any) -> Any:
+    """NaN and infinities -> None and numpy scalars -> Python numbers, recursively, so JSON is valid."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item"):  # numpy scalars
+        return json_safe(x.item())
+    return x
+
+
 def proportion(mask: np.ndarray) -> dict[str, Any]:
     """``{"k", "n", "rate", "ci95"}`` (Wilson) for a boolean array."""
     m = np.asarray(mask, bool)

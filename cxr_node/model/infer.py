@@ -231,20 +231,3 @@ class Predictor:
                                   ood_score=None if ood is None else float(ood[i])))
         return out
 
-    def predict_sources(self, sources: Sequence[Any], explain: bool = True, batch_size: int = 8
-                        ) -> list[Prediction | PreprocessError]:
-        """Preprocess and predict paths/datasets; an unusable source yields its PreprocessError in place."""
-        results: list[Prediction | PreprocessError | None] = [None] * len(sources)
-        ready: list[tuple[int, torch.Tensor]] = []
-        for i, src in enumerate(sources):
-            try:
-                ready.append((i, self.preprocess(src)))
-            except PreprocessError as e:
-                results[i] = e
-        for s in range(0, len(ready), batch_size):
-            chunk = ready[s:s + batch_size]
-            preds = self.predict([t for _, t in chunk], explain=explain)
-            for (i, _), p in zip(chunk, preds):
-                results[i] = p
-        return results  # type: ignore[return-value]
-

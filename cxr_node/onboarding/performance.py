@@ -15,7 +15,6 @@ so the figures can be recomputed by anyone.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,8 +22,9 @@ from typing import Any, Sequence
 from sqlalchemy import func, select
 
 from cxr_node.db.models import Feedback, ImageResult
+from cxr_node.model.calibration import json_safe, rate
+from cxr_node.onboarding.feedback import OTHER
 
-OTHER = "Other"
 #: Below this many films of a class (or its negatives), its figures are called too few to mean much.
 FEW = 20
 
@@ -81,23 +81,6 @@ def labelled_films(session, *, station: str | None = None, since: dt.datetime | 
     return out
 
 
-def _rate(k: int, n: int) -> dict[str, Any]:
-    from cxr_node.model.calibration import wilson_interval
-
-    return {"value": (k / n) if n else None, "k": k, "n": n, "ci95": wilson_interval(k, n) if n else None}
-
-
-def _clean(x: Any) -> Any:
-    """NaN -> None, recursively, so the JSON is valid."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequence[str],
             n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     import numpy as np
@@ -125,8 +108,8 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
         auc = bootstrap_binary_auc(pos, p[:, k], n_boot=n_boot, seed=seed)
         per_class[name] = {"positives": int(pos.sum()), "negatives": int((~pos).sum()),
                            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-                           "sensitivity": _rate(tp, tp + fn), "specificity": _rate(tn, tn + fp),
-                           "ppv": _rate(tp, tp + fp), "npv": _rate(tn, tn + fn),
+                           "sensitivity": rate(tp, tp + fn), "specificity": rate(tn, tn + fp),
+                           "ppv": rate(tp, tp + fp), "npv": rate(tn, tn + fn),
                            "auc": {"value": auc["auc"], "ci95": auc["ci95"], "n_boot": n_boot, "seed": seed}}
         if pos.sum() < FEW or (~pos).sum() < FEW:
             few.append(f"{name} ({int(pos.sum())} labelled, {int((~pos).sum())} not)")
@@ -143,8 +126,8 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
     tp, fp = int((flag_true & flagged).sum()), int((~flag_true & flagged).sum())
     fn, tn = int((flag_true & ~flagged).sum()), int((~flag_true & ~flagged).sum())
     report["urgent_flag"] = {"truth": f"reader's label in {', '.join(critical)}", "tp": tp, "fp": fp, "fn": fn,
-                             "tn": tn, "precision": _rate(tp, tp + fp), "recall": _rate(tp, tp + fn),
-                             "specificity": _rate(tn, tn + fp)}
+                             "tn": tn, "precision": rate(tp, tp + fp), "recall": rate(tp, tp + fn),
+                             "specificity": rate(tn, tn + fp)}
     if few:
         report["too_few"] = (f"too few films to mean much for: {', '.join(few)}; fewer than {FEW} on either side "
                              "gives intervals too wide to act on (see ci95)")
@@ -154,7 +137,7 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
                              "label": f.label, "feedback_id": f.feedback_id, "top_label": f.top_label,
                              "urgent": f.urgent, "probabilities": f.probabilities,
                              "image_result_id": f.image_result_id} for f in films]
-    return _clean(report)
+    return json_safe(report)
 
 
 def _fmt_rate(r: dict | None) -> str:

@@ -24,6 +24,7 @@ from cxr_node.audit import trail as audit
 from cxr_node.onboarding import stations
 from cxr_node.db.models import ImageResult, SiteCalibration, utcnow
 from cxr_node.errors import CxrNodeError
+from cxr_node.model.calibration import json_safe
 from cxr_node.onboarding.performance import LabelledFilm, labelled_films
 
 
@@ -68,10 +69,7 @@ def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[s
     at or above its threshold): sensitivity and specificity with Wilson 95% intervals; plus ECE."""
     import numpy as np
 
-    from cxr_node.model.calibration import expected_calibration_error, wilson_interval
-
-    def rate(k: int, n: int) -> dict:
-        return {"value": k / n if n else None, "k": k, "n": n, "ci95": wilson_interval(k, n) if n else None}
+    from cxr_node.model.calibration import expected_calibration_error, rate
 
     out: dict[str, Any] = {"per_class": {}}
     for k, name in enumerate(labels):
@@ -176,7 +174,7 @@ def store(db, result: dict[str, Any]) -> SiteCalibration:  # noqa: ANN001
         report = {k: v for k, v in result.items() if k != "reference"}
         row = SiteCalibration(station=station, version=version, weights_sha256=result["weights_sha256"],
                               model_version=result["model_version"], temperature=result["temperature"],
-                              thresholds=result["thresholds"], report=_json_safe(report),
+                              thresholds=result["thresholds"], report=json_safe(report),
                               reference=result["reference"], active=True, created_at=now)
         s.add(row)
         s.flush()
@@ -187,7 +185,7 @@ def store(db, result: dict[str, Any]) -> SiteCalibration:  # noqa: ANN001
                              "weights_sha256": row.weights_sha256, "temperature": row.temperature,
                              "thresholds": row.thresholds, "films": result["films"], "counts": result["counts"],
                              "target_sensitivity": result["target_sensitivity"],
-                             "before": _json_safe(result["before"]), "after": _json_safe(result["after"])})
+                             "before": json_safe(result["before"]), "after": json_safe(result["after"])})
         s.expunge(row)
     return row
 
@@ -214,17 +212,3 @@ def rollback(db, station: str) -> tuple[SiteCalibration, SiteCalibration | None]
         if prev is not None:
             s.expunge(prev)
     return cur, prev
-
-
-def _json_safe(x: Any) -> Any:
-    import math
-
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if hasattr(x, "item"):  # numpy scalars
-        return _json_safe(x.item())
-    return x

@@ -31,6 +31,7 @@ from cxr_node.db.models import ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError, CxrNodeError
 from cxr_node.dicom.status import PERMANENT, SENT, SendOutcome
+from cxr_node.outbox.files import result_path
 from cxr_node.outbox.send import FileToSend, store_files
 from cxr_node.receive.spool import Spool
 
@@ -64,7 +65,7 @@ class Outbox:
         """Encode ``ds`` as a Part 10 file and make it durable under the outbox directory."""
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        rel = Path(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+        rel = result_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
         tmp = self._files.write_temp(buf.getvalue(), ds.SOPInstanceUID)
         self._files.commit(tmp, rel)
         return WrittenObject(ds.SOPInstanceUID, ds.SOPClassUID, str(ds.file_meta.TransferSyntaxUID), kind, str(rel))
@@ -114,7 +115,7 @@ class Outbox:
                                f"(`cxr-node audit study {study_uid}` says why)")
         objects, missing = [], []
         for uid in dict.fromkeys(uids):
-            rel = Path(study_uid) / f"{uid}.dcm"
+            rel = result_path(study_uid, uid)
             try:
                 ds = dcmread(self.dir / rel, stop_before_pixels=True)
             except FileNotFoundError:

@@ -28,7 +28,8 @@ from cxr_node.db.models import Instance, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import InvalidInstanceError, db_error_text
 from cxr_node.receive.association import AssociationInfo
-from cxr_node.receive.spool import Spool, is_valid_uid
+from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.receive.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from cxr_node.config import NodeSettings, Settings
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
 from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.ingest import STATUS_SUCCESS, Header, Ingest, read_header
-from cxr_node.receive.spool import is_valid_uid
+from cxr_node.dicom.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 

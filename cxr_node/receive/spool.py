@@ -11,22 +11,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import uuid
 from pathlib import Path
 
 from cxr_node.errors import SpoolError
 
+from cxr_node.dicom.uids import is_valid_uid
+
 log = logging.getLogger(__name__)
 
-# A UID is digits and dots, at most 64 characters (PS3.5 9.1). Checked before a UID becomes a
-# path component, so a hostile dataset cannot write outside the spool.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PART_SUFFIX = ".part"
-
-
-def is_valid_uid(uid: str) -> bool:
-    return len(uid) <= 64 and bool(_UID_RE.match(uid))
 
 
 def _fsync_dir(path: Path) -> None:

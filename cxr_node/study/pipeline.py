@@ -41,11 +41,11 @@ from cxr_node.db.models import ImageResult, Instance, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.errors import CheckpointError, PreprocessError
+from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
 
 log = logging.getLogger(__name__)
 
-PROCESSING, PROCESSED, FAILED = studies.PROCESSING, studies.PROCESSED, studies.FAILED
 PRIORITY_ORDER = ("urgent", "review", "routine")
 
 
@@ -436,7 +436,7 @@ class Processor:
             last = st.last_sr_uid if st else None
         if not last or last == self._identity.sr_uid(w.study_uid, w.version):
             return None
-        path = self.outbox.dir / w.study_uid / f"{last}.dcm"
+        path = self.outbox.dir / result_path(w.study_uid, last)
         if path.is_file():
             return dcmread(path, stop_before_pixels=True)
         ref = Dataset()

@@ -8,7 +8,6 @@ kind of count over the page's studies only, so its cost hardly grows with the nu
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,15 @@ from cxr_node.audit import trail as audit
 from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, OutboxItem, Study
+from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.outbox.files import result_path
 
 PRIORITIES = ("urgent", "review", "routine")
 PAGE_SIZE = 50
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PRIORITY_RANK = case({"urgent": 0, "review": 1, "routine": 2}, value=Study.priority, else_=3)
 
 
-def valid_uid(value: str | None) -> bool:
-    """A DICOM UID: digits and dots, at most 64 characters (nothing else reaches a query or a path)."""
-    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+valid_uid = is_valid_uid  # nothing but a DICOM UID reaches a query or a path
 
 
 class BadFilter(ValueError):
@@ -217,7 +215,7 @@ def result_file(settings: Settings, study_uid: str, sop_uid: str) -> Path | None
     if not (valid_uid(study_uid) and valid_uid(sop_uid)):
         return None
     base = settings.storage.outbox_dir.resolve()
-    p = (base / study_uid / f"{sop_uid}.dcm").resolve()
+    p = (base / result_path(study_uid, sop_uid)).resolve()
     if not p.is_relative_to(base) or not p.is_file():
         return None
     return p
