@@ -10,7 +10,10 @@ DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2):
   0x0000 success, also for a repeated SOP Instance UID (stored once, audited as duplicate)
   0xA700 out of resources: disk full, write error, database unavailable
   0xA900 dataset does not match SOP class: SOP Class/Instance UID differ from the request
-  0xC000 cannot understand: does not decode, lacks or has malformed Study/Series/SOP UIDs
+  0xC000 cannot understand: does not decode, or not in the negotiated transfer syntax (Explicit VR
+         data on an Implicit VR context, native pixels on a JPEG one: dataset_check.py), lacks or
+         has malformed Study/Series/SOP UIDs
+  0x0122 SOP class not supported: the request's SOP Class is not the presentation context's
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    UID,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -49,6 +53,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.config import NodeSettings, Settings
+from cxr_node.dataset_check import encoding_fault
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
 from cxr_node.ingest import STATUS_SUCCESS, Header, Ingest, read_header
 from cxr_node.peer_deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
@@ -59,6 +64,9 @@ log = logging.getLogger(__name__)
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+#: PS3.7 C.5.x "Refused: SOP Class not supported": the request's SOP Class is not the abstract
+#: syntax of the presentation context it came on (a CR C-STORE on the Verification context)
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 #: Explicit VR Little Endian first: pynetdicom accepts the first syntax in *our* list that the
 #: requestor proposed, and its own list starts with Implicit. Then Implicit, then what pydicom +
@@ -487,6 +495,10 @@ def _tls_handshake(sock: ssl.SSLSocket) -> str | None:
     return None
 
 
+def _syntax_name(transfer_syntax: str) -> str:
+    return UID(transfer_syntax).name
+
+
 def _any_uid(value: Any) -> tuple[bool, str]:
     """For pynetdicom's ``_config.VALIDATORS["UI"]``: accept every UID a peer sends; the handlers
     check the ones they use (``spool.is_valid_uid``) and answer with a status."""
@@ -681,6 +693,7 @@ class Receiver:
         rq_sop = str(req.AffectedSOPInstanceUID)
         rq_class = str(req.AffectedSOPClassUID)
         transfer_syntax = str(event.context.transfer_syntax)
+        context_class = str(event.context.abstract_syntax)
         data = event.encoded_dataset(include_meta=True)
         size = len(data)
         header = None
@@ -688,7 +701,16 @@ class Receiver:
             for name, value in (("SOP Instance", rq_sop), ("SOP Class", rq_class)):
                 if not is_valid_uid(value):
                     raise InvalidInstanceError(f"request's Affected {name} UID invalid ({len(value)} chars)")
-            header = read_header(data)
+            if rq_class != context_class:
+                return self._fail(STATUS_SOP_CLASS_NOT_SUPPORTED,
+                                  f"SOP Class not the presentation context's: {rq_class} on {context_class}",
+                                  info, rq_sop, rq_class, header, size)
+            # strictly in the negotiated syntax (pydicom would read the wrong one silently), header only
+            with req.DataSet.getbuffer() as raw:
+                fault = encoding_fault(raw, transfer_syntax)
+            if fault:
+                raise InvalidInstanceError(f"does not decode: {fault} ({_syntax_name(transfer_syntax)})")
+            header = read_header(data, pixels=UID(transfer_syntax).is_deflated)
             if header.sop_class_uid != rq_class:
                 raise SOPClassMismatchError(f"dataset SOP Class {header.sop_class_uid} is not the request's")
             if header.sop_instance_uid != rq_sop:
