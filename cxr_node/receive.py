@@ -54,6 +54,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.config import NodeSettings, Settings
 from cxr_node.dataset_check import encoding_fault
+from cxr_node.dimse_guard import GuardedAssociation, bad_sop_class, note_command_set
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
 from cxr_node.ingest import STATUS_SUCCESS, Header, Ingest, read_header
 from cxr_node.peer_deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
@@ -385,6 +386,7 @@ class _JoiningRequestHandler(RequestHandler):
         self.association = super()._create_association()
         # the A-ASSOCIATE-RQ was read already (GuardedServer); pynetdicom reads it again from memory
         self.association.dul.socket.__class__ = ReplayingAssociationSocket
+        self.association.__class__ = GuardedAssociation  # C-STOREs with a bad SOP Class UID get a status
         return self.association
 
     def handle(self) -> None:
@@ -548,11 +550,17 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_DIMSE_RECV, note_command_set),
         ]
         # A malformed UID in a request (an 80-character SOP Instance UID) fails pynetdicom's check
         # while the DIMSE message is decoded, which aborts the association before any handler runs;
         # let it through to _on_store, which answers 0xC000 and says why (process-wide setting)
         _config.VALIDATORS["UI"] = _any_uid
+        # pynetdicom's standard handlers only format debug lines (its loggers are held at WARNING,
+        # logs.py), per PDU and DIMSE message, and on hostile input they raise (an Affected SOP
+        # Class UID of two values): their traceback went to the log, and the exception stopped the
+        # handlers bound after them (note_command_set) from running
+        _config.LOG_HANDLER_LEVEL = "none"
         dul_log = logging.getLogger("pynetdicom.dul")
         if _REPORTED_ABORT_FILTER not in dul_log.filters:
             dul_log.addFilter(_REPORTED_ABORT_FILTER)
@@ -701,6 +709,9 @@ class Receiver:
             for name, value in (("SOP Instance", rq_sop), ("SOP Class", rq_class)):
                 if not is_valid_uid(value):
                     raise InvalidInstanceError(f"request's Affected {name} UID invalid ({len(value)} chars)")
+            why = bad_sop_class(event.assoc, req.MessageID)
+            if why:
+                raise InvalidInstanceError(f"request's Affected SOP Class UID invalid ({why})")
             if rq_class != context_class:
                 return self._fail(STATUS_SOP_CLASS_NOT_SUPPORTED,
                                   f"SOP Class not the presentation context's: {rq_class} on {context_class}",

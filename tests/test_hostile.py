@@ -338,3 +338,21 @@ def test_encoding_check_on_real_files():
         encoding_fault(explicit, EXPLICIT)
     per_call = (time.perf_counter() - t0) / 10
     assert per_call < 0.005, f"{per_call * 1e3:.1f} ms for a {len(explicit) >> 20} MB film"
+
+
+# --------------------------------------------------------------------------- 4. smaller ones
+
+def test_invalid_affected_sop_class_uid_gets_c000_not_an_abort(node_factory, tmp_path):
+    """Before: `1.2.3.` and `1.2.3\\4` as the C-STORE request's Affected SOP Class UID aborted the
+    association (pynetdicom found no service class for it)."""
+    from dicomgen import make_cr, uid
+
+    node = node_factory("badclass", extra=QUIET).start()
+    for bad, why in (("1.2.3.", "UID invalid (6 chars)"), ("1.2.3\\4", "UID invalid (2 values)")):
+        data, _, sop = _encoded(make_cr(tmp_path / "cr.dcm", sop_uid=uid(), rows=32, cols=32), False)
+        status, comment = raw_store(node.port, CR, EXPLICIT, data, bad, sop, calling=b"BADCLASS")
+        assert status == 0xC000 and why in comment, (bad, hex(status), comment)
+        (row,) = node.wait_for_event("instance.failed", sop_instance_uid=sop)
+        assert row["status"] == 0xC000 and why in row["reason"]
+    assert len(node.wait_for_event("association.released", calling_aet="BADCLASS")) == 2
+    assert not node.events("association.aborted"), "an association was aborted"
