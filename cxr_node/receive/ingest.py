@@ -47,10 +47,12 @@ class Header:
     patient_id: str | None
 
 
-def read_header(file_bytes: bytes) -> Header:
-    """Decode a Part 10 byte stream far enough to trust it; raise InvalidInstanceError if not."""
+def read_header(file_bytes: bytes, pixels: bool = True) -> Header:
+    """Decode a Part 10 byte stream far enough to trust it; raise InvalidInstanceError if not.
+    ``pixels=False`` stops before Pixel Data (the receiver, whose ``dataset_check`` has checked
+    the pixel data's structure and length already)."""
     try:
-        ds = dcmread(BytesIO(file_bytes))
+        ds = dcmread(BytesIO(file_bytes), stop_before_pixels=not pixels)
         _check_complete(ds)
         raw = {k: ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
         patient_id = ds.get("PatientID")

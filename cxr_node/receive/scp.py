@@ -10,13 +10,15 @@ DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2):
   0x0000 success, also for a repeated SOP Instance UID (stored once, audited as duplicate)
   0xA700 out of resources: disk full, write error, database unavailable
   0xA900 dataset does not match SOP class: SOP Class/Instance UID differ from the request
-  0xC000 cannot understand: does not decode, lacks or has malformed Study/Series/SOP UIDs
+  0xC000 cannot understand: does not decode, or not in the negotiated transfer syntax (Explicit VR
+         data on an Implicit VR context, native pixels on a JPEG one: dataset_check.py), lacks or
+         has malformed Study/Series/SOP UIDs
+  0x0122 SOP class not supported: the request's SOP Class is not the presentation context's
 """
 
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import socketserver
 import ssl
@@ -42,6 +44,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    UID,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -50,16 +53,22 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.dicom import status as dimse
 from cxr_node.config import NodeSettings, Settings
+from cxr_node.receive.dataset_check import encoding_fault
+from cxr_node.receive.dimse_guard import GuardedAssociation, bad_sop_class, note_command_set
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
+from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.receive.deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
 from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.ingest import STATUS_SUCCESS, Header, Ingest, read_header
-from cxr_node.dicom.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
 STATUS_OUT_OF_RESOURCES = dimse.OUT_OF_RESOURCES      # the table: cxr_node.dicom.status
 STATUS_SOP_CLASS_MISMATCH = dimse.DATASET_MISMATCH
 STATUS_CANNOT_UNDERSTAND = dimse.CANNOT_UNDERSTAND
+#: PS3.7 C.5.x "Refused: SOP Class not supported": the request's SOP Class is not the abstract
+#: syntax of the presentation context it came on (a CR C-STORE on the Verification context)
+STATUS_SOP_CLASS_NOT_SUPPORTED = dimse.SOP_CLASS_NOT_SUPPORTED
 
 #: Explicit VR Little Endian first: pynetdicom accepts the first syntax in *our* list that the
 #: requestor proposed, and its own list starts with Implicit. Then Implicit, then what pydicom +
@@ -98,10 +107,12 @@ def _status(code: int, comment: str) -> Dataset:
 # accepted until it ends, and a connection that never sends an A-ASSOCIATE-RQ (a port probe, a
 # peer that connects and closes, or one that says nothing) ends only after acse_timeout: a burst
 # of them uses up max_associations and every real sender is refused "local limit exceeded".
-# GuardedServer keeps a new connection in its own thread until the first byte of an
-# A-ASSOCIATE-RQ arrives, and only then hands it to pynetdicom: connections that close are
-# forgotten at once, silent ones after association_request_timeout, and a peer address may hold
-# at most max_connections_per_host connections. It also watches the PDU stream (PDULimit).
+# GuardedServer keeps a new connection in its own thread until its whole A-ASSOCIATE-RQ has
+# arrived and decodes (peer_deadlines.py), and only then hands it to pynetdicom: connections that
+# close or reset are forgotten at once, malformed requests get an A-ABORT at once, silent or
+# dribbling ones are closed after association_request_timeout (network_timeout from the first
+# byte), and a peer address may hold at most max_connections_per_host connections. It also
+# watches the PDU stream (PDULimit: length, and time per PDU with peer_deadlines.PDUDeadline).
 
 #: The largest PDU other than P-DATA-TF we read (an A-ASSOCIATE-RQ proposing every storage
 #: class is about 20 kB).
@@ -112,7 +123,12 @@ _A_ASSOCIATE_RQ = 0x01
 _A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 
 
-class PDUTooLarge(ConnectionAbortedError):
+class PDURefused(ConnectionAbortedError):
+    """We cut the connection (the reason is the socket's ``violation``); raised from the socket
+    read that saw it."""
+
+
+class PDUTooLarge(PDURefused):
     """A peer sent a PDU longer than we accept; raised from the socket read that saw its header."""
 
 
@@ -121,13 +137,13 @@ _refused_in_thread = threading.local()
 
 class _ReportedAbortFilter(logging.Filter):
     """For pynetdicom's DUL logger: drops its "Connection closed before the entire PDU was
-    received" and traceback for a PDU we refused (reported once, with the reason, by the
-    receiver). Both come from the reading thread right after PDULimit raised there."""
+    received" and traceback for a PDU we refused or a connection we cut (reported once, with the
+    reason, by the receiver). Both come from the reading thread right after PDULimit raised there."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(_refused_in_thread, "active", False):
             return True
-        if record.exc_info and isinstance(record.exc_info[1], PDUTooLarge):
+        if record.exc_info and isinstance(record.exc_info[1], PDURefused):
             _refused_in_thread.active = False
             return False
         return not record.getMessage().startswith("Connection closed before the entire PDU")
@@ -149,20 +165,35 @@ class PDULimit:
     violation: str | None = None
     _following = False
     _left = 0
+    _replay = b""
+    #: monotonic time the current PDU's first byte arrived (peer_deadlines.PDUDeadline reads it)
+    pdu_started = 0.0
 
-    def limit_pdus(self, max_pdu: int, on_too_large: Callable[[PDULimit], None] | None = None) -> None:
+    def limit_pdus(self, max_pdu: int, on_violation: Callable[[PDULimit], None] | None = None) -> None:
         self.max_pdu = max_pdu
-        self.on_too_large = on_too_large
+        self.on_violation = on_violation
         self.violation: str | None = None
         self.association: AssociationInfo | None = None  # set once the association is requested
         self._header = bytearray()
         self._left = 0
         self._following = True
 
+    def replay(self, data: bytes) -> None:
+        """Bytes already read from the connection (its A-ASSOCIATE-RQ), to be read again first."""
+        self._replay = bytearray(data)
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self.violation:
-            return b""  # the connection was cut; reads see its end
-        data = self._raw_recv(bufsize, flags)
+            _refused_in_thread.active = True
+            raise PDURefused(self.violation)  # the connection was cut; the reader ends it as aborted
+        if self._replay:
+            data = bytes(self._replay[:bufsize])
+            del self._replay[:bufsize]
+        else:
+            data = self._raw_recv(bufsize, flags)
+            if not data and self.violation:  # cut from another thread (PDUDeadline) while we waited
+                _refused_in_thread.active = True
+                raise PDURefused(self.violation)
         n = len(data)
         if n <= self._left and not flags:  # inside a PDU body: the common case, one comparison
             self._left -= n
@@ -178,6 +209,8 @@ class PDULimit:
                 self._left -= step
                 i += step
                 continue
+            if not self._header:
+                self.pdu_started = time.monotonic()
             take = min(6 - len(self._header), n - i)
             self._header += data[i:i + take]
             i += take
@@ -189,19 +222,34 @@ class PDULimit:
                     self._refuse(pdu_type, length, limit)
                 self._left = length
 
+    def mid_pdu(self) -> bool:
+        """Whether a PDU has begun to arrive and is not complete yet."""
+        return bool(self._left or self._header)
+
     def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
         what = "P-DATA-TF PDU" if pdu_type == _P_DATA_TF else f"PDU of type 0x{pdu_type:02X}"
         self.violation = (f"{what} of {length} bytes is longer than the {limit} bytes we accept"
                           + (" ([node] max_pdu)" if pdu_type == _P_DATA_TF else ""))
-        try:
-            self.sendall(_A_ABORT_INVALID_PARAMETER)  # type: ignore[attr-defined]
-            self.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
-        except OSError:
-            pass  # the peer is gone already; nothing more to tell it
-        if self.on_too_large:
-            self.on_too_large(self)
+        self._abort_and_close(send_abort=True)
         _refused_in_thread.active = True
         raise PDUTooLarge(self.violation)
+
+    def cut(self, reason: str) -> None:
+        """End the connection from another thread (the reader is blocked in recv): A-ABORT
+        (plain TCP only: an SSL object must not write while another thread reads it), then
+        shutdown, which wakes the reader; its next read raises PDURefused."""
+        self.violation = reason
+        self._abort_and_close(send_abort=not isinstance(self, ssl.SSLSocket))
+
+    def _abort_and_close(self, send_abort: bool) -> None:
+        try:
+            if send_abort:
+                self.sendall(_A_ABORT_INVALID_PARAMETER)  # type: ignore[attr-defined]
+            socket.socket.shutdown(self, socket.SHUT_RDWR)  # type: ignore[arg-type]
+        except OSError:
+            pass  # the peer is gone already; nothing more to tell it
+        if self.on_violation:
+            self.on_violation(self)
 
 
 def _stall_timeout(sock: socket.socket, seconds: float) -> None:
@@ -258,14 +306,15 @@ class ConnectionGuard:
 
     def __init__(self, node: NodeSettings, on_refused: Callable[[str, int, str, int], None],
                  on_tls_failure: Callable[[str, int, str], None],
-                 on_too_large: Callable[[PDULimit], None]) -> None:
+                 on_violation: Callable[[PDULimit], None]) -> None:
         self.per_host = node.max_connections_per_host
         self.max_waiting = 4 * node.max_associations
         self.request_timeout = node.association_request_timeout
         self.network_timeout = node.network_timeout
         self.max_pdu = node.max_pdu
         self.on_tls_failure = on_tls_failure
-        self.on_too_large = on_too_large
+        self.on_violation = on_violation
+        self.pdu_deadline = PDUDeadline(node.network_timeout)
         self._on_refused = on_refused
         self._rate = _PerPeerRate()
         self._lock = threading.Lock()
@@ -313,6 +362,9 @@ class _JoiningRequestHandler(RequestHandler):
 
     def _create_association(self):  # noqa: ANN202
         self.association = super()._create_association()
+        # the A-ASSOCIATE-RQ was read already (GuardedServer); pynetdicom reads it again from memory
+        self.association.dul.socket.__class__ = ReplayingAssociationSocket
+        self.association.__class__ = GuardedAssociation  # C-STOREs with a bad SOP Class UID get a status
         return self.association
 
     def handle(self) -> None:
@@ -342,7 +394,7 @@ class GuardedServer(ThreadedAssociationServer):
         else:
             sock = _LimitedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         if isinstance(sock, PDULimit):
-            sock.limit_pdus(self.guard.max_pdu, self.guard.on_too_large)
+            sock.limit_pdus(self.guard.max_pdu, self.guard.on_violation)
         return sock, address
 
     def verify_request(self, request, client_address) -> bool:  # noqa: ANN001
@@ -355,53 +407,43 @@ class GuardedServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
         host, port = str(client_address[0]), int(client_address[1])
+        accepted_at = time.monotonic()
         waiting = True
+        watched = False
         try:
             if isinstance(request, ssl.SSLSocket):
                 failure = _tls_handshake(request)
                 if failure:
                     self.guard.on_tls_failure(host, port, failure)
                     return
-            refusal = self._await_request(request, host)
-            if refusal == "":  # closed by the peer before it said anything: a probe, not refused
-                return
+            # the whole A-ASSOCIATE-RQ, here, before pynetdicom counts the connection as an
+            # association (peer_deadlines.py): closed, reset, dribbled or malformed requests end here
+            pdu, refusal = read_associate_rq(
+                request, request._raw_recv, accepted_at, self.guard.request_timeout,
+                self.guard.network_timeout, MAX_CONTROL_PDU)
+            if pdu is not None:
+                refusal = associate_rq_fault(pdu) or ""
+                if refusal:
+                    _send_abort(request)
             if refusal:
                 self.guard.refused(host, port, refusal)
-                return
+            if pdu is None or refusal:
+                return  # refused, or closed by the peer before a whole request (a probe): not refused
+            request.replay(pdu)
             self.guard.associating()
             waiting = False
             # pynetdicom leaves accepted sockets blocking without a timeout: a peer that stops in the
-            # middle of a PDU would hold its thread (and slot) for ever
+            # middle of a PDU would hold its thread (and slot) for ever; and one that dribbles a PDU
+            # byte by byte is cut once the PDU has taken network_timeout
             _stall_timeout(request, self.guard.network_timeout)
+            self.guard.pdu_deadline.watch(request)
+            watched = True
             super().process_request_thread(request, client_address)
         finally:
+            if watched:
+                self.guard.pdu_deadline.forget(request)
             self.guard.closed(host, waiting)
             self.shutdown_request(request)
-
-    def _await_request(self, sock: socket.socket, host: str) -> str | None:
-        """None when an A-ASSOCIATE-RQ is arriving; "" when the peer closed; else why the
-        connection is closed."""
-        timeout = self.guard.request_timeout
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return None
-        try:
-            readable, _, _ = select.select([sock], [], [], timeout)
-        except (OSError, ValueError):
-            return ""
-        if not readable:
-            return f"no A-ASSOCIATE-RQ within {timeout:g} s ([node] association_request_timeout)"
-        if isinstance(sock, ssl.SSLSocket):
-            return None  # no peeking into TLS records; pynetdicom reads it within acse_timeout
-        try:
-            first = sock.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return ""
-        if not first:
-            log.debug("connection from %s closed before an A-ASSOCIATE-RQ", host)
-            return ""
-        if first[0] != _A_ASSOCIATE_RQ:
-            return f"not DICOM: the first byte 0x{first[0]:02X} does not start an A-ASSOCIATE-RQ"
-        return None
 
     def handle_error(self, request, client_address) -> None:  # noqa: ANN001
         """socketserver prints the traceback to stderr; log it instead (one record, escaped)."""
@@ -415,6 +457,14 @@ class GuardedServer(ThreadedAssociationServer):
         self.server_close()
 
 
+def _send_abort(sock: socket.socket) -> None:
+    """A-ABORT (service provider, invalid PDU parameter value) for a request we refuse."""
+    try:
+        sock.sendall(_A_ABORT_INVALID_PARAMETER)
+    except OSError:
+        pass  # the peer is gone already; nothing more to tell it
+
+
 def _tls_handshake(sock: ssl.SSLSocket) -> str | None:
     """Do the handshake (with the timeout set at accept); the reason it failed, or None."""
     try:
@@ -423,6 +473,10 @@ def _tls_handshake(sock: ssl.SSLSocket) -> str | None:
         return "TLS handshake timed out" if isinstance(e, TimeoutError) else \
             f"TLS handshake failed: {getattr(e, 'reason', None) or e}"
     return None
+
+
+def _syntax_name(transfer_syntax: str) -> str:
+    return UID(transfer_syntax).name
 
 
 def _any_uid(value: Any) -> tuple[bool, str]:
@@ -474,18 +528,24 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_DIMSE_RECV, note_command_set),
         ]
         # A malformed UID in a request (an 80-character SOP Instance UID) fails pynetdicom's check
         # while the DIMSE message is decoded, which aborts the association before any handler runs;
         # let it through to _on_store, which answers 0xC000 and says why (process-wide setting)
         _config.VALIDATORS["UI"] = _any_uid
+        # pynetdicom's standard handlers only format debug lines (its loggers are held at WARNING,
+        # logs.py), per PDU and DIMSE message, and on hostile input they raise (an Affected SOP
+        # Class UID of two values): their traceback went to the log, and the exception stopped the
+        # handlers bound after them (note_command_set) from running
+        _config.LOG_HANDLER_LEVEL = "none"
         dul_log = logging.getLogger("pynetdicom.dul")
         if _REPORTED_ABORT_FILTER not in dul_log.filters:
             dul_log.addFilter(_REPORTED_ABORT_FILTER)
         ctx = server_context(self.settings.tls)
         if ctx is not None:
             ctx.sslsocket_class = _LimitedSSLSocket
-        guard = ConnectionGuard(n, self._on_refused, self._on_tls_failure, self._on_too_large)
+        guard = ConnectionGuard(n, self._on_refused, self._on_tls_failure, self._on_violation)
         self.server = self.ae.make_server((n.host, n.port), evt_handlers=handlers, ssl_context=ctx,
                                           server_class=GuardedServer, guard=guard)
         return self.server
@@ -505,7 +565,7 @@ class Receiver:
         self._audit("connection.refused", "failure", host=host, port=port, reason=reason,
                     detail={"held_back_since_last_row": held_back, "rate_limit": "one row per host and minute"})
 
-    def _on_too_large(self, sock: PDULimit) -> None:
+    def _on_violation(self, sock: PDULimit) -> None:
         info = sock.association
         if info is not None:
             info.abort_reason = sock.violation  # logged and audited with the association's counts in _on_aborted
@@ -597,6 +657,9 @@ class Receiver:
 
     def _on_aborted(self, event) -> None:  # noqa: ANN001
         info = self._info(event.assoc)
+        if info and info.abort_reason is None and event.assoc.dul.idle_timer_expired():
+            info.abort_reason = (f"no complete PDU within {self.settings.node.network_timeout:g} s "
+                                 "([node] network_timeout)")
         if info:
             self._audit("association.aborted", "failure", detail=info.counts(), reason=info.abort_reason,
                         **info.fields())
@@ -616,6 +679,7 @@ class Receiver:
         rq_sop = str(req.AffectedSOPInstanceUID)
         rq_class = str(req.AffectedSOPClassUID)
         transfer_syntax = str(event.context.transfer_syntax)
+        context_class = str(event.context.abstract_syntax)
         data = event.encoded_dataset(include_meta=True)
         size = len(data)
         header = None
@@ -623,7 +687,19 @@ class Receiver:
             for name, value in (("SOP Instance", rq_sop), ("SOP Class", rq_class)):
                 if not is_valid_uid(value):
                     raise InvalidInstanceError(f"request's Affected {name} UID invalid ({len(value)} chars)")
-            header = read_header(data)
+            why = bad_sop_class(event.assoc, req.MessageID)
+            if why:
+                raise InvalidInstanceError(f"request's Affected SOP Class UID invalid ({why})")
+            if rq_class != context_class:
+                return self._fail(STATUS_SOP_CLASS_NOT_SUPPORTED,
+                                  f"SOP Class not the presentation context's: {rq_class} on {context_class}",
+                                  info, rq_sop, rq_class, header, size)
+            # strictly in the negotiated syntax (pydicom would read the wrong one silently), header only
+            with req.DataSet.getbuffer() as raw:
+                fault = encoding_fault(raw, transfer_syntax)
+            if fault:
+                raise InvalidInstanceError(f"does not decode: {fault} ({_syntax_name(transfer_syntax)})")
+            header = read_header(data, pixels=UID(transfer_syntax).is_deflated)
             if header.sop_class_uid != rq_class:
                 raise SOPClassMismatchError(f"dataset SOP Class {header.sop_class_uid} is not the request's")
             if header.sop_instance_uid != rq_sop:
