@@ -62,7 +62,9 @@ EVENTS: dict[str, str] = {
     "spool.partial_removed": "a partial temp file from an interrupted write was removed at start-up",
     "study.receiving": "a new study started arriving",
     "study.reopened": "an instance arrived after completion; the study's version went up",
-    "study.complete": "nothing arrived for quiet_seconds",
+    "study.complete": "the study is complete (detail.rule: quiet = nothing arrived for quiet_seconds; release = "
+                      "the association that delivered its films was released and nothing more arrived for "
+                      "release_grace_seconds)",
     "study.queued": "the complete study was queued for processing",
     "study.processing": "a worker claimed the study",
     "study.processed": "the study's results are encoded and in the outbox (detail: priority, counts, model)",

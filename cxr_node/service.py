@@ -127,6 +127,7 @@ def serve(settings: Settings) -> int:
         preloader.start()
     scheduler = build_scheduler(settings, db, processor, outbox, backlog)
     scheduler.start()
+    receiver.on_released = scheduler.association_released  # the release rule of study completion
     if metrics is not None:
         metrics.serve(settings.metrics.port)
     with db.transaction() as s:
