@@ -46,6 +46,10 @@ def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
 EVENTS: dict[str, str] = {
     "node.started": "the daemon started listening",
     "node.stopped": "the daemon stopped (SIGTERM/SIGINT)",
+    "config.reloaded": "the daemon read its config file again (SIGHUP, `systemctl reload`; detail: changed, "
+                       "kept_until_restart, running)",
+    "config.reload_failed": "a reload was asked for but the config file does not validate; the daemon kept its "
+                            "configuration (reason says why)",
     "connection.refused": "a TCP connection was closed before it associated: per-host limit, no A-ASSOCIATE-RQ "
                           "in time, not DICOM (one row per host and minute; detail counts the ones held back)",
     "association.opened": "an A-ASSOCIATE-RQ arrived",

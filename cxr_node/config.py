@@ -222,8 +222,8 @@ def destinations_warning(settings: Settings) -> str | None:
     if settings.destinations:
         return None
     return (f"no [[destinations]] configured: results are kept in {settings.storage.outbox_dir} but sent "
-            "nowhere; add a [[destinations]] entry, restart the daemon, then `cxr-node resend STUDY_UID` "
-            "sends the results made meanwhile")
+            "nowhere; add a [[destinations]] entry, reload the daemon (`systemctl reload cxr-node` or SIGHUP), "
+            "then `cxr-node resend STUDY_UID` sends the results made meanwhile")
 
 
 def exposure_warning(settings: Settings) -> str | None:

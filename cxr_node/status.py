@@ -34,6 +34,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                            .order_by(AuditEvent.id.desc()).limit(5)).all()
         started = s.scalars(select(AuditEvent).where(AuditEvent.event.in_(["node.started", "node.stopped"]))
                             .order_by(AuditEvent.id.desc()).limit(1)).first()
+        config_row = s.scalars(select(AuditEvent).where(AuditEvent.event.in_(["node.started", "config.reloaded"]))
+                               .order_by(AuditEvent.id.desc()).limit(1)).first()
         model = s.scalars(select(AuditEvent).where(AuditEvent.event == "image.triaged")
                           .order_by(AuditEvent.id.desc()).limit(1)).first()
         refused_reasons = s.execute(select(ImageResult.reason, func.count()).where(ImageResult.analysed.is_(False))
@@ -49,6 +51,16 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         k = eligibility.category(reason)
         not_analysed[k] = not_analysed.get(k, 0) + n
     running = started is not None and started.event == "node.started"
+    daemon = (config_row.detail or {}).get("running") if running and config_row is not None else None
+    file_dests = [d.name for d in settings.destinations]
+    config_warnings = []
+    if daemon is not None:
+        run_dests = [d["name"] for d in daemon.get("destinations", [])]
+        if sorted(run_dests) != sorted(file_dests) or _differs(settings, daemon):
+            config_warnings.append(
+                f"the config file ({settings.source or 'built-in defaults'}) differs from what the running daemon "
+                f"uses (since {config_row.ts.isoformat(timespec='seconds')}): reload it "
+                f"(`systemctl reload cxr-node`, or `kill -HUP {daemon.get('pid', 'PID')}`)")
     station_list = [station_status(settings, r, cals.get(r.name)) for r in station_rows]
     drift_warnings = [f"station {st['name']} has drifted from {st['drift']['reference']}: {st['drift']['moved']}"
                       for st in station_list if st["drift"] and st["drift"]["state"] == "drifted"]
@@ -64,13 +76,25 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "model": {"configured": str(settings.model.checkpoint),
                   "last_used_version": model.detail.get("model_version") if model and model.detail else None},
         "audit_backlog": backlog,
-        "destinations": [d.name for d in settings.destinations],
+        # what the running daemon sends to (from its last start or reload), else what the file says
+        "destinations": [d["name"] for d in daemon["destinations"]] if daemon is not None else file_dests,
+        "destinations_source": "running daemon" if daemon is not None else "config file",
+        "running_config": daemon,
         "results_never_queued": never_queued,
         "stations": station_list,
-        "warnings": [w for w in (destinations_warning(settings),) if w] + drift_warnings,
+        "warnings": [w for w in (destinations_warning(settings),) if w] + config_warnings + drift_warnings,
         "last_errors": [{"time": e.ts.isoformat(timespec="seconds"), "event": e.event, "reason": e.reason}
                         for e in errors],
     }
+
+
+def _differs(settings: Settings, daemon: dict[str, Any]) -> bool:
+    """Whether the file's reloadable settings that status can compare differ from the daemon's."""
+    from cxr_node.reload import running_summary
+
+    mine = running_summary(settings)
+    return any(mine.get(k) != daemon.get(k) for k in ("destinations", "stations", "new_stations",
+                                                      "allowed_calling_aets", "allowed_hosts"))
 
 
 def station_status(settings: Settings, row: StationRow, cal: SiteCalibration | None) -> dict[str, Any]:
@@ -120,7 +144,8 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
     ob = st["outbox"]
     oldest = f" (oldest waiting {_dur(ob['oldest_pending_seconds'])})" if ob["oldest_pending_seconds"] is not None else ""
     out.write(f"outbox      pending {ob['pending']}{oldest}, sent {ob['sent']}, dead {ob['dead']}\n")
-    out.write("send to     " + (", ".join(st["destinations"]) or "NONE: no [[destinations]]") + "\n")
+    out.write("send to     " + (", ".join(st["destinations"]) or "NONE: no [[destinations]]")
+              + (f"  ({st['destinations_source']})" if st.get("destinations_source") else "") + "\n")
     if st["results_never_queued"]:
         out.write(f"results     {st['results_never_queued']} stud{'y' if st['results_never_queued'] == 1 else 'ies'} "
                   "with results never queued for any destination (kept in data_dir/outbox; "
