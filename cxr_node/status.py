@@ -30,8 +30,7 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                                     .group_by(Study.priority)).all())
         outbox = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
         oldest = s.scalar(select(func.min(OutboxItem.created_at)).where(OutboxItem.state == "pending"))
-        errors = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
-                           .order_by(AuditEvent.id.desc()).limit(5)).all()
+        errors = _last_errors(s)
         started = s.scalars(select(AuditEvent).where(AuditEvent.event.in_(["node.started", "node.stopped"]))
                             .order_by(AuditEvent.id.desc()).limit(1)).first()
         config_row = s.scalars(select(AuditEvent).where(AuditEvent.event.in_(["node.started", "config.reloaded"]))
@@ -42,6 +41,10 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                                     .group_by(ImageResult.reason)).all()
         never_queued = s.scalar(select(func.count()).select_from(Study).where(
             Study.last_sr_uid.is_not(None), ~exists().where(OutboxItem.study_uid == Study.study_uid)))
+        # of those, the ones kept on purpose: their station was in shadow mode when they were analysed
+        kept_shadow = s.scalar(select(func.count()).select_from(Study).where(
+            Study.last_sr_uid.is_not(None), ~exists().where(OutboxItem.study_uid == Study.study_uid),
+            exists().where(AuditEvent.study_uid == Study.study_uid, AuditEvent.event == "study.shadow")))
         station_rows = list(s.scalars(select(StationRow).order_by(StationRow.name)))
         cals = {c.station: c for c in s.scalars(select(SiteCalibration).where(SiteCalibration.active.is_(True)))}
     now = utcnow()
@@ -80,12 +83,36 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "destinations": [d["name"] for d in daemon["destinations"]] if daemon is not None else file_dests,
         "destinations_source": "running daemon" if daemon is not None else "config file",
         "running_config": daemon,
-        "results_never_queued": never_queued,
+        "results_never_queued": never_queued - kept_shadow,
+        "results_kept_shadow": kept_shadow,
+        "stations_not_configured": [st["name"] for st in station_list if not st["configured"]],
         "stations": station_list,
         "warnings": [w for w in (destinations_warning(settings),) if w] + config_warnings + drift_warnings,
         "last_errors": [{"time": e.ts.isoformat(timespec="seconds"), "event": e.event, "reason": e.reason}
                         for e in errors],
     }
+
+
+def _last_errors(s, n: int = 5) -> list:  # noqa: ANN001 - a Session
+    """The newest ``n`` failures, leaving out send failures (outbox.retry, outbox.dead) of objects
+    that have reached that destination since: they are no longer errors anyone must act on."""
+    out, offset = [], 0
+    while len(out) < n:
+        rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
+                         .order_by(AuditEvent.id.desc()).offset(offset).limit(50)).all()
+        if not rows:
+            break
+        offset += len(rows)
+        for e in rows:
+            if e.event in ("outbox.dead", "outbox.retry") and e.sop_instance_uid and s.scalar(
+                    select(OutboxItem.id).where(OutboxItem.sop_instance_uid == e.sop_instance_uid,
+                                                OutboxItem.destination == (e.detail or {}).get("destination"),
+                                                OutboxItem.state == "sent").limit(1)) is not None:
+                continue
+            out.append(e)
+            if len(out) == n:
+                break
+    return out
 
 
 def _differs(settings: Settings, daemon: dict[str, Any]) -> bool:
@@ -150,6 +177,11 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
         out.write(f"results     {st['results_never_queued']} stud{'y' if st['results_never_queued'] == 1 else 'ies'} "
                   "with results never queued for any destination (kept in data_dir/outbox; "
                   "`cxr-node resend STUDY_UID` sends them)\n")
+    if st.get("results_kept_shadow"):
+        k = st["results_kept_shadow"]
+        out.write(f"shadow      {k} stud{'y' if k == 1 else 'ies'} analysed in shadow mode: results kept, not sent, "
+                  "because the station is in shadow mode (as intended while the site is measured; `resend` only "
+                  "the studies the site asks for)\n")
     for sta in st.get("stations", []):
         dr = sta["drift"]
         drift = ("drift: too few films yet" if dr is None else
@@ -157,6 +189,10 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
                  f"drift ok ({dr['films']} recent films vs {dr['reference']})")
         out.write(f"station     {sta['name']} ({sta['ae_title'] or '-'}): {sta['mode'].upper()}, "
                   f"{sta['calibration']} calibration, {drift}\n")
+    if st.get("stations_not_configured"):
+        out.write(f"unlisted    {', '.join(st['stations_not_configured'])}: seen but not in [[stations]] (their mode "
+                  "comes from [onboarding] new_stations; behind a PACS that forwards studies every film has the "
+                  "PACS's AE title: tell stations apart with station_name / institution_name in [[stations]])\n")
     out.write(f"model       {st['model']['configured']}"
               + (f" (last used: {st['model']['last_used_version']})" if st["model"]["last_used_version"] else "") + "\n")
     if st["audit_backlog"]:
