@@ -123,6 +123,8 @@ class StudySettings:
     quiet_seconds: float
     max_attempts: int = 3
     retry_seconds: float = 60
+    complete_on_release: bool = True      # the release of the delivering association completes a study
+    release_grace_seconds: float = 2      # ... once nothing more arrived for this long after it
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,8 @@ def destinations_warning(settings: Settings) -> str | None:
     if settings.destinations:
         return None
     return (f"no [[destinations]] configured: results are kept in {settings.storage.outbox_dir} but sent "
-            "nowhere; add a [[destinations]] entry, restart the daemon, then `cxr-node resend STUDY_UID` "
-            "sends the results made meanwhile")
+            "nowhere; add a [[destinations]] entry, reload the daemon (`systemctl reload cxr-node` or SIGHUP), "
+            "then `cxr-node resend STUDY_UID` sends the results made meanwhile")
 
 
 def exposure_warning(settings: Settings) -> str | None:
@@ -370,7 +372,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "storage": {"data_dir": (_str, DEFAULT_DATA_DIR)},
     "database": {"url": (_str, "")},
     "study": {"quiet_seconds": (_number(0.1, 86400), 30), "max_attempts": (_int(1, 100), 3),
-              "retry_seconds": (_number(0, 86400), 60)},
+              "retry_seconds": (_number(0, 86400), 60), "complete_on_release": (_bool, True),
+              "release_grace_seconds": (_number(0, 3600), 2)},
     "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
               "batch_size": (_int(1, 256), 8), "preload": (_bool, True),
               "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},

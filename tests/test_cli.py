@@ -156,7 +156,7 @@ def test_echo_to_a_real_peer_and_failures(tmp_path):
 def test_audit_filters_and_formats(node_factory, tmp_path):
     # the study must not complete while the trail is compared with itself: a loaded machine (CI runs
     # the suite on parallel workers) once took longer than a 30 s quiet period between two reads
-    n = node_factory("aud", quiet_seconds=3600).start()
+    n = node_factory("aud", quiet_seconds=3600, study_extra="complete_on_release = false").start()
     a, b = make_cr(tmp_path / "a.dcm"), make_cr(tmp_path / "b.dcm")
     assert storescu(n.port, a, aet="MOD_A").returncode == 0
     assert storescu(n.port, b, aet="MOD_B").returncode == 0
@@ -218,6 +218,7 @@ def test_systemd_unit_verifies(tmp_path):
     exe = require_tool("systemd-analyze", "systemd")
     unit = (REPO / "systemd" / "cxr-node.service").read_text()
     for needed in ("User=cxr-node", "Restart=on-failure", "ExecStartPre=", "db upgrade", "NoNewPrivileges=yes",
+                   "ExecReload=/bin/kill -HUP $MAINPID",
                    "ProtectSystem=strict", "ReadWritePaths=/var/lib/cxr-node", "PrivateTmp=yes", "ProtectHome=yes"):
         assert needed in unit
     # verify checks that ExecStart exists: point it at the console script of the Python running the tests

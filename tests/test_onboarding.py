@@ -169,11 +169,15 @@ def test_a_new_site_from_shadow_to_active_with_its_own_calibration_and_a_drift_a
     p = cli("calibrate-site", "--station", STATION, config=node.config, check=False)
     assert p.returncode == 2 and "add --yes" in p.stderr
     assert _events(node, "calibration.site") == []
-    p = cli("calibrate-site", "--station", STATION, "--yes", config=node.config)
+    # 9 films of a tiny random model: the fit is nonsense (issue 22), refused; stored only when forced
+    p = cli("calibrate-site", "--station", STATION, "--yes", config=node.config, check=False)
+    assert p.returncode == 1 and "calibration refused, nothing stored" in p.stderr
+    p = cli("calibrate-site", "--station", STATION, "--yes", "--store-anyway", config=node.config)
+    assert "stored although" in p.stderr
     assert "urgent flag" in p.stdout and "temperature" in p.stdout  # the before/after figures
     assert f"station {STATION}: site {STATION} v1 stored and active" in p.stdout
     (cal,) = node.events("calibration.site")  # through `cxr-node audit`
-    assert cal["detail"]["version"] == 1 and cal["detail"]["films"] == 9
+    assert cal["detail"]["version"] == 1 and cal["detail"]["films"] == 9 and cal["detail"]["refusals_overridden"]
     site_t = cal["detail"]["temperature"]
     site_th = cal["detail"]["thresholds"]
 

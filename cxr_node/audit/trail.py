@@ -46,6 +46,10 @@ def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
 EVENTS: dict[str, str] = {
     "node.started": "the daemon started listening",
     "node.stopped": "the daemon stopped (SIGTERM/SIGINT)",
+    "config.reloaded": "the daemon read its config file again (SIGHUP, `systemctl reload`; detail: changed, "
+                       "kept_until_restart, running)",
+    "config.reload_failed": "a reload was asked for but the config file does not validate; the daemon kept its "
+                            "configuration (reason says why)",
     "connection.refused": "a TCP connection was closed before it associated: per-host limit, no A-ASSOCIATE-RQ "
                           "in time, not DICOM (one row per host and minute; detail counts the ones held back)",
     "association.opened": "an A-ASSOCIATE-RQ arrived",
@@ -62,7 +66,9 @@ EVENTS: dict[str, str] = {
     "spool.partial_removed": "a partial temp file from an interrupted write was removed at start-up",
     "study.receiving": "a new study started arriving",
     "study.reopened": "an instance arrived after completion; the study's version went up",
-    "study.complete": "nothing arrived for quiet_seconds",
+    "study.complete": "the study is complete (detail.rule: quiet = nothing arrived for quiet_seconds; release = "
+                      "the association that delivered its films was released and nothing more arrived for "
+                      "release_grace_seconds)",
     "study.queued": "the complete study was queued for processing",
     "study.processing": "a worker claimed the study",
     "study.processed": "the study's results are encoded and in the outbox (detail: priority, counts, model)",

@@ -52,8 +52,14 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
                     backlog=None) -> BackgroundScheduler:  # noqa: ANN001
     """Jobs: complete quiet studies -> process queued studies -> drain the outbox, each handing off
     to the next at once (``wake``), with its poll as the fallback; plus the audit-backlog replay and
-    retention."""
+    retention.
+
+    The returned scheduler also carries ``association_released(association_id)``, the receiver's
+    hook: it runs the release rule (:func:`studies.complete_released`) once
+    ``[study] release_grace_seconds`` have passed, as a one-off job, and wakes the worker; and
+    ``reconfigure(settings)`` (a configuration reload: quiet period, release rule, retries)."""
     sched = BackgroundScheduler(timezone=dt.timezone.utc)
+    current = [settings]  # replaced by reconfigure(); every job reads current[0]
     now = dt.datetime.now(dt.timezone.utc)
     running: dict[str, bool] = {}
     again: dict[str, bool] = {}
@@ -96,16 +102,51 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
             pass
 
     def complete_studies() -> None:
-        done = studies.complete_quiet_studies(db, settings.study.quiet_seconds)
+        done = studies.complete_quiet_studies(db, current[0].study.quiet_seconds)
         retried = studies.retry_failed(db)  # failed attempts whose backoff has run out
         if done or retried:
             wake("process-studies")
 
     add("complete-studies", "study completion check", complete_studies,
         seconds=poll_interval(settings.study.quiet_seconds))
+
+    release_guard = _Guard("release completion check")
+
+    def check_release(association_id: str, released_at: dt.datetime, grace: float) -> None:
+        done: list[str] = []
+
+        def body() -> None:
+            done.extend(studies.complete_released(db, association_id, released_at, grace))
+
+        release_guard(body)  # on a database error the quiet period completes the study instead
+        if done:
+            wake("process-studies")
+
+    def association_released(association_id: str) -> None:
+        """From the association's thread, once it is released: check its studies after the grace."""
+        st = current[0].study
+        if not st.complete_on_release or sched.state != STATE_RUNNING:
+            return
+        released_at = dt.datetime.now(dt.timezone.utc)
+        try:
+            sched.add_job(check_release, "date", args=(association_id, released_at, st.release_grace_seconds),
+                          run_date=released_at + dt.timedelta(seconds=st.release_grace_seconds),
+                          misfire_grace_time=None, name=f"release-{association_id}")
+        except RuntimeError as e:  # the scheduler is shutting down: the quiet period (after restart) applies
+            log.debug("release of %s not scheduled: %s", association_id, e)
+
+    def reconfigure(new: Settings) -> None:
+        old = current[0]
+        current[0] = new
+        if new.study.quiet_seconds != old.study.quiet_seconds:
+            sched.reschedule_job("complete-studies", trigger="interval",
+                                 seconds=poll_interval(new.study.quiet_seconds))
+
+    sched.association_released = association_released
+    sched.reconfigure = reconfigure
     if processor is not None:
         def process_studies() -> None:
-            while processor.process_queued(limit=settings.model.batch_size):
+            while processor.process_queued(limit=current[0].model.batch_size):
                 wake("drain-outbox")  # send each batch's results while the next batch is analysed
 
         add("process-studies", "study processing", process_studies, seconds=0.5)
@@ -116,5 +157,5 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
     if settings.retention.enabled:
         from cxr_node.ops.retention import run_retention
 
-        add("retention", "retention job", lambda: run_retention(settings, db), hours=1)
+        add("retention", "retention job", lambda: run_retention(current[0], db), hours=1)
     return sched

@@ -1,7 +1,8 @@
 """Lifecycle of ``cxr-node serve``: lock this node's place in data_dir, listen, check the
 database, recover the spool, start accepting associations and the scheduler (and load the model
 in the background), and on SIGTERM/SIGINT stop accepting associations, let in-flight ones
-finish (up to ``[node] drain_seconds``), and exit 0.
+finish (up to ``[node] drain_seconds``), and exit 0. SIGHUP reloads the configuration
+(:mod:`cxr_node.node.reload`).
 
 Nothing in data_dir is touched before the lock is held and the port is bound: a second
 ``serve`` started by mistake with the same configuration exits 1 naming the lock (or the port)
@@ -19,17 +20,20 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from cxr_node import __version__
 from cxr_node.audit import trail as audit
 from cxr_node.onboarding import stations
 from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning, exposure_warning
 from cxr_node.db.session import Database
-from cxr_node.errors import CxrNodeError, NetworkError
+from cxr_node.errors import CxrNodeError, NetworkError, db_error_text
 from cxr_node.outbox.queue import Outbox
 from cxr_node.study.pipeline import Processor
 from cxr_node.receive.ingest import Ingest
 from cxr_node.receive.scp import Receiver
+from cxr_node.node.reload import Reloader, running_summary
 from cxr_node.node.scheduler import build_scheduler
 from cxr_node.receive.spool import Spool
 
@@ -75,14 +79,23 @@ def _preload(processor: Processor) -> None:
 
 def serve(settings: Settings) -> int:
     stop = threading.Event()
+    wake = threading.Event()  # a signal arrived: stop, or reload (SIGHUP)
     received: list[str] = []
+    reloads: list[int] = []
 
     def on_signal(signum: int, _frame) -> None:  # noqa: ANN001
         received.append(signal.Signals(signum).name)
         stop.set()
+        wake.set()
+
+    def on_hup(_signum: int, _frame) -> None:  # noqa: ANN001
+        reloads.append(1)
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # until the node is up, a reload has nothing to do but must not end the process (SIGHUP's default)
+    signal.signal(signal.SIGHUP, on_hup)
 
     os.umask(0o077)  # spool, outbox, database: owner-only, whatever the caller's umask
     n = settings.node
@@ -129,18 +142,31 @@ def serve(settings: Settings) -> int:
         preloader.start()
     scheduler = build_scheduler(settings, db, processor, outbox, backlog)
     scheduler.start()
+    receiver.on_released = scheduler.association_released  # the release rule of study completion
+    reloader = Reloader(settings, db, receiver, outbox, processor, scheduler)
     if metrics is not None:
         metrics.serve(settings.metrics.port)
     with db.transaction() as s:
         audit.record(s, "node.started", called_aet=n.ae_title, host=n.host, port=n.port,
-                     detail={"version": __version__, "recovered": recovered, "partial_removed": len(partial)})
+                     detail={"version": __version__, "recovered": recovered, "partial_removed": len(partial),
+                             "running": running_summary(settings)})
     log.info("cxr-node %s listening as %s on %s:%d (data_dir %s)", __version__, n.ae_title, n.host, n.port,
              settings.storage.data_dir)
     for warning in (exposure_warning(settings), destinations_warning(settings)):
         if warning:
             log.warning("%s", warning)
 
-    stop.wait()
+    while not stop.is_set():
+        wake.wait()
+        wake.clear()
+        while reloads and not stop.is_set():
+            reloads.clear()
+            try:
+                reloader.reload()
+            except SQLAlchemyError as e:  # the new settings are applied; only the audit row is missing
+                log.error("configuration reload: could not write its audit row: %s", db_error_text(e))
+    settings = reloader.settings
+    n = settings.node
     log.info("%s received: no new associations; finishing in-flight ones (up to %gs)",
              received[0] if received else "stop", n.drain_seconds)
     server.shutdown()  # closes the listening socket; running associations carry on

@@ -93,7 +93,7 @@ def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[s
 
 
 def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, min_per_class: int,  # noqa: ANN001
-        current: SiteCalibration | None = None) -> dict[str, Any]:
+        current: SiteCalibration | None = None, store_anyway: bool = False) -> dict[str, Any]:
     """Fit a calibration for ``station`` on its labelled films (nothing stored). Raises
     CalibrationRefused below ``min_per_class`` labelled films of a critical class, or of films of no
     critical class. Another class with fewer films than that keeps the threshold in force."""
@@ -122,6 +122,14 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
             "or lower --min-per-class / [onboarding] min_per_class knowing the operating points will be less certain")
     y, logits = _arrays(films, labels, model.temperature)
     new = fit_operating_points(logits, y, labels, critical, target_sensitivity, "point")
+    problems = implausible(new, y, logits, labels, critical, target_sensitivity,
+                           fitted=[n for n in labels if n in critical or counts[n] >= min_per_class])
+    if problems and not store_anyway:
+        raise CalibrationRefused(
+            f"station {station}: calibration refused, nothing stored: {'; '.join(problems)}. The station keeps "
+            f"its {stations.calibration_name(current)} operating points. Label more of its films, of every "
+            "class (cxr-node feedback import), and run calibrate-site again; `cxr-node performance --station "
+            f"{station}` shows how the operating points in force do meanwhile")
     before_t = current.temperature if current is not None else model.temperature
     before_th = dict(current.thresholds) if current is not None else dict(model.thresholds)
     # a class with too few films of its own here keeps the operating point in force
@@ -153,7 +161,73 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
             "operating_points": new["operating_points"], "nll_before": new["nll_before"],
             "nll_after": new["nll_after"], "before": before, "after": after,
             "note": "before and after are measured on the same films the calibration was fitted on",
+            "refusals_overridden": problems,
             "reference": reference}
+
+
+#: ``calibration.fit_temperature`` searches log T in [-3, 3]; a fit within EDGE_LOG of either end
+#: stopped at the bound, not at a minimum the films support.
+TEMPERATURE_LOG_BOUND = 3.0
+EDGE_LOG = 0.4
+#: A fitted threshold this close to 0 or 1 flags every film or none.
+THRESHOLD_EDGE = 0.001
+#: Bootstrap: resamples, and the widest 95% intervals accepted (temperature: hi / lo; the critical
+#: classes' thresholds: hi - lo).
+N_BOOT = 200
+MAX_TEMPERATURE_SPREAD = 4.0
+MAX_THRESHOLD_SPREAD = 0.5
+
+
+def implausible(new: dict[str, Any], y, logits, labels: Sequence[str], critical: Sequence[str],  # noqa: ANN001
+                target_sensitivity: float, fitted: Sequence[str], seed: int = 0) -> list[str]:
+    """Why a fit (from ``fit_operating_points``) must not be stored: a temperature at the edge of
+    the search, a fitted threshold at 0 or 1, or 95% bootstrap intervals (films resampled, the fit
+    repeated) so wide that the labels cannot support it. Empty when it may be stored."""
+    import math
+
+    import numpy as np
+
+    from cxr_node.model.calibration import fit_operating_points
+
+    out = []
+    lt = math.log(new["temperature"])
+    if abs(lt) > TEMPERATURE_LOG_BOUND - EDGE_LOG:
+        out.append(f"the temperature {new['temperature']:.4f} sits at the edge of what the fit allows "
+                   f"({math.exp(-TEMPERATURE_LOG_BOUND):.3f} to {math.exp(TEMPERATURE_LOG_BOUND):.1f}): the films "
+                   "do not determine it")
+    edges = [f"{n} {th:.4f}" for n, th in new["thresholds"].items()
+             if n in fitted and (th <= THRESHOLD_EDGE or th >= 1 - THRESHOLD_EDGE)]
+    if edges:
+        out.append(f"threshold(s) at the edge of 0..1 ({', '.join(edges)}): such a threshold flags every film or "
+                   "none")
+    if out:
+        return out
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    temps, ths = [], {c: [] for c in critical if c in new["thresholds"]}
+    for _ in range(N_BOOT):
+        idx = rng.integers(0, n, n)
+        yb = y[idx]
+        if any(not (yb == labels.index(c)).any() for c in ths):
+            continue  # a resample without a film of a critical class fits no threshold for it
+        b = fit_operating_points(logits[idx], yb, labels, critical, target_sensitivity, "point")
+        temps.append(math.log(b["temperature"]))
+        for c in ths:
+            if c in b["thresholds"]:
+                ths[c].append(b["thresholds"][c])
+    if len(temps) < N_BOOT // 2:
+        return [f"too few films of {', '.join(ths)} for a bootstrap interval"]
+    lo, hi = np.percentile(temps, [2.5, 97.5])
+    if math.exp(hi - lo) > MAX_TEMPERATURE_SPREAD:
+        out.append(f"the temperature's bootstrap 95% interval is {math.exp(lo):.3f}-{math.exp(hi):.3f} (a factor "
+                   f"{math.exp(hi - lo):.1f}; at most {MAX_TEMPERATURE_SPREAD:g} accepted): the labels cannot "
+                   "support it")
+    for c, v in ths.items():
+        lo, hi = np.percentile(v, [2.5, 97.5])
+        if hi - lo > MAX_THRESHOLD_SPREAD:
+            out.append(f"the {c} threshold's bootstrap 95% interval is {lo:.3f}-{hi:.3f} (wider than "
+                       f"{MAX_THRESHOLD_SPREAD:g}): the labels cannot support it")
+    return out
 
 
 def active(session, station: str) -> SiteCalibration | None:  # noqa: ANN001
@@ -185,6 +259,7 @@ def store(db, result: dict[str, Any]) -> SiteCalibration:  # noqa: ANN001
                              "weights_sha256": row.weights_sha256, "temperature": row.temperature,
                              "thresholds": row.thresholds, "films": result["films"], "counts": result["counts"],
                              "target_sensitivity": result["target_sensitivity"],
+                             "refusals_overridden": result.get("refusals_overridden") or [],
                              "before": json_safe(result["before"]), "after": json_safe(result["after"])})
         s.expunge(row)
     return row

@@ -30,16 +30,21 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                                     .group_by(Study.priority)).all())
         outbox = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
         oldest = s.scalar(select(func.min(OutboxItem.created_at)).where(OutboxItem.state == "pending"))
-        errors = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
-                           .order_by(AuditEvent.id.desc()).limit(5)).all()
+        errors = _last_errors(s)
         started = s.scalars(select(AuditEvent).where(AuditEvent.event.in_(["node.started", "node.stopped"]))
                             .order_by(AuditEvent.id.desc()).limit(1)).first()
+        config_row = s.scalars(select(AuditEvent).where(AuditEvent.event.in_(["node.started", "config.reloaded"]))
+                               .order_by(AuditEvent.id.desc()).limit(1)).first()
         model = s.scalars(select(AuditEvent).where(AuditEvent.event == "image.triaged")
                           .order_by(AuditEvent.id.desc()).limit(1)).first()
         refused_codes = s.execute(select(ImageResult.refusal_code, func.count())
                                   .where(ImageResult.analysed.is_(False)).group_by(ImageResult.refusal_code)).all()
         never_queued = s.scalar(select(func.count()).select_from(Study).where(
             Study.last_sr_uid.is_not(None), ~exists().where(OutboxItem.study_uid == Study.study_uid)))
+        # of those, the ones kept on purpose: their station was in shadow mode when they were analysed
+        kept_shadow = s.scalar(select(func.count()).select_from(Study).where(
+            Study.last_sr_uid.is_not(None), ~exists().where(OutboxItem.study_uid == Study.study_uid),
+            exists().where(AuditEvent.study_uid == Study.study_uid, AuditEvent.event == "study.shadow")))
         station_rows = list(s.scalars(select(StationRow).order_by(StationRow.name)))
         cals = {c.station: c for c in s.scalars(select(SiteCalibration).where(SiteCalibration.active.is_(True)))}
     now = utcnow()
@@ -49,6 +54,16 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         k = RefusalCode.of(code).value
         not_analysed[k] = not_analysed.get(k, 0) + n
     running = started is not None and started.event == "node.started"
+    daemon = (config_row.detail or {}).get("running") if running and config_row is not None else None
+    file_dests = [d.name for d in settings.destinations]
+    config_warnings = []
+    if daemon is not None:
+        run_dests = [d["name"] for d in daemon.get("destinations", [])]
+        if sorted(run_dests) != sorted(file_dests) or _differs(settings, daemon):
+            config_warnings.append(
+                f"the config file ({settings.source or 'built-in defaults'}) differs from what the running daemon "
+                f"uses (since {config_row.ts.isoformat(timespec='seconds')}): reload it "
+                f"(`systemctl reload cxr-node`, or `kill -HUP {daemon.get('pid', 'PID')}`)")
     station_list = [station_status(settings, r, cals.get(r.name)) for r in station_rows]
     drift_warnings = [f"station {st['name']} has drifted from {st['drift']['reference']}: {st['drift']['moved']}"
                       for st in station_list if st["drift"] and st["drift"]["state"] == "drifted"]
@@ -64,13 +79,49 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "model": {"configured": str(settings.model.checkpoint),
                   "last_used_version": model.detail.get("model_version") if model and model.detail else None},
         "audit_backlog": backlog,
-        "destinations": [d.name for d in settings.destinations],
-        "results_never_queued": never_queued,
+        # what the running daemon sends to (from its last start or reload), else what the file says
+        "destinations": [d["name"] for d in daemon["destinations"]] if daemon is not None else file_dests,
+        "destinations_source": "running daemon" if daemon is not None else "config file",
+        "running_config": daemon,
+        "results_never_queued": never_queued - kept_shadow,
+        "results_kept_shadow": kept_shadow,
+        "stations_not_configured": [st["name"] for st in station_list if not st["configured"]],
         "stations": station_list,
-        "warnings": [w for w in (destinations_warning(settings),) if w] + drift_warnings,
+        "warnings": [w for w in (destinations_warning(settings),) if w] + config_warnings + drift_warnings,
         "last_errors": [{"time": e.ts.isoformat(timespec="seconds"), "event": e.event, "reason": e.reason}
                         for e in errors],
     }
+
+
+def _last_errors(s, n: int = 5) -> list:  # noqa: ANN001 - a Session
+    """The newest ``n`` failures, leaving out send failures (outbox.retry, outbox.dead) of objects
+    that have reached that destination since: they are no longer errors anyone must act on."""
+    out, offset = [], 0
+    while len(out) < n:
+        rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
+                         .order_by(AuditEvent.id.desc()).offset(offset).limit(50)).all()
+        if not rows:
+            break
+        offset += len(rows)
+        for e in rows:
+            if e.event in ("outbox.dead", "outbox.retry") and e.sop_instance_uid and s.scalar(
+                    select(OutboxItem.id).where(OutboxItem.sop_instance_uid == e.sop_instance_uid,
+                                                OutboxItem.destination == (e.detail or {}).get("destination"),
+                                                OutboxItem.state == "sent").limit(1)) is not None:
+                continue
+            out.append(e)
+            if len(out) == n:
+                break
+    return out
+
+
+def _differs(settings: Settings, daemon: dict[str, Any]) -> bool:
+    """Whether the file's reloadable settings that status can compare differ from the daemon's."""
+    from cxr_node.node.reload import running_summary
+
+    mine = running_summary(settings)
+    return any(mine.get(k) != daemon.get(k) for k in ("destinations", "stations", "new_stations",
+                                                      "allowed_calling_aets", "allowed_hosts"))
 
 
 def station_status(settings: Settings, row: StationRow, cal: SiteCalibration | None) -> dict[str, Any]:
@@ -120,11 +171,17 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
     ob = st["outbox"]
     oldest = f" (oldest waiting {_dur(ob['oldest_pending_seconds'])})" if ob["oldest_pending_seconds"] is not None else ""
     out.write(f"outbox      pending {ob['pending']}{oldest}, sent {ob['sent']}, dead {ob['dead']}\n")
-    out.write("send to     " + (", ".join(st["destinations"]) or "NONE: no [[destinations]]") + "\n")
+    out.write("send to     " + (", ".join(st["destinations"]) or "NONE: no [[destinations]]")
+              + (f"  ({st['destinations_source']})" if st.get("destinations_source") else "") + "\n")
     if st["results_never_queued"]:
         out.write(f"results     {st['results_never_queued']} stud{'y' if st['results_never_queued'] == 1 else 'ies'} "
                   "with results never queued for any destination (kept in data_dir/outbox; "
                   "`cxr-node resend STUDY_UID` sends them)\n")
+    if st.get("results_kept_shadow"):
+        k = st["results_kept_shadow"]
+        out.write(f"shadow      {k} stud{'y' if k == 1 else 'ies'} analysed in shadow mode: results kept, not sent, "
+                  "because the station is in shadow mode (as intended while the site is measured; `resend` only "
+                  "the studies the site asks for)\n")
     for sta in st.get("stations", []):
         dr = sta["drift"]
         drift = ("drift: too few films yet" if dr is None else
@@ -132,6 +189,10 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
                  f"drift ok ({dr['films']} recent films vs {dr['reference']})")
         out.write(f"station     {sta['name']} ({sta['ae_title'] or '-'}): {sta['mode'].upper()}, "
                   f"{sta['calibration']} calibration, {drift}\n")
+    if st.get("stations_not_configured"):
+        out.write(f"unlisted    {', '.join(st['stations_not_configured'])}: seen but not in [[stations]] (their mode "
+                  "comes from [onboarding] new_stations; behind a PACS that forwards studies every film has the "
+                  "PACS's AE title: tell stations apart with station_name / institution_name in [[stations]])\n")
     out.write(f"model       {st['model']['configured']}"
               + (f" (last used: {st['model']['last_used_version']})" if st["model"]["last_used_version"] else "") + "\n")
     if st["audit_backlog"]:

@@ -182,7 +182,8 @@ class Outbox:
             try:
                 dest = self.settings.destination(name)
             except ConfigError:
-                outcomes = [SendOutcome(PERMANENT, None, f"destination {name!r} is no longer configured")] * len(items)
+                outcomes = [SendOutcome(PERMANENT, None, f"destination {name!r} is not in the running daemon's [[destinations]] (after adding it "
+                                        "to the config, reload the daemon, then `cxr-node outbox retry`)")] * len(items)
             else:
                 files = [FileToSend(self.dir / i.path, i.sop_class_uid, i.transfer_syntax) for i in items]
                 outcomes = store_files(self.settings, dest, files)

@@ -494,6 +494,9 @@ class Receiver:
         self.ingest = ingest
         self.metrics = metrics
         self._assocs: weakref.WeakKeyDictionary[Any, AssociationInfo] = weakref.WeakKeyDictionary()
+        #: Called with the association id once a peer has released an association that stored
+        #: something (the scheduler's release rule for study completion); set by service.py.
+        self.on_released: Callable[[str], None] | None = None
         self.ae = self._build_ae()
         self.server = None
 
@@ -654,6 +657,8 @@ class Receiver:
         if info:
             self._audit("association.released", detail=info.counts(), **info.fields())
             log.info("association %s released: %s", info.id, info.counts())
+            if info.stored and self.on_released is not None:
+                self.on_released(info.id)
 
     def _on_aborted(self, event) -> None:  # noqa: ANN001
         info = self._info(event.assoc)

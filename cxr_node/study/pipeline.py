@@ -124,8 +124,26 @@ class Processor:
 
     def preload(self) -> None:
         """Load the model now (``serve`` calls this in a background thread at start-up, so the first
-        study does not wait for it); :meth:`predictor` stays the lazy path if this fails."""
-        self.predictor()
+        study does not wait for it); :meth:`predictor` stays the lazy path if this fails. Then warm
+        it up: import the later stages' modules and run both networks (and Grad-CAM) once on a blank
+        film, which took the first study about 5 s more than the next on 2 cores (bench/e2e.py). A
+        study arriving meanwhile waits for the warm-up (the load lock)."""
+        with self._load_lock:
+            predictor = self._load()
+            t0 = time.perf_counter()
+            import numpy as np
+            import torch
+
+            import cxr_node.model.calibration  # noqa: F401 - imported now, not by the first study
+            import cxr_node.encode.sc  # noqa: F401
+            import cxr_node.encode.sr  # noqa: F401
+            import cxr_node.model.preprocess  # noqa: F401
+            import cxr_node.model.policy  # noqa: F401
+
+            s = predictor.input_size
+            predictor.predict([torch.zeros(1, s, s)], explain=True)
+            self._segmenter.probability(np.zeros((s, s), dtype=np.float32))
+            log.info("model warmed up in %.1f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ the pipeline
 

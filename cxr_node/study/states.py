@@ -1,6 +1,7 @@
 """The study state machine: every state, every transition, and who makes it, in one module.
 
     receiving --(quiet for quiet_seconds)--> complete --> queued --(claimed by a worker)--> processing
+    receiving --(its association released, nothing more for release_grace_seconds)--> complete
     processing --> processed | failed            (the pipeline, cxr_node.study.pipeline)
     processing --> queued                        (start-up: processing was interrupted)
     failed --(retry_at reached, attempts left)--> queued   (retry_failed: bounded, with backoff)
@@ -86,6 +87,11 @@ def note_instance(session: Session, study_uid: str, patient_id: str | None, now:
     return study.version
 
 
+#: ``detail.rule`` of ``study.complete``: which rule completed the study.
+RULE_QUIET = "quiet"
+RULE_RELEASE = "release"
+
+
 def complete_quiet_studies(db: Database, quiet_seconds: float) -> list[str]:
     """Move every study quiet for ``quiet_seconds`` to complete, then queued. Returns their UIDs."""
     cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
@@ -95,12 +101,60 @@ def complete_quiet_studies(db: Database, quiet_seconds: float) -> list[str]:
             select(Study).where(Study.state == RECEIVING, Study.last_received_at <= cutoff).with_for_update()
         ).all()
         for st in studies:
-            for new in (COMPLETE, QUEUED):
-                move(s, st, new, instances=st.instance_count)
+            move(s, st, COMPLETE, reason=f"nothing arrived for {quiet_seconds:g} s ([study] quiet_seconds)",
+                 instances=st.instance_count, rule=RULE_QUIET, quiet_seconds=quiet_seconds)
+            move(s, st, QUEUED, instances=st.instance_count)
             done.append(st.study_uid)
     for uid in done:
         log.info("study %s complete after %gs quiet; queued", uid, quiet_seconds)
     return done
+
+
+def complete_released(db: Database, association_id: str, released_at: dt.datetime, grace_seconds: float,
+                      now: dt.datetime | None = None) -> list[str]:
+    """The release rule: the studies that association ``association_id`` (released at
+    ``released_at``) delivered films to move to complete, then queued, if for each
+
+    * it is still receiving and nothing arrived since the release (``last_received_at``), and
+      ``grace_seconds`` have passed since it;
+    * every film of its current version came through this association: a study whose films
+      arrive over several associations waits for its quiet period, as does one whose sender
+      keeps its association open or aborts it (no release, so this is never called).
+
+    A film arriving later reopens the study as a new version, as after the quiet period.
+    Returns the UIDs completed."""
+    now = now or utcnow()
+    if now < released_at + dt.timedelta(seconds=grace_seconds):
+        return []
+    done = []
+    with db.transaction() as s:
+        uids = list(s.scalars(select(Instance.study_uid).where(Instance.association_id == association_id)
+                              .distinct()))
+        for uid in uids:
+            st = s.get(Study, uid, with_for_update=True)
+            if st is None or st.state != RECEIVING or _aware(st.last_received_at) > released_at:
+                continue
+            others = s.scalar(select(func.count()).select_from(Instance).where(
+                Instance.study_uid == uid, Instance.study_version == st.version,
+                (Instance.association_id != association_id) | Instance.association_id.is_(None)))
+            if others:
+                log.debug("study %s: films from several associations; the quiet period completes it", uid)
+                continue
+            move(s, st, COMPLETE, reason=f"the association that delivered it was released and nothing more "
+                 f"arrived for {grace_seconds:g} s ([study] release_grace_seconds)",
+                 instances=st.instance_count, rule=RULE_RELEASE, association_id=association_id,
+                 grace_seconds=grace_seconds)
+            move(s, st, QUEUED, instances=st.instance_count)
+            done.append(uid)
+    for uid in done:
+        log.info("study %s complete: association %s released, nothing more for %gs; queued", uid,
+                 association_id, grace_seconds)
+    return done
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes (stored as UTC)."""
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def claim(db: Database, limit: int, node_id: str) -> list[tuple[str, int]]:
