@@ -53,13 +53,13 @@ def test_results_reach_the_pacs_in_the_same_study(node_factory, orthanc_factory,
     groups = read_findings(sr)
     assert len(groups) == 2
     for g in groups:
-        assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=2e-3)  # 3 significant digits
         assert g["source_sop_uids"][0] in sources
         assert g["source_sop_uids"][1] in {sc.SOPInstanceUID for sc in sc_sets}
     assert [e.DeviceUID for e in sr.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
     # the same film in two encodings gives the same answer
     p1, p2 = (g["probabilities"] for g in groups)
-    assert p1 == pytest.approx(p2, abs=1e-3)
+    assert p1 == pytest.approx(p2, abs=2e-3)
 
     # the tibia: stored, not analysed, no overlay and no flag; the trail and an SR say why
     (skip,) = node.events("image.skipped", study_uid=tibia_study)

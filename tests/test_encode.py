@@ -85,16 +85,98 @@ def test_structured_report_validates_and_reads_back(analysed, tmp_path):
     (scheme,) = back.CodingSchemeIdentificationSequence  # our private scheme is declared in the SR
     assert scheme.CodingSchemeDesignator == "99CXRNODE" and scheme.CodingSchemeResponsibleOrganization == MANUFACTURER
     (group,) = read_findings(back)
-    assert group["finding"] in ("COVID-19", "Normal", "Viral pneumonia")
+    assert group["finding"] is None  # an estimate, not a "Finding = COVID-19"
     probs = group["probabilities"]
     assert probs == pytest.approx({"COVID-19": pred.probabilities[0], "Normal": pred.probabilities[1],
-                                   "Viral pneumonia": pred.probabilities[2]}, abs=1e-6)
-    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+                                   "Viral pneumonia": pred.probabilities[2]}, rel=5e-3)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=2e-3)
+    assert group["thresholds"] == {"COVID-19": 0.3, "Normal": 0.5, "Viral pneumonia": 0.4}
     expected = {"COVID-19": pred.probabilities[0] >= 0.3, "Normal": pred.probabilities[1] >= 0.5,
                 "Viral pneumonia": pred.probabilities[2] >= 0.4}
-    assert group["evaluations"] == {k: "Present" if v else "Absent" for k, v in expected.items()}
+    assert group["above"] == expected
+    assert group["evaluations"] == {}  # no Present/Absent for a disease the model only estimates
+    assert group["priority"] == pred.priority
     assert group["source_sop_uids"] == [source.SOPInstanceUID, sc.SOPInstanceUID]
     assert group["tracking_uid"] == model.tracking_uid(source.SOPInstanceUID)
+
+
+def _items(ds, path=()):
+    """(path of concept meanings, item) for every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        yield path + (name,), item
+        yield from _items(item, path + (name,))
+
+
+def _code(item):
+    c = item.ConceptNameCodeSequence[0]
+    return c.CodeValue, c.CodingSchemeDesignator
+
+
+def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
+    """Each point of issue 19, read from the content tree itself: probabilities with at most 3
+    significant digits, each with its class, its operating point and whether it was exceeded; a
+    coded urgency for the study and the film; the notice as a text item; algorithm name and
+    version once per group and nothing more; a refused film's group with its coded reason;
+    standard codes except where none exists, each private one listed in the README."""
+    import re
+    from pathlib import Path
+
+    from cxr_node.encode.sr import PRIORITY_CODES, PRIVATE_SCHEME, RefusedFilm, reason_code, read_report
+
+    source, film, pred, model = analysed
+    sc = build_sc(source, film, pred, model, instance_number=1)
+    refused = source.copy()
+    refused.SOPInstanceUID = source.SOPInstanceUID + ".9"
+    why = "no plausible lung fields: one lung field only"
+    sr = build_sr([AnalysedFilm(source, sc, pred)], model, study_version=1, refused=[RefusedFilm(refused, why)])
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert pixelmed_sr_errors(path) == []
+    back = dcmread(path)
+    items = list(_items(back))
+
+    nums = [(p, it) for p, it in items if it.ValueType == "NUM"]
+    probabilities = [(p, it) for p, it in nums if _code(it) == ("122157", "DCM")]
+    thresholds = [(p, it) for p, it in nums if _code(it) == ("122411", "DCM")]
+    assert len(probabilities) == len(thresholds) == 3
+    for _, it in probabilities + thresholds:
+        text = str(it.MeasuredValueSequence[0].NumericValue)
+        digits = re.sub(r"e.*$", "", text.lower()).replace(".", "").replace("-", "").lstrip("0")
+        assert len(digits) <= 3, text  # at most 3 significant digits (4.04e-05, 0.953, 0.3)
+        assert it.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    for _, it in probabilities:
+        mods = {_code(m): m.ConceptCodeSequence[0] for m in it.ContentSequence}
+        assert mods[("246090004", "SCT")].CodingSchemeDesignator == "SCT"  # the class, a standard code
+        assert mods[("ABOVEOP", PRIVATE_SCHEME)].CodeMeaning in ("Yes", "No")
+    meanings = {m for _, it in items if it.ValueType == "CODE" for m in [it.ConceptCodeSequence[0].CodeMeaning]}
+    assert not meanings & {"Present", "Absent"}
+
+    priorities = [(p, it.ConceptCodeSequence[0]) for p, it in items if _code(it) == ("260870009", "SCT")]
+    by_level = {len(p): c for p, c in priorities}
+    assert by_level[2].CodeMeaning == PRIORITY_CODES[pred.priority].meaning  # the study's
+    assert by_level[3].CodeMeaning == PRIORITY_CODES[pred.priority].meaning  # the film's
+    (notice,) = [it for _, it in items if it.ValueType == "TEXT" and _code(it) == ("121106", "DCM")]
+    assert "research triage, not for diagnostic use" in notice.TextValue.lower()
+    assert back.ConceptNameCodeSequence[0].CodeValue == "126000"  # TID 1500's title (pixelmed picks the template by it)
+
+    names = [p[-1] for p, _ in items]
+    assert names.count("Algorithm Name") == 2 and names.count("Algorithm Version") == 2  # once per group
+    assert "Algorithm Manufacturer" not in names and "Algorithm Parameters" not in names
+
+    report = read_report(back)
+    assert report["priority"] == pred.priority and "not for diagnostic use" in report["notice"]
+    analysed_group, refused_group = report["films"]
+    assert refused_group["finding"] == "Not analysed" and refused_group["probabilities"] == {}
+    assert refused_group["evaluations"] == {"Reason not analysed": reason_code(why).meaning}
+    assert refused_group["source_sop_uids"] == [refused.SOPInstanceUID]
+
+    # every private code used is listed in the README
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    private = {c.CodeValue for _, it in items for key in ("ConceptNameCodeSequence", "ConceptCodeSequence")
+               for c in it.get(key, []) if c.CodingSchemeDesignator == PRIVATE_SCHEME}
+    assert private and all(f"`{v}`" in readme for v in private), private
 
 
 def test_revised_report_names_its_predecessor(analysed, tmp_path):
