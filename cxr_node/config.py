@@ -139,6 +139,7 @@ class EligibilitySettings:
     body_parts: tuple[str, ...]
     views: tuple[str, ...]
     check_pixels: bool
+    report_non_chest: bool   # an SR (all films "Not analysed") even for a study with no chest film by its header
 
 
 @dataclass(frozen=True)
@@ -377,6 +378,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                                     "TORAX", "THX", "BRUST", "BRUSTKORB", "POITRINE", "TORACE", "PECHO"]),
         "views": (_word_list, ["PA", "AP", "AP SUPINE", "AP_SUPINE", "APS", "PA_ERECT", "AP_ERECT"]),
         "check_pixels": (_bool, True),
+        "report_non_chest": (_bool, False),
     },
     "outbox": {
         "poll_seconds": (_number(0.1, 3600), 2),

@@ -29,6 +29,7 @@ DEFAULT_BODY_PARTS = ("CHEST", "THORAX")
 DEFAULT_VIEWS = ("PA", "AP")
 OUTSIDE_DISTRIBUTION = "outside the training distribution"
 UNUSABLE_HEADER = "unusable header"
+NOT_CHEST = "BodyPartExamined is"  # the header names another body part
 
 
 def sop_class_reason(sop_class_uid: str) -> str | None:
@@ -47,13 +48,20 @@ def header_reason(ds: Any, body_parts: Sequence[str] = DEFAULT_BODY_PARTS,
     if body.startswith(UNUSABLE_HEADER):
         return body
     if body and body not in body_parts:
-        return f"BodyPartExamined is {body}, not a chest value ({', '.join(body_parts[:4])}...)"
+        return f"{NOT_CHEST} {body}, not a chest value ({', '.join(body_parts[:4])}...)"
     view = _header_text(ds, "ViewPosition")
     if view.startswith(UNUSABLE_HEADER):
         return view
     if view and view not in views:
         return f"ViewPosition is {view}: only frontal ({'/'.join(views[:2])}) films are analysed"
     return None
+
+
+def chest_by_header(reason: str | None) -> bool:
+    """Whether a film is a chest film by its header: every film except one whose header names
+    another body part (a lateral chest film, or one refused for its pixels, still is). A study none
+    of whose films is, was never a triage candidate and gets no SR (``[eligibility] report_non_chest``)."""
+    return not (reason or "").startswith(NOT_CHEST)
 
 
 def _header_text(ds: Any, keyword: str) -> str:

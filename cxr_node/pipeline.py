@@ -10,7 +10,8 @@
     triage       operating points -> urgent flag and priority (cxr_node.triage.Finding); a study
                  from a station with a site calibration (cxr_node.stations) uses that
                  station's temperature and operating points, and its results say so
-    encode       a Secondary Capture per analysed film, one SR per study naming refused films
+    encode       a Secondary Capture per analysed film, one SR per study naming refused films; no
+                 SR for a study none of whose films is a chest film by its header
     enqueue      the outbox (durable) for every destination, unless the study's station is in
                  shadow mode (results kept, nothing sent)
     record       image results, audit rows, and the study's state (cxr_node.studies), in one transaction
@@ -346,7 +347,8 @@ class Processor:
             written.append(self.outbox.write(sc, "sc"))
             analysed.append(AnalysedFilm(film.ds, sc, film.prediction))
         sr = None
-        if w.films:
+        if w.films and (self.settings.eligibility.report_non_chest
+                        or any(eligibility.chest_by_header(f.refused) for f in w.films)):
             sr = build_sr(analysed, model, study_version=w.version, predecessor=self._predecessor(w),
                           refused=[RefusedFilm(f.ds, f.refused) for f in w.refused])
             written.append(self.outbox.write(sr, "sr"))
@@ -412,6 +414,8 @@ class Processor:
                 st.accession_number = accession[:16]
             reason = None if analysed else ("no frontal chest film to analyse" if not w.films
                                             else "no film was analysed: " + "; ".join(f.refused for f in w.refused))
+            if w.films and sr is None:
+                reason += "; no SR sent: no chest film by its header ([eligibility] report_non_chest)"
             if studies.finish(s, st, w.version, reason=reason, **detail):
                 st.priority, st.processed_version, st.last_error = priority, w.version, None
             else:
