@@ -148,6 +148,7 @@ class OutboxSettings:
     retry_base_seconds: float
     retry_max_seconds: float
     max_attempts: int
+    sc_max_rows: int   # the Secondary Capture keeps the film's resolution up to this many rows
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "retry_base_seconds": (_number(0.1, 86400), 10),
         "retry_max_seconds": (_number(1, 86400), 900),
         "max_attempts": (_int(1, 1000), 15),
+        "sc_max_rows": (_int(512, 8192), 2048),
     },
     "retention": {"days": (_number(0, 36500), 0)},
     "tls": {"certificate": (_str, ""), "private_key": (_str, ""), "ca_certificates": (_str, ""),

@@ -51,7 +51,8 @@ class Film:
     instance: Instance
     ds: Dataset
     x: object = None        # preprocessed tensor
-    display: object = None  # film for the overlay
+    display: object = None  # film for the overlay (downscaled, as the lung fields were found on it)
+    full: object = None     # the same film at the source's resolution, for the Secondary Capture
     lungs: object = None    # cxr_node.lungs.LungFields
     box: object = None      # lung crop applied to the model input, or None
     prediction: object = None  # cxr_node.infer.Prediction, then cxr_node.triage.Finding
@@ -246,7 +247,7 @@ class Processor:
                 log.debug("preprocessing failure", exc_info=True)
                 film.refused = f"unusable pixels: preprocessing failed ({type(e).__name__})"
                 continue
-            film.x, film.display, film.lungs, film.box = pr.x, pr.display, pr.lungs, pr.box
+            film.x, film.display, film.lungs, film.box, film.full = pr.x, pr.display, pr.lungs, pr.box, pr.film
             d = np.asarray(pr.display, dtype=np.float64)  # the film in [0, 1], for drift
             film.stats.update(mean=round(float(d.mean()), 5), std=round(float(d.std()), 5))
             if check:
@@ -342,8 +343,10 @@ class Processor:
         model = w.model or self._identity
         analysed, written = [], []
         for n, film in enumerate(w.analysed, start=1):
-            sc = build_sc(film.ds, film.display, film.prediction, model, instance_number=n, box=film.box,
-                          lung_mask=film.lungs.mask if film.lungs is not None else None)
+            sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction, model,
+                          instance_number=n, box=film.box, lung_mask=film.lungs.mask if film.lungs is not None else None,
+                          max_rows=self.settings.outbox.sc_max_rows)
+            film.full = None  # up to tens of MB per film: not kept past its SC
             written.append(self.outbox.write(sc, "sc"))
             analysed.append(AnalysedFilm(film.ds, sc, film.prediction))
         sr = None

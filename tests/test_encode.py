@@ -23,11 +23,15 @@ def _ours(ds):
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory, films):
+def predictor(tmp_path_factory):
     from cxr_node.infer import Predictor
 
     ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", input_size=64, thresholds=THRESHOLDS)
-    predictor = Predictor(ckpt, device="cpu")
+    return Predictor(ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def analysed(predictor, films):
     source = dcmread(films["RG1_UNCR"])
     source.AccessionNumber = "ACC-4711"
     x, film = predictor.preprocess_with_display(source)
@@ -66,6 +70,47 @@ def test_secondary_capture(analysed, tmp_path):
     assert again.SOPInstanceUID == sc.SOPInstanceUID and again.SeriesInstanceUID == sc.SeriesInstanceUID
     other = dataclasses.replace(model, weights_sha256="f" * 64)
     assert build_sc(source, film, pred, other, instance_number=1).SOPInstanceUID != sc.SOPInstanceUID
+
+
+def _coloured(px):
+    """Pixels of an RGB picture that are not grey (a heat map was blended in)."""
+    px = px.astype(int)
+    return (np.abs(px[..., 0] - px[..., 1]) > 12) | (np.abs(px[..., 1] - px[..., 2]) > 12)
+
+
+def test_secondary_capture_keeps_the_film_legible_and_maps_only_a_flag(analysed, predictor, tmp_path):
+    """The SC at the source's resolution (up to the configured rows), the legend scaled to it and
+    naming the operating point; a map only for the flagged finding, over part of the film only;
+    none for a routine call."""
+    from cxr_node.overlay import legend_size
+    from cxr_node.preprocess import prepare
+    from cxr_node.triage import Decision, Finding
+
+    source, _, pred, model = analysed
+    pr = prepare(source, predictor.params, None)
+    assert pr.film.shape == (source.Rows, source.Columns)
+    # flagged for COVID at an operating point of 0, with the map made for COVID
+    flagged_model = dataclasses.replace(model, thresholds={"COVID": 0.0, "Normal": 0.5, "Viral Pneumonia": 0.4})
+    flagged = Finding(dataclasses.replace(pred.prediction, cam_label="COVID", top_label="COVID"),
+                      Decision(True, "urgent", ("COVID above",)))
+    sc = build_sc(source, pr.film, flagged, flagged_model, instance_number=1)
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    px = dcmread(path).pixel_array
+    rows = source.Rows  # 1955 <= the default 2048: the film keeps its resolution
+    assert px.shape[1] == source.Columns and px.shape[0] > rows
+    film_part, legend = px[:rows], px[rows:]
+    assert 0 < _coloured(film_part).mean() < 0.5  # a map, not over the whole film
+    assert legend.shape[0] >= 5 * legend_size(rows, source.Columns)  # five lines at least, scaled to the film
+    assert legend_size(rows, source.Columns) >= 40  # ~2% of the height: 43 px letters on a 1955-row film
+
+    routine = Finding(pred.prediction, Decision(False, "routine", ()))
+    px = build_sc(source, pr.film, routine, model, instance_number=1).pixel_array
+    assert not _coloured(px[:rows]).any()  # no map for a routine call: the film stays grey
+
+    small = build_sc(source, pr.film, routine, model, instance_number=1, max_rows=1024).pixel_array
+    assert small.shape[1] == round(source.Columns * 1024 / rows) and small.shape[0] > 1024
 
 
 def test_structured_report_validates_and_reads_back(analysed, tmp_path):
