@@ -142,7 +142,17 @@ def _study(settings: Settings, study_uid: str, fmt: str, out: TextIO) -> int:
     if fmt in ("json", "csv"):
         write_rows(rows, fmt, out)
         return 0
+    from cxr_node.story import sentence
+
     out.write(f"study {study_uid}\n")
     for r in rows:
-        out.write(f"  {r['time']}  {r['event']:22} {audit.describe(r)}\n")
+        out.write(f"  {_time(r['time'])}  {r['event']:22} {sentence(r)}\n")
     return 0
+
+
+def _time(iso: str | None) -> str:
+    """'2026-12-02T01:45:12.123456+00:00' -> '2026-12-02T01:45:12Z' (UTC, to the second)."""
+    if not iso:
+        return "-"
+    t = iso.replace("+00:00", "Z")
+    return (t[:19] + "Z") if len(t) >= 19 else t
