@@ -143,6 +143,7 @@ class EligibilitySettings:
     body_parts: tuple[str, ...]
     views: tuple[str, ...]
     check_pixels: bool
+    report_non_chest: bool   # an SR (all films "Not analysed") even for a study with no chest film by its header
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class OutboxSettings:
     retry_base_seconds: float
     retry_max_seconds: float
     max_attempts: int
+    sc_max_rows: int   # the Secondary Capture keeps the film's resolution up to this many rows
 
 
 @dataclass(frozen=True)
@@ -382,12 +384,14 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                                     "TORAX", "THX", "BRUST", "BRUSTKORB", "POITRINE", "TORACE", "PECHO"]),
         "views": (_word_list, ["PA", "AP", "AP SUPINE", "AP_SUPINE", "APS", "PA_ERECT", "AP_ERECT"]),
         "check_pixels": (_bool, True),
+        "report_non_chest": (_bool, False),
     },
     "outbox": {
         "poll_seconds": (_number(0.1, 3600), 2),
         "retry_base_seconds": (_number(0.1, 86400), 10),
         "retry_max_seconds": (_number(1, 86400), 900),
         "max_attempts": (_int(1, 1000), 15),
+        "sc_max_rows": (_int(512, 8192), 2048),
     },
     "retention": {"days": (_number(0, 36500), 0)},
     "tls": {"certificate": (_str, ""), "private_key": (_str, ""), "ca_certificates": (_str, ""),

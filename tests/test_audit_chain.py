@@ -83,6 +83,7 @@ def test_study_story(trail):
     assert events[0] == "association.opened" and events.count("instance.stored") == 3
     assert events.index("study.complete") < events.index("study.queued")
     assert "association.released" in events
+    assert "{" not in out and "URGENT" not in out  # sentences, not JSON; a priority said once
     p = cli("audit", "study", "1.2.3.999", config=node.config, check=False)
     assert p.returncode == 2 and "no audit events" in p.stderr
 

@@ -184,7 +184,18 @@ def test_audit_filters_and_formats(node_factory, tmp_path):
     parsed = list(csv.DictReader(io.StringIO(out)))
     assert list(parsed[0]) == list(FIELDS) and len(parsed) == 2
     table = cli("audit", "--event", "instance.stored", config=n.config).stdout
-    assert table.splitlines()[0].startswith("TIME") and "(2 events)" in table
+    assert table.splitlines()[0].startswith("TIME") and "(2 events) newest first" in table
+    # no filter: the newest first, a page, and how to see more
+    everything = n.audit()
+    assert len(everything) > 3
+    page = cli("audit", "--limit", "3", config=n.config).stdout.splitlines()
+    header, rule, body, footer = page[0], page[1], page[2:-1], page[-1]
+    assert header.split()[:2] == ["TIME", "EVENT"] and set(rule.replace(" ", "")) == {"-"}
+    assert [line.split()[1] for line in body] == [r["event"] for r in everything[::-1][:3]]
+    assert len({line.index(line.split()[1]) for line in body}) == 1  # aligned: the event column starts in one place
+    assert f"of {len(everything)}" in footer and "--offset 3" in footer and "--format csv" in footer
+    default = cli("audit", config=n.config).stdout
+    assert "newest first" in default.splitlines()[-1]
 
     # PS3.15 A.5 DICOM Audit Messages, one XML document per line
     import xml.etree.ElementTree as ET

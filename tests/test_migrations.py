@@ -69,6 +69,7 @@ def test_0008_backfills_refusal_codes_from_the_old_reasons(tmp_path):
                "unusable pixels: DICOM image is colour": "pixels",
                "unusable header: NumberOfFrames cannot be read (ValueError)": "unreadable",
                "ViewPosition is LL: only frontal (PA/AP) films are analysed": "header",
+               "BodyPartExamined is KNEE, not a chest value (CHEST, THORAX...)": "not_chest",
                "something nobody foresaw": "other"}
     with sqlite3.connect(db) as c:
         for n, reason in enumerate(reasons):

@@ -35,7 +35,10 @@ def test_a_refusal_is_its_text_and_carries_its_code():
 
 def test_each_rule_makes_its_code():
     assert rules.sop_class_reason("1.2.840.10008.5.1.4.1.1.2").code is RefusalCode.SOP_CLASS  # CT
-    assert rules.header_reason({"BodyPartExamined": "KNEE"}).code is RefusalCode.HEADER
+    assert rules.header_reason({"BodyPartExamined": "KNEE"}).code is RefusalCode.NOT_CHEST
+    assert rules.header_reason({"BodyPartExamined": "CHEST", "ViewPosition": "LL"}).code is RefusalCode.HEADER
+    assert rules.chest_by_header(rules.header_reason({"ViewPosition": "LL"}))
+    assert not rules.chest_by_header(rules.header_reason({"BodyPartExamined": "KNEE"}))
     assert rules.ood_reason(9.0, 5.0).code is RefusalCode.OUT_OF_DOMAIN
     assert rules.ood_reason(4.0, 5.0) is None
     assert rules.unusable_pixels("DICOM image is blank").code is RefusalCode.PIXELS

@@ -186,7 +186,8 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
             try:
                 mask = pr.lungs.mask if pr.lungs is not None and pr.lungs.box is not None else None
                 Image.fromarray(render_figure(pr.display, pred, "cxr-node", predictor.version, box=pr.box,
-                                              lung_mask=mask)).save(op)
+                                              lung_mask=mask, thresholds=dict(predictor.policy.thresholds))
+                                ).save(op)
                 row["overlay"] = str(op)
             except OSError as e:
                 raise CxrNodeError(f"cannot write overlay {op}: {e.strerror or e}") from e

@@ -16,7 +16,8 @@ class RefusalCode(str, enum.Enum):
     """The kinds of refusal, in the order the rules are checked (cheap first)."""
 
     SOP_CLASS = "sop_class"            #: not a radiograph SOP class cxr-node triages (at receipt)
-    HEADER = "header"                  #: BodyPartExamined / ViewPosition: not a frontal chest film
+    NOT_CHEST = "not_chest"            #: BodyPartExamined names another body part: not a chest film
+    HEADER = "header"                  #: ViewPosition: a chest film, but not a frontal one
     UNREADABLE = "unreadable"          #: the spooled file or a header element cannot be read
     PIXELS = "pixels"                  #: pixels unusable (decoding, colour, size, blank, the model failed)
     NO_LUNG_FIELDS = "no_lung_fields"  #: no two plausible lung fields

@@ -31,6 +31,7 @@ DEFAULT_BODY_PARTS = ("CHEST", "THORAX")
 DEFAULT_VIEWS = ("PA", "AP")
 OUTSIDE_DISTRIBUTION = "outside the training distribution"
 UNUSABLE_HEADER = "unusable header"
+NOT_CHEST = "BodyPartExamined is"  # the header names another body part
 
 
 def sop_class_reason(sop_class_uid: str) -> Refusal | None:
@@ -50,8 +51,7 @@ def header_reason(ds: Any, body_parts: Sequence[str] = DEFAULT_BODY_PARTS,
     if isinstance(body, Refusal):
         return body
     if body and body not in body_parts:
-        return Refusal(RefusalCode.HEADER,
-                       f"BodyPartExamined is {body}, not a chest value ({', '.join(body_parts[:4])}...)")
+        return Refusal(RefusalCode.NOT_CHEST, f"{NOT_CHEST} {body}, not a chest value ({', '.join(body_parts[:4])}...)")
     view = _header_text(ds, "ViewPosition")
     if isinstance(view, Refusal):
         return view
@@ -59,6 +59,13 @@ def header_reason(ds: Any, body_parts: Sequence[str] = DEFAULT_BODY_PARTS,
         return Refusal(RefusalCode.HEADER,
                        f"ViewPosition is {view}: only frontal ({'/'.join(views[:2])}) films are analysed")
     return None
+
+
+def chest_by_header(reason: Refusal | None) -> bool:
+    """Whether a film is a chest film by its header: every film except one whose header names
+    another body part (a lateral chest film, or one refused for its pixels, still is). A study none
+    of whose films is, was never a triage candidate and gets no SR (``[eligibility] report_non_chest``)."""
+    return getattr(reason, "code", None) != RefusalCode.NOT_CHEST
 
 
 def _header_text(ds: Any, keyword: str) -> str | Refusal:

@@ -521,6 +521,7 @@ class Prepared:
     display: np.ndarray              # (H, W) in [0, 1]: the film as a person sees it (no CLAHE)
     lungs: Any = None                # cxr_node.model.lungs.LungFields, when a segmenter ran
     box: tuple[float, float, float, float] | None = None  # the crop applied (fractions of display)
+    film: np.ndarray | None = None   # (H, W) in [0, 1]: the display film at the source's resolution
 
 
 def prepare(src: Any, params: Mapping[str, Any], segmenter: Any = None) -> Prepared:
@@ -528,7 +529,7 @@ def prepare(src: Any, params: Mapping[str, Any], segmenter: Any = None) -> Prepa
 
     ``segmenter`` (a :class:`cxr_node.model.lungs.LungSegmenter`) analyses the lungs even when the
     checkpoint does not crop, for the eligibility rules; a cropping chain uses it for its crop."""
-    display, lungs, box, img = None, None, None, src
+    display, lungs, box, img, film = None, None, None, src, None
     for step in chain(params):
         if isinstance(step, LungCrop):
             if segmenter is not None:
@@ -536,11 +537,13 @@ def prepare(src: Any, params: Mapping[str, Any], segmenter: Any = None) -> Prepa
             img, lungs, box = step.analyse_and_crop(img, lungs)
             continue
         img = step(img)
-        if isinstance(step, AreaDownscale):
+        if isinstance(step, LoadRadiograph):
+            film = np.asarray(img, dtype=np.float32)[0]
+        elif isinstance(step, AreaDownscale):
             display = np.asarray(img, dtype=np.float32)[0]
         elif isinstance(step, CLAHE) and segmenter is not None:
             lungs = segmenter.analyse(img)
-    return Prepared(torch.as_tensor(img, dtype=torch.float32), display, lungs, box)
+    return Prepared(torch.as_tensor(img, dtype=torch.float32), display, lungs, box, film)
 
 
 def display_and_contrast(src: Any, params: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@
     triage       operating points -> urgent flag and priority (cxr_node.model.policy.Finding); a study
                  from a station with a site calibration (cxr_node.onboarding.stations) uses that
                  station's temperature and operating points, and its results say so
-    encode       a Secondary Capture per analysed film, one SR per study naming refused films
+    encode       a Secondary Capture per analysed film, one SR per study naming refused films; no
+                 SR for a study none of whose films is a chest film by its header
     enqueue      the outbox (durable) for every destination, unless the study's station is in
                  shadow mode (results kept, nothing sent)
     record       image results, audit rows, and the study's state (cxr_node.study.states), in one transaction
@@ -54,7 +55,8 @@ class Film:
     instance: Instance
     ds: Dataset
     x: object = None        # preprocessed tensor
-    display: object = None  # film for the overlay
+    display: object = None  # film for the overlay (downscaled, as the lung fields were found on it)
+    full: object = None     # the same film at the source's resolution, for the Secondary Capture
     lungs: object = None    # cxr_node.model.lungs.LungFields
     box: object = None      # lung crop applied to the model input, or None
     prediction: object = None  # cxr_node.model.infer.Prediction, then cxr_node.model.policy.Finding
@@ -269,7 +271,7 @@ class Processor:
                 log.debug("preprocessing failure", exc_info=True)
                 film.refused = eligibility.unusable_pixels(f"preprocessing failed ({type(e).__name__})")
                 continue
-            film.x, film.display, film.lungs, film.box = pr.x, pr.display, pr.lungs, pr.box
+            film.x, film.display, film.lungs, film.box, film.full = pr.x, pr.display, pr.lungs, pr.box, pr.film
             d = np.asarray(pr.display, dtype=np.float64)  # the film in [0, 1], for drift
             film.stats.update(mean=round(float(d.mean()), 5), std=round(float(d.std()), 5))
             if check:
@@ -366,12 +368,15 @@ class Processor:
         model = w.model or self._identity
         analysed, written = [], []
         for n, film in enumerate(w.analysed, start=1):
-            sc = build_sc(film.ds, film.display, film.prediction, model, instance_number=n, box=film.box,
-                          lung_mask=film.lungs.mask if film.lungs is not None else None)
+            sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction, model,
+                          instance_number=n, box=film.box, lung_mask=film.lungs.mask if film.lungs is not None else None,
+                          max_rows=self.settings.outbox.sc_max_rows)
+            film.full = None  # up to tens of MB per film: not kept past its SC
             written.append(self.outbox.write(sc, "sc"))
             analysed.append(AnalysedFilm(film.ds, sc, film.prediction))
         sr = None
-        if w.films:
+        if w.films and (self.settings.eligibility.report_non_chest
+                        or any(eligibility.chest_by_header(f.refused) for f in w.films)):
             sr = build_sr(analysed, model, study_version=w.version, predecessor=self._predecessor(w),
                           refused=[RefusedFilm(f.ds, f.refused) for f in w.refused])
             written.append(self.outbox.write(sr, "sr"))
@@ -438,6 +443,8 @@ class Processor:
                 st.accession_number = accession[:16]
             reason = None if analysed else ("no frontal chest film to analyse" if not w.films
                                             else "no film was analysed: " + "; ".join(f.refused.text for f in w.refused))
+            if w.films and sr is None:
+                reason += "; no SR sent: no chest film by its header ([eligibility] report_non_chest)"
             if studies.finish(s, st, w.version, reason=reason, **detail):
                 st.priority, st.processed_version, st.last_error = priority, w.version, None
             else:

@@ -81,7 +81,8 @@ class Console:
         env.autoescape = True
         env.globals["nav"] = NAV
         env.filters["pct"] = lambda p: "-" if p is None else f"{100 * float(p):.1f}%"
-        env.filters["when"] = lambda t: (t or "-").replace("T", " ").replace("Z", "")
+        env.filters["when"] = _when
+        env.filters["short_uid"] = _short_uid
         self.templates = Jinja2Templates(env=env)
 
     # ------------------------------------------------------------------------------ helpers
@@ -144,6 +145,19 @@ class Console:
 
 NAV = (("/", "Worklist", "view"), ("/audit", "Audit", "operations"), ("/outbox", "Outbox", "operations"),
        ("/stations", "Stations", "view"), ("/model", "Model", "view"), ("/status", "Status", "view"))
+
+
+def _when(t: str | None) -> str:
+    """An ISO time from the database (UTC, ``...Z``) as '2026-12-02 01:45:12 UTC'."""
+    if not t:
+        return "-"
+    return t.replace("T", " ").replace("Z", " UTC").replace("+00:00", " UTC")
+
+
+def _short_uid(uid: str | None, keep: int = 8) -> str:
+    """A long UID shortened for a table: its first and last ``keep`` characters."""
+    uid = uid or ""
+    return uid if len(uid) <= 2 * keep + 3 else f"{uid[:keep]}\u2026{uid[-keep:]}"
 
 
 def _host(request: Request) -> str:
@@ -323,7 +337,7 @@ def _worklist(console: Console, request: Request, sess: Session) -> tuple[querie
     except queries.BadFilter as e:
         return PlainTextResponse(f"Bad filter: {e}", status_code=400)
     with console.db.session() as s:
-        data = queries.worklist(s, f)
+        data = queries.worklist(s, f, settings=console.settings)
         data["station_choices"] = queries.stations(s)
     if f.patient_id:
         console.searched(sess, _host(request), f.patient_id, data["total"])
@@ -411,7 +425,8 @@ def study_image(console: Console, request: Request, sess: Session, form: Any) ->
     sop_uid = name.removesuffix(".png")
     if not name.endswith(".png") or not (queries.valid_uid(study_uid) and queries.valid_uid(sop_uid)):
         return PlainTextResponse("Not found", status_code=404)
-    key = (study_uid, sop_uid)
+    full = request.query_params.get("size") == "full"  # the full-size view; anything else: the page's size
+    key = (study_uid, sop_uid, full)
     png = console.images.get(key)
     with console.db.session() as s:
         patient_id = s.scalar(select(Study.patient_id).where(Study.study_uid == study_uid))
@@ -431,7 +446,7 @@ def study_image(console: Console, request: Request, sess: Session, form: Any) ->
         if path is None:
             return PlainTextResponse("Not found", status_code=404)
         try:
-            png = images.render(path)
+            png = images.render(path, images.FULL_SIDE if full else images.MAX_SIDE)
         except (OSError, ValueError, AttributeError, NotImplementedError, RuntimeError) as e:
             log.warning("cannot render %s of study %s: %s", sop_uid, study_uid, type(e).__name__)
             return PlainTextResponse("This image cannot be shown.", status_code=422)

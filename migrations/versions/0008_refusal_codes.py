@@ -17,8 +17,9 @@ down_revision = "0007"
 branch_labels = None
 depends_on = None
 
-#: The phrase -> kind table of cxr_node.eligibility.category() as it stood at revision 0007.
-_CATEGORIES = (("unusable header", "unreadable"), ("SOP class", "sop_class"), ("BodyPartExamined", "header"),
+#: The phrase -> kind table of cxr_node.eligibility.category() as it stood at revision 0007 (with a
+#: body part other than chest told apart from a view other than frontal, as the codes do).
+_CATEGORIES = (("unusable header", "unreadable"), ("SOP class", "sop_class"), ("BodyPartExamined", "not_chest"),
                ("ViewPosition", "header"), ("unusable pixels", "pixels"), ("cannot read", "unreadable"),
                ("outside the training distribution", "out_of_domain"), ("lung field", "no_lung_fields"),
                ("lung area", "no_lung_fields"), ("lung shape", "no_lung_fields"), ("one lung", "no_lung_fields"))
