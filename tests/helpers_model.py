@@ -175,3 +175,31 @@ def bundled_or_tiny(tmp: Path) -> Path:
     if BUNDLED_CHECKPOINT.is_file():
         return BUNDLED_CHECKPOINT
     return make_checkpoint(tmp / "tiny.pt")
+
+
+def make_tb_sources(root: Path, n: int = 8, seed: int = 1) -> dict[str, Path]:
+    """The two single-site folders of issue 20, shaped like ../shared/data's: ``nlm-shenzhen-tb``
+    (Normal and Tuberculosis, CHNCXR stems, patient_id empty on the second half to exercise the
+    one-film-per-case rule) and ``openist-normal`` (Normal only, site "unknown ...", no patient ids)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    s = root / "nlm-shenzhen-tb"
+    rows = []
+    for label, kind, tag in (("Normal", 1, 0), ("Tuberculosis", 0, 1)):
+        for i in range(n):
+            stem = f"CHNCXR_{i + 100 * tag:04d}_{tag}"
+            rel = f"{label}/{stem}.png"
+            _film(s / rel, kind, rng)
+            rows.append([rel, label, "Shenzhen No.3 People's Hospital, Shenzhen, Guangdong", "China",
+                         stem if i < n // 2 else "", "", ""])
+    out["shenzhen"] = _write_csv(s / "manifest.csv", ["path", "label", "site", "country", "patient_id", "also_in",
+                                                      "near_dup_group"], rows).parent
+    o = root / "openist-normal"
+    rows = []
+    for i in range(n):
+        rel = f"Normal/{i}-{i + 9}-500-500-100.png"
+        _film(o / rel, 1, rng)
+        rows.append([rel, "Normal", "unknown (images from the chestx-ray.com teaching module)", "unknown", "", "", ""])
+    out["openist"] = _write_csv(o / "manifest.csv", ["path", "label", "site", "country", "patient_id", "also_in",
+                                                     "near_dup_group"], rows).parent
+    return out
