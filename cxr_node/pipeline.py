@@ -56,6 +56,7 @@ class Film:
     prediction: object = None  # cxr_node.infer.Prediction, then cxr_node.triage.Finding
     refused: str | None = None  # why this film was not analysed (cxr_node.eligibility)
     stats: dict | None = None   # image size and intensity, for drift
+    features: object = None     # pooled penultimate features (site heads: cxr_node.site_adaptation)
 
 
 @dataclass
@@ -221,8 +222,11 @@ class Processor:
         for i in range(0, len(ready), bs):
             batch = ready[i:i + bs]
             t0 = time.perf_counter()
-            for film, pred in zip(batch, predictor.predict([f.x for f in batch], explain=True)):
+            preds = predictor.predict([f.x for f in batch], explain=True)
+            feats = getattr(predictor, "last_features", None)
+            for j, (film, pred) in enumerate(zip(batch, preds)):
                 film.prediction = pred
+                film.features = None if feats is None else feats[j]
                 film.refused = eligibility.ood_reason(pred.ood_score, threshold)
             if self.metrics:
                 per_image = (time.perf_counter() - t0) / len(batch)
@@ -239,7 +243,11 @@ class Processor:
         from cxr_node.calibration import logits_from, softmax
         from cxr_node.triage import TriagePolicy
 
+        from cxr_node import site_adaptation
+        from cxr_node.adaptation import apply_site_heads
+
         cals = stations.active_calibrations(self.db)
+        heads = site_adaptation.active_heads(self.db)
         for w in work:
             cal = cals.get(w.station.name) if w.station is not None else None
             if cal is not None and cal.weights_sha256 != predictor.weights_sha256:
@@ -255,6 +263,13 @@ class Processor:
                 model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
                                             calibration=stations.calibration_name(cal),
                                             temperature=cal.temperature)
+            head = site_adaptation.heads_for(heads.get(w.station.name) if w.station is not None else None,
+                                             predictor.weights_sha256)
+            if head is not None:  # the station's own heads decide their critical classes
+                th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in head.heads.items()}}
+                policy = TriagePolicy(labels=policy.labels, thresholds=th, critical_labels=policy.critical_labels,
+                                      normal_label=policy.normal_label)
+                model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
             w.model = model
             for film in w.films:
                 if film.refused is None and film.prediction is not None:
@@ -264,6 +279,10 @@ class Processor:
                         k = int(np.argmax(q))
                         p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
                                                 top_label=p.labels[k], top_probability=float(q[k]))
+                    if head is not None and film.features is not None:
+                        q = apply_site_heads(p.probabilities, list(p.labels), film.features, head.heads)
+                        k = int(np.argmax(q))
+                        p = dataclasses.replace(p, probabilities=q, top_label=p.labels[k], top_probability=q[k])
                     film.prediction = policy.apply(p)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
