@@ -524,3 +524,48 @@ def test_lso_five_labels_two_critical_classes(tmp_path):
     th = info["per_holdout"]["openist"]["thresholds"]["Tuberculosis"]
     assert all(r["threshold_Tuberculosis"] == f"{th:.6f}" for r in rows if r["holdout"] == "openist")
     assert all(r["threshold_Tuberculosis"] == "" for r in rows if r["holdout"] == "shenzhen")
+
+
+def test_frozen_feature_configuration_end_to_end(tmp_path):
+    """training.frozen: features of a checkpoint once per film (plus squashed 128 px copies), then
+    each recipe as a head per leave-source-out fold, the checkpoint itself, and the grouped Shenzhen
+    split; predictions in training.lso's format, so its report and crossfit read them."""
+    from helpers_model import make_checkpoint
+
+    srcs = {**make_sources(tmp_path / "data", n=10), **make_tb_sources(tmp_path / "data", n=12)}
+    build(srcs, tmp_path / "m.csv")
+    ck = make_checkpoint(tmp_path / "ck.pt", input_size=32)
+    feats = tmp_path / "f.npz"
+    run_module("training.frozen", "extract", "--manifest", str(tmp_path / "m.csv"), "--out", str(feats),
+               "--checkpoint", str(ck), "--degrade", "openist", "--cache-dir", str(tmp_path / "cache"),
+               "--splits", "train,val,test")
+    z = np.load(feats)
+    n_open = sum(1 for r in csv.DictReader(open(tmp_path / "m.csv")) if r["source"] == "openist")
+    assert z["features"].shape[1] == 1024 and sum(str(i).endswith("#as-shenzhen") for i in z["ids"]) == n_open
+    for recipe in ("v4", "v2-bundled"):
+        out = tmp_path / recipe
+        run_module("training.frozen", "lso", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
+                   "--recipe", recipe, "--out", str(out), "--holdout", "shenzhen", "--holdout", "openist",
+                   "--holdout-splits", "train,val,test", "--n-boot", "20")
+        rep = json.loads((out / "report.json").read_text())
+        assert set(rep["per_holdout"]) == {"shenzhen", "openist"}
+        assert rep["per_holdout"]["openist"]["urgent_on_normals"]["n"] == n_open
+        deg = rep["folds"]["openist"]["degraded"]
+        assert deg["films"] == n_open and "urgent_as_shenzhen" in deg
+    folds = json.loads((tmp_path / "v4" / "folds.json").read_text())
+    assert "Tuberculosis" not in folds["shenzhen"]["labels"] and "Tuberculosis" in folds["openist"]["critical"]
+    assert "mean_p_tb_as_shenzhen" in folds["openist"]["degraded"]
+    cv = tmp_path / "cv"
+    run_module("training.frozen", "shenzhen-cv", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
+               "--out", str(cv), "--folds", "2", "--n-boot", "20")
+    rep = json.loads((cv / "report.json").read_text())
+    tb = rep["per_holdout"]["shenzhen-cv"]["other_critical"]["Tuberculosis"]
+    assert tb["auc"]["n_pos"] == sum(1 for r in csv.DictReader(open(tmp_path / "m.csv"))
+                                     if r["source"] == "shenzhen" and r["label"] == "Tuberculosis"
+                                     and r["split"] in ("train", "val"))
+    # the site-adaptation goal figure reads the same features (ieee8023 COVID vs other pneumonias)
+    so = tmp_path / "so"
+    run_module("training.site_onboarding", "--adaptation", str(feats), "--manifest", str(tmp_path / "m.csv"),
+               "--checkpoint", str(ck), "--out", str(so), "--repeats", "2", "--max-labelled", "8", "--n-boot", "20")
+    rep = json.loads((so / "report.json").read_text())
+    assert "ieee8023 (all countries)" in rep["sites"] and (so / "report.md").read_text().startswith("Site head")
