@@ -85,7 +85,7 @@ def labelled_with_features(settings, session, station: str, predictor, segmenter
     skipped = {"file removed": 0, "unusable": 0}
     for f in films:
         i = inst.get(f.sop_instance_uid)
-        path = settings.spool_dir / i.path if i is not None else None
+        path = settings.storage.spool_dir / i.path if i is not None else None
         if i is None or i.removed_at is not None or not path.is_file():
             skipped["file removed"] += 1
             continue

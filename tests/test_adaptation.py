@@ -122,3 +122,93 @@ def test_stored_versions_bound_to_the_weights_audited_and_rolled_back(tmp_path):
                                                               "adaptation.rollback"]
     assert ev[0].detail["weights_sha256"] == "a" * 64 and ev[0].detail["classes"] == ["COVID"]
     assert ev[0].detail["auc"]["COVID"]["ci95"][0] > 0
+
+
+def _blobbed(path, seed: int):
+    """A generated chest film with bright blobs in the lower fields (the 'disease' a site head can
+    learn from the features of a random network that ranks it at chance)."""
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    a = ds.pixel_array.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:a.shape[0], 0:a.shape[1]] / a.shape[0]
+    for _ in range(5):
+        cx, cy = rng.uniform(0.25, 0.75), rng.uniform(0.55, 0.8)
+        a += (1500 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.003)).astype(np.int32)
+    ds.PixelData = np.clip(a, 0, 4095).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, orthanc_factory, tmp_path):
+    """A station's labelled films -> adapt-site refuses below the minimum, prints before/after in a dry
+    run, stores v1 -> the daemon triages the station's next films with the head: the SR in Orthanc
+    names it and the urgent flag follows the head's threshold -> --rollback."""
+    import csv as _csv
+    import io
+    import json
+
+    from pydicom import dcmread
+
+    from conftest import cli, storescu, wait_until
+    from dicomgen import make_cr, uid
+    from helpers_model import make_checkpoint
+    from test_onboarding import _events, _texts
+
+    orthanc = orthanc_factory().start()
+    ckpt = make_checkpoint(tmp_path / "model.pt", input_size=64)
+    station = "site-b"
+    node = node_factory("adapt", quiet_seconds=1, extra=(
+        f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n'
+        "[outbox]\npoll_seconds = 0.3\nretry_base_seconds = 1\nretry_max_seconds = 2\n"
+        "[onboarding]\nmin_per_class = 6\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        f'[[stations]]\nae_title = "SITEB"\nname = "{station}"\nmode = "active"\n'))
+    node.start()
+    studies = [uid() for _ in range(36)]
+    labels = {s: ("COVID" if i % 2 else "Normal") for i, s in enumerate(studies)}
+    files = []
+    for i, s in enumerate(studies):
+        f = make_cr(tmp_path / "films" / f"{i}.dcm", study_uid=s, rows=128, cols=128, seed=i, patient_id=f"P{i}")
+        files.append(_blobbed(f, i) if labels[s] == "COVID" else f)
+    assert storescu(node.port, *files, aet="SITEB").returncode == 0
+    wait_until(lambda: len(_events(node, "study.processed")) >= 36, 300, "36 studies processed", node)
+    fb = tmp_path / "labels.csv"
+    with open(fb, "w", newline="") as fh:
+        w = _csv.writer(fh)
+        w.writerow(["study_uid", "label", "reader"])
+        w.writerows([s, lab, "dr.a"] for s, lab in labels.items())
+    cli("feedback", "import", str(fb), config=node.config)
+
+    p = cli("adapt-site", "--station", "SITEB", "--min-per-class", "19", "--yes", config=node.config, check=False)
+    assert p.returncode == 1 and "too few labelled films to adapt: COVID 18 vs not COVID 18" in p.stderr
+    p = cli("adapt-site", "--station", station, "--dry-run", "--bootstrap", "300", config=node.config, timeout=300)
+    assert "36 labelled film(s) of 36 patient(s)" in p.stdout and "COVID: AUC model" in p.stdout
+    assert "gate passed: challenger wins" in p.stdout and "nothing stored (--dry-run)" in p.stdout
+    assert _events(node, "adaptation.site") == []
+    p = cli("adapt-site", "--station", station, "--yes", "--bootstrap", "300", config=node.config, timeout=300)
+    assert f"station {station}: site {station} head v1 stored and active for COVID" in p.stdout
+    (ev,) = _events(node, "adaptation.site")
+    assert ev["detail"]["auc"]["COVID"]["ci95"][0] > 0 and ev["detail"]["version"] == 1
+    threshold = ev["detail"]["thresholds"]["COVID"]
+
+    new = [uid() for _ in range(2)]
+    more = [make_cr(tmp_path / "new" / f"{i}.dcm", study_uid=s, rows=128, cols=128, seed=100 + i) for i, s in
+            enumerate(new)]
+    _blobbed(more[0], 100)
+    assert storescu(node.port, *more, aet="SITEB").returncode == 0
+    srs = wait_until(lambda: [i for s in new for i in orthanc.find(StudyInstanceUID=s, Modality="SR")] if all(
+        orthanc.find(StudyInstanceUID=s, Modality="SR") for s in new) else None, 120, "SRs in Orthanc", node)
+    name = f"site {station} head v1"
+    for inst in srs:
+        texts = _texts(dcmread(io.BytesIO(orthanc.file(inst["ID"]))))
+        assert f"calibration {name}" in texts and f"COVID threshold {threshold:.4f}" in texts, texts
+    for s in new:
+        (t,) = _events(node, "image.triaged", study_uid=s)
+        assert t["detail"]["calibration"] == name
+        assert t["detail"]["urgent"] == bool(t["detail"]["probabilities"]["COVID"] >= threshold)
+    p = cli("adapt-site", "--station", station, "--rollback", config=node.config)
+    assert f"site {station} head v1 retired; films are now triaged with model" in p.stdout
+    assert len(_events(node, "adaptation.rollback")) == 1
+    assert json.loads(json.dumps(_events(node, "adaptation.rollback")[0]["detail"]))["restored"] is None

@@ -188,13 +188,14 @@ def write_predictions(path: Path, holdout: str, rows: Sequence[dict[str, str]], 
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["holdout", "id", "label", "raw_label", "source", "site", "group", "split", "top", "urgent",
-                    *[f"threshold_{c}" for c in crits], *[f"p_{n}" for n in out_labels]])
+                    *[f"threshold_{c}" for c in crits], *[f"p_{n}" for n in out_labels], "model_labels"])
         for r, row in zip(rows, p):
             urgent = any(row[labels.index(c)] >= t for c, t in thr.items())
             w.writerow([holdout, r["id"], r["label"], r.get("raw_label", r["label"]), r["source"], r["site"],
                         r["group"], r["split"], labels[int(row.argmax())], int(urgent),
                         *[f"{thr[c]:.6f}" if c in thr else "" for c in crits],
-                        *[f"{row[labels.index(n)]:.6f}" if n in labels else "0.000000" for n in out_labels]])
+                        *[f"{row[labels.index(n)]:.6f}" if n in labels else "0.000000" for n in out_labels],
+                        ";".join(labels)])
 
 
 def read_predictions(paths: Sequence[Path]) -> list[dict[str, str]]:
@@ -225,6 +226,13 @@ def prediction_columns(preds: Sequence[dict[str, str]]) -> tuple[list[str], str]
 def prediction_criticals(preds: Sequence[dict[str, str]]) -> list[str]:
     """Every critical class a predictions file names (its ``threshold_*`` columns), COVID first."""
     return [c[len("threshold_"):] for c in preds[0] if c.startswith("threshold_")] or [CRITICAL]
+
+
+def model_knows(r: dict[str, str], labels: Sequence[str]) -> bool:
+    """Whether the row's film has a label its model was trained on (``model_labels``; files without
+    that column: the ``p_*`` labels)."""
+    known = r.get("model_labels")
+    return r["label"] in (known.split(";") if known else labels)
 
 
 def _has(r: dict[str, str], c: str) -> bool:
@@ -312,7 +320,7 @@ def report(preds: Sequence[dict[str, str]], n_boot: int = 1000, seed: int = 0) -
         if c != critical and has and any(r["label"] == c for r in has):
             pooled.setdefault("ece_binary", {})[c] = binary_ece(np.array([r["label"] == c for r in has]),
                                                                 np.array([float(r[f"p_{c}"]) for r in has]))
-    known = [r for r in preds if r["label"] in labels]
+    known = [r for r in preds if model_knows(r, labels)]
     if known:
         P = np.array([[float(r[f"p_{n}"]) for n in labels] for r in known])
         y = np.array([labels.index(r["label"]) for r in known])
@@ -436,7 +444,7 @@ def crossfit(preds: Sequence[dict[str, str]], target: float, rule: str = "wilson
     P = np.array([[float(r[f"p_{n}"]) for n in labels] for r in preds])
     logit = logits_from(P, 1.0)
     holdout = np.array([r["holdout"] for r in preds])
-    known = np.array([r["label"] in labels for r in preds])
+    known = np.array([model_knows(r, labels) for r in preds])
     y = np.array([labels.index(r["label"]) if r["label"] in labels else -1 for r in preds])
     is_c = {c: np.array([r["label"] == c for r in preds]) for c in crits}
     has_c = {c: np.array([_has(r, c) for r in preds]) for c in crits}
@@ -524,9 +532,9 @@ def cmd_crossfit(args: argparse.Namespace) -> dict:
                           temperature=not args.no_temperature, extra_fit=extra)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cols = list(preds[0].keys())
+    cols = list(dict.fromkeys(k for r in preds for k in r))  # files from before a column existed lack it
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()
         w.writerows(rows)
     rep = write_report(out, rows, {"command": "crossfit", "predictions": [str(p) for p in args.predictions],
@@ -604,7 +612,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         (fold / "fold.json").write_text(json.dumps(folds[h], indent=2) + "\n", encoding="utf-8")
     preds = read_predictions(pred_files)
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(preds[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in preds for k in r)), restval="")
         w.writeheader()
         w.writerows(preds)
     extra = {"command": "run", "manifest": str(manifest), "holdouts": holdouts, "holdout_splits": args.holdout_splits,
