@@ -230,7 +230,8 @@ def cmd_lso(args: argparse.Namespace) -> dict:
         test = [r for r in held_out(h, rows, _splits(args.holdout_splits)) if r["id"] not in seen and r["id"] in index]
         pf = out / f"{name}-predictions.csv"
         if recipe_name == "v2-bundled":
-            bm = bundled_meta(Path(str(np.load(args.features)["checkpoint"])))
+            z = np.load(args.features)
+            bm = bundled_meta(Path(str(z["checkpoint"])) if "checkpoint" in z.files else None)
             p = softmax(L[[index[r["id"]] for r in test]], bm["temperature"])
             write_predictions(pf, h, test, p, bm, all_labels, crits)
             folds[h] = {"n_test": len(test), "degraded": degraded_summary(None, test, index, X, L, bm)}

@@ -313,7 +313,7 @@ def adaptation(args: argparse.Namespace) -> dict:
                 n += m
             lab = np.array([g in chosen for g in groups])
             ev = ~lab
-            if len(set(y[lab])) < 2 or len(set(y[ev])) < 2 or min(y[lab].sum(), (~y[lab]).sum()) < 5:
+            if len(set(y[lab])) < 2 or len(set(y[ev])) < 2 or min(y[lab].sum(), (~y[lab]).sum()) < 3:
                 continue
             try:
                 head = fit_site_head(x[lab], y[lab], [g for g, t in zip(groups, lab) if t], args.adapt_target, seed=k)

@@ -9,7 +9,7 @@ PY=${PY:-/work/main/.venv/bin/python}
 R=training/results/v4/frozen
 F=(--manifest runs/v4/merged.csv --features runs/v4/frozen/features.npz)
 export OMP_NUM_THREADS=1
-"$PY" -m training.frozen shenzhen-cv "${F[@]}" --out $R/shenzhen-cv || exit 1
+[ -f $R/shenzhen-cv/report.json ] || "$PY" -m training.frozen shenzhen-cv "${F[@]}" --out $R/shenzhen-cv || exit 1
 for r in v2-bundled v2 v3 v4; do
   "$PY" -m training.frozen lso "${F[@]}" --recipe $r --out $R/lso-$r || exit 1
   extra=()
