@@ -151,20 +151,26 @@ def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
     return out
 
 
+FIVE_LABELS = ["COVID", "Normal", "Other pneumonia", "Tuberculosis", "Viral Pneumonia"]  # the v4 recipe's
+
+
 def make_checkpoint(path: Path, input_size: int = 64, seed: int = 0, thresholds: dict | None = None,
-                    temperature: float = 1.0, arch: str = "densenet121") -> Path:
-    """A randomly initialised but complete checkpoint (no training)."""
+                    temperature: float = 1.0, arch: str = "densenet121", labels: list[str] | None = None,
+                    critical: list[str] | None = None) -> Path:
+    """A randomly initialised but complete checkpoint (no training); ``labels`` and ``critical``
+    default to the three labels with COVID critical (e.g. FIVE_LABELS with COVID and Tuberculosis)."""
     import torch
 
     from cxr_node.model import build_model, save_checkpoint
     from cxr_node.preprocess import make_params
 
     torch.manual_seed(seed)
-    model = build_model(arch, len(LABELS))
-    meta = {"labels": LABELS, "arch": arch, "input_size": input_size,
+    labels = list(labels or LABELS)
+    model = build_model(arch, len(labels))
+    meta = {"labels": labels, "arch": arch, "input_size": input_size,
             "preprocess": make_params(input_size=input_size), "thresholds": thresholds or {"COVID": 0.5},
             "temperature": temperature, "metrics": {}, "data_manifest_sha256": "0" * 64,
-            "version": f"test-{arch}-{input_size}", "critical_labels": ["COVID"]}
+            "version": f"test-{arch}-{input_size}", "critical_labels": list(critical or ["COVID"])}
     return save_checkpoint(path, model, meta)
 
 
