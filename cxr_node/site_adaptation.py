@@ -150,6 +150,23 @@ def fit(films: Sequence, features: np.ndarray, groups: Sequence[str], *, station
             "not_fitted": short, "heads": heads, "accepted": bool(heads)}
 
 
+def with_reference(session, result: dict[str, Any], films: Sequence, features: np.ndarray,  # noqa: ANN001
+                   labels: Sequence[str]) -> dict[str, Any]:
+    """The drift reference for the station from now on: its labelled films with the probabilities
+    the new heads give them (stored in the version's report; :func:`cxr_node.stations.check_drift`)."""
+    from cxr_node import stations
+    from cxr_node.adaptation import apply_site_heads
+    from cxr_node.db.models import ImageResult
+
+    if not result.get("heads"):
+        return result
+    rows = list(session.scalars(select(ImageResult).where(ImageResult.id.in_([f.image_result_id for f in films]))))
+    probs = {f.image_result_id: dict(zip(labels, apply_site_heads([f.probabilities.get(n, 0.0) for n in labels],
+                                                                  list(labels), x, result["heads"])))
+             for f, x in zip(films, features)}
+    return dict(result, reference=stations.reference_from(rows, labels, probs))
+
+
 def report_of(result: dict[str, Any]) -> dict[str, Any]:
     return _json_safe({k: v for k, v in result.items() if k != "heads"})
 

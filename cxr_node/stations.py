@@ -326,7 +326,10 @@ def check_drift(settings: Settings, db: Database, station_names: Iterable[str], 
     o = settings.onboarding
     if o is None:
         return {}
+    from cxr_node import site_adaptation
+
     cals = active_calibrations(db)
+    heads = site_adaptation.active_heads(db)
     results = {}
     for name in station_names:
         with db.transaction() as s:
@@ -336,7 +339,13 @@ def check_drift(settings: Settings, db: Database, station_names: Iterable[str], 
             recent = list(s.scalars(select(ImageResult).where(ImageResult.station == name)
                                     .order_by(ImageResult.id.desc()).limit(o.drift_window)))
             cal = cals.get(name)
-            if cal is not None and cal.reference and (weights_sha256 is None or cal.weights_sha256 == weights_sha256):
+            head = heads.get(name)
+            if head is not None and (head.report or {}).get("reference") and (
+                    weights_sha256 is None or head.weights_sha256 == weights_sha256):
+                # site heads decide the station's films: their fitting films are the reference
+                reference, ref_name = head.report["reference"], site_adaptation.head_name(head)
+                ref_cal = ref_name
+            elif cal is not None and cal.reference and (weights_sha256 is None or cal.weights_sha256 == weights_sha256):
                 reference, ref_name = cal.reference, calibration_name(cal)
                 ref_cal = ref_name
             else:

@@ -192,6 +192,9 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
     (ev,) = _events(node, "adaptation.site")
     assert ev["detail"]["auc"]["COVID"]["ci95"][0] > 0 and ev["detail"]["version"] == 1
     threshold = ev["detail"]["thresholds"]["COVID"]
+    with node.db() as c:  # the drift reference from now on: the fitting films as the head calls them
+        (report,) = c.execute("select report from site_heads where station = ? and active", (station,)).fetchone()
+    assert json.loads(report)["reference"]["n"] == 36
 
     new = [uid() for _ in range(2)]
     more = [make_cr(tmp_path / "new" / f"{i}.dcm", study_uid=s, rows=128, cols=128, seed=100 + i) for i, s in

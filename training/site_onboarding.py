@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --adaptation: the 'model as is' p(COVID) from these predictions (e.g. the ieee8023 "
                    "hold-out's fold) instead of the bundled model's")
     p.add_argument("--max-labelled", type=int, default=200)
+    p.add_argument("--keep-seen-copies", action="store_true",
+                   help="with --adaptation: keep ieee8023 films that are copies of covid19-radiography films (the "
+                   "model trained on those; the FIELD-NOTES figure kept them)")
     p.add_argument("--adapt-target", type=float, default=0.90, help="site head's target sensitivity")
     p.add_argument("--min-per-class", type=int, default=10, help="a country needs this many films of each class")
     p.add_argument("--n-boot", type=int, default=1000)
@@ -276,7 +279,8 @@ def adaptation(args: argparse.Namespace) -> dict:
         with open(args.baseline_predictions, newline="", encoding="utf-8") as f:
             base = {r["id"]: float(r["p_COVID"]) for r in csv.DictReader(f)}
     ieee = [r for r in rows if not r.get("exclude") and r["source"] == "ieee8023" and r["site"].startswith("ieee8023/")
-            and r["label"] in ("COVID", "Other pneumonia") and r["id"] not in seen and r["id"] in index
+            and r["label"] in ("COVID", "Other pneumonia") and (args.keep_seen_copies or r["id"] not in seen)
+            and r["id"] in index
             and (not base or r["id"] in base)]
     sites = {"ieee8023 (all countries)": ieee}
     by_country: dict[str, list] = {}
@@ -286,7 +290,8 @@ def adaptation(args: argparse.Namespace) -> dict:
         n_pos = sum(r["label"] == "COVID" for r in rs)
         if n_pos >= args.min_per_class and len(rs) - n_pos >= args.min_per_class and not site.endswith("/unknown"):
             sites[site] = rs
-    report: dict = {"max_labelled": args.max_labelled, "repeats": args.repeats, "target": args.adapt_target,
+    report: dict = {"max_labelled": args.max_labelled, "seen_copies_kept": bool(args.keep_seen_copies),
+                    "repeats": args.repeats, "target": args.adapt_target,
                     "model": meta["version"], "baseline": "bundled model" if not base else
                     f"p(COVID) from {args.baseline_predictions}", "sites": {}}
     ci = flabels.index("COVID")

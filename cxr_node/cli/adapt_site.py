@@ -65,14 +65,16 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
         predictor = Predictor(settings.model.checkpoint, device="cpu",
                               ood_reference=settings.model.ood_reference or None)
         segmenter = LungSegmenter(settings.model.lung_checkpoint, device=predictor.device)
+        meta = predictor.meta
         with db.session() as s:
             films, feats, groups, skipped = sa.labelled_with_features(settings, s, station, predictor, segmenter)
-        meta = predictor.meta
-        result = sa.fit(films, feats, groups, station=station, labels=list(predictor.labels),
-                        critical=list(meta.get("critical_labels") or ()),
-                        thresholds={k: float(v) for k, v in meta["thresholds"].items()},
-                        model_version=predictor.version, weights_sha256=predictor.weights_sha256,
-                        target_sensitivity=target, min_per_class=minimum, n_boot=args.bootstrap, skipped=skipped)
+            result = sa.fit(films, feats, groups, station=station, labels=list(predictor.labels),
+                            critical=list(meta.get("critical_labels") or ()),
+                            thresholds={k: float(v) for k, v in meta["thresholds"].items()},
+                            model_version=predictor.version, weights_sha256=predictor.weights_sha256,
+                            target_sensitivity=target, min_per_class=minimum, n_boot=args.bootstrap,
+                            skipped=skipped)
+            result = sa.with_reference(s, result, films, feats, list(predictor.labels))
         if args.format == "json":
             json.dump(sa.report_of(result), out, indent=1)
             out.write("\n")
