@@ -39,7 +39,8 @@ def latency(checkpoint: Path, repeats: int) -> dict:
 
     from cxr_node.model.infer import Predictor
     from cxr_node.model.lungs import LungSegmenter
-    from cxr_node.model.preprocess import AreaDownscale, CLAHE, NormalizeIntensity, ResizeSquare, dicom_to_float
+    from cxr_node.model.preprocess import CLAHE, AreaDownscale, NormalizeIntensity, ResizeSquare
+    from cxr_node.model.radiograph import dicom_to_float
 
     pred = Predictor(checkpoint, device="cpu")
     seg = LungSegmenter()

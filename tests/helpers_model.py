@@ -151,20 +151,26 @@ def make_sources(root: Path, n: int = 8, seed: int = 0) -> dict[str, Path]:
     return out
 
 
+FIVE_LABELS = ["COVID", "Normal", "Other pneumonia", "Tuberculosis", "Viral Pneumonia"]  # the v4 recipe's
+
+
 def make_checkpoint(path: Path, input_size: int = 64, seed: int = 0, thresholds: dict | None = None,
-                    temperature: float = 1.0, arch: str = "densenet121") -> Path:
-    """A randomly initialised but complete checkpoint (no training)."""
+                    temperature: float = 1.0, arch: str = "densenet121", labels: list[str] | None = None,
+                    critical: list[str] | None = None) -> Path:
+    """A randomly initialised but complete checkpoint (no training); ``labels`` and ``critical``
+    default to the three labels with COVID critical (e.g. FIVE_LABELS with COVID and Tuberculosis)."""
     import torch
 
     from cxr_node.model.checkpoint import build_model, save_checkpoint
     from cxr_node.model.preprocess import make_params
 
     torch.manual_seed(seed)
-    model = build_model(arch, len(LABELS))
-    meta = {"labels": LABELS, "arch": arch, "input_size": input_size,
+    labels = list(labels or LABELS)
+    model = build_model(arch, len(labels))
+    meta = {"labels": labels, "arch": arch, "input_size": input_size,
             "preprocess": make_params(input_size=input_size), "thresholds": thresholds or {"COVID": 0.5},
             "temperature": temperature, "metrics": {}, "data_manifest_sha256": "0" * 64,
-            "version": f"test-{arch}-{input_size}", "critical_labels": ["COVID"]}
+            "version": f"test-{arch}-{input_size}", "critical_labels": list(critical or ["COVID"])}
     return save_checkpoint(path, model, meta)
 
 
@@ -175,3 +181,31 @@ def bundled_or_tiny(tmp: Path) -> Path:
     if BUNDLED_CHECKPOINT.is_file():
         return BUNDLED_CHECKPOINT
     return make_checkpoint(tmp / "tiny.pt")
+
+
+def make_tb_sources(root: Path, n: int = 8, seed: int = 1) -> dict[str, Path]:
+    """The two single-site folders of issue 20, shaped like ../shared/data's: ``nlm-shenzhen-tb``
+    (Normal and Tuberculosis, CHNCXR stems, patient_id empty on the second half to exercise the
+    one-film-per-case rule) and ``openist-normal`` (Normal only, site "unknown ...", no patient ids)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    s = root / "nlm-shenzhen-tb"
+    rows = []
+    for label, kind, tag in (("Normal", 1, 0), ("Tuberculosis", 0, 1)):
+        for i in range(n):
+            stem = f"CHNCXR_{i + 100 * tag:04d}_{tag}"
+            rel = f"{label}/{stem}.png"
+            _film(s / rel, kind, rng)
+            rows.append([rel, label, "Shenzhen No.3 People's Hospital, Shenzhen, Guangdong", "China",
+                         stem if i < n // 2 else "", "", ""])
+    out["shenzhen"] = _write_csv(s / "manifest.csv", ["path", "label", "site", "country", "patient_id", "also_in",
+                                                      "near_dup_group"], rows).parent
+    o = root / "openist-normal"
+    rows = []
+    for i in range(n):
+        rel = f"Normal/{i}-{i + 9}-500-500-100.png"
+        _film(o / rel, 1, rng)
+        rows.append([rel, "Normal", "unknown (images from the chestx-ray.com teaching module)", "unknown", "", "", ""])
+    out["openist"] = _write_csv(o / "manifest.csv", ["path", "label", "site", "country", "patient_id", "also_in",
+                                                     "near_dup_group"], rows).parent
+    return out

@@ -21,7 +21,7 @@ from cxr_node.audit.trail import FIELDS
 from dicomgen import make_cr
 
 COMMANDS = {"serve", "db", "check-config", "status", "echo", "audit", "outbox", "resend", "reprocess", "retention",
-            "triage", "web", "user", "feedback", "performance", "calibrate-site"}
+            "triage", "web", "user", "feedback", "performance", "calibrate-site", "adapt-site"}
 
 
 def test_help_lists_every_command(capsys):
@@ -93,7 +93,7 @@ def test_read_only_commands_create_nothing(tmp_path):
                  ["resend", "1.2.3"], ["reprocess", "1.2.3"], ["web"], ["user", "list"], ["user", "add", "x",
                  "--role", "viewer"], ["user", "disable", "x"], ["feedback", "list"], ["performance"],
                  ["feedback", "add", "--study", "1.2.3", "--label", "COVID"],
-                 ["calibrate-site", "--station", "CR1", "--dry-run"]):
+                 ["calibrate-site", "--station", "CR1", "--dry-run"], ["adapt-site", "--station", "CR1", "--dry-run"]):
         p = cli(*args, config=cfg, check=False)
         assert p.returncode == 1, (args, p.stderr)
         assert f"no database at {data / 'cxr-node.db'} (from the config file {cfg})" in p.stderr, args

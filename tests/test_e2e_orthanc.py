@@ -100,3 +100,49 @@ def test_pacs_outage_results_arrive_exactly_once_after_restart(node_factory, ort
     retries = node.events("outbox.retry", study_uid=study)
     assert retries and all("could not associate" in r["reason"] or "cannot reach" in r["reason"] for r in retries)
     assert all(r["detail"]["retry_in_seconds"] > 0 for r in retries)
+
+
+def test_five_labels_two_critical_classes_reach_the_pacs(node_factory, orthanc_factory, tmp_path):
+    """A v4-shaped checkpoint (COVID, Normal, Other pneumonia, Tuberculosis, Viral Pneumonia; COVID and
+    Tuberculosis critical, each with its own threshold): the daemon flags a film urgent by the
+    Tuberculosis threshold alone; the SR in Orthanc carries five probabilities and both thresholds,
+    the Secondary Capture is there, the audit trail gives the reason."""
+    from helpers_model import FIVE_LABELS, make_checkpoint
+
+    node_port = free_port()
+    orthanc = orthanc_factory().start()
+    ckpt = make_checkpoint(tmp_path / "five.pt", labels=FIVE_LABELS, critical=["COVID", "Tuberculosis"],
+                           thresholds={"COVID": 1.0, "Tuberculosis": 0.0})
+    node = node_factory("five", port=node_port, quiet_seconds=1, extra=(
+        f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n'
+        "[outbox]\npoll_seconds = 0.5\nretry_base_seconds = 1\nretry_max_seconds = 2\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'))
+    node.start()
+    study = uid()
+    film = make_cr(tmp_path / "f.dcm", study_uid=study, rows=128, cols=128, seed=7)
+    assert storescu(node.port, film).returncode == 0
+    (sr_id,) = _wait(lambda: orthanc.find(StudyInstanceUID=study, Modality="SR"), 180, "no SR in Orthanc", node)
+    sr = dcmread(io.BytesIO(orthanc.file(sr_id["ID"])))
+    (g,) = read_findings(sr)
+    from cxr_node.encode.sr import label_code
+
+    assert set(g["probabilities"]) == {label_code(n).meaning for n in FIVE_LABELS}  # code meanings
+    assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    texts = _texts(sr)
+    assert "COVID threshold 1.0000" in texts and "Tuberculosis threshold 0.0000" in texts, texts
+    (t,) = node.events("image.triaged", study_uid=study)
+    assert t["detail"]["urgent"] is True and t["detail"]["priority"] == "urgent"
+    assert set(t["detail"]["probabilities"]) == set(FIVE_LABELS)
+    scs = _wait(lambda: orthanc.find(StudyInstanceUID=study, Modality="OT"), 60, "no Secondary Capture", node)
+    assert len(scs) == 1
+    (done,) = node.events("study.processed", study_uid=study)
+    assert done["detail"]["priority"] == "urgent"
+
+
+def _texts(ds) -> list[str]:
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out.extend(_texts(item))
+    return out

@@ -244,7 +244,7 @@ def test_drift_statistics_alarm_on_a_real_shift_and_not_on_noise():
     """In process: the PSI with its chance guard, on statistics like the daemon records."""
     from types import SimpleNamespace
 
-    from cxr_node.onboarding import stations
+    from cxr_node.onboarding import drift as stations  # the PSI statistics
 
     rng = np.random.default_rng(1)
 

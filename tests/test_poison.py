@@ -25,7 +25,7 @@ from cxr_node.db.models import Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.eligibility.refusal import RefusalCode
 from cxr_node.errors import PreprocessError
-from cxr_node.model.preprocess import dicom_to_float
+from cxr_node.model.radiograph import dicom_to_float
 
 #: What a fuzzer or a broken modality sends, as the raw bytes of one element (Explicit VR LE).
 MALFORMED = {

@@ -17,7 +17,7 @@ from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.encode.identity import ModelIdentity
 from cxr_node.encode.sr import REASON_CODES, RefusedFilm, build_sr
 from cxr_node.model.checkpoint import read_checkpoint
-from cxr_node.onboarding import stations
+from cxr_node.onboarding import drift
 from cxr_node.ops import status
 from helpers_model import make_checkpoint
 
@@ -80,5 +80,5 @@ def test_rewording_a_reason_changes_nothing_a_machine_reads(monkeypatch, tmp_pat
     assert status.collect(settings, db)["films_not_analysed"] == {"out_of_domain": 2, "header": 1}
     with db.session() as s:
         rows = list(s.query(ImageResult).order_by(ImageResult.sop_instance_uid))
-        assert [stations.film_features(r, ["COVID"])["refused"] for r in rows] == [1.0, 1.0, None]
+        assert [drift.film_features(r, ["COVID"])["refused"] for r in rows] == [1.0, 1.0, None]
     db.dispose()

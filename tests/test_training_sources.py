@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_model import make_sources, make_tree
+from helpers_model import make_sources, make_tb_sources, make_tree
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -128,21 +128,69 @@ def test_builder_options_and_plain_trees(sources, tmp_path):
         main(["build", "--source", str(tree), "--out", str(tmp_path / "x.csv")])
 
 
-@pytest.mark.parametrize("labels,critical", [(["COVID", "non-COVID"], "COVID"),
-                                             (["Normal", "Pneumonia", "Tuberculosis"], "Tuberculosis")])
-def test_other_label_sets_train_from_a_tree(tmp_path, labels, critical):
-    """Any label set trains from a folder-per-class tree, with --preprocess, --balance and --augment v3."""
+FIVE = ["COVID", "Normal", "Viral Pneumonia", "Other pneumonia", "Tuberculosis"]
+
+
+@pytest.mark.parametrize("labels,critical,augment", [
+    (["COVID", "non-COVID"], "COVID", "v3"),
+    (["Normal", "Pneumonia", "Tuberculosis"], "Tuberculosis", "v3"),
+    (FIVE, "COVID,Tuberculosis", "v4"),  # the v4 recipe's five labels, two critical classes
+])
+def test_other_label_sets_train_from_a_tree(tmp_path, labels, critical, augment):
+    """Any label set trains from a folder-per-class tree, with --preprocess, --balance and --augment
+    v3/v4; calibration gives every critical class its own operating point, and triage flags a film
+    urgent by either."""
     from cxr_node.model.checkpoint import read_checkpoint
+    from cxr_node.model.policy import TriagePolicy
     from training import train as T
 
     tree = make_tree(tmp_path / "d", per_class=8, labels=labels)
     args = T.build_parser().parse_args(["--data", str(tree), "--out", str(tmp_path / "run"), "--epochs", "1",
-                                        "--critical", critical, "--max-batches", "2", "--augment", "v3",
+                                        "--critical", critical, "--max-batches", "2", "--augment", augment,
                                         "--balance", "class", "--preprocess", "clahe_clip_limit=0.02", *TINY])
     T.train(args)
+    crits = critical.split(",")
     meta = read_checkpoint(tmp_path / "run" / "best.pt")["meta"]
-    assert meta["labels"] == sorted(labels) and meta["critical_labels"] == [critical]
-    assert meta["preprocess"]["clahe_clip_limit"] == 0.02 and meta["augment"] == "v3" and meta["balance"] == "class"
+    assert meta["labels"] == sorted(labels) and meta["critical_labels"] == crits
+    assert meta["preprocess"]["clahe_clip_limit"] == 0.02 and meta["augment"] == augment
+    assert meta["balance"] == "class"
+    run_module("training.calibrate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tree),
+               "--threads", "1")
+    meta = read_checkpoint(tmp_path / "run" / "best.pt")["meta"]
+    assert meta["critical_labels"] == crits and set(crits) <= set(meta["thresholds"])
+    policy = TriagePolicy.from_meta(meta)
+    for c in crits:  # a film over one critical threshold only is urgent, naming that class
+        d = policy.decide([1.0 if n == c else 0.0 for n in meta["labels"]])
+        assert d.urgent and d.reasons[0].startswith(c)
+
+
+def test_critical_classes_rule():
+    from training.train import critical_classes
+
+    assert critical_classes(["COVID,Tuberculosis"], FIVE) == ["COVID", "Tuberculosis"]
+    assert critical_classes(["COVID", "Tuberculosis"], ["COVID", "Normal"]) == ["COVID"]  # a fold without TB
+    assert critical_classes(None, ["Normal", "Tuberculosis"]) == ["Normal"]
+    with pytest.raises(SystemExit, match="none is a label"):
+        critical_classes(["Tuberculosis"], ["COVID", "Normal"])
+
+
+def test_v4_augment_downscales_every_class_half_the_time():
+    """v4 = v3 with the down-scale-and-up-scale at probability 0.5 over 0.3-0.9, for every film."""
+    import torch
+
+    from training.augment import RandResolutionDrop, make_v3_augment, make_v4_augment
+
+    drops = [t for t in make_v4_augment(32).transforms if isinstance(t, RandResolutionDrop)]
+    assert len(drops) == 1 and drops[0].prob == 0.5 and drops[0].scale_range == (0.3, 0.9)
+    v3 = [t for t in make_v3_augment(32).transforms if isinstance(t, RandResolutionDrop)]
+    assert v3[0].prob == 0.25
+    x = torch.rand(1, 32, 32)
+    drops[0].set_random_state(seed=0)
+    hits = 0
+    for _ in range(200):
+        y = drops[0](x)
+        hits += int(not torch.equal(y, x))
+    assert 70 <= hits <= 130
 
 
 def test_preprocess_option_validates():
@@ -407,3 +455,117 @@ def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
     only = [r for r in base if r["holdout"] != "ieee8023"]
     with pytest.raises(SystemExit, match="no COVID films outside the hold-out"):
         crossfit(only, 0.70, "wilson")
+
+
+def test_shenzhen_and_openist_rules(tmp_path):
+    """The two issue-20 folders: one site each (openist's "unknown" becomes a named collection, so it
+    never merges with another unknown site), Shenzhen's patient id from the stem where the manifest
+    has none (one film per case), five labels with the older folders, and each is a hold-out."""
+    srcs = {**make_sources(tmp_path / "data"), **make_tb_sources(tmp_path / "data")}
+    rows = build(srcs, tmp_path / "m.csv")
+    kept = [r for r in rows if not r["exclude"]]
+    assert {r["label"] for r in kept} == set(FIVE)
+    sz = [r for r in kept if r["source"] == "shenzhen"]
+    op = [r for r in kept if r["source"] == "openist"]
+    assert {r["site"] for r in sz} == {"Shenzhen No.3 People's Hospital"}
+    assert {r["label"] for r in sz} == {"Normal", "Tuberculosis"} and {r["label"] for r in op} == {"Normal"}
+    assert all(r["patient_id"] == Path(r["path"]).stem for r in sz)
+    assert len({r["group"] for r in sz}) == len(sz) and len({r["group"] for r in op}) == len(op)
+    assert len({r["site"] for r in op}) == 1 and "OpenIST" in op[0]["site"]
+    from training.lso import held_out, read_rows
+
+    man = read_rows(tmp_path / "m.csv")
+    assert {r["id"] for r in held_out("shenzhen", man)} == {r["id"] for r in sz}
+    assert {r["id"] for r in held_out("openist", man)} == {r["id"] for r in op}
+
+
+def test_lso_five_labels_two_critical_classes(tmp_path):
+    """training.lso run with the v4 recipe's critical classes: the shenzhen fold trains without any
+    TB film (four labels; its TB films are reported as flagged or not through COVID), the openist fold
+    has TB with its own threshold; both folds' predictions share one header; the report gives the TB
+    figures, and crossfit takes TB's threshold from the given cross-validation predictions."""
+    srcs = {**make_sources(tmp_path / "data"), **make_tb_sources(tmp_path / "data")}
+    build(srcs, tmp_path / "m.csv")
+    out = tmp_path / "lso"
+    run_module("training.lso", "run", "--manifest", str(tmp_path / "m.csv"), "--out", str(out),
+               "--holdout", "shenzhen", "--holdout", "openist", "--max-per-source-class", "4", "--n-boot", "20",
+               "--holdout-splits", "train,val,test",
+               *[f"--train-arg={a}" for a in ["--epochs=1", "--input-size=32", "--batch-size=8", "--threads=1",
+                                             "--augment=v4", "--balance=source,class",
+                                             "--critical=COVID,Tuberculosis"]])
+    sz = list(csv.DictReader(open(out / "shenzhen" / "predictions.csv")))
+    op = list(csv.DictReader(open(out / "openist" / "predictions.csv")))
+    assert list(sz[0]) == list(op[0]) and {"threshold_COVID", "threshold_Tuberculosis", "p_Tuberculosis"} <= set(sz[0])
+    assert all(r["threshold_Tuberculosis"] == "" and r["p_Tuberculosis"] == "0.000000" for r in sz)
+    assert all(float(r["threshold_Tuberculosis"]) > 0 for r in op)
+    for r in op:  # urgent = either critical class at its own threshold
+        assert r["urgent"] == str(int(float(r["p_COVID"]) >= float(r["threshold_COVID"])
+                                      or float(r["p_Tuberculosis"]) >= float(r["threshold_Tuberculosis"])))
+    from cxr_node.model.checkpoint import read_checkpoint
+
+    assert read_checkpoint(out / "shenzhen" / "run" / "best.pt")["meta"]["critical_labels"] == ["COVID"]
+    assert read_checkpoint(out / "openist" / "run" / "best.pt")["meta"]["critical_labels"] == ["COVID", "Tuberculosis"]
+    rep = json.loads((out / "report.json").read_text())
+    tb = rep["per_holdout"]["shenzhen"]["other_critical"]["Tuberculosis"]
+    assert tb["flagged_urgent"]["n"] == sum(r["label"] == "Tuberculosis" for r in sz)
+    assert tb["films_whose_model_lacks_the_class"] == tb["flagged_urgent"]["n"] and "auc" not in tb
+    assert "Tuberculosis" in rep["per_holdout"]["shenzhen"]["non_covid"]
+    assert rep["per_holdout"]["openist"]["urgent_on_normals"]["n"] == len(op)
+    assert "| shenzhen | Tuberculosis |" in (out / "report.md").read_text()
+    # crossfit: TB films lie in one hold-out only, so TB's threshold comes from --fit-critical rows
+    from training.lso import crossfit, read_predictions
+
+    cv = [dict(r, holdout="shenzhen-cv") for r in op] + [
+        dict(r, holdout="shenzhen-cv", label="Tuberculosis", p_Tuberculosis="0.9") for r in op]
+    preds = read_predictions([out / "predictions.csv"])
+    preds += [dict(r, holdout=h, label="COVID", p_COVID="0.8") for r in op for h in ("hannover", "ieee8023")]
+    rows, info = crossfit(preds, 0.7, "point", extra_fit={"Tuberculosis": cv})
+    assert "grouped cross-validation" in info["per_holdout"]["openist"]["how"]["Tuberculosis"]
+    th = info["per_holdout"]["openist"]["thresholds"]["Tuberculosis"]
+    assert all(r["threshold_Tuberculosis"] == f"{th:.6f}" for r in rows if r["holdout"] == "openist")
+    assert all(r["threshold_Tuberculosis"] == "" for r in rows if r["holdout"] == "shenzhen")
+
+
+def test_frozen_feature_configuration_end_to_end(tmp_path):
+    """training.frozen: features of a checkpoint once per film (plus squashed 128 px copies), then
+    each recipe as a head per leave-source-out fold, the checkpoint itself, and the grouped Shenzhen
+    split; predictions in training.lso's format, so its report and crossfit read them."""
+    from helpers_model import make_checkpoint
+
+    srcs = {**make_sources(tmp_path / "data", n=10), **make_tb_sources(tmp_path / "data", n=12)}
+    build(srcs, tmp_path / "m.csv")
+    ck = make_checkpoint(tmp_path / "ck.pt", input_size=32)
+    feats = tmp_path / "f.npz"
+    run_module("training.frozen", "extract", "--manifest", str(tmp_path / "m.csv"), "--out", str(feats),
+               "--checkpoint", str(ck), "--degrade", "openist", "--cache-dir", str(tmp_path / "cache"),
+               "--splits", "train,val,test")
+    z = np.load(feats)
+    n_open = sum(1 for r in csv.DictReader(open(tmp_path / "m.csv")) if r["source"] == "openist")
+    assert z["features"].shape[1] == 1024 and sum(str(i).endswith("#as-shenzhen") for i in z["ids"]) == n_open
+    for recipe in ("v4", "v2-bundled"):
+        out = tmp_path / recipe
+        run_module("training.frozen", "lso", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
+                   "--recipe", recipe, "--out", str(out), "--holdout", "shenzhen", "--holdout", "openist",
+                   "--holdout-splits", "train,val,test", "--n-boot", "20")
+        rep = json.loads((out / "report.json").read_text())
+        assert set(rep["per_holdout"]) == {"shenzhen", "openist"}
+        assert rep["per_holdout"]["openist"]["urgent_on_normals"]["n"] == n_open
+        deg = rep["folds"]["openist"]["degraded"]
+        assert deg["films"] == n_open and "urgent_as_shenzhen" in deg
+    folds = json.loads((tmp_path / "v4" / "folds.json").read_text())
+    assert "Tuberculosis" not in folds["shenzhen"]["labels"] and "Tuberculosis" in folds["openist"]["critical"]
+    assert "mean_p_tb_as_shenzhen" in folds["openist"]["degraded"]
+    cv = tmp_path / "cv"
+    run_module("training.frozen", "shenzhen-cv", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
+               "--out", str(cv), "--folds", "2", "--n-boot", "20")
+    rep = json.loads((cv / "report.json").read_text())
+    tb = rep["per_holdout"]["shenzhen-cv"]["other_critical"]["Tuberculosis"]
+    assert tb["auc"]["n_pos"] == sum(1 for r in csv.DictReader(open(tmp_path / "m.csv"))
+                                     if r["source"] == "shenzhen" and r["label"] == "Tuberculosis"
+                                     and r["split"] in ("train", "val"))
+    # the site-adaptation goal figure reads the same features (ieee8023 COVID vs other pneumonias)
+    so = tmp_path / "so"
+    run_module("training.site_onboarding", "--adaptation", str(feats), "--manifest", str(tmp_path / "m.csv"),
+               "--checkpoint", str(ck), "--out", str(so), "--repeats", "2", "--max-labelled", "8", "--n-boot", "20")
+    rep = json.loads((so / "report.json").read_text())
+    assert "ieee8023 (all countries)" in rep["sites"] and (so / "report.md").read_text().startswith("Site head")

@@ -67,7 +67,8 @@ def calibrate(args: argparse.Namespace) -> dict:
         raise SystemExit("calibrating on the test split would leak it into the operating points; use val")
     ckpt = Path(args.checkpoint)
     meta, labels, _, y, logits = split_logits(args)
-    critical = args.critical or list(meta.get("critical_labels") or [])
+    critical = ([n.strip() for item in args.critical for n in item.split(",") if n.strip()] if args.critical
+                else list(meta.get("critical_labels") or []))
     for c in critical:
         if c not in labels:
             raise SystemExit(f"--critical {c!r} is not a label ({', '.join(labels)})")

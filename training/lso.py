@@ -173,20 +173,29 @@ def predict(checkpoint: Path, rows: Sequence[dict[str, str]], device: str, cache
     return meta, softmax(logits, float(meta["temperature"]))
 
 
-def write_predictions(path: Path, holdout: str, rows: Sequence[dict[str, str]], p: np.ndarray, meta: dict) -> None:
+def write_predictions(path: Path, holdout: str, rows: Sequence[dict[str, str]], p: np.ndarray, meta: dict,
+                      all_labels: Sequence[str] | None = None, criticals: Sequence[str] | None = None) -> None:
+    """One row per film: ``p_*`` for ``all_labels`` (default the model's; a label the model lacks gets
+    0, e.g. Tuberculosis in a fold trained without Shenzhen), ``threshold_*`` for each critical class in
+    ``criticals`` (default the model's; empty where the model lacks that class), ``urgent`` when any
+    critical class the model has reaches its threshold. Files of folds with different label sets
+    thus share one header."""
     labels = list(meta["labels"])
-    crit = (meta.get("critical_labels") or [CRITICAL])[0]
-    th = float((meta.get("thresholds") or {}).get(crit, 0.5))
-    ci = labels.index(crit)
+    out_labels = list(all_labels or labels)
+    crits = list(criticals or meta.get("critical_labels") or [CRITICAL])
+    thr = {c: float((meta.get("thresholds") or {}).get(c, 0.5)) for c in crits if c in labels}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["holdout", "id", "label", "raw_label", "source", "site", "group", "split", "top", "urgent",
-                    f"threshold_{crit}", *[f"p_{n}" for n in labels]])
+                    *[f"threshold_{c}" for c in crits], *[f"p_{n}" for n in out_labels], "model_labels"])
         for r, row in zip(rows, p):
+            urgent = any(row[labels.index(c)] >= t for c, t in thr.items())
             w.writerow([holdout, r["id"], r["label"], r.get("raw_label", r["label"]), r["source"], r["site"],
-                        r["group"], r["split"], labels[int(row.argmax())], int(row[ci] >= th), f"{th:.6f}",
-                        *[f"{v:.6f}" for v in row]])
+                        r["group"], r["split"], labels[int(row.argmax())], int(urgent),
+                        *[f"{thr[c]:.6f}" if c in thr else "" for c in crits],
+                        *[f"{row[labels.index(n)]:.6f}" if n in labels else "0.000000" for n in out_labels],
+                        ";".join(labels)])
 
 
 def read_predictions(paths: Sequence[Path]) -> list[dict[str, str]]:
@@ -214,6 +223,23 @@ def prediction_columns(preds: Sequence[dict[str, str]]) -> tuple[list[str], str]
     return labels, critical
 
 
+def prediction_criticals(preds: Sequence[dict[str, str]]) -> list[str]:
+    """Every critical class a predictions file names (its ``threshold_*`` columns), COVID first."""
+    return [c[len("threshold_"):] for c in preds[0] if c.startswith("threshold_")] or [CRITICAL]
+
+
+def model_knows(r: dict[str, str], labels: Sequence[str]) -> bool:
+    """Whether the row's film has a label its model was trained on (``model_labels``; files without
+    that column: the ``p_*`` labels)."""
+    known = r.get("model_labels")
+    return r["label"] in (known.split(";") if known else labels)
+
+
+def _has(r: dict[str, str], c: str) -> bool:
+    """Whether the row's model has critical class ``c`` (its threshold column is filled)."""
+    return bool((r.get(f"threshold_{c}") or "").strip())
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -232,7 +258,8 @@ def _block(preds: Sequence[dict[str, str]], labels: Sequence[str], critical: str
     per_label = {}
     for lab in sorted({r["label"] for r in preds} - {critical}):
         m = np.array([r["label"] == lab for r in preds])
-        per_label[lab] = {"not_called_covid": proportion(~top_c[m]), "not_flagged_urgent": proportion(~urgent[m])}
+        per_label[lab] = {"not_called_covid": proportion(~top_c[m]), "not_flagged_urgent": proportion(~urgent[m]),
+                          "called": dict(Counter(r["top"] for r, k in zip(preds, m) if k).most_common())}
     if per_label:
         out["non_covid"] = per_label
     normal = np.array([r["label"] == NORMAL for r in preds])
@@ -240,6 +267,25 @@ def _block(preds: Sequence[dict[str, str]], labels: Sequence[str], critical: str
         out["urgent_on_normals"] = proportion(urgent[normal])
     if y_c.any() and (~y_c).any():
         out["covid_auc"] = bootstrap_binary_auc(y_c, p_c, n_boot=n_boot, seed=seed, groups=groups)
+    # the other critical classes (e.g. Tuberculosis): flagged share of their films, and their AUC
+    # against every other film where the model has the class
+    for c in prediction_criticals(preds):
+        if c == critical:
+            continue
+        y = np.array([r["label"] == c for r in preds])
+        has = np.array([_has(r, c) for r in preds])
+        d: dict[str, Any] = {}
+        if y.any():
+            d["flagged_urgent"] = proportion(urgent[y])
+            d["films_whose_model_lacks_the_class"] = int((y & ~has).sum())
+        if (y & has).any() and (~y & has).any():
+            pc = np.array([float(r[f"p_{c}"]) for r in preds])
+            d["auc"] = bootstrap_binary_auc(y[has], pc[has], n_boot=n_boot, seed=seed, groups=groups[has])
+        if (~y & has).any():
+            d["others_flagged_by_it"] = proportion(np.array([float(r[f"p_{c}"]) >= float(r[f"threshold_{c}"])
+                                                             for r, k in zip(preds, ~y & has) if k]))
+        if d:
+            out.setdefault("other_critical", {})[c] = d
     return out
 
 
@@ -269,7 +315,12 @@ def report(preds: Sequence[dict[str, str]], n_boot: int = 1000, seed: int = 0) -
     y_c = np.array([r["label"] == critical for r in preds])
     p_c = np.array([float(r[f"p_{critical}"]) for r in preds])
     pooled["ece_covid_binary"] = binary_ece(y_c, p_c)
-    known = [r for r in preds if r["label"] in labels]
+    for c in prediction_criticals(preds):
+        has = [r for r in preds if _has(r, c)]
+        if c != critical and has and any(r["label"] == c for r in has):
+            pooled.setdefault("ece_binary", {})[c] = binary_ece(np.array([r["label"] == c for r in has]),
+                                                                np.array([float(r[f"p_{c}"]) for r in has]))
+    known = [r for r in preds if model_knows(r, labels)]
     if known:
         P = np.array([[float(r[f"p_{n}"]) for n in labels] for r in known])
         y = np.array([labels.index(r["label"]) for r in known])
@@ -328,7 +379,21 @@ def markdown(rep: dict[str, Any]) -> str:
     for h, b in rep["per_holdout"].items():
         for lab, d in (b.get("non_covid") or {}).items():
             lines.append(f"| {h} | {lab} | {_pct(d['not_called_covid'])} | {_pct(d['not_flagged_urgent'])} |")
+    other = [(h, c, d) for h, b in list(rep["per_holdout"].items()) + [("**pooled**", rep["pooled"])]
+             for c, d in (b.get("other_critical") or {}).items()]
+    if other:
+        lines += ["", "| hold-out | critical class | its films flagged urgent | of them, the model lacks the class | "
+                  "AUC (vs every other film) | other films flagged by it |", "|---|---|---|---|---|---|"]
+        lines += [f"| {h} | {c} | {_pct(d.get('flagged_urgent'))} | {d.get('films_whose_model_lacks_the_class', '-')} "
+                  f"| {_auc(d.get('auc'))} | {_pct(d.get('others_flagged_by_it'))} |" for h, c, d in other]
+    called = [(h, lab, d["called"]) for h, b in rep["per_holdout"].items()
+              for lab, d in (b.get("non_covid") or {}).items() if d.get("called")]
+    if called:
+        lines += ["", "| hold-out | label | called (top class) |", "|---|---|---|"]
+        lines += [f"| {h} | {lab} | {', '.join(f'{k} {v}' for k, v in c.items())} |" for h, lab, c in called]
     p = rep["pooled"]
+    for c, e in (p.get("ece_binary") or {}).items():
+        lines += ["", f"Binary ECE of p({c}) over the films whose model has it: {e:.3f}"]
     lines += ["", "The pooled AUC mixes sources: a hold-out with only COVID films (hannover) against one with "
               "only non-COVID films (nih) rewards telling the sources apart. The within-source AUC (a "
               "hold-out with both classes) is the cleaner figure."]
@@ -353,38 +418,65 @@ def write_report(out: Path, preds: Sequence[dict[str, str]], extra: dict[str, An
 
 
 def crossfit(preds: Sequence[dict[str, str]], target: float, rule: str = "wilson", margin: float = 0.0,
-             temperature: bool = True) -> tuple[list[dict[str, str]], dict[str, Any]]:
+             temperature: bool = True, extra_fit: dict[str, Sequence[dict[str, str]]] | None = None
+             ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Operating points chosen on leave-source-out predictions, judged on a source they never saw.
 
-    For each hold-out H, a temperature (multi-class NLL over the films with a model label) and the
-    critical-class threshold (``rule`` at ``target`` sensitivity, as ``training.calibrate``) are fitted
-    on the pooled predictions of the *other* hold-outs only, then applied to H's predictions. The
-    returned rows are H's films re-scored that way (``urgent``, ``threshold_*``, ``p_*``), so
-    :func:`report` reads them as it reads a fold's own. ``info["all"]`` is the same fit on every
-    hold-out: the operating point a model trained on all sources would ship with."""
+    For each hold-out H, a temperature (multi-class NLL over the films with a model label) and each
+    critical class's threshold (``rule`` at ``target`` sensitivity, as ``training.calibrate``) are
+    fitted on the pooled predictions of the *other* hold-outs only, then applied to H's predictions.
+    The returned rows are H's films re-scored that way (``urgent``: any critical class at or above
+    its threshold, ``threshold_*``, ``p_*``), so :func:`report` reads them as it reads a fold's own.
+    ``info["all"]`` is the same fit on every hold-out: the operating point a model trained on all
+    sources would ship with.
+
+    A critical class other than the first whose films lie in no other hold-out (Tuberculosis: every
+    film is Shenzhen's) takes its threshold from ``extra_fit[class]`` (prediction rows of that class's
+    own grouped cross-validation, re-scaled with the same temperature) when given, else from each
+    fold's own validation threshold (recorded as such)."""
     from cxr_node.model.calibration import fit_temperature, logits_from, softmax, threshold_for_sensitivity_rule
 
     if not preds:
         raise ValueError("no predictions")
     labels, critical = prediction_columns(preds)
-    ci = labels.index(critical)
+    crits = prediction_criticals(preds)
+    extra_fit = extra_fit or {}
     P = np.array([[float(r[f"p_{n}"]) for n in labels] for r in preds])
     logit = logits_from(P, 1.0)
     holdout = np.array([r["holdout"] for r in preds])
-    known = np.array([r["label"] in labels for r in preds])
+    known = np.array([model_knows(r, labels) for r in preds])
     y = np.array([labels.index(r["label"]) if r["label"] in labels else -1 for r in preds])
-    is_crit = np.array([r["label"] == critical for r in preds])
+    is_c = {c: np.array([r["label"] == c for r in preds]) for c in crits}
+    has_c = {c: np.array([_has(r, c) for r in preds]) for c in crits}
+    extra = {c: (np.array([r["label"] == c for r in rows]),
+                 logits_from(np.array([[float(r.get(f"p_{n}") or 0.0) for n in labels] for r in rows]), 1.0))
+             for c, rows in extra_fit.items()}
 
     def fit(m: np.ndarray) -> dict[str, Any]:
         k = m & known
         t = fit_temperature(logit[k], y[k]) if temperature and k.sum() >= 2 and len(set(y[k])) > 1 else 1.0
-        pc = softmax(logit[m], t)[:, ci]
-        if not is_crit[m].any():
+        if not is_c[critical][m].any():
             raise SystemExit(f"cross-fit: no {critical} films outside the hold-out(s) "
                              f"{sorted(set(holdout) - set(holdout[m]))} to set the threshold on")
-        th = threshold_for_sensitivity_rule(is_crit[m], pc, target, rule, margin)
-        return {"temperature": float(t), "threshold": float(th), "fitted_on_films": int(m.sum()),
-                "fitted_on_critical": int(is_crit[m].sum()), "fitted_on_holdouts": sorted(set(holdout[m]))}
+        res: dict[str, Any] = {"temperature": float(t), "fitted_on_films": int(m.sum()),
+                               "fitted_on_critical": int(is_c[critical][m].sum()),
+                               "fitted_on_holdouts": sorted(set(holdout[m])), "thresholds": {}, "how": {}}
+        for c in crits:
+            ci = labels.index(c)
+            mc = m & has_c[c]
+            if is_c[c][mc].any():
+                pc = softmax(logit[mc], t)[:, ci]
+                res["thresholds"][c] = float(threshold_for_sensitivity_rule(is_c[c][mc], pc, target, rule, margin))
+                res["how"][c] = f"other hold-outs ({int(is_c[c][mc].sum())} {c} films)"
+            elif c in extra and extra[c][0].any():
+                ye, le = extra[c]
+                res["thresholds"][c] = float(threshold_for_sensitivity_rule(ye, softmax(le, t)[:, ci], target, rule,
+                                                                            margin))
+                res["how"][c] = f"its own grouped cross-validation ({int(ye.sum())} {c} films)"
+            else:
+                res["how"][c] = "each fold's own validation threshold (no such films elsewhere)"
+        res["threshold"] = res["thresholds"].get(critical, float("nan"))
+        return res
 
     out_rows: list[dict[str, str]] = []
     info: dict[str, Any] = {"target_sensitivity": target, "sensitivity_rule": rule, "margin": margin,
@@ -397,8 +489,14 @@ def crossfit(preds: Sequence[dict[str, str]], target: float, rule: str = "wilson
         for i, row in zip(idx, p):
             r = dict(preds[i])
             r.update({f"p_{n}": f"{v:.6f}" for n, v in zip(labels, row)})
-            r[f"threshold_{critical}"] = f"{f['threshold']:.6f}"
-            r["urgent"] = str(int(row[ci] >= f["threshold"]))
+            urgent = False
+            for c in crits:
+                if not has_c[c][i]:
+                    continue
+                th = f["thresholds"].get(c, float(preds[i][f"threshold_{c}"]))
+                r[f"threshold_{c}"] = f"{th:.6f}"
+                urgent |= bool(row[labels.index(c)] >= th)
+            r["urgent"] = str(int(urgent))
             r["top"] = labels[int(row.argmax())]
             out_rows.append(r)
     info["all"] = fit(np.ones(len(preds), bool))
@@ -413,18 +511,30 @@ def crossfit_markdown(info: dict[str, Any]) -> str:
     for h, f in list(info["per_holdout"].items()) + [("(shipping: all)", info["all"])]:
         lines.append(f"| {h} | {', '.join(f['fitted_on_holdouts'])} | {f['fitted_on_films']} "
                      f"({f['fitted_on_critical']}) | {f['temperature']:.3f} | {f['threshold']:.4f} |")
+    others = [(h, c, f["thresholds"].get(c), f["how"][c]) for h, f in
+              list(info["per_holdout"].items()) + [("(shipping: all)", info["all"])]
+              for c in f.get("how", {}) if c != "COVID"]
+    if others:
+        lines += ["", "| applied to | critical class | threshold | fitted on |", "|---|---|---|---|"]
+        lines += [f"| {h} | {c} | {'-' if th is None else f'{th:.4f}'} | {how} |" for h, c, th, how in others]
     return "\n".join(lines) + "\n"
 
 
 def cmd_crossfit(args: argparse.Namespace) -> dict:
     preds = read_predictions_in([Path(p) for p in args.predictions], args.splits)
+    extra = {}
+    for item in args.fit_critical:
+        c, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--fit-critical {item!r}: expected CLASS=PREDICTIONS.csv")
+        extra[c] = read_predictions([Path(path)])
     rows, info = crossfit(preds, args.target_sensitivity, args.sensitivity_rule, args.margin,
-                          temperature=not args.no_temperature)
+                          temperature=not args.no_temperature, extra_fit=extra)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cols = list(preds[0].keys())
+    cols = list(dict.fromkeys(k for r in preds for k in r))  # files from before a column existed lack it
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()
         w.writerows(rows)
     rep = write_report(out, rows, {"command": "crossfit", "predictions": [str(p) for p in args.predictions],
@@ -457,6 +567,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
     out = Path(args.out).resolve()
     holdouts = expand_holdouts(args.holdout, rows)
     labels = args.labels.split(",") if args.labels else None
+    # one header for every fold's predictions: every label and critical class the recipe trains on
+    all_labels = labels or sorted({r["label"] for r in rows if not r.get("exclude")})
+    targs0 = T.build_parser().parse_args(["--data", "-", "--out", "-", *args.train_arg])
+    from training.train import critical_classes
+
+    criticals = critical_classes(targs0.critical, all_labels, warn=False)
     pred_files = []
     folds = {}
     for h in holdouts:
@@ -486,7 +602,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
                              args.target_sensitivity, args.sensitivity_rule, args.margin)
         test_keep = list(test)  # every held-out film, also those with labels the model lacks
         meta, p = predict(ck, test_keep, targs.device, targs.cache_dir, targs.threads)
-        write_predictions(pf, h, test_keep, p, meta)
+        write_predictions(pf, h, test_keep, p, meta, all_labels, criticals)
         pred_files.append(pf)
         folds[h] = {"n_test": len(test_keep), "n_train": len(train_rows),
                     "best_val_macro_auc": res["best_val_macro_auc"],
@@ -496,7 +612,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         (fold / "fold.json").write_text(json.dumps(folds[h], indent=2) + "\n", encoding="utf-8")
     preds = read_predictions(pred_files)
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(preds[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in preds for k in r)), restval="")
         w.writeheader()
         w.writerows(preds)
     extra = {"command": "run", "manifest": str(manifest), "holdouts": holdouts, "holdout_splits": args.holdout_splits,
@@ -596,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--sensitivity-rule", choices=["point", "margin", "wilson"], default="wilson")
     cf.add_argument("--margin", type=float, default=0.0)
     cf.add_argument("--no-temperature", action="store_true", help="keep each fold's own temperature")
+    cf.add_argument("--fit-critical", action="append", default=[], metavar="CLASS=CSV",
+                    help="a critical class whose films lie in one hold-out only (Tuberculosis) takes its threshold "
+                    "from these predictions (its grouped cross-validation, e.g. training.frozen's shenzhen-cv)")
     cf.add_argument("--splits", default="train,val,test",
                     help="use only predictions of films in these builder splits (default all; rows without a "
                     "split column count as train)")

@@ -16,6 +16,21 @@ calibration films, fits temperature and operating points on them with the code `
 calibrate-site` uses (:func:`cxr_node.model.calibration.fit_operating_points`), and measures the urgent
 flag on the site's OTHER films, with the model's global operating points and with the site's.
 Repetition 0 is reported with Wilson 95% intervals; all repetitions give the spread.
+
+**Site adaptation goal** (issue 20, ``cxr-node adapt-site``), with ``--adaptation FEATURES.npz``:
+
+    python -m training.site_onboarding --adaptation runs/v4/frozen/features.npz \
+        --manifest runs/v4/merged.csv --out training/results/v4/site-adaptation \
+        [--baseline-predictions training/results/v4/frozen/lso-v4-recipe/ieee8023-predictions.csv]
+
+Simulated sites the model never trained on: ieee8023 (COVID against its other pneumonias), and each
+ieee8023 country with both classes. Copies of covid19-radiography films (the backbone's training
+folder) are left out. Each of ``--repeats`` draws takes whole patients as the site's labelled
+films, at most ``--max-labelled`` (200) and at most half the site's films, fits the site head
+(:func:`cxr_node.model.adaptation.fit_site_head`, the code ``adapt-site`` runs) on the frozen features
+``training.frozen extract`` wrote, and measures COVID AUC on the site's OTHER films, the model as is
+against the head. Draw 0 has the paired patient-bootstrap 95% interval of the gain; all draws give
+the median and the 5-95% spread. Goal: gain >= 0.10.
 """
 
 from __future__ import annotations
@@ -34,7 +49,21 @@ log = logging.getLogger("training.site_onboarding")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.site_onboarding", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder holding the source folders (hannover-covid, "
+    p.add_argument("--adaptation", default=None, metavar="FEATURES_NPZ",
+                   help="report the site-adaptation goal instead (frozen features from python -m training.frozen "
+                   "extract); needs --manifest")
+    p.add_argument("--manifest", default=None, help="merged manifest (with --adaptation)")
+    p.add_argument("--baseline-predictions", default=None,
+                   help="with --adaptation: the 'model as is' p(COVID) from these predictions (e.g. the ieee8023 "
+                   "hold-out's fold) instead of the bundled model's")
+    p.add_argument("--max-labelled", type=int, default=200)
+    p.add_argument("--keep-seen-copies", action="store_true",
+                   help="with --adaptation: keep ieee8023 films that are copies of covid19-radiography films (the "
+                   "model trained on those; the FIELD-NOTES figure kept them)")
+    p.add_argument("--adapt-target", type=float, default=0.90, help="site head's target sensitivity")
+    p.add_argument("--min-per-class", type=int, default=10, help="a country needs this many films of each class")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--data", default=None, help="folder holding the source folders (hannover-covid, "
                    "nih-chestxray8-subset, ...)")
     p.add_argument("--covid", default="hannover-covid", help="source folder of the site's COVID films")
     p.add_argument("--normal", default="nih-chestxray8-subset", help="source folder of its No Finding and "
@@ -232,11 +261,128 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def adaptation(args: argparse.Namespace) -> dict:
+    """The site-adaptation goal figure (module docstring)."""
+    import numpy as np
+
+    from cxr_node.model.adaptation import fit_site_head, paired_auc_difference
+    from cxr_node.model.calibration import roc_auc, softmax
+    from training.frozen import bundled_meta, load_features, seen_copies
+    from training.lso import read_rows
+
+    rows = read_rows(Path(args.manifest))
+    index, X, L, flabels = load_features(Path(args.adaptation))
+    seen = seen_copies(rows)
+    meta = bundled_meta(Path(args.checkpoint) if args.checkpoint else None)
+    base = {}
+    if args.baseline_predictions:
+        with open(args.baseline_predictions, newline="", encoding="utf-8") as f:
+            base = {r["id"]: float(r["p_COVID"]) for r in csv.DictReader(f)}
+    ieee = [r for r in rows if not r.get("exclude") and r["source"] == "ieee8023" and r["site"].startswith("ieee8023/")
+            and r["label"] in ("COVID", "Other pneumonia") and (args.keep_seen_copies or r["id"] not in seen)
+            and r["id"] in index
+            and (not base or r["id"] in base)]
+    sites = {"ieee8023 (all countries)": ieee}
+    by_country: dict[str, list] = {}
+    for r in ieee:
+        by_country.setdefault(r["site"], []).append(r)
+    for site, rs in sorted(by_country.items()):
+        n_pos = sum(r["label"] == "COVID" for r in rs)
+        if n_pos >= args.min_per_class and len(rs) - n_pos >= args.min_per_class and not site.endswith("/unknown"):
+            sites[site] = rs
+    report: dict = {"max_labelled": args.max_labelled, "seen_copies_kept": bool(args.keep_seen_copies),
+                    "repeats": args.repeats, "target": args.adapt_target,
+                    "model": meta["version"], "baseline": "bundled model" if not base else
+                    f"p(COVID) from {args.baseline_predictions}", "sites": {}}
+    ci = flabels.index("COVID")
+    for site, rs in sites.items():
+        x = X[[index[r["id"]] for r in rs]]
+        y = np.array([r["label"] == "COVID" for r in rs])
+        p_model = (np.array([base[r["id"]] for r in rs]) if base
+                   else softmax(L[[index[r["id"]] for r in rs]], meta["temperature"])[:, ci])
+        groups = [r["group"] for r in rs]
+        patients = sorted(set(groups))
+        budget = min(args.max_labelled, len(rs) // 2)
+        rng = np.random.default_rng(args.seed)
+        draws = []
+        for k in range(args.repeats):
+            order = list(patients)
+            rng.shuffle(order)
+            chosen: set[str] = set()
+            n = 0
+            for g in order:
+                m = groups.count(g)
+                if n + m > budget:
+                    continue
+                chosen.add(g)
+                n += m
+            lab = np.array([g in chosen for g in groups])
+            ev = ~lab
+            if len(set(y[lab])) < 2 or len(set(y[ev])) < 2 or min(y[lab].sum(), (~y[lab]).sum()) < 3:
+                continue
+            try:
+                head = fit_site_head(x[lab], y[lab], [g for g, t in zip(groups, lab) if t], args.adapt_target, seed=k)
+            except ValueError:
+                continue
+            s = x[ev] @ head["weight"] + head["bias"]
+            d = {"labelled": int(lab.sum()), "labelled_covid": int(y[lab].sum()), "evaluated": int(ev.sum()),
+                 "auc_model": roc_auc(y[ev], p_model[ev]), "auc_head": roc_auc(y[ev], s)}
+            if not draws:
+                d["paired"] = paired_auc_difference(y[ev], p_model[ev], s, [g for g, t in zip(groups, ev) if t],
+                                                    n_boot=args.n_boot, seed=0)
+            draws.append(d)
+        if not draws:
+            report["sites"][site] = {"films": len(rs), "note": "too few films of one class for any draw"}
+            continue
+        gain = np.array([d["auc_head"] - d["auc_model"] for d in draws])
+
+        def spread(v: np.ndarray) -> dict:
+            return {"median": float(np.median(v)), "p05": float(np.quantile(v, 0.05)), "p95": float(np.quantile(v, 0.95))}
+
+        report["sites"][site] = {
+            "films": len(rs), "covid": int(y.sum()), "other_pneumonia": int((~y).sum()), "draws": len(draws),
+            "labelled_per_draw": spread(np.array([d["labelled"] for d in draws], float)),
+            "auc_model": spread(np.array([d["auc_model"] for d in draws])),
+            "auc_head": spread(np.array([d["auc_head"] for d in draws])), "gain": spread(gain),
+            "draw0_paired": draws[0]["paired"], "goal_gain_0.10_met_by_median": bool(np.median(gain) >= 0.10)}
+        log.info("%s: AUC model %.3f -> head %.3f (median of %d draws), gain %.3f", site,
+                 float(np.median([d["auc_model"] for d in draws])), float(np.median([d["auc_head"] for d in draws])),
+                 len(draws), float(np.median(gain)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"Site head (logistic on frozen penultimate features of {report['model']}, calibration folded in) "
+             f"fitted on at most {args.max_labelled} labelled films (whole patients, at most half the site), "
+             f"COVID vs other pneumonias measured on the site's other films; baseline: {report['baseline']}; "
+             f"{args.repeats} draws.", "",
+             "| site | films (COVID / other) | labelled per draw | AUC model | AUC site head | gain, median [5%, 95%] | "
+             "draw 0: paired gain [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for site, r in report["sites"].items():
+        if "gain" not in r:
+            lines.append(f"| {site} | {r['films']} | - | - | - | - | {r['note']} |")
+            continue
+        p0 = r["draw0_paired"]
+        lines.append(f"| {site} | {r['films']} ({r['covid']} / {r['other_pneumonia']}) | "
+                     f"{r['labelled_per_draw']['median']:.0f} | {r['auc_model']['median']:.3f} | "
+                     f"{r['auc_head']['median']:.3f} | {r['gain']['median']:+.3f} [{r['gain']['p05']:+.3f}, "
+                     f"{r['gain']['p95']:+.3f}] | {p0['difference']:+.3f} [{p0['ci95'][0]:+.3f}, {p0['ci95'][1]:+.3f}] |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from training.common import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging("INFO")
+    if args.adaptation:
+        if not args.manifest:
+            raise SystemExit("--adaptation needs --manifest (the merged manifest the features were extracted from)")
+        adaptation(args)
+        return 0
+    if not args.data:
+        raise SystemExit("--data is needed (the folder holding the source folders)")
     import torch
 
     torch.set_num_threads(args.threads)

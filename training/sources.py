@@ -6,9 +6,9 @@
     python -m training.sources build --source mine=/data/tb-tree --out runs/tb.csv   # plain tree
 
 A source is a folder with a ``manifest.csv`` (path,label plus optional columns), a manifest CSV
-itself, or a plain folder-per-class tree (``DIR/<label>/*.png``) with no manifest. Four source
+itself, or a plain folder-per-class tree (``DIR/<label>/*.png``) with no manifest. Six source
 *kinds* are known by their name (``--kind NAME=KIND`` names it explicitly): ``covid19-radiography``,
-``hannover``, ``nih`` and ``ieee8023``; anything else is ``generic`` (labels kept as written).
+``hannover``, ``nih``, ``ieee8023``, ``shenzhen`` and ``openist``; anything else is ``generic`` (labels kept as written).
 
 Output columns: ``path`` (absolute, or relative to the manifest's folder with ``--relative``),
 ``id`` (``source:path-in-source``), ``label`` (after the label rules), ``raw_label`` (as the source
@@ -38,6 +38,13 @@ Copies (films linked by the cross-folder links, not by patient) are kept **once*
       the RSNA Pneumonia Detection Challenge re-read by radiologists, which beats NIH's labels
       mined from report text by NLP. The NIH copy is the one kept (site NIH), with that label.
     The row's ``note`` records every conflict.
+
+Two single-hospital folders of issue 20 (their SOURCE.md):
+  * ``shenzhen`` (``nlm-shenzhen-tb``): Normal and Tuberculosis as written, every film from Shenzhen
+    No.3 People's Hospital (site); one film per case, so the patient id is the file stem when the
+    manifest has none, and each film is its own group;
+  * ``openist`` (``openist-normal``): Normal only, one site (the chestx-ray.com teaching collection;
+    the hospital is not stated); no patient ids (each film its own group).
 
 Label rules for the known kinds (the default four classes COVID, Normal, Viral Pneumonia,
 Other pneumonia):
@@ -79,14 +86,20 @@ from training.data import UnionFind
 
 log = logging.getLogger("training.sources")
 
-KINDS = ("covid19-radiography", "hannover", "nih", "ieee8023", "generic")
+KINDS = ("covid19-radiography", "hannover", "nih", "ieee8023", "shenzhen", "openist", "generic")
 #: source names (and folder names) recognised as a known kind
 KIND_ALIASES = {
     "covid19-radiography": "covid19-radiography", "covid19_radiography": "covid19-radiography",
     "hannover": "hannover", "hannover-covid": "hannover",
     "nih": "nih", "nih-chestxray8-subset": "nih", "nih-chestxray8": "nih",
     "ieee8023": "ieee8023", "ieee8023-covid-chestxray": "ieee8023",
+    "shenzhen": "shenzhen", "nlm-shenzhen-tb": "shenzhen",
+    "openist": "openist", "openist-normal": "openist",
 }
+#: the site of every film of a single-site kind
+SINGLE_SITE = {"hannover": "Hannover Medical School", "nih": "NIH Clinical Center",
+               "shenzhen": "Shenzhen No.3 People's Hospital",
+               "openist": "OpenIST / chestx-ray.com teaching collection (hospital not stated)"}
 #: which copy of a film is kept: the source closest to the film's origin first
 KEEP_ORDER = ("hannover", "nih", "ieee8023", "covid19-radiography")
 #: whose label wins a conflict: the more reliable labelling first
@@ -96,6 +109,8 @@ LABEL_MAPS: dict[str, dict[str, str]] = {
     "hannover": {},
     "nih": {"No Finding": "Normal", "Pneumonia": "Other pneumonia"},
     "ieee8023": {"No Finding": "Normal"},
+    "shenzhen": {},
+    "openist": {},
     "generic": {},
 }
 LABEL_NOTES = {
@@ -160,10 +175,8 @@ def parse_source(spec: str, kinds: Mapping[str, str] | None = None) -> SourceSpe
 
 
 def _site(kind: str, source: str, raw_label: str, r: Mapping[str, str]) -> str:
-    if kind == "hannover":
-        return "Hannover Medical School"
-    if kind == "nih":
-        return "NIH Clinical Center"
+    if kind in SINGLE_SITE:
+        return SINGLE_SITE[kind]
     if kind == "ieee8023":
         site = (r.get("site") or "").strip()
         if "hannover" in site.lower():
@@ -194,6 +207,8 @@ def read_source(spec: SourceSpec) -> list[Row]:
                 if not rel or not raw:
                     raise ValueError(f"{manifest}: row {i + 2} has an empty path or label")
                 ap = Path(rel) if Path(rel).is_absolute() else root / rel
+                if spec.kind == "shenzhen" and not (r.get("patient_id") or "").strip():
+                    r["patient_id"] = Path(rel).stem  # NLM: one film per case
                 also = [a.strip() for a in (r.get("also_in_covid19_radiography") or "").split(";") if a.strip()]
                 rows.append(Row(spec.name, spec.kind, rel, str(ap), raw, lmap.get(raw, raw),
                                 _site(spec.kind, spec.name, raw, r), (r.get("patient_id") or "").strip(),

@@ -79,12 +79,15 @@ then: python -m training.calibrate --checkpoint RUN_DIR/best.pt --data ...
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--cache-dir", default=None, help="where the uint8 preprocessed cache lives (default RUN_DIR/cache)")
     p.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.pack) instead of the source images")
-    p.add_argument("--critical", default=None,
-                   help=f"critical class for urgent flags (default {DEFAULT_CRITICAL} if present)")
-    p.add_argument("--augment", default="v2", choices=["v2", "v3", "none"],
+    p.add_argument("--critical", action="append", default=None,
+                   help=f"critical class(es) for urgent flags, each with its own operating point (repeatable or "
+                   f"comma-separated, e.g. COVID,Tuberculosis; default {DEFAULT_CRITICAL} if present). A named class "
+                   "that the training films lack (a leave-source-out fold) is left out with a warning")
+    p.add_argument("--augment", default="v2", choices=["v2", "v3", "v4", "none"],
                    help="augmentation recipe: v2 (rotation, zoom, window jitter, contrast, noise; the bundled "
                    "v2 model's), v3 (v2's plus gamma, blur/sharpen, JPEG re-compression, resolution drop, "
-                   "affine, border and text-marker occlusion: training/augment.py), none")
+                   "affine, border and text-marker occlusion: training/augment.py), v4 (v3's with the "
+                   "down-scale-and-up-scale of every class at probability 0.5: no resolution shortcut), none")
     p.add_argument("--no-augment", action="store_true", help="same as --augment none")
     p.add_argument("--balance", default="none", choices=["none", "class", "source,class"],
                    help="none (default, as v2): uniform sampling, class-weighted loss; class: sample each class "
@@ -151,8 +154,12 @@ def make_augment(recipe: str = "v2", size: int = 128):
         from training.augment import make_v3_augment
 
         return make_v3_augment(size)
+    if recipe == "v4":
+        from training.augment import make_v4_augment
+
+        return make_v4_augment(size)
     if recipe != "v2":
-        raise ValueError(f"unknown augmentation recipe {recipe!r} (v2, v3)")
+        raise ValueError(f"unknown augmentation recipe {recipe!r} (v2, v3, v4)")
     return make_v2_augment()
 
 
@@ -197,6 +204,27 @@ def parse_preprocess(items: Sequence[str], input_size: int) -> dict[str, Any]:
         return check_params(make_params(**over))
     except (ValueError, PreprocessError) as e:
         raise SystemExit(f"--preprocess: {e}") from None
+
+
+def critical_classes(requested: Sequence[str] | None, labels: Sequence[str], warn: bool = True) -> list[str]:
+    """The critical classes: ``--critical`` (repeatable, comma-separated) among ``labels``; a named
+    class the films lack is left out with a warning (a leave-source-out fold without any of its
+    films), none left is an error. Default: COVID when present, else the first label."""
+    if not requested:
+        if DEFAULT_CRITICAL in labels:
+            return [DEFAULT_CRITICAL]
+        if warn:
+            log.warning("no %s class: the critical (urgent) class defaults to %r, the first label; pass --critical",
+                        DEFAULT_CRITICAL, labels[0])
+        return [labels[0]]
+    names = list(dict.fromkeys(n.strip() for item in requested for n in item.split(",") if n.strip()))
+    kept = [n for n in names if n in labels]
+    if not kept:
+        raise SystemExit(f"--critical {','.join(names)}: none is a label ({', '.join(labels)})")
+    if warn and len(kept) < len(names):
+        log.warning("critical class(es) %s have no training films here and are left out (labels: %s)",
+                    ", ".join(n for n in names if n not in labels), ", ".join(labels))
+    return kept
 
 
 def sample_weights(labels: Sequence[str], sources: Sequence[str], mode: str) -> np.ndarray:
@@ -343,12 +371,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     records = D.read_dataset(args.data)
     labels = sorted({r.label for r in records})
     label_idx = {n: i for i, n in enumerate(labels)}
-    critical = args.critical or (DEFAULT_CRITICAL if DEFAULT_CRITICAL in labels else labels[0])
-    if not args.critical and DEFAULT_CRITICAL not in labels and rank == 0:
-        log.warning("no %s class: the critical (urgent) class defaults to %r, the first label; pass --critical",
-                    DEFAULT_CRITICAL, critical)
-    if critical not in labels:
-        raise SystemExit(f"--critical {critical!r} is not a label ({', '.join(labels)})")
+    criticals = critical_classes(args.critical, labels, warn=rank == 0)
+    critical = criticals[0]
     params = parse_preprocess(getattr(args, "preprocess", []) or [], args.input_size)
     augment = "none" if args.no_augment else getattr(args, "augment", "v2")
     balance = getattr(args, "balance", "none")
@@ -393,8 +417,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         draw = sample_weights([records[i].label for i in tr_idx], [records[i].source for i in tr_idx], balance)
         weights = np.ones(len(labels))  # the sampler balances; the loss does not weight again
     if is_main:
-        log.info("labels %s; split train %d / val %d / test %d; critical class %s", labels, len(tr_idx),
-                 len(va_idx), len(idx["test"]), critical)
+        log.info("labels %s; split train %d / val %d / test %d; critical class(es) %s", labels, len(tr_idx),
+                 len(va_idx), len(idx["test"]), ", ".join(criticals))
         if draw is None:
             log.info("class weights (inverse frequency): %s",
                      ", ".join(f"{n}={w:.3f}" for n, w in zip(labels, weights)))
@@ -471,7 +495,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         sampler = None
     base_meta = {
         "labels": labels, "arch": args.arch, "input_size": args.input_size, "preprocess": params,
-        "thresholds": {critical: 0.5}, "temperature": 1.0, "critical_labels": [critical],
+        "thresholds": {c: 0.5 for c in criticals}, "temperature": 1.0, "critical_labels": list(criticals),
         "data_manifest_sha256": D.manifest_sha256(records), "version": version,
         "calibrated": False, "seed": args.seed, "class_weights": [float(w) for w in weights],
         "train_counts": {n: int((targets[tr_idx] == i).sum()) for i, n in enumerate(labels)},

@@ -106,6 +106,9 @@ EVENTS: dict[str, str] = {
     "feedback.import": "a feedback CSV was imported (detail: file, counts)",
     "calibration.site": "a site calibration was stored and made active (detail: station, version, figures)",
     "calibration.rollback": "a station's site calibration was rolled back to the previous one (or to the model's)",
+    "adaptation.site": "a station's site heads were stored and made active (detail: station, version, classes, "
+                       "thresholds, AUC before/after with the paired interval)",
+    "adaptation.rollback": "a station's site heads were rolled back to the previous version (or to the model's head)",
 }
 
 #: The stable field names of ``cxr-node audit --format json|csv``.

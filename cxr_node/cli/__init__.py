@@ -26,7 +26,7 @@ log = logging.getLogger("cxr_node")
 
 #: The command modules, in the order ``--help`` lists them.
 _MODULES = ("serve", "web", "user", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention",
-            "triage", "feedback", "performance", "calibrate_site")
+            "triage", "feedback", "performance", "calibrate_site", "adapt_site")
 
 EPILOG = """\
 global options --config and --log-level go before or after the command.
@@ -48,6 +48,7 @@ examples:
   cxr-node feedback import labels.csv
   cxr-node performance --station CR_ROOM1 --out perf/
   cxr-node calibrate-site --station CR_ROOM1 --dry-run
+  cxr-node adapt-site --station CR_ROOM1 --dry-run
 """
 
 

@@ -255,3 +255,23 @@ class SiteCalibration(Base):
     active: Mapped[bool] = mapped_column(Boolean, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     retired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class SiteHead(Base):
+    """A station's site heads (``cxr-node adapt-site``): per critical class, a logistic head on the
+    model's frozen penultimate features with its calibration folded in, and its operating threshold.
+    Bound to the weights they were fitted on; one active per station; older versions kept (0009)."""
+
+    __tablename__ = "site_heads"
+    __table_args__ = (UniqueConstraint("station", "version", name="uq_site_head_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    station: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(128))
+    heads: Mapped[dict] = mapped_column(JSON)    # class -> {weight: [...], bias, threshold, l2, platt}
+    report: Mapped[dict] = mapped_column(JSON)   # counts, before/after figures with intervals, the gate
+    active: Mapped[bool] = mapped_column(Boolean, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    retired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -240,6 +240,8 @@ def json_safe(x: Any) -> Any:
         return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
     if hasattr(x, "item"):  # numpy scalars
         return json_safe(x.item())
     return x

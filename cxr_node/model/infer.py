@@ -142,6 +142,10 @@ class Predictor:
             raise CheckpointError(f"{ood_reference}: out-of-domain reference not found")
         else:
             log.warning("no out-of-domain reference beside %s: films are checked by their lung fields only", checkpoint)
+        if self.ood is None and self.arch in FEATURE_LAYERS:  # features for site heads all the same
+            dict(self.model.named_modules())[FEATURE_LAYERS[self.arch]].register_forward_hook(self._keep_features)
+        #: the pooled penultimate features (B, D) of the last :meth:`predict` batch (site heads), or None
+        self.last_features: np.ndarray | None = None
 
     def _keep_features(self, module, args, output) -> None:  # noqa: ANN001 - a forward hook
         self._features = output.detach()
@@ -203,9 +207,12 @@ class Predictor:
                 ) -> list[Prediction]:
         """Predictions for a batch of preprocessed images (from :meth:`preprocess`)."""
         x = self._stack(images)
+        self._features = None
         with torch.inference_mode():
             logits = self.model(x).float()
-        ood = self.ood.score(self._features) if self.ood is not None and self._features is not None else None
+        feats = self._features  # before Grad-CAM runs the model again on parts of the batch
+        self.last_features = None if feats is None else feats.float().cpu().numpy().astype(np.float64)
+        ood = self.ood.score(feats) if self.ood is not None and feats is not None else None
         probs = torch.softmax(logits / self.temperature, dim=1).cpu().numpy().astype(np.float64)
         top = probs.argmax(axis=1)
         cams: list[np.ndarray | None] = [None] * len(x)
@@ -230,4 +237,17 @@ class Predictor:
                                   cam_label=self.labels[top[i]] if explain else None,
                                   ood_score=None if ood is None else float(ood[i])))
         return out
+
+    def features(self, images: Sequence[torch.Tensor | np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Pooled penultimate features (N, D) of preprocessed images (site heads: cxr_node.onboarding.site_adaptation)."""
+        layer = dict(self.model.named_modules())[FEATURE_LAYERS[self.arch]]
+        got: list[torch.Tensor] = []
+        hook = layer.register_forward_hook(lambda m, a, o: got.append(o.detach().float().cpu()))
+        try:
+            for s in range(0, len(images), batch_size):
+                with torch.inference_mode():
+                    self.model(self._stack(images[s:s + batch_size]))
+        finally:
+            hook.remove()
+        return torch.cat(got).numpy().astype(np.float64)
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from sqlalchemy import func, select
 
 from cxr_node.audit import trail as audit
-from cxr_node.onboarding import stations
+from cxr_node.onboarding import drift, stations
 from cxr_node.db.models import ImageResult, SiteCalibration, utcnow
 from cxr_node.errors import CxrNodeError
 from cxr_node.model.calibration import json_safe
@@ -154,7 +154,7 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
     rows = list(session.scalars(select(ImageResult).where(ImageResult.id.in_([f.image_result_id for f in films]))))
     p_new = softmax(logits, new["temperature"])
     site_probs = {f.image_result_id: dict(zip(labels, map(float, p_new[i]))) for i, f in enumerate(films)}
-    reference = stations.reference_from(rows, labels, site_probs)
+    reference = drift.reference_from(rows, labels, site_probs)
     return {"station": station, "model_version": model.version, "weights_sha256": model.weights_sha256,
             "films": len(films), "counts": counts, "target_sensitivity": target_sensitivity,
             "min_per_class": min_per_class, "temperature": new["temperature"], "thresholds": new["thresholds"],

@@ -125,7 +125,7 @@ def _differs(settings: Settings, daemon: dict[str, Any]) -> bool:
 
 
 def station_status(settings: Settings, row: StationRow, cal: SiteCalibration | None) -> dict[str, Any]:
-    from cxr_node.onboarding import stations
+    from cxr_node.onboarding import drift, stations
 
     d = row.drift_detail or {}
     return {"name": row.name, "ae_title": row.ae_title, "mode": stations.mode_of(settings, row.name),
@@ -133,7 +133,7 @@ def station_status(settings: Settings, row: StationRow, cal: SiteCalibration | N
             "calibration": stations.calibration_name(cal),
             "drift": None if row.drift_state is None else {
                 "state": row.drift_state, "reference": d.get("reference"), "films": d.get("n"),
-                "moved": stations.describe(d.get("moved") or []) or None, "psi": d.get("psi"),
+                "moved": drift.describe(d.get("moved") or []) or None, "psi": d.get("psi"),
                 "checked_at": row.drift_checked_at.isoformat(timespec="seconds") if row.drift_checked_at else None}}
 
 

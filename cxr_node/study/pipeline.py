@@ -62,6 +62,7 @@ class Film:
     prediction: object = None  # cxr_node.model.infer.Prediction, then cxr_node.model.policy.Finding
     refused: Refusal | None = None  # why this film was not analysed (code + text)
     stats: dict | None = None   # image size and intensity, for drift
+    features: object = None     # pooled penultimate features (site heads: cxr_node.onboarding.site_adaptation)
 
 
 @dataclass
@@ -284,10 +285,11 @@ class Processor:
         for i in range(0, len(ready), bs):
             batch = ready[i:i + bs]
             t0 = time.perf_counter()
-            for film, pred in zip(batch, self._predict(predictor, batch)):
+            for film, (pred, feature) in zip(batch, self._predict(predictor, batch)):
                 if pred is None:
                     continue
                 film.prediction = pred
+                film.features = feature
                 film.refused = eligibility.ood_reason(pred.ood_score, threshold)
             if self.metrics:
                 per_image = (time.perf_counter() - t0) / len(batch)
@@ -295,11 +297,14 @@ class Processor:
                     self.metrics.inference.observe(per_image)
 
     @staticmethod
-    def _predict(predictor, batch: list[Film]) -> list:
-        """The batch's predictions; when the batch fails, each film alone, and a film that fails
-        alone is refused (None in its place) so that the others are analysed."""
+    def _predict(predictor, batch: list[Film]) -> list[tuple]:
+        """``(prediction, penultimate features)`` per film of the batch (features for the site heads,
+        None when the predictor keeps none); when the batch fails, each film alone, and a film that
+        fails alone is refused (``(None, None)`` in its place) so that the others are analysed."""
         try:
-            return list(predictor.predict([f.x for f in batch], explain=True))
+            preds = list(predictor.predict([f.x for f in batch], explain=True))
+            feats = getattr(predictor, "last_features", None)
+            return [(p, None if feats is None else feats[j]) for j, p in enumerate(preds)]
         except Exception as e:  # which film? ask each alone
             if len(batch) == 1:
                 film = batch[0]
@@ -308,18 +313,21 @@ class Processor:
                 log.debug("inference failure", exc_info=True)
                 film.refused = eligibility.unusable_pixels(
                     f"the model could not analyse the film ({type(e).__name__})")
-                return [None]
+                return [(None, None)]
             return [p for f in batch for p in Processor._predict(predictor, [f])]
 
     def triage(self, predictor, work: list[StudyWork]) -> list[StudyWork]:
         """Each study with its station's site calibration when it has one for these weights, else
         with the model's own operating points. Returns the studies that go on; a study this stage
         cannot triage is failed here."""
+        from cxr_node.onboarding import site_adaptation
+
         cals = stations.active_calibrations(self.db)
+        heads = site_adaptation.active_heads(self.db)
         ok = []
         for w in work:
             try:
-                self._triage_study(predictor, w, cals)
+                self._triage_study(predictor, w, cals, heads)
                 ok.append(w)
             except Exception as e:  # this study only
                 log.error("triage of study %s failed: %s", w.study_uid, type(e).__name__)
@@ -327,10 +335,15 @@ class Processor:
                 self.fail(w.study_uid, w.version, f"triage failed: {type(e).__name__}: {e}")
         return ok
 
-    def _triage_study(self, predictor, w: StudyWork, cals: dict) -> None:
+    def _triage_study(self, predictor, w: StudyWork, cals: dict, heads: dict) -> None:
+        """One study: the station's calibration (temperature, operating points) and its site heads
+        (the critical classes' own probabilities from the film's features) when it has them."""
         import dataclasses
 
         import numpy as np
+
+        from cxr_node.onboarding import site_adaptation
+        from cxr_node.model.adaptation import apply_site_heads
 
         from cxr_node.model.calibration import logits_from, softmax
         from cxr_node.model.policy import TriagePolicy
@@ -349,6 +362,13 @@ class Processor:
             model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
                                         calibration=stations.calibration_name(cal),
                                         temperature=cal.temperature)
+        head = site_adaptation.heads_for(heads.get(w.station.name) if w.station is not None else None,
+                                         predictor.weights_sha256)
+        if head is not None:  # the station's own heads decide their critical classes
+            th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in head.heads.items()}}
+            policy = TriagePolicy(labels=policy.labels, thresholds=th, critical_labels=policy.critical_labels,
+                                  normal_label=policy.normal_label)
+            model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
         w.model = model
         for film in w.films:
             if film.refused is None and film.prediction is not None:
@@ -358,6 +378,10 @@ class Processor:
                     k = int(np.argmax(q))
                     p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
                                             top_label=p.labels[k], top_probability=float(q[k]))
+                if head is not None and film.features is not None:
+                    q = apply_site_heads(p.probabilities, list(p.labels), film.features, head.heads)
+                    k = int(np.argmax(q))
+                    p = dataclasses.replace(p, probabilities=q, top_label=p.labels[k], top_probability=q[k])
                 film.prediction = policy.apply(p)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
