@@ -157,6 +157,8 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
     from helpers_model import make_checkpoint
     from test_onboarding import _events, _texts
 
+    from cxr_node.encode.sr import read_findings
+
     orthanc = orthanc_factory().start()
     ckpt = make_checkpoint(tmp_path / "model.pt", input_size=64)
     station = "site-b"
@@ -206,8 +208,11 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
         orthanc.find(StudyInstanceUID=s, Modality="SR") for s in new) else None, 120, "SRs in Orthanc", node)
     name = f"site {station} head v1"
     for inst in srs:
-        texts = _texts(dcmread(io.BytesIO(orthanc.file(inst["ID"]))))
-        assert f"calibration {name}" in texts and f"COVID threshold {threshold:.4f}" in texts, texts
+        sr = dcmread(io.BytesIO(orthanc.file(inst["ID"])))
+        texts = _texts(sr)
+        assert any(t.startswith(f"calibration {name}") for t in texts), texts
+        (group,) = read_findings(sr)  # the head's operating point, beside the probability compared with it
+        assert group["thresholds"]["COVID-19"] == pytest.approx(threshold, rel=5e-3)
     for s in new:
         (t,) = _events(node, "image.triaged", study_uid=s)
         assert t["detail"]["calibration"] == name

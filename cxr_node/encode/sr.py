@@ -6,8 +6,8 @@ container, the study's urgency (SCT 260870009 "Priority": Urgent, Review or Rout
 report's name and the notice "research triage, not for diagnostic use" as a text item (DCM 121106
 "Comment"). The title stays "Imaging Measurement Report" (see :data:`TITLE`).
 One measurement group per analysed film: tracking identifier and UID, algorithm identification
-(TID 4019: name and version; the operating points' origin as a parameter only when a site
-calibration is in force), the film's urgency, and for each class the probability (DCM 122157
+(TID 4019: name and version; the site calibration and its temperature as the one parameter
+when one is in force), the film's urgency, and for each class the probability (DCM 122157
 "Probability", at most 3 significant digits, UCUM "1") with its class as a concept modifier (SCT
 246090004 "Associated finding") and whether it is above the operating point, followed by that
 operating point (DCM 122411 "Threshold Value"); the film and its Secondary Capture as source
@@ -196,8 +196,11 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=model.device_uid, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=model.name[:64]),
     )
-    # TID 4019 needs a name and a version; a site calibration changes the operating points, so it is named
-    params = None if model.calibration == "model" else [f"operating points: {model.calibration}"[:64]]
+    # TID 4019 needs a name and a version; a site calibration changes the probabilities (its temperature)
+    # and the operating points, so it is named as the one parameter
+    params = None if model.calibration == "model" else [
+        f"calibration {model.calibration}" + (f" temperature {model.temperature:.4f}"
+                                              if model.temperature is not None else "")]
     algorithm = hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64], parameters=params)
     groups = []
     for i, film in enumerate(films, start=1):
