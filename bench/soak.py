@@ -140,7 +140,8 @@ def main() -> int:
         runs.append(("untuned", {"CXR_NODE_MALLOC_TUNING": "0"}))
     results = {label: one_run(label, env, args, src, work / label) for label, env in runs}
     print(f"\nsoak {dt.date.today()} on {platform.node()} ({os.cpu_count()} CPUs): {args.studies} single-film studies "
-          f"of RG1_UNCR, {args.per_association} per storescu association, results to Orthanc")
+          f"({'chest films of 256-2600 px' if args.varied else 'RG1_UNCR'}), {args.per_association} per storescu "
+          "association, results to Orthanc")
     for label, rows in results.items():
         first = rows[0]["rss_mib"]
         cells = ", ".join(f"{r['studies']}: {r['rss_mib']} MiB ({r['rss_mib'] / first:.2f}x)" for r in rows)
