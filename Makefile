@@ -1,5 +1,6 @@
 # cxr-node: the two commands the README opens with.
 #   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
+#   make reload  the running node reads its config file again (SIGHUP)
 #   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), then run pytest
 # Variables: CONFIG=FILE  the config `make run` uses (default config/cxr-node.toml)
 #            WORKERS=N    pytest-xdist workers for `make test` (default 2; 0 runs the suite in one process)
@@ -12,7 +13,7 @@ CONFIG ?= config/cxr-node.toml
 WORKERS ?= 2
 DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql chromium chromium-driver
 
-.PHONY: run test venv debs bench clean
+.PHONY: run reload test venv debs bench clean
 
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -36,6 +37,15 @@ debs:
 run: venv
 	$(BIN)/cxr-node --config $(CONFIG) db upgrade
 	$(BIN)/cxr-node --config $(CONFIG) serve
+
+# SIGHUP to the node `make run` started (its pid is in the lock file data_dir/.lock-HOST-PORT): it
+# reads CONFIG again (README, "Reloading the configuration").
+reload: venv
+	@lock=$$($(BIN)/python -c "import socket, sys; from cxr_node import config; \
+	s = config.load(sys.argv[1]); print(s.storage.data_dir / f'.lock-{socket.gethostname()}-{s.node.port}')" \
+	$(CONFIG)) && pid=$$(head -1 "$$lock" 2>/dev/null) && [ -n "$$pid" ] && kill -HUP "$$pid" \
+	&& echo "sent SIGHUP to cxr-node (pid $$pid); its log says what changed" \
+	|| { echo "no running cxr-node for $(CONFIG) (no pid in $$lock)"; exit 1; }
 
 # Two workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one
 # process): most tests wait on subprocesses, so two workers halve the wall time on two cores.

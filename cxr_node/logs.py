@@ -87,6 +87,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     logging.getLogger("py.warnings").warning("%s", text)
 
 
+class HighdicomInfoToDebug(logging.Filter):
+    """highdicom logs each module it copies into a new object ("copy attributes of module ...") at
+    INFO, seven lines per film: for cxr-node that is DEBUG detail. Its INFO records become DEBUG
+    records, shown only when the root level is DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     if getattr(configure, "_done", False):
@@ -98,6 +110,8 @@ def configure(level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     warnings.showwarning = _show_warning
+    for name in ("highdicom", "highdicom.base"):  # filters do not propagate: the logger that emits them
+        logging.getLogger(name).addFilter(HighdicomInfoToDebug())
     for noisy in ("pynetdicom", "apscheduler", "alembic", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # "job skipped: maximum number of running instances reached" every tick while a job runs

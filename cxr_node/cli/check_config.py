@@ -31,7 +31,10 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     out.write(f"  node        {n.ae_title} on {n.host}:{n.port} (max PDU {n.max_pdu})\n")
     out.write(f"  calling AEs {', '.join(n.allowed_calling_aets) or 'any'}\n")
     out.write(f"  hosts       {', '.join(map(str, n.allowed_hosts)) or 'any'}\n")
-    out.write(f"  data_dir    {settings.storage.data_dir}\n")
+    kept = "spool, outbox, database" if settings.database.url.startswith("sqlite:") else "spool, outbox"
+    out.write(f"  data_dir    {settings.storage.data_dir}  (the data lives here: {kept}"
+              + (f"; a relative data_dir is relative to {settings.source.parent}, so a copy of this file "
+                 "elsewhere points at other data" if settings.source else "") + ")\n")
     out.write(f"  database    {make_url(settings.database.url).render_as_string(hide_password=True)}\n")
     out.write(f"  quiet       {settings.study.quiet_seconds:g} s\n")
     out.write(f"  model       {settings.model.checkpoint} (device {settings.model.device})\n")

@@ -123,6 +123,23 @@ def _not_frontal_chest(path: Path, settings: Any) -> str | None:
 
 def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     """Triage ``args.files``; write a table or JSON to ``out``. Returns 0, or 1 if any file failed."""
+    fmt = getattr(args, "format", "table") or "table"
+    ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else Path(settings.model.checkpoint)
+    # the inputs first, before the model loads (seconds): a file that cannot be an image is said once,
+    # on stderr (JSON keeps a row for it), and with nothing usable the model is not loaded at all
+    files = expand(list(args.files))
+    unusable_rows: dict[str, dict[str, Any]] = {}
+    for f in files:
+        why = unusable(Path(f))
+        if why:
+            unusable_rows[f] = {"file": str(f), "error": f"{Path(f).name}: {why}"}
+            sys.stderr.write(f"cxr-node triage: {f}: cannot use this file: {why}\n")
+    if len(unusable_rows) == len(files):
+        if fmt == "json":
+            out.write(json.dumps({"model_version": None, "checkpoint": str(ckpt), "labels": [],
+                                  "results": list(unusable_rows.values())}, indent=2) + "\n")
+        return 1
+
     from PIL import Image
 
     from cxr_node.eligibility.rules import lung_reason, ood_reason
@@ -131,7 +148,6 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     from cxr_node.encode.overlay import render_figure
     from cxr_node.model.preprocess import prepare
 
-    ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else Path(settings.model.checkpoint)
     device = getattr(args, "device", None) or settings.model.device
     # CheckpointError -> the CLI reports it, exit 1
     predictor = Predictor(ckpt, device=device,
@@ -142,20 +158,17 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     overlay_dir = Path(args.overlay_dir) if getattr(args, "overlay_dir", None) else None
     if overlay_dir is not None:
         overlay_dir.mkdir(parents=True, exist_ok=True)
-    fmt = getattr(args, "format", "table") or "table"
 
     rows: list[dict[str, Any]] = []
     failed = 0
     used: set[str] = set()
-    for f in expand(list(args.files)):
+    for f in files:
         path = Path(f)
         row: dict[str, Any] = {"file": str(f)}
-        why = unusable(path)
-        if why:
+        if f in unusable_rows:  # said above
             failed += 1
-            row["error"] = f"{path.name}: {why}"
-            sys.stderr.write(f"cxr-node triage: {f}: cannot use this file: {why}\n")
-            rows.append(row)
+            if fmt == "json":
+                rows.append(unusable_rows[f])
             continue
         reason = None if any_film else _not_frontal_chest(path, settings)
         try:

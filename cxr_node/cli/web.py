@@ -40,7 +40,6 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     with open_database(settings) as db:
         app = create_app(settings, db)
         scheme = "https" if w.tls else "http"
-        log.info("web console listening on %s://%s:%d (database %s)", scheme, host, port, db.redacted_url)
         plain = web_warning(replace(settings, web=replace(w, host=host)))
         if plain:
             log.warning("%s", plain)
@@ -55,6 +54,10 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
                                 ssl_keyfile=str(w.private_key) if w.private_key else None,
                                 timeout_graceful_shutdown=10)
         server = _Server(config)
+        # said once the socket is bound (uvicorn's own "Application startup complete" comes before the
+        # bind, so a busy port used to log success and then fail)
+        server.on_listening = lambda: log.info("web console listening on %s://%s:%d (database %s)", scheme, host,
+                                               port, db.redacted_url)
         try:
             server.run()
         except SystemExit as e:  # uvicorn exits this way when it cannot bind (its error is logged above)
@@ -72,9 +75,20 @@ def _server_class():  # noqa: ANN202
 
     import uvicorn
 
+    uv_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _BeforeBindFilter) for f in uv_log.filters):
+        uv_log.addFilter(_BeforeBindFilter())
+
     class Server(uvicorn.Server):
         """uvicorn's server, but SIGTERM/SIGINT end it with exit status 0 after the graceful
         shutdown (as `serve` does), instead of re-raising the signal; a second one forces it."""
+
+        on_listening = None
+
+        async def startup(self, sockets=None) -> None:  # noqa: ANN001
+            await super().startup(sockets=sockets)
+            if self.started and self.on_listening is not None:
+                self.on_listening()
 
         @contextlib.contextmanager
         def capture_signals(self):  # noqa: ANN202
@@ -95,3 +109,11 @@ def _server_class():  # noqa: ANN202
 
 def _Server(config):  # noqa: ANN001, ANN202, N802 - builds the class lazily (uvicorn imported on use)
     return _server_class()(config)
+
+
+class _BeforeBindFilter(logging.Filter):
+    """Drops uvicorn's "Application startup complete" / "Waiting for application startup": they
+    come before the port is bound; ours ("web console listening") comes after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Application startup complete", "Waiting for application startup"))

@@ -11,6 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from sqlalchemy.exc import SQLAlchemyError
 
+from cxr_node.node import memory
 from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
@@ -146,8 +147,12 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
     sched.reconfigure = reconfigure
     if processor is not None:
         def process_studies() -> None:
+            worked = False
             while processor.process_queued(limit=current[0].model.batch_size):
+                worked = True
                 wake("drain-outbox")  # send each batch's results while the next batch is analysed
+            if worked:
+                memory.release_free_memory()  # freed pages back to the system (cxr_node.node.memory)
 
         add("process-studies", "study processing", process_studies, seconds=0.5)
     if outbox is not None:

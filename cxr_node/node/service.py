@@ -12,6 +12,7 @@ without sweeping the live node's temp files.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node import __version__
 from cxr_node.audit import trail as audit
+from cxr_node.node import memory
 from cxr_node.onboarding import stations
 from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning, exposure_warning
@@ -92,12 +94,20 @@ def serve(settings: Settings) -> int:
         reloads.append(1)
         wake.set()
 
+    censuses: list[int] = []
+
+    def on_usr1(_signum: int, _frame) -> None:  # noqa: ANN001
+        censuses.append(1)
+        wake.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # until the node is up, a reload has nothing to do but must not end the process (SIGHUP's default)
     signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGUSR1, on_usr1)  # log a memory census (cxr_node.node.memory)
 
     os.umask(0o077)  # spool, outbox, database: owner-only, whatever the caller's umask
+    memory.tune_allocator()  # before any thread starts (cxr_node.node.memory)
     n = settings.node
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # temp files per node: nodes sharing one data_dir (and database) never sweep each other's
@@ -159,6 +169,9 @@ def serve(settings: Settings) -> int:
     while not stop.is_set():
         wake.wait()
         wake.clear()
+        if censuses:
+            censuses.clear()
+            log.warning("memory census (asked for by SIGUSR1): %s", json.dumps(memory.census(), sort_keys=True))
         while reloads and not stop.is_set():
             reloads.clear()
             try:

@@ -200,6 +200,10 @@ def import_csv(db, path: str | Path, labels: Sequence[str] | None = None, dry_ru
         raise FeedbackError(f"{p}: no such file") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FeedbackError(f"{p}: cannot read it as a UTF-8 CSV file: {e}") from None
+    if len(header) == 1 and ";" in header[0]:
+        raise FeedbackError(f"{p}: the columns are separated by semicolons ({header[0]}): use commas "
+                            "(in a spreadsheet, save as \"CSV (comma delimited)\"); columns: "
+                            f"{', '.join(COLUMNS)}")
     if "label" not in header or not any(c in header for c in REQUIRED_ONE_OF):
         raise FeedbackError(f"{p}: the header must name a label column and study_uid or accession_number "
                             f"(columns: {', '.join(COLUMNS)}; got: {', '.join(header) or 'none'})")
