@@ -421,3 +421,20 @@ def test_hostile_packets_get_answers_at_once_and_one_log_line_each(node_factory)
     assert len(noisy) < 40, "one line per refused peer event, rate-limited per peer:\n" + "\n".join(noisy)
     rows = node.events("association.aborted", calling_aet="NOISE")
     assert rows and all("pynetdicom failed on the peer's data" in (r["reason"] or "") for r in rows), rows[:3]
+
+
+def test_the_allow_list_sees_other_loopback_addresses_as_other_hosts(node_factory):
+    """The tests' hostile peers come from 127.0.0.2 and .3: the node's allow-list and per-host
+    limit treat them as hosts of their own. With allowed_hosts = 127.0.0.1/32, a valid request from
+    127.0.0.2 is rejected at once (A-ASSOCIATE-RJ), its slot freed, and 127.0.0.1 still echoes."""
+    node = node_factory("allow", extra_node='allowed_hosts = ["127.0.0.1/32"]', extra=QUIET).start()
+    for _ in range(20):
+        s = _connect(node.port, HOSTS[0])
+        t0 = time.monotonic()
+        s.sendall(associate_rq(b"OUTSIDER"))
+        pdu_type, body = read_pdu(s)
+        s.close()
+        assert pdu_type == 0x03 and time.monotonic() - t0 < 3, (pdu_type, body.hex())
+    _echo_within(node.port, 5)
+    rows = node.wait_for_event("association.rejected", host=HOSTS[0])
+    assert len(rows) == 20 and all("not in allowed_hosts" in r["reason"] for r in rows)
