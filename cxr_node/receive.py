@@ -202,21 +202,26 @@ class PDULimit:
         self._following = True
 
     def replay(self, data: bytes) -> None:
-        """Bytes already read from the connection (its A-ASSOCIATE-RQ), to be read again first."""
+        """Bytes already read from the connection (its A-ASSOCIATE-RQ), to be read again first:
+        ``recv`` is shadowed on the instance until they are served, so the per-read path of
+        every later read stays as it was."""
         self._replay = bytearray(data)
+        self.recv = self._replaying_recv  # type: ignore[method-assign]
+
+    def _replaying_recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = bytes(self._replay[:bufsize])
+        del self._replay[:bufsize]
+        if not self._replay:
+            del self.recv  # back to the class's recv
+        if self._following:
+            self._follow(data)
+        return data
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self.violation:
             _refused_in_thread.active = True
             raise PDURefused(self.violation)  # the connection was cut; the reader ends it as aborted
-        if self._replay:
-            data = bytes(self._replay[:bufsize])
-            del self._replay[:bufsize]
-        else:
-            data = self._raw_recv(bufsize, flags)
-            if not data and self.violation:  # cut from another thread (PDUDeadline) while we waited
-                _refused_in_thread.active = True
-                raise PDURefused(self.violation)
+        data = self._raw_recv(bufsize, flags)
         n = len(data)
         if n <= self._left and not flags:  # inside a PDU body: the common case, one comparison
             self._left -= n
