@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from dicomgen import dataset_bytes, make_cr  # noqa: E402
+from dicomgen import dataset_bytes, make_cr
 
-from cxr_node.dataset_check import encoding_fault  # noqa: E402
-from cxr_node.ingest import read_header  # noqa: E402
+from cxr_node.dataset_check import encoding_fault
+from cxr_node.ingest import read_header
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 

@@ -25,7 +25,8 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pynetdicom.transport import AssociationSocket
 

@@ -34,6 +34,7 @@ from typing import Any, Callable
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -45,7 +46,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -141,7 +141,6 @@ def _status(code: int, comment: str) -> Dataset:
 #: class is about 20 kB).
 MAX_CONTROL_PDU = 1 << 20
 _P_DATA_TF = 0x04
-_A_ASSOCIATE_RQ = 0x01
 # A-ABORT PDU (PS3.8 9.3.8): source 2 (service provider), reason 6 (invalid PDU parameter value)
 _A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 

@@ -15,11 +15,10 @@ import urllib.parse
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis (the test extra)")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from helpers_web import Client, WebConsole, add_user, node_config  # noqa: E402
-from test_web_security import PASSWORDS, _seed  # noqa: E402
+from helpers_web import Client, WebConsole, add_user, node_config
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from test_web_security import PASSWORDS, _seed
 
 MAX_EXAMPLES = 300
 
