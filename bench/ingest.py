@@ -6,11 +6,16 @@ ratio cxr-node / storescp (goal: <= 1.25). cxr-node does strictly more work per 
 rename, database commit), storescp does none of that.
 
     .venv/bin/python bench/ingest.py [--files 100] [--size-mb 10] [--parallel 4] [--rounds 2]
+                                     [--baseline DIR]
+
+``--baseline DIR`` also runs the cxr-node code checked out in DIR (``git archive REV | tar -x -C
+DIR``), in the same rounds, so that a change's cost is read as two ratios to the same storescp.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import platform
 import shutil
@@ -26,6 +31,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+import conftest  # noqa: E402
 from conftest import Node, free_port, wait_port  # noqa: E402
 from dicomgen import make_cr  # noqa: E402
 
@@ -57,14 +63,26 @@ def run_storescp(work: Path, batches: list[list[Path]]) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run_cxr_node(work: Path, batches: list[list[Path]]) -> float:
+@contextlib.contextmanager
+def _code_from(code: Path | None):
+    """Run ``python -m cxr_node`` (the Node fixture's cwd) from ``code`` instead of this checkout."""
+    saved = conftest.REPO
+    conftest.REPO = code or saved
+    try:
+        yield
+    finally:
+        conftest.REPO = saved
+
+
+def run_cxr_node(work: Path, batches: list[list[Path]], code: Path | None = None) -> float:
     root = work / "node"
     shutil.rmtree(root, ignore_errors=True)
     # receiving alone, as in every run since the first: the model is not preloaded (it would load
     # torch on the same 2 cores during the measurement) and studies complete after the default
     # 30 s quiet period, after the files are in
     node = Node(root, log_level="WARNING", extra="[model]\npreload = false\n")
-    node.start()
+    with _code_from(code):
+        node.start()
     try:
         elapsed = send(node.port, "CXRNODE", batches)
         stored = len(list((node.data_dir / "spool").rglob("*.dcm")))
@@ -84,6 +102,8 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None, help="where to put the generated files (default: tmp)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout of cxr-node to run in the same rounds (the code before a change)")
     args = ap.parse_args()
     if not shutil.which("storescu") or not shutil.which("storescp"):
         print("needs dcmtk (apt-get install dcmtk)", file=sys.stderr)
@@ -98,17 +118,21 @@ def main() -> int:
         results = {}
         for assocs in (1, args.parallel):
             batches = [files[i::assocs] for i in range(assocs)]
-            ref, ours = [], []
+            ref, ours, base = [], [], []
             for _ in tqdm(range(args.rounds), desc=f"{assocs} association(s)", unit="round"):
                 ref.append(run_storescp(work, batches))
+                if args.baseline:
+                    base.append(run_cxr_node(work, batches, args.baseline.resolve()))
                 ours.append(run_cxr_node(work, batches))
             results[assocs] = (statistics.median(ref), statistics.median(ours), ref, ours)
+            if base:
+                results[f"{assocs} baseline"] = (statistics.median(ref), statistics.median(base), ref, base)
 
         print(f"\ningest benchmark {dt.date.today()} on {platform.node()} ({platform.machine()}, "
               f"{_cpus()} CPUs): {args.files} files, {total_mb:.0f} MB, {args.rounds} rounds (medians)")
         print(f"{'associations':>12} {'storescp s':>11} {'cxr-node s':>11} {'MB/s ours':>10} {'ratio':>6}")
         for assocs, (ref, ours, refs, ourss) in results.items():
-            print(f"{assocs:>12} {ref:>11.2f} {ours:>11.2f} {total_mb / ours:>10.0f} {ours / ref:>6.2f}"
+            print(f"{assocs!s:>12} {ref:>11.2f} {ours:>11.2f} {total_mb / ours:>10.0f} {ours / ref:>6.2f}"
                   f"   (storescp {', '.join(f'{x:.2f}' for x in refs)}; cxr-node {', '.join(f'{x:.2f}' for x in ourss)})")
         return 0
     finally:

@@ -11,6 +11,12 @@ demographics. Three things keep it that way, on the one handler installed here:
   its warnings on its own logger; those records get the same redaction.
 * :class:`SafeFormatter` escapes control characters in every message, so a peer-supplied string
   (an AE title with a newline, an escape sequence) cannot forge or hide a log line.
+
+And hostile peers cannot flood it (issue 18: 2,000 hostile packets made 2.7 MB of log, one
+traceback each, some printed raw to stderr by threads that died): :class:`PeerNoiseFilter` turns
+pynetdicom's warnings and errors into one line each, naming the peer, at most one per peer,
+message and minute, their tracebacks at DEBUG; :func:`_thread_exception` (``threading.excepthook``)
+does the same for an exception that ends a thread.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import warnings
+from collections import Counter
+from typing import Any
 
 #: Libraries whose warnings and log records may quote dataset values.
 DATASET_LIBRARIES = ("pydicom", "highdicom", "pynetdicom")
@@ -99,6 +109,110 @@ class HighdicomInfoToDebug(logging.Filter):
         return True
 
 
+class _Rate:
+    """At most one event per key and ``interval`` seconds; counts the ones held back."""
+
+    def __init__(self, interval: float = 60.0, max_keys: int = 10000) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[Any, float] = {}
+        self._held: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, key: Any) -> int | None:  # noqa: ANN401
+        """How many were held back since the last one let through, or None to hold this one."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.interval) < self.interval:
+                self._held[key] += 1
+                return None
+            if len(self._last) >= self.max_keys:  # a scan of many addresses cannot grow this
+                for k in [k for k, t in self._last.items() if now - t >= self.interval]:
+                    del self._last[k]
+                    self._held.pop(k, None)
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+
+_quiet = threading.local()
+
+
+class quiet_libraries:
+    """Within this block, in this thread, the dataset libraries' log records are dropped: for a
+    check whose failure the caller reports itself, in one line (the receiver decoding a peer's
+    A-ASSOCIATE-RQ before pynetdicom sees it)."""
+
+    def __enter__(self) -> None:
+        _quiet.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        _quiet.active = False
+
+
+def peer_of(thread: threading.Thread | None) -> str | None:
+    """``host:port`` of the DICOM peer a pynetdicom thread serves (its association thread, or the
+    DUL thread of that association), else None."""
+    assoc = getattr(thread, "assoc", thread)
+    remote = getattr(assoc, "remote", None) if type(assoc).__name__.endswith("Association") else None
+    try:
+        return f"{remote['address']}:{remote['port']}" if remote and remote.get("address") else None
+    except (TypeError, KeyError):
+        return None
+
+
+_tracebacks = logging.getLogger("cxr_node.tracebacks")
+
+
+class PeerNoiseFilter(logging.Filter):
+    """On the handler: pynetdicom's records at WARNING and above become one line naming the peer,
+    at most one per (peer, message) and minute (the line says how many were held back); their
+    tracebacks go to DEBUG (``cxr_node.tracebacks``), logged just before the line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rate = _Rate()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(DATASET_LIBRARIES):
+            return True
+        if getattr(_quiet, "active", False):
+            return False
+        if record.levelno < logging.WARNING or not record.name.startswith("pynetdicom"):
+            return True
+        peer = peer_of(threading.current_thread())
+        host = peer.rsplit(":", 1)[0] if peer else None
+        held = self._rate.take((host, record.name, str(record.msg)[:200]))
+        exc, record.exc_info, record.exc_text = record.exc_info, None, None
+        if held is None:
+            return False
+        if exc and _tracebacks.isEnabledFor(logging.DEBUG):
+            _tracebacks.debug("traceback of the next line", exc_info=exc)
+        record.msg = record.getMessage() + (f" [peer {peer}]" if peer else "") + \
+            (f" ({held} more like it in the last minute)" if held else "")
+        record.args = None
+        return True
+
+
+_thread_rate = _Rate()
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: one ERROR line per (peer or thread, exception type) and minute,
+    the traceback at DEBUG; instead of Python's traceback printed raw to stderr."""
+    if args.exc_type is SystemExit:
+        return
+    peer = peer_of(args.thread)
+    name = args.thread.name if args.thread else "?"
+    held = _thread_rate.take((peer.rsplit(":", 1)[0] if peer else name, args.exc_type))
+    if held is None:
+        return
+    log = logging.getLogger("cxr_node.threads")
+    if _tracebacks.isEnabledFor(logging.DEBUG):
+        _tracebacks.debug("traceback of the next line", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    log.error("thread %s ended by %s: %s%s%s", name, args.exc_type.__name__, args.exc_value,
+              f" [peer {peer}]" if peer else "", f" ({held} more like it in the last minute)" if held else "")
+
+
 def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     if getattr(configure, "_done", False):
@@ -107,6 +221,8 @@ def configure(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     handler.addFilter(DatasetValueFilter())
+    handler.addFilter(PeerNoiseFilter())
+    threading.excepthook = _thread_exception
     root.addHandler(handler)
     root.setLevel(level)
     warnings.showwarning = _show_warning

@@ -26,7 +26,10 @@ def parse_time(value: str, flag: str) -> dt.datetime:
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(f"{flag} {value!r}: not an ISO 8601 time (e.g. 2026-11-23 or 2026-11-23T08:00:00Z)")
-    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    try:  # 0001-01-01T00:00:00+23:59 is before the first representable UTC time
+        return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise ConfigError(f"{flag} {value!r}: outside the times that can be compared (years 1-9999 in UTC)")
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001

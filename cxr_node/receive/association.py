@@ -23,6 +23,7 @@ class AssociationInfo:
     failed: int = 0
     bytes: int = 0
     rejected: bool = False
+    ended: bool = False  # released or aborted, and audited so
     abort_reason: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

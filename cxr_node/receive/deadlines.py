@@ -25,7 +25,8 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pynetdicom.transport import AssociationSocket
 
@@ -90,10 +91,13 @@ def associate_rq_fault(pdu: bytes) -> str | None:
     A-ASSOCIATE primitive, as its DUL and ACSE would run them), or None."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
 
+    from cxr_node.logs import quiet_libraries
+
     try:
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(pdu)
-        rq.to_primitive()
+        with quiet_libraries():  # the caller reports the fault in one line; pynetdicom would add its own
+            rq = A_ASSOCIATE_RQ()
+            rq.decode(pdu)
+            rq.to_primitive()
     except Exception as e:  # noqa: BLE001 - any failure to decode peer bytes means a malformed request
         return f"malformed A-ASSOCIATE-RQ: {type(e).__name__}: {str(e)[:200]}"
     return None

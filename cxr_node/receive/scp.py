@@ -33,6 +33,7 @@ from typing import Any, Callable
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -44,7 +45,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -118,7 +118,6 @@ def _status(code: int, comment: str) -> Dataset:
 #: class is about 20 kB).
 MAX_CONTROL_PDU = 1 << 20
 _P_DATA_TF = 0x04
-_A_ASSOCIATE_RQ = 0x01
 # A-ABORT PDU (PS3.8 9.3.8): source 2 (service provider), reason 6 (invalid PDU parameter value)
 _A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 
@@ -179,21 +178,26 @@ class PDULimit:
         self._following = True
 
     def replay(self, data: bytes) -> None:
-        """Bytes already read from the connection (its A-ASSOCIATE-RQ), to be read again first."""
+        """Bytes already read from the connection (its A-ASSOCIATE-RQ), to be read again first:
+        ``recv`` is shadowed on the instance until they are served, so the per-read path of
+        every later read stays as it was."""
         self._replay = bytearray(data)
+        self.recv = self._replaying_recv  # type: ignore[method-assign]
+
+    def _replaying_recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = bytes(self._replay[:bufsize])
+        del self._replay[:bufsize]
+        if not self._replay:
+            del self.recv  # back to the class's recv
+        if self._following:
+            self._follow(data)
+        return data
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self.violation:
             _refused_in_thread.active = True
             raise PDURefused(self.violation)  # the connection was cut; the reader ends it as aborted
-        if self._replay:
-            data = bytes(self._replay[:bufsize])
-            del self._replay[:bufsize]
-        else:
-            data = self._raw_recv(bufsize, flags)
-            if not data and self.violation:  # cut from another thread (PDUDeadline) while we waited
-                _refused_in_thread.active = True
-                raise PDURefused(self.violation)
+        data = self._raw_recv(bufsize, flags)
         n = len(data)
         if n <= self._left and not flags:  # inside a PDU body: the common case, one comparison
             self._left -= n
@@ -370,6 +374,9 @@ class _JoiningRequestHandler(RequestHandler):
     def handle(self) -> None:
         super().handle()
         self.association.join()
+        on_end = getattr(self.server.guard, "on_association_end", None)
+        if on_end:
+            on_end(self.association)
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -457,6 +464,18 @@ class GuardedServer(ThreadedAssociationServer):
         self.server_close()
 
 
+def _abort_when_a_thread_dies(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook`` wrapper: when a pynetdicom thread of an association dies on a
+    peer's data (a command set without CommandField kills the DUL thread), the peer gets an
+    A-ABORT and the connection is closed at once (it waited for a reply until it gave up), and the
+    abort is audited with that reason; then the previous hook logs it (logs.py: one line)."""
+    assoc = getattr(args.thread, "assoc", args.thread)
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if isinstance(sock, PDULimit) and not sock.violation:
+        sock.cut(f"pynetdicom failed on the peer's data: {args.exc_type.__name__}: {str(args.exc_value)[:120]}")
+    _abort_when_a_thread_dies.previous(args)  # type: ignore[attr-defined]
+
+
 def _send_abort(sock: socket.socket) -> None:
     """A-ABORT (service provider, invalid PDU parameter value) for a request we refuse."""
     try:
@@ -497,6 +516,7 @@ class Receiver:
         #: Called with the association id once a peer has released an association that stored
         #: something (the scheduler's release rule for study completion); set by service.py.
         self.on_released: Callable[[str], None] | None = None
+        self._abort_lines = _PerPeerRate()  # one log line per host and minute for aborts (all audited)
         self.ae = self._build_ae()
         self.server = None
 
@@ -542,6 +562,9 @@ class Receiver:
         # Class UID of two values): their traceback went to the log, and the exception stopped the
         # handlers bound after them (note_command_set) from running
         _config.LOG_HANDLER_LEVEL = "none"
+        if threading.excepthook is not _abort_when_a_thread_dies:
+            _abort_when_a_thread_dies.previous = threading.excepthook  # type: ignore[attr-defined]
+            threading.excepthook = _abort_when_a_thread_dies
         dul_log = logging.getLogger("pynetdicom.dul")
         if _REPORTED_ABORT_FILTER not in dul_log.filters:
             dul_log.addFilter(_REPORTED_ABORT_FILTER)
@@ -549,6 +572,7 @@ class Receiver:
         if ctx is not None:
             ctx.sslsocket_class = _LimitedSSLSocket
         guard = ConnectionGuard(n, self._on_refused, self._on_tls_failure, self._on_violation)
+        guard.on_association_end = self._on_association_end
         self.server = self.ae.make_server((n.host, n.port), evt_handlers=handlers, ssl_context=ctx,
                                           server_class=GuardedServer, guard=guard)
         return self.server
@@ -643,6 +667,8 @@ class Receiver:
     def _on_rejected(self, event) -> None:  # noqa: ANN001
         """pynetdicom's own rejections (ours are audited in _on_requested): max_associations reached."""
         info = self._info(event.assoc)
+        if info:
+            info.ended = True
         if info and not info.rejected:
             reason = f"local limit exceeded: {self.settings.node.max_associations} associations active " \
                      "([node] max_associations)"
@@ -652,24 +678,39 @@ class Receiver:
             log.warning("rejected association %s from %s@%s:%d: %s", info.id, info.calling_aet, info.host,
                         info.port, reason)
 
+    def _on_association_end(self, assoc) -> None:  # noqa: ANN001
+        """The association's thread has ended: one that neither released nor aborted through
+        pynetdicom's events (its DUL thread died on the peer's data) is audited as aborted."""
+        info = self._info(assoc)
+        if info and not info.ended and not info.rejected:
+            self._record_abort(assoc)
+
     def _on_released(self, event) -> None:  # noqa: ANN001
         info = self._info(event.assoc)
         if info:
+            info.ended = True
             self._audit("association.released", detail=info.counts(), **info.fields())
             log.info("association %s released: %s", info.id, info.counts())
             if info.stored and self.on_released is not None:
                 self.on_released(info.id)
 
     def _on_aborted(self, event) -> None:  # noqa: ANN001
-        info = self._info(event.assoc)
-        if info and info.abort_reason is None and event.assoc.dul.idle_timer_expired():
+        self._record_abort(event.assoc)
+
+    def _record_abort(self, assoc) -> None:  # noqa: ANN001
+        info = self._info(assoc)
+        if info and info.abort_reason is None and assoc.dul.idle_timer_expired():
             info.abort_reason = (f"no complete PDU within {self.settings.node.network_timeout:g} s "
                                  "([node] network_timeout)")
-        if info:
+        if info and not info.ended:
+            info.ended = True
             self._audit("association.aborted", "failure", detail=info.counts(), reason=info.abort_reason,
                         **info.fields())
-            log.warning("association %s aborted%s: %s", info.id,
-                        f" ({info.abort_reason})" if info.abort_reason else "", info.counts())
+            held = self._abort_lines.take(info.host)
+            if held is not None:
+                log.warning("association %s from %s aborted%s: %s%s", info.id, info.host,
+                            f" ({info.abort_reason})" if info.abort_reason else "", info.counts(),
+                            f" ({held} more aborts from this host since the last line)" if held else "")
 
     def _on_echo(self, event) -> int:  # noqa: ANN001
         info = self._info(event.assoc)

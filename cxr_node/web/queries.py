@@ -35,6 +35,23 @@ class BadFilter(ValueError):
     """A worklist filter value that is not one of the allowed forms (the page says which)."""
 
 
+#: The most pages a listing goes to: a page number past it is refused (an SQL OFFSET past 2**63
+#: raised OverflowError, a 500).
+MAX_PAGE = 100_000
+#: The days a date filter may name: the next day must exist too (9999-12-31 overflowed).
+MIN_DATE, MAX_DATE = dt.date(1900, 1, 1), dt.date(9999, 12, 30)
+
+
+def page_number(value: str | None) -> int:
+    """A ``page`` query parameter: 1 when absent; BadFilter unless a whole number 1..MAX_PAGE."""
+    value = (value or "").strip()
+    if not value:
+        return 1
+    if not value.isascii() or not value.isdigit() or len(value) > 6 or not 1 <= int(value) <= MAX_PAGE:
+        raise BadFilter(f"page must be a whole number from 1 to {MAX_PAGE}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class WorklistFilter:
     state: str | None = None
@@ -65,11 +82,9 @@ class WorklistFilter:
                 date = dt.date.fromisoformat(day)
             except ValueError:
                 raise BadFilter("date must be YYYY-MM-DD")
-        try:
-            page = max(1, min(100_000, int(get("page") or 1)))
-        except ValueError:
-            raise BadFilter("page must be a number")
-        return cls(state, priority, station, date, pid, page)
+            if not MIN_DATE <= date <= MAX_DATE:
+                raise BadFilter(f"date must be from {MIN_DATE} to {MAX_DATE}")
+        return cls(state, priority, station, date, pid, page_number(get("page")))
 
     def params(self, **change: Any) -> dict[str, str]:
         """The filter as query parameters (for paging links and the JSON API)."""
