@@ -19,15 +19,9 @@ DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2):
 from __future__ import annotations
 
 import logging
-import socket
-import socketserver
-import ssl
-import struct
 import threading
-import time
 import uuid
 import weakref
-from collections import Counter
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
@@ -48,17 +42,17 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.dicom import status as dimse
-from cxr_node.config import NodeSettings, Settings
+from cxr_node.config import Settings
 from cxr_node.receive.dataset_check import encoding_fault
-from cxr_node.receive.dimse_guard import GuardedAssociation, bad_sop_class, note_command_set
+from cxr_node.receive.dimse_guard import bad_sop_class, note_command_set
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
 from cxr_node.dicom.uids import is_valid_uid
-from cxr_node.receive.deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
 from cxr_node.receive.association import AssociationInfo
+from cxr_node.receive.guard import (REPORTED_ABORT_FILTER, ConnectionGuard, GuardedServer, LimitedSSLSocket,
+                                     PDULimit, PerPeerRate, abort_when_a_thread_dies)
 from cxr_node.receive.ingest import STATUS_SUCCESS, Header, Ingest, read_header
 
 log = logging.getLogger(__name__)
@@ -101,399 +95,6 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
-# ---------------------------------------------------------------------------- connections
-#
-# pynetdicom counts every accepted TCP connection as an association from the moment it is
-# accepted until it ends, and a connection that never sends an A-ASSOCIATE-RQ (a port probe, a
-# peer that connects and closes, or one that says nothing) ends only after acse_timeout: a burst
-# of them uses up max_associations and every real sender is refused "local limit exceeded".
-# GuardedServer keeps a new connection in its own thread until its whole A-ASSOCIATE-RQ has
-# arrived and decodes (peer_deadlines.py), and only then hands it to pynetdicom: connections that
-# close or reset are forgotten at once, malformed requests get an A-ABORT at once, silent or
-# dribbling ones are closed after association_request_timeout (network_timeout from the first
-# byte), and a peer address may hold at most max_connections_per_host connections. It also
-# watches the PDU stream (PDULimit: length, and time per PDU with peer_deadlines.PDUDeadline).
-
-#: The largest PDU other than P-DATA-TF we read (an A-ASSOCIATE-RQ proposing every storage
-#: class is about 20 kB).
-MAX_CONTROL_PDU = 1 << 20
-_P_DATA_TF = 0x04
-# A-ABORT PDU (PS3.8 9.3.8): source 2 (service provider), reason 6 (invalid PDU parameter value)
-_A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
-
-
-class PDURefused(ConnectionAbortedError):
-    """We cut the connection (the reason is the socket's ``violation``); raised from the socket
-    read that saw it."""
-
-
-class PDUTooLarge(PDURefused):
-    """A peer sent a PDU longer than we accept; raised from the socket read that saw its header."""
-
-
-_refused_in_thread = threading.local()
-
-
-class _ReportedAbortFilter(logging.Filter):
-    """For pynetdicom's DUL logger: drops its "Connection closed before the entire PDU was
-    received" and traceback for a PDU we refused or a connection we cut (reported once, with the
-    reason, by the receiver). Both come from the reading thread right after PDULimit raised there."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(_refused_in_thread, "active", False):
-            return True
-        if record.exc_info and isinstance(record.exc_info[1], PDURefused):
-            _refused_in_thread.active = False
-            return False
-        return not record.getMessage().startswith("Connection closed before the entire PDU")
-
-
-_REPORTED_ABORT_FILTER = _ReportedAbortFilter()
-
-
-class PDULimit:
-    """Mixin for an accepted socket: follows the PDU stream (each PDU starts with type, reserved
-    and a 4-byte length) and refuses a PDU longer than we accept as soon as its header arrives,
-    before a byte of its body is read: it sends an A-ABORT, closes the connection and raises
-    PDUTooLarge into the reader (pynetdicom then ends the association as aborted).
-
-    P-DATA-TF PDUs may be ``max_pdu`` long (the Maximum Length we advertise, PS3.8 D.1; 0 = no
-    limit), every other PDU ``MAX_CONTROL_PDU``. Peeking reads (MSG_PEEK) are not followed."""
-
-    # class-level defaults: recv runs per 4 kB read (pynetdicom's chunk), so it must stay cheap
-    violation: str | None = None
-    _following = False
-    _left = 0
-    _replay = b""
-    #: monotonic time the current PDU's first byte arrived (peer_deadlines.PDUDeadline reads it)
-    pdu_started = 0.0
-
-    def limit_pdus(self, max_pdu: int, on_violation: Callable[[PDULimit], None] | None = None) -> None:
-        self.max_pdu = max_pdu
-        self.on_violation = on_violation
-        self.violation: str | None = None
-        self.association: AssociationInfo | None = None  # set once the association is requested
-        self._header = bytearray()
-        self._left = 0
-        self._following = True
-
-    def replay(self, data: bytes) -> None:
-        """Bytes already read from the connection (its A-ASSOCIATE-RQ), to be read again first:
-        ``recv`` is shadowed on the instance until they are served, so the per-read path of
-        every later read stays as it was."""
-        self._replay = bytearray(data)
-        self.recv = self._replaying_recv  # type: ignore[method-assign]
-
-    def _replaying_recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = bytes(self._replay[:bufsize])
-        del self._replay[:bufsize]
-        if not self._replay:
-            del self.recv  # back to the class's recv
-        if self._following:
-            self._follow(data)
-        return data
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self.violation:
-            _refused_in_thread.active = True
-            raise PDURefused(self.violation)  # the connection was cut; the reader ends it as aborted
-        data = self._raw_recv(bufsize, flags)
-        n = len(data)
-        if n <= self._left and not flags:  # inside a PDU body: the common case, one comparison
-            self._left -= n
-        elif n and self._following and not flags & socket.MSG_PEEK:
-            self._follow(data)
-        return data
-
-    def _follow(self, data: bytes) -> None:
-        i, n = 0, len(data)
-        while i < n:
-            if self._left:
-                step = min(self._left, n - i)
-                self._left -= step
-                i += step
-                continue
-            if not self._header:
-                self.pdu_started = time.monotonic()
-            take = min(6 - len(self._header), n - i)
-            self._header += data[i:i + take]
-            i += take
-            if len(self._header) == 6:
-                pdu_type, length = self._header[0], int.from_bytes(self._header[2:6], "big")
-                self._header.clear()
-                limit = self.max_pdu if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
-                if limit and length > limit:
-                    self._refuse(pdu_type, length, limit)
-                self._left = length
-
-    def mid_pdu(self) -> bool:
-        """Whether a PDU has begun to arrive and is not complete yet."""
-        return bool(self._left or self._header)
-
-    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
-        what = "P-DATA-TF PDU" if pdu_type == _P_DATA_TF else f"PDU of type 0x{pdu_type:02X}"
-        self.violation = (f"{what} of {length} bytes is longer than the {limit} bytes we accept"
-                          + (" ([node] max_pdu)" if pdu_type == _P_DATA_TF else ""))
-        self._abort_and_close(send_abort=True)
-        _refused_in_thread.active = True
-        raise PDUTooLarge(self.violation)
-
-    def cut(self, reason: str) -> None:
-        """End the connection from another thread (the reader is blocked in recv): A-ABORT
-        (plain TCP only: an SSL object must not write while another thread reads it), then
-        shutdown, which wakes the reader; its next read raises PDURefused."""
-        self.violation = reason
-        self._abort_and_close(send_abort=not isinstance(self, ssl.SSLSocket))
-
-    def _abort_and_close(self, send_abort: bool) -> None:
-        try:
-            if send_abort:
-                self.sendall(_A_ABORT_INVALID_PARAMETER)  # type: ignore[attr-defined]
-            socket.socket.shutdown(self, socket.SHUT_RDWR)  # type: ignore[arg-type]
-        except OSError:
-            pass  # the peer is gone already; nothing more to tell it
-        if self.on_violation:
-            self.on_violation(self)
-
-
-def _stall_timeout(sock: socket.socket, seconds: float) -> None:
-    """Cut a connection whose peer stalls for ``seconds``. A plain socket gets the kernel's
-    SO_RCVTIMEO / SO_SNDTIMEO and stays in blocking mode: Python's own ``settimeout`` polls before
-    every read, and pynetdicom reads 4 kB at a time (bench/recv.py). A read or write that times out
-    raises an OSError either way, which pynetdicom handles as a lost connection. TLS sockets keep
-    ``settimeout`` (an SSL read must not see a bare EAGAIN)."""
-    if isinstance(sock, ssl.SSLSocket) or not hasattr(socket, "SO_RCVTIMEO"):
-        sock.settimeout(seconds)
-        return
-    whole = int(seconds)
-    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-
-class _LimitedSocket(PDULimit, socket.socket):
-    _raw_recv = socket.socket.recv
-
-
-class _LimitedSSLSocket(PDULimit, ssl.SSLSocket):
-    _raw_recv = ssl.SSLSocket.recv
-
-
-class _PerPeerRate:
-    """At most one event per peer address and ``interval`` seconds; counts the ones held back."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def take(self, host: str) -> int | None:
-        """The number of events held back since the last one let through, or None to hold this one."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(host, -self.interval) < self.interval:
-                self._held[host] += 1
-                return None
-            if len(self._last) > 10000:  # forget quiet peers so a scan of many addresses cannot grow this
-                for h in [h for h, t in self._last.items() if now - t >= self.interval]:
-                    del self._last[h]
-                    self._held.pop(h, None)
-            self._last[host] = now
-            return self._held.pop(host, 0)
-
-
-class ConnectionGuard:
-    """Connection counts per peer address and of connections not yet associated, shared by the
-    accept loop and the connection threads; refusals go to ``on_refused(host, port, reason,
-    held_back)``, at most once per peer and minute."""
-
-    def __init__(self, node: NodeSettings, on_refused: Callable[[str, int, str, int], None],
-                 on_tls_failure: Callable[[str, int, str], None],
-                 on_violation: Callable[[PDULimit], None]) -> None:
-        self.per_host = node.max_connections_per_host
-        self.max_waiting = 4 * node.max_associations
-        self.request_timeout = node.association_request_timeout
-        self.network_timeout = node.network_timeout
-        self.max_pdu = node.max_pdu
-        self.on_tls_failure = on_tls_failure
-        self.on_violation = on_violation
-        self.pdu_deadline = PDUDeadline(node.network_timeout)
-        self._on_refused = on_refused
-        self._rate = _PerPeerRate()
-        self._lock = threading.Lock()
-        self._by_host: Counter[str] = Counter()
-        self._waiting = 0
-
-    def admit(self, host: str) -> str | None:
-        """Count a new connection in; the reason it is refused instead."""
-        with self._lock:
-            if self._by_host[host] >= self.per_host:
-                return f"{host} already has {self.per_host} connections open ([node] max_connections_per_host)"
-            if self._waiting >= self.max_waiting:
-                return (f"{self.max_waiting} connections are already waiting to associate "
-                        "(4 x [node] max_associations)")
-            self._by_host[host] += 1
-            self._waiting += 1
-        return None
-
-    def associating(self) -> None:
-        with self._lock:
-            self._waiting -= 1
-
-    def closed(self, host: str, waiting: bool) -> None:
-        with self._lock:
-            self._by_host[host] -= 1
-            if self._by_host[host] <= 0:
-                del self._by_host[host]
-            if waiting:
-                self._waiting -= 1
-
-    def refused(self, host: str, port: int, reason: str) -> None:
-        held = self._rate.take(host)
-        if held is None:
-            return
-        try:
-            self._on_refused(host, port, reason, held)
-        except Exception:  # the accept loop must outlive a failed report; the failure is logged
-            log.exception("could not report the refused connection from %s:%d", host, port)
-
-
-class _JoiningRequestHandler(RequestHandler):
-    """pynetdicom's handler returns once the association thread has started; this one waits
-    for it to end, so that the connection thread (and its count) lasts as long as the
-    connection."""
-
-    def _create_association(self):  # noqa: ANN202
-        self.association = super()._create_association()
-        # the A-ASSOCIATE-RQ was read already (GuardedServer); pynetdicom reads it again from memory
-        self.association.dul.socket.__class__ = ReplayingAssociationSocket
-        self.association.__class__ = GuardedAssociation  # C-STOREs with a bad SOP Class UID get a status
-        return self.association
-
-    def handle(self) -> None:
-        super().handle()
-        self.association.join()
-        on_end = getattr(self.server.guard, "on_association_end", None)
-        if on_end:
-            on_end(self.association)
-
-
-class GuardedServer(ThreadedAssociationServer):
-    """The receiver's server class (``AE.make_server(..., server_class=GuardedServer,
-    guard=...)``): per-host connection limit at accept, the A-ASSOCIATE-RQ wait in each
-    connection's own thread, PDU length limits, and with TLS the handshake in that thread too
-    (pynetdicom's own server handshakes in its accept loop, where one silent peer blocks all)."""
-
-    daemon_threads = True
-    block_on_close = False  # service.py drains associations itself, with drain_seconds
-
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
-        self.guard = guard
-        super().__init__(*args, **kwargs)
-        self.RequestHandlerClass = _JoiningRequestHandler
-
-    def get_request(self):  # noqa: ANN201
-        sock, address = self.socket.accept()
-        if self.ssl_context:
-            sock.settimeout(self.guard.request_timeout)  # for the handshake, in the connection's thread
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        else:
-            sock = _LimitedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        if isinstance(sock, PDULimit):
-            sock.limit_pdus(self.guard.max_pdu, self.guard.on_violation)
-        return sock, address
-
-    def verify_request(self, request, client_address) -> bool:  # noqa: ANN001
-        host, port = str(client_address[0]), int(client_address[1])
-        reason = self.guard.admit(host)
-        if reason:
-            self.guard.refused(host, port, reason)
-            return False
-        return True
-
-    def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
-        host, port = str(client_address[0]), int(client_address[1])
-        accepted_at = time.monotonic()
-        waiting = True
-        watched = False
-        try:
-            if isinstance(request, ssl.SSLSocket):
-                failure = _tls_handshake(request)
-                if failure:
-                    self.guard.on_tls_failure(host, port, failure)
-                    return
-            # the whole A-ASSOCIATE-RQ, here, before pynetdicom counts the connection as an
-            # association (peer_deadlines.py): closed, reset, dribbled or malformed requests end here
-            pdu, refusal = read_associate_rq(
-                request, request._raw_recv, accepted_at, self.guard.request_timeout,
-                self.guard.network_timeout, MAX_CONTROL_PDU)
-            if pdu is not None:
-                refusal = associate_rq_fault(pdu) or ""
-                if refusal:
-                    _send_abort(request)
-            if refusal:
-                self.guard.refused(host, port, refusal)
-            if pdu is None or refusal:
-                return  # refused, or closed by the peer before a whole request (a probe): not refused
-            request.replay(pdu)
-            self.guard.associating()
-            waiting = False
-            # pynetdicom leaves accepted sockets blocking without a timeout: a peer that stops in the
-            # middle of a PDU would hold its thread (and slot) for ever; and one that dribbles a PDU
-            # byte by byte is cut once the PDU has taken network_timeout
-            _stall_timeout(request, self.guard.network_timeout)
-            self.guard.pdu_deadline.watch(request)
-            watched = True
-            super().process_request_thread(request, client_address)
-        finally:
-            if watched:
-                self.guard.pdu_deadline.forget(request)
-            self.guard.closed(host, waiting)
-            self.shutdown_request(request)
-
-    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
-        """socketserver prints the traceback to stderr; log it instead (one record, escaped)."""
-        log.exception("connection from %s:%s ended with an error", client_address[0], client_address[1])
-
-    def shutdown(self) -> None:
-        """Stop accepting and close the listening socket (running associations carry on).
-        pynetdicom's version also unregisters the server from ``AE.start_server``, which did not
-        start this one."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-
-def _abort_when_a_thread_dies(args: threading.ExceptHookArgs) -> None:
-    """``threading.excepthook`` wrapper: when a pynetdicom thread of an association dies on a
-    peer's data (a command set without CommandField kills the DUL thread), the peer gets an
-    A-ABORT and the connection is closed at once (it waited for a reply until it gave up), and the
-    abort is audited with that reason; then the previous hook logs it (logs.py: one line)."""
-    assoc = getattr(args.thread, "assoc", args.thread)
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-    if isinstance(sock, PDULimit) and not sock.violation:
-        sock.cut(f"pynetdicom failed on the peer's data: {args.exc_type.__name__}: {str(args.exc_value)[:120]}")
-    _abort_when_a_thread_dies.previous(args)  # type: ignore[attr-defined]
-
-
-def _send_abort(sock: socket.socket) -> None:
-    """A-ABORT (service provider, invalid PDU parameter value) for a request we refuse."""
-    try:
-        sock.sendall(_A_ABORT_INVALID_PARAMETER)
-    except OSError:
-        pass  # the peer is gone already; nothing more to tell it
-
-
-def _tls_handshake(sock: ssl.SSLSocket) -> str | None:
-    """Do the handshake (with the timeout set at accept); the reason it failed, or None."""
-    try:
-        sock.do_handshake()
-    except (ssl.SSLError, OSError) as e:  # TimeoutError is an OSError
-        return "TLS handshake timed out" if isinstance(e, TimeoutError) else \
-            f"TLS handshake failed: {getattr(e, 'reason', None) or e}"
-    return None
-
-
 def _syntax_name(transfer_syntax: str) -> str:
     return UID(transfer_syntax).name
 
@@ -516,7 +117,7 @@ class Receiver:
         #: Called with the association id once a peer has released an association that stored
         #: something (the scheduler's release rule for study completion); set by service.py.
         self.on_released: Callable[[str], None] | None = None
-        self._abort_lines = _PerPeerRate()  # one log line per host and minute for aborts (all audited)
+        self._abort_lines = PerPeerRate()  # one log line per host and minute for aborts (all audited)
         self.ae = self._build_ae()
         self.server = None
 
@@ -562,15 +163,15 @@ class Receiver:
         # Class UID of two values): their traceback went to the log, and the exception stopped the
         # handlers bound after them (note_command_set) from running
         _config.LOG_HANDLER_LEVEL = "none"
-        if threading.excepthook is not _abort_when_a_thread_dies:
-            _abort_when_a_thread_dies.previous = threading.excepthook  # type: ignore[attr-defined]
-            threading.excepthook = _abort_when_a_thread_dies
+        if threading.excepthook is not abort_when_a_thread_dies:
+            abort_when_a_thread_dies.previous = threading.excepthook  # type: ignore[attr-defined]
+            threading.excepthook = abort_when_a_thread_dies
         dul_log = logging.getLogger("pynetdicom.dul")
-        if _REPORTED_ABORT_FILTER not in dul_log.filters:
-            dul_log.addFilter(_REPORTED_ABORT_FILTER)
+        if REPORTED_ABORT_FILTER not in dul_log.filters:
+            dul_log.addFilter(REPORTED_ABORT_FILTER)
         ctx = server_context(self.settings.tls)
         if ctx is not None:
-            ctx.sslsocket_class = _LimitedSSLSocket
+            ctx.sslsocket_class = LimitedSSLSocket
         guard = ConnectionGuard(n, self._on_refused, self._on_tls_failure, self._on_violation)
         guard.on_association_end = self._on_association_end
         self.server = self.ae.make_server((n.host, n.port), evt_handlers=handlers, ssl_context=ctx,

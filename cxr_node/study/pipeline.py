@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -33,56 +32,20 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 
-from cxr_node.audit import trail as audit
 from cxr_node.eligibility import rules as eligibility
 from cxr_node.onboarding import stations
 from cxr_node.study import states as studies
 from cxr_node.config import Settings
-from cxr_node.db.models import ImageResult, Instance, Study, utcnow
+from cxr_node.db.models import Instance, Study
 from cxr_node.db.session import Database
 from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.errors import CheckpointError, PreprocessError
 from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
+from cxr_node.study import results
+from cxr_node.study.work import Film, StudyWork, as_int, element
 
 log = logging.getLogger(__name__)
-
-PRIORITY_ORDER = ("urgent", "review", "routine")
-
-
-@dataclass
-class Film:
-    instance: Instance
-    ds: Dataset
-    x: object = None        # preprocessed tensor
-    display: object = None  # film for the overlay (downscaled, as the lung fields were found on it)
-    full: object = None     # the same film at the source's resolution, for the Secondary Capture
-    lungs: object = None    # cxr_node.model.lungs.LungFields
-    box: object = None      # lung crop applied to the model input, or None
-    prediction: object = None  # cxr_node.model.infer.Prediction, then cxr_node.model.policy.Finding
-    refused: Refusal | None = None  # why this film was not analysed (code + text)
-    stats: dict | None = None   # image size and intensity, for drift
-    features: object = None     # pooled penultimate features (site heads: cxr_node.onboarding.site_adaptation)
-
-
-@dataclass
-class StudyWork:
-    study_uid: str
-    version: int
-    films: list[Film] = field(default_factory=list)                       # candidates for triage
-    skipped: list[tuple[Instance, Refusal]] = field(default_factory=list)  # never candidates
-    station: object = None      # cxr_node.onboarding.stations.StationRef
-    calibration: object = None  # the station's SiteCalibration for these weights, or None
-    model: object = None        # the ModelIdentity its results carry (thresholds, calibration)
-
-    @property
-    def analysed(self) -> list[Film]:
-        return [f for f in self.films if f.refused is None]
-
-    @property
-    def refused(self) -> list[Film]:
-        return [f for f in self.films if f.refused is not None]
-
 
 class Processor:
     def __init__(self, settings: Settings, db: Database, outbox: Outbox, node_id: str = "local",
@@ -243,10 +206,10 @@ class Processor:
                     f"cannot read the spooled file: {type(e).__name__}: {e}")))
                 continue
             if work.station is None:
-                work.station = stations.resolve(self.settings, inst.calling_aet, _get(ds, "StationName"),
-                                                _get(ds, "InstitutionName"))
+                work.station = stations.resolve(self.settings, inst.calling_aet, element(ds, "StationName"),
+                                                element(ds, "InstitutionName"))
             work.films.append(Film(inst, ds, refused=eligibility.header_reason(ds, **rules),
-                                   stats={"rows": _int(_get(ds, "Rows")), "cols": _int(_get(ds, "Columns"))}))
+                                   stats={"rows": as_int(element(ds, "Rows")), "cols": as_int(element(ds, "Columns"))}))
         if work.station is None:
             aet = instances[0].calling_aet if instances else None
             work.station = stations.resolve(self.settings, aet)
@@ -408,75 +371,8 @@ class Processor:
 
     def record(self, w: StudyWork, written: list, sr: Dataset | None) -> None:
         """Outbox rows, image results, audit rows and the state change, in one transaction."""
-        model = w.model or self._identity
-        ref = w.station or stations.resolve(self.settings, None)
-        shadow = ref.mode == stations.SHADOW
-        temperature = model.temperature if model.temperature is not None else self._predictor.temperature
-        analysed = w.analysed
-        priority = min((f.prediction.priority for f in analysed), key=_rank, default=None)
-        not_analysed = list(w.skipped) + [(f.instance, f.refused) for f in w.refused]
-        now = utcnow()
-        stats = {f.instance.sop_instance_uid: f.stats for f in w.films}
-        with self.db.transaction() as s:
-            stations.note(s, ref)
-            for inst, reason in not_analysed:
-                film = next((f for f in w.refused if f.instance is inst), None)
-                s.add(ImageResult(study_uid=w.study_uid, study_version=w.version, sop_instance_uid=inst.sop_instance_uid,
-                                  analysed=False, reason=reason.text, refusal_code=reason.code.value,
-                                  created_at=now, station=ref.name,
-                                  image_stats=stats.get(inst.sop_instance_uid),
-                                  ood_score=getattr(film.prediction, "ood_score", None) if film else None))
-                audit.record(s, "image.skipped", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
-                             sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason.text,
-                             detail={"version": w.version, "refusal_code": reason.code.value})
-            sc_uids = iter(d.sop_instance_uid for d in written if d.kind == "sc")
-            for film in analysed:
-                p, sc_uid = film.prediction, next(sc_uids)
-                probs = dict(zip(p.labels, map(float, p.probabilities)))
-                s.add(ImageResult(study_uid=w.study_uid, study_version=w.version,
-                                  sop_instance_uid=film.instance.sop_instance_uid, analysed=True,
-                                  model_version=model.version, top_label=p.top_label, urgent=p.urgent,
-                                  priority=p.priority, probabilities=probs, sc_sop_instance_uid=sc_uid,
-                                  created_at=now, station=ref.name, calibration=model.calibration,
-                                  temperature=temperature, ood_score=p.ood_score, image_stats=film.stats))
-                audit.record(s, "image.triaged", study_uid=w.study_uid, sop_instance_uid=film.instance.sop_instance_uid,
-                             sop_class_uid=film.instance.sop_class_uid, patient_id=film.instance.patient_id,
-                             reason="; ".join(p.reasons) or None,
-                             detail={"version": w.version, "model_version": model.version, "device_uid": model.device_uid,
-                                     "top_label": p.top_label, "urgent": p.urgent, "priority": p.priority,
-                                     "probabilities": probs, "sc_uid": sc_uid, "ood_score": p.ood_score,
-                                     "station": ref.name, "calibration": model.calibration,
-                                     "temperature": temperature})
-            queued = 0 if shadow else self.outbox.enqueue(s, written, w.study_uid, w.version)
-            st = s.get(Study, w.study_uid, with_for_update=True)
-            detail = {"analysed": len(analysed), "refused": len(w.refused), "skipped": len(not_analysed),
-                      "priority": priority, "objects": len(written), "queued": queued,
-                      "model_version": model.version, "sr_uid": sr.SOPInstanceUID if sr else None,
-                      "station": ref.name, "mode": ref.mode, "calibration": model.calibration}
-            if shadow and written:
-                audit.record(s, "study.shadow", study_uid=w.study_uid, patient_id=st.patient_id,
-                             calling_aet=ref.ae_title,
-                             reason=f"station {ref.name} is in shadow mode: {len(written)} result object(s) kept, "
-                                    "none sent (`cxr-node resend` delivers them)",
-                             detail={"version": w.version, "station": ref.name, "objects": len(written)})
-            if sr is not None:
-                st.last_sr_uid = sr.SOPInstanceUID
-            accession = next((str(_get(f.ds, "AccessionNumber") or "").strip() for f in w.films
-                              if str(_get(f.ds, "AccessionNumber") or "").strip()), None)
-            if accession:
-                st.accession_number = accession[:16]
-            reason = None if analysed else ("no frontal chest film to analyse" if not w.films
-                                            else "no film was analysed: " + "; ".join(f.refused.text for f in w.refused))
-            if w.films and sr is None:
-                reason += "; no SR sent: no chest film by its header ([eligibility] report_non_chest)"
-            if studies.finish(s, st, w.version, reason=reason, **detail):
-                st.priority, st.processed_version, st.last_error = priority, w.version, None
-            else:
-                audit.record(s, "study.processed", study_uid=w.study_uid, patient_id=st.patient_id,
-                             reason=reason, detail={"version": w.version, **detail})
-        log.info("study %s v%d: %d analysed, %d refused, %d skipped, priority %s, %d object(s) queued%s", w.study_uid,
-                 w.version, len(analysed), len(w.refused), len(w.skipped), priority, queued,
-                 f" (station {ref.name} in shadow mode: kept, not sent)" if shadow else "")
+        results.record(self.settings, self.db, self.outbox, w, written, sr, w.model or self._identity,
+                       self._predictor.temperature)
 
     def _predecessor(self, w: StudyWork) -> Dataset | None:
         """The SR this version revises: read from the outbox copy when it is still there."""
@@ -493,24 +389,3 @@ class Processor:
         ref.SeriesInstanceUID = self._identity.sr_series_uid(w.study_uid)
         ref.SOPClassUID = Comprehensive3DSRStorage
         return ref
-
-
-def _int(v) -> int | None:  # noqa: ANN001
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _get(ds: Dataset, keyword: str):  # noqa: ANN202
-    """``ds.get(keyword)``, or None when pydicom cannot read the value (a malformed element is the
-    eligibility rules' business, not a reason to stop the study)."""
-    try:
-        return ds.get(keyword)
-    except Exception:  # pydicom converts lazily and raises many types for malformed values
-        log.debug("element %s of a spooled film cannot be read", keyword, exc_info=True)
-        return None
-
-
-def _rank(priority: str) -> int:
-    return PRIORITY_ORDER.index(priority) if priority in PRIORITY_ORDER else len(PRIORITY_ORDER)

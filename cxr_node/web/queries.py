@@ -17,11 +17,11 @@ from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import Session
 
 from cxr_node.audit import trail as audit
-from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, OutboxItem, Study
 from cxr_node.dicom.uids import is_valid_uid
 from cxr_node.outbox.files import result_path
+from cxr_node.study import states as studies
 
 PRIORITIES = ("urgent", "review", "routine")
 PAGE_SIZE = 50
@@ -401,8 +401,8 @@ def outbox(s: Session, state: str | None, page: int, page_size: int = 100) -> di
 def study_feedback(s: Session, study_uid: str) -> dict[str, Any]:
     """The readers' labels of a study: those in force (study and films), the history, and the
     labels a reader may choose (the model's, plus Normal and Other)."""
-    from cxr_node.onboarding import feedback
     from cxr_node.db.models import Feedback
+    from cxr_node.onboarding import feedback
 
     rows = feedback.history(s, study_uid)
     choices = list(dict.fromkeys(feedback.model_labels(s, study_uid) + [feedback.NORMAL, feedback.OTHER]))
@@ -423,8 +423,8 @@ def station_names(s: Session) -> set[str]:
 
 def stations_overview(s: Session, critical: list[str], n_boot: int = 200) -> list[dict[str, Any]]:
     """Every station this node has seen: mode, drift, site calibrations, and local performance."""
-    from cxr_node.onboarding import performance
     from cxr_node.db.models import SiteCalibration, StationRow
+    from cxr_node.onboarding import performance
 
     out = []
     for row in s.scalars(select(StationRow).order_by(StationRow.name)):

@@ -7,7 +7,7 @@ working directory. Every rule failure names the key and the rule, e.g.::
     config/cxr-node.toml: [node] port: must be an integer from 1 to 65535 (got 70000)
 
 ``config/cxr-node.toml`` documents every key with its default; keep it in step with
-``_SCHEMA`` below (a test checks that they agree).
+``SCHEMA`` below (a test checks that they agree).
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cxr_node.config.schema import (DEFAULT_DATA_DIR, DESTINATION_KEYS, DESTINATION_OPTIONAL, SCHEMA,
+                                    STATION_KEYS, STATION_OPTIONAL, Rule)
+from cxr_node.config.schema import schema_defaults as schema_defaults  # part of this module's API
 from cxr_node.errors import ConfigError
 
 ENV_VAR = "CXR_NODE_CONFIG"
-DEFAULT_DATA_DIR = "/var/lib/cxr-node"
 #: The model bundled with the package (issue 3); an empty ``[model] checkpoint`` means this.
-BUNDLED_DIR = Path(__file__).resolve().parent / "models"  # the weights shipped in the package
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"  # the weights shipped in the package
 BUNDLED_CHECKPOINT = BUNDLED_DIR / "cxr-densenet121.pt"
 BUNDLED_LUNG_CHECKPOINT = BUNDLED_DIR / "lung-unet.pt"
 
 
-# The settings classes have no defaults of their own: every default is in _SCHEMA (the documented
+# The settings classes have no defaults of their own: every default is in SCHEMA (the documented
 # TOML value) and reaches them through parse(), so there is one place to read or change them.
 
 
@@ -265,163 +267,6 @@ def web_warning(settings: Settings) -> str | None:
             "127.0.0.1 behind a TLS reverse proxy")
 
 
-# --------------------------------------------------------------------------- validators
-
-
-class _Rule(Exception):
-    """A rule broken by one value; turned into a ConfigError naming the key."""
-
-
-def _int(lo: int, hi: int) -> Callable[[Any], int]:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise _Rule(f"must be an integer from {lo} to {hi} (got {v!r})")
-        return v
-
-    return check
-
-
-def _number(lo: float, hi: float) -> Callable[[Any], float]:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise _Rule(f"must be a number from {lo:g} to {hi:g} (got {v!r})")
-        return float(v)
-
-    return check
-
-
-def _ae_title(v: Any) -> str:
-    # PS3.5 AE VR: 1-16 characters of the default repertoire, no backslash or control chars;
-    # leading/trailing spaces are not significant.
-    if not isinstance(v, str):
-        raise _Rule(f"must be a string (got {v!r})")
-    s = v.strip()
-    if not 1 <= len(s) <= 16:
-        raise _Rule(f"must be 1 to 16 characters, not counting spaces (got {v!r})")
-    if any(c == "\\" or ord(c) < 32 or ord(c) > 126 for c in s):
-        raise _Rule(f"must be printable ASCII without backslash (got {v!r})")
-    return s
-
-
-def _ae_list(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list):
-        raise _Rule(f"must be a list of AE titles (got {v!r})")
-    return tuple(_ae_title(x) for x in v)
-
-
-def _cidr_list(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    if not isinstance(v, list):
-        raise _Rule(f"must be a list of CIDR networks like \"10.1.0.0/16\" (got {v!r})")
-    out = []
-    for x in v:
-        try:
-            out.append(ipaddress.ip_network(str(x), strict=False))
-        except ValueError:
-            raise _Rule(f"must be a list of CIDR networks like \"10.1.0.0/16\" ({x!r} is not one)")
-    return tuple(out)
-
-
-def _host(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise _Rule(f"must be a non-empty host name or IP address (got {v!r})")
-    return v.strip()
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise _Rule(f"must be a string (got {v!r})")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Rule(f"must be true or false (got {v!r})")
-    return v
-
-
-def _word_list(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
-        raise _Rule(f"must be a list of non-empty strings (got {v!r})")
-    return tuple(x.strip().upper() for x in v)
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def check(v: Any) -> str:
-        if not isinstance(v, str) or v.upper() not in {o.upper() for o in options}:
-            raise _Rule(f"must be one of {', '.join(options)} (got {v!r})")
-        return v.lower() if options[0].islower() else v.upper()
-
-    return check
-
-
-# section -> key -> (validator, default). Defaults are the raw TOML values.
-_SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
-    "node": {
-        "ae_title": (_ae_title, "CXRNODE"),
-        "host": (_host, "0.0.0.0"),
-        "port": (_int(1, 65535), 11112),
-        "allowed_calling_aets": (_ae_list, []),
-        "allowed_hosts": (_cidr_list, []),
-        "max_pdu": (_int(0, 2**32 - 1), 131072),
-        "max_associations": (_int(1, 1000), 16),
-        "max_connections_per_host": (_int(1, 1000), 8),
-        "association_request_timeout": (_number(0.5, 3600), 10),
-        "network_timeout": (_number(1, 3600), 60),
-        "acse_timeout": (_number(1, 3600), 30),
-        "dimse_timeout": (_number(1, 3600), 60),
-        "drain_seconds": (_number(0, 3600), 30),
-    },
-    "storage": {"data_dir": (_str, DEFAULT_DATA_DIR)},
-    "database": {"url": (_str, "")},
-    "study": {"quiet_seconds": (_number(0.1, 86400), 30), "max_attempts": (_int(1, 100), 3),
-              "retry_seconds": (_number(0, 86400), 60), "complete_on_release": (_bool, True),
-              "release_grace_seconds": (_number(0, 3600), 2)},
-    "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
-              "batch_size": (_int(1, 256), 8), "preload": (_bool, True),
-              "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},
-    "eligibility": {
-        "body_parts": (_word_list, ["CHEST", "THORAX", "LUNG", "CHEST_PA", "CHEST_AP", "THORAX_PA", "THORAX_AP",
-                                    "TORAX", "THX", "BRUST", "BRUSTKORB", "POITRINE", "TORACE", "PECHO"]),
-        "views": (_word_list, ["PA", "AP", "AP SUPINE", "AP_SUPINE", "APS", "PA_ERECT", "AP_ERECT"]),
-        "check_pixels": (_bool, True),
-        "report_non_chest": (_bool, False),
-    },
-    "outbox": {
-        "poll_seconds": (_number(0.1, 3600), 2),
-        "retry_base_seconds": (_number(0.1, 86400), 10),
-        "retry_max_seconds": (_number(1, 86400), 900),
-        "max_attempts": (_int(1, 1000), 15),
-        "sc_max_rows": (_int(512, 8192), 2048),
-    },
-    "retention": {"days": (_number(0, 36500), 0)},
-    "tls": {"certificate": (_str, ""), "private_key": (_str, ""), "ca_certificates": (_str, ""),
-            "require_client_certificate": (_bool, True)},
-    "metrics": {"port": (_int(0, 65535), 0)},
-    "logging": {"level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")},
-    "web": {"host": (_host, "127.0.0.1"), "port": (_int(1, 65535), 8080), "certificate": (_str, ""),
-            "private_key": (_str, ""), "idle_minutes": (_number(1, 1440), 30),
-            "session_hours": (_number(0.1, 168), 12), "trusted_proxies": (_cidr_list, [])},
-    "onboarding": {
-        "new_stations": (_choice("active", "shadow"), "active"),
-        "min_per_class": (_int(1, 100000), 50),
-        "target_sensitivity": (_number(0.5, 1.0), 0.95),
-        "drift_window": (_int(5, 1000000), 200),
-        "drift_min_films": (_int(5, 1000000), 50),
-        "drift_threshold": (_number(0.01, 10), 0.25),
-    },
-}
-_DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535), "tls": _bool}
-_DESTINATION_OPTIONAL = {"tls": False}
-_STATION_KEYS = {"name": _str, "ae_title": _ae_title, "mode": _choice("active", "shadow"), "station_name": _str,
-                 "institution_name": _str}
-_STATION_OPTIONAL = {"station_name": "", "institution_name": ""}
-
-
-def schema_defaults() -> dict[str, dict[str, Any]]:
-    """The documented default of every key, as raw TOML values."""
-    return {sec: {k: d for k, (_, d) in keys.items()} for sec, keys in _SCHEMA.items()}
-
-
 def config_path_from(arg: str | os.PathLike[str] | None) -> Path | None:
     """The file named by ``--config``, else by ``CXR_NODE_CONFIG``, else None (defaults)."""
     if arg:
@@ -452,13 +297,13 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
     def fail(key: str, rule: str) -> ConfigError:
         return ConfigError(f"{where}{key}: {rule}")
 
-    unknown = set(raw) - set(_SCHEMA) - {"destinations", "stations"}
+    unknown = set(raw) - set(SCHEMA) - {"destinations", "stations"}
     if unknown:
         raise fail(f"[{sorted(unknown)[0]}]",
-                   f"unknown section (known: {', '.join(sorted(_SCHEMA))}, destinations, stations)")
+                   f"unknown section (known: {', '.join(sorted(SCHEMA))}, destinations, stations)")
 
     values: dict[str, dict[str, Any]] = {}
-    for sec, keys in _SCHEMA.items():
+    for sec, keys in SCHEMA.items():
         table = raw.get(sec, {})
         if not isinstance(table, dict):
             raise fail(f"[{sec}]", "must be a table")
@@ -469,11 +314,11 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         for key, (check, default) in keys.items():
             try:
                 values[sec][key] = check(table.get(key, default))
-            except _Rule as r:
+            except Rule as r:
                 raise fail(f"[{sec}] {key}", str(r))
 
     dests: list[Destination] = []
-    for label, kw in _tables(raw.get("destinations", []), "destinations", _DESTINATION_KEYS, _DESTINATION_OPTIONAL,
+    for label, kw in _tables(raw.get("destinations", []), "destinations", DESTINATION_KEYS, DESTINATION_OPTIONAL,
                              fail):
         if not kw["name"].strip():
             raise fail(f"{label} name", "must not be empty")
@@ -554,7 +399,7 @@ def _tables(raw: Any, name: str, keys: dict[str, Callable[[Any], Any]], optional
                 raise fail(f"{label} {key}", "is required")
             try:
                 kw[key] = check(d[key])
-            except _Rule as r:
+            except Rule as r:
                 raise fail(f"{label} {key}", str(r))
         out.append((label, kw))
     return out
@@ -562,7 +407,7 @@ def _tables(raw: Any, name: str, keys: dict[str, Callable[[Any], Any]], optional
 
 def _parse_stations(raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[Station, ...]:
     out: list[Station] = []
-    for label, kw in _tables(raw, "stations", _STATION_KEYS, _STATION_OPTIONAL, fail):
+    for label, kw in _tables(raw, "stations", STATION_KEYS, STATION_OPTIONAL, fail):
         kw["name"] = kw["name"].strip()
         if not kw["name"] or len(kw["name"]) > 64:
             raise fail(f"{label} name", "must be 1 to 64 characters")

@@ -1,0 +1,64 @@
+"""What the pipeline carries for each claimed study and film between its stages."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from cxr_node.db.models import Instance
+from cxr_node.eligibility.refusal import Refusal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Film:
+    instance: Instance
+    ds: Dataset
+    x: object = None        # preprocessed tensor
+    display: object = None  # film for the overlay (downscaled, as the lung fields were found on it)
+    full: object = None     # the same film at the source's resolution, for the Secondary Capture
+    lungs: object = None    # cxr_node.model.lungs.LungFields
+    box: object = None      # lung crop applied to the model input, or None
+    prediction: object = None  # cxr_node.model.infer.Prediction, then cxr_node.model.policy.Finding
+    refused: Refusal | None = None  # why this film was not analysed (code + text)
+    stats: dict | None = None   # image size and intensity, for drift
+    features: object = None     # pooled penultimate features (site heads: cxr_node.onboarding.site_adaptation)
+
+
+@dataclass
+class StudyWork:
+    study_uid: str
+    version: int
+    films: list[Film] = field(default_factory=list)                       # candidates for triage
+    skipped: list[tuple[Instance, Refusal]] = field(default_factory=list)  # never candidates
+    station: object = None      # cxr_node.onboarding.stations.StationRef
+    calibration: object = None  # the station's SiteCalibration for these weights, or None
+    model: object = None        # the ModelIdentity its results carry (thresholds, calibration)
+
+    @property
+    def analysed(self) -> list[Film]:
+        return [f for f in self.films if f.refused is None]
+
+    @property
+    def refused(self) -> list[Film]:
+        return [f for f in self.films if f.refused is not None]
+
+
+def as_int(v) -> int | None:  # noqa: ANN001
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def element(ds: Dataset, keyword: str):  # noqa: ANN202
+    """``ds.get(keyword)``, or None when pydicom cannot read the value (a malformed element is the
+    eligibility rules' business, not a reason to stop the study)."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # pydicom converts lazily and raises many types for malformed values
+        log.debug("element %s of a spooled film cannot be read", keyword, exc_info=True)
+        return None
