@@ -9,7 +9,10 @@ from typing import TextIO
 def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001 - argparse's subparsers action
     p = sub.add_parser("serve", parents=[common], help="run the DICOM receiver and the study scheduler in the foreground",
                        description="Run the Storage SCP and the study scheduler until SIGTERM/SIGINT. "
-                       "On SIGTERM it stops accepting associations, finishes in-flight stores and exits 0.")
+                       "On SIGTERM it stops accepting associations, finishes in-flight stores and exits 0. "
+                       "SIGHUP (systemctl reload cxr-node) reads the config file again: destinations, stations, "
+                       "allow-lists, eligibility, logging level; what needs a restart is named in the log. "
+                       "SIGUSR1 logs a memory census.")
     p.set_defaults(run=run)
 
 
