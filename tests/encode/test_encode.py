@@ -219,7 +219,7 @@ def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
     assert refused_group["source_sop_uids"] == [refused.SOPInstanceUID]
 
     # every private code used is listed in the README
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     private = {c.CodeValue for _, it in items for key in ("ConceptNameCodeSequence", "ConceptCodeSequence")
                for c in it.get(key, []) if c.CodingSchemeDesignator == PRIVATE_SCHEME}
     assert private and all(f"`{v}`" in readme for v in private), private

@@ -10,7 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_node.errors import PreprocessError
 from cxr_node.model import preprocess as P
-from cxr_node.model.checkpoint import radiograph as R
+from cxr_node.model import radiograph as R
 from training import transforms as T
 
 

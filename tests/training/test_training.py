@@ -14,7 +14,7 @@ import pytest
 
 from helpers_model import LABELS, make_manifest, make_tree
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 TRAIN_ARGS = ["--input-size", "64", "--batch-size", "8", "--threads", "2", "--lr", "3e-3"]
 

@@ -155,7 +155,7 @@ def test_bundled_model_is_the_default_and_the_one_its_card_and_results_describe(
     meta = ck["meta"]
     card = (BUNDLED_CHECKPOINT.parent / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert meta["version"] in card.splitlines()[0]
-    results = Path(__file__).resolve().parents[1] / "training" / "results" / "densenet121-128-v2"
+    results = Path(__file__).resolve().parents[2] / "training" / "results" / "densenet121-128-v2"
     test = json.loads((results / "test" / "metrics.json").read_text())
     cal = json.loads((results / "calibration.json").read_text())
     assert test["weights_sha256"] == ck["sha256"] and test["split"] == "test"

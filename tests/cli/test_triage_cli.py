@@ -14,7 +14,7 @@ import pytest
 
 from helpers_model import LABELS, bundled_or_tiny, make_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").is_file() else sys.executable
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from helpers_model import make_sources, make_tb_sources, make_tree
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--input-size", "32", "--batch-size", "8", "--threads", "1"]
