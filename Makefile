@@ -1,7 +1,8 @@
 # cxr-node: the two commands the README opens with.
 #   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
 #   make reload  the running node reads its config file again (SIGHUP)
-#   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), then run pytest
+#   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), lint, then pytest
+#   make lint  ruff alone
 # Variables: CONFIG=FILE  the config `make run` uses (default config/cxr-node.toml)
 #            WORKERS=N    pytest-xdist workers for `make test` (default 2; 0 runs the suite in one process)
 #            PYTHON=EXE   the interpreter that creates .venv (default python3)
@@ -51,7 +52,11 @@ reload: venv
 # process): most tests wait on subprocesses, so two workers halve the wall time on two cores.
 # One torch thread per process unless OMP_NUM_THREADS says otherwise (two workers, each with
 # daemons, would otherwise run four busy threads on two cores).
-test: venv debs
+# ruff first (rules and why: pyproject.toml), so CI fails on lint before the slow tests run.
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv debs lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 bench: venv debs

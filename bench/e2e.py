@@ -35,8 +35,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import Node, Orthanc, free_port  # noqa: E402
-from dicomgen import uid  # noqa: E402
+from conftest import Node, Orthanc, free_port
+from dicomgen import uid
 
 
 def film_copy(src: Path, dst: Path) -> Path:

@@ -31,9 +31,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import conftest  # noqa: E402
-from conftest import Node, free_port, wait_port  # noqa: E402
-from dicomgen import make_cr  # noqa: E402
+import conftest
+from conftest import Node, free_port, wait_port
+from dicomgen import make_cr
 
 
 def send(port: int, aec: str, batches: list[list[Path]]) -> float:

@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import Node, Orthanc, free_port  # noqa: E402
-from dicomgen import uid  # noqa: E402
+from conftest import Node, Orthanc, free_port
+from dicomgen import uid
 
 
 def status_kib(pid: int) -> dict[str, int]:
@@ -61,7 +61,6 @@ def census(node: Node, n: int) -> dict:
 
 def one_run(label: str, env: dict[str, str], args, src: Path, work: Path) -> list[dict]:
     import numpy as np
-
     from dicomgen import make_cr
 
     work.mkdir(parents=True, exist_ok=True)

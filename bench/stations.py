@@ -37,10 +37,10 @@ def main() -> int:
 
     from sqlalchemy import func, select
 
-    from cxr_node.onboarding import performance
     from cxr_node.db.migrate import upgrade
     from cxr_node.db.models import Feedback, ImageResult, utcnow
     from cxr_node.db.session import Database
+    from cxr_node.onboarding import performance
 
     url = f"sqlite:///{tempfile.mkdtemp(prefix='cxr-bench-stations-')}/cxr-node.db"
     upgrade(url)
@@ -56,10 +56,10 @@ def main() -> int:
                 s.add(Feedback(study_uid=study, label="Normal", reader="bench", source="bench", labelled_at=now,
                                recorded_at=now))
 
-    def labelled(s) -> int:  # noqa: ANN001
+    def labelled(s) -> int:
         return len(performance.labelled_films(s, station="CR-ROOM-1"))
 
-    def reference(s) -> int:  # noqa: ANN001
+    def reference(s) -> int:
         newest = (select(func.max(ImageResult.id)).where(ImageResult.analysed.is_(True),
                                                          ImageResult.station == "CR-ROOM-1")
                   .group_by(ImageResult.sop_instance_uid))

@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import cli  # noqa: E402
-from helpers_web import Client, WebConsole, add_user  # noqa: E402
+from conftest import cli
+from helpers_web import Client, WebConsole, add_user
 
 STATIONS = [f"CR-ROOM-{i}" for i in range(1, 9)] + [f"DX-WARD-{i}" for i in range(1, 5)]
 

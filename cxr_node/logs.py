@@ -85,7 +85,7 @@ def _library_of(filename: str) -> str | None:
     return next((lib for lib in DATASET_LIBRARIES if lib in parts), None)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Replacement for :func:`warnings.showwarning`: one log record on ``py.warnings``."""
     name = getattr(category, "__name__", "Warning")
     where = f"{os.path.basename(filename)}:{lineno}"
@@ -119,7 +119,7 @@ class _Rate:
         self._held: Counter = Counter()
         self._lock = threading.Lock()
 
-    def take(self, key: Any) -> int | None:  # noqa: ANN401
+    def take(self, key: Any) -> int | None:
         """How many were held back since the last one let through, or None to hold this one."""
         now = time.monotonic()
         with self._lock:

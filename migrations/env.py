@@ -4,8 +4,8 @@ ALTERs (and real downgrades) work."""
 
 from alembic import context
 
-from cxr_node.db.models import Base
 from cxr_node.db.engine import make_engine
+from cxr_node.db.models import Base
 
 config = context.config
 url = config.attributes.get("url")

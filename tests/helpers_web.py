@@ -81,7 +81,7 @@ class Reply:
         return self.headers.get("location")
 
 
-def _headers(msg) -> dict[str, str]:  # noqa: ANN001 - an email.message.Message
+def _headers(msg) -> dict[str, str]:
     """Lower-case names; several Set-Cookie headers joined by newlines."""
     out = {k.lower(): v for k, v in msg.items()}
     if msg.get_all("Set-Cookie"):
@@ -90,7 +90,7 @@ def _headers(msg) -> dict[str, str]:  # noqa: ANN001 - an email.message.Message
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *a, **kw):  # noqa: ANN002, ANN003
+    def redirect_request(self, *a, **kw):
         return None
 
 
@@ -99,7 +99,7 @@ class _Inputs(html.parser.HTMLParser):
         super().__init__()
         self.values: dict[str, str] = {}
 
-    def handle_starttag(self, tag, attrs) -> None:  # noqa: ANN001
+    def handle_starttag(self, tag, attrs) -> None:
         a = dict(attrs)
         if tag == "input" and a.get("name") and "value" in a:
             self.values.setdefault(a["name"], a["value"] or "")
@@ -115,7 +115,7 @@ def hidden(html_text: str, name: str) -> str | None:
 class Client:
     """A browser-like HTTP client: keeps cookies, never follows redirects, 20 s timeout."""
 
-    def __init__(self, base: str, ssl_context=None, headers: dict[str, str] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, base: str, ssl_context=None, headers: dict[str, str] | None = None) -> None:
         self.base = base
         self.headers = dict(headers or {})  # sent with every request (e.g. a proxy's X-Forwarded-For)
         self.jar = http.cookiejar.CookieJar()

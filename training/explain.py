@@ -38,9 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from cxr_node.encode.overlay import heat, place_cam, render_overlay
     from cxr_node.model.infer import Predictor
     from cxr_node.model.lungs import shared_segmenter
-    from cxr_node.encode.overlay import heat, place_cam, render_overlay
     from cxr_node.model.preprocess import prepare
     from training.metrics import bootstrap_mean_ci
 

@@ -65,8 +65,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
     import torch
 
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.model.infer import FEATURE_LAYERS
     from cxr_node.model.checkpoint import load_checkpoint
+    from cxr_node.model.infer import FEATURE_LAYERS
     from training import data as D
     from training.lso import read_rows
     from training.train import predict_logits
@@ -213,8 +213,16 @@ def bundled_meta(path: Path | None) -> dict:
 
 def cmd_lso(args: argparse.Namespace) -> dict:
     from cxr_node.model.calibration import softmax
-    from training.lso import (_splits, expand_holdouts, held_out, read_predictions, read_rows, training_rows,
-                              write_predictions, write_report)
+    from training.lso import (
+        _splits,
+        expand_holdouts,
+        held_out,
+        read_predictions,
+        read_rows,
+        training_rows,
+        write_predictions,
+        write_report,
+    )
 
     rows = read_rows(Path(args.manifest))
     index, X, L, _ = load_features(Path(args.features))

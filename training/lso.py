@@ -132,7 +132,7 @@ def training_rows(rows: Sequence[dict[str, str]], test: Sequence[dict[str, str]]
         for r in sel:
             cells[(r["source"], r["label"], r["split"])].append(r)
         out = []
-        for (src, lab, split), rs in sorted(cells.items()):
+        for (_src, _lab, split), rs in sorted(cells.items()):
             cap = max_per if split == "train" else max(2, math.ceil(max_per * 0.15 / 0.70))
             if len(rs) > cap:
                 rs = [rs[i] for i in sorted(rng.choice(len(rs), cap, replace=False))]

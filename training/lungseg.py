@@ -32,8 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cxr_node.model.lungs import ARCH, DEFAULT_PLAUSIBILITY, KIND, analyse_mask, build_segmenter, segmenter_input
 from cxr_node.model.checkpoint import atomic_torch_save, make_checkpoint
+from cxr_node.model.lungs import ARCH, DEFAULT_PLAUSIBILITY, KIND, analyse_mask, build_segmenter, segmenter_input
 from training.metrics import bootstrap_mean_ci
 
 log = logging.getLogger("training.lungseg")

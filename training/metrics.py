@@ -25,7 +25,7 @@ from cxr_node.model.calibration import (  # noqa: F401 - re-exports
 )
 
 
-def bootstrap_mean_ci(values, n_boot: int = 2000, seed: int = 0) -> list[float]:  # noqa: ANN001 - array-like
+def bootstrap_mean_ci(values, n_boot: int = 2000, seed: int = 0) -> list[float]:
     """Percentile bootstrap 95% interval of the mean of ``values`` ([nan, nan] when empty)."""
     import math
 

@@ -127,9 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cxr_node.eligibility.refusal import RefusalCode
     from cxr_node.eligibility.rules import pixel_reason
+    from cxr_node.model.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
     from cxr_node.model.infer import FEATURE_LAYERS, OOD_KIND
     from cxr_node.model.lungs import shared_segmenter
-    from cxr_node.model.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
     from training.probes import write_probes
 
     model, meta = load_checkpoint(a.checkpoint)

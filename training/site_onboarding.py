@@ -139,13 +139,13 @@ def predict(films: list[dict], checkpoint: Path, cache: Path) -> list[dict]:
     return films
 
 
-def draw(films: list[dict], per_class: int, rng) -> tuple[list[int], list[int]]:  # noqa: ANN001
+def draw(films: list[dict], per_class: int, rng) -> tuple[list[int], list[int]]:
     """Calibration and evaluation film indices: whole patients, at most ``per_class`` films per label."""
     by_label: dict[str, dict[str, list[int]]] = {}
     for i, f in enumerate(films):
         by_label.setdefault(f["label"], {}).setdefault(f["patient"], []).append(i)
     cal: list[int] = []
-    for label, patients in sorted(by_label.items()):
+    for _label, patients in sorted(by_label.items()):
         order = list(patients)
         rng.shuffle(order)
         taken = 0
@@ -163,8 +163,8 @@ def draw(films: list[dict], per_class: int, rng) -> tuple[list[int], list[int]]:
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from cxr_node.model.calibration import fit_operating_points, softmax
     from cxr_node.config import BUNDLED_CHECKPOINT
+    from cxr_node.model.calibration import fit_operating_points, softmax
     from cxr_node.onboarding.site_calibration import ModelInfo, operating_figures
 
     data = Path(args.data)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
     for target in targets:
         rng = np.random.default_rng(args.seed)
         reps = []
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             cal, ev = draw(kept, args.per_class, rng)
             fit = fit_operating_points(logits[cal], y[cal], labels, model.critical, target, "point")
             th = dict(model.thresholds)
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
                          "global": g, "site": s})
         first = reps[0]
 
-        def spread(key: str, which: str) -> dict:
+        def spread(key: str, which: str, reps: list = reps) -> dict:
             v = np.array([rp[which][key]["value"] for rp in reps], dtype=float)
             return {"median": float(np.median(v)), "p05": float(np.quantile(v, 0.05)),
                     "p95": float(np.quantile(v, 0.95)), "mean": float(v.mean())}

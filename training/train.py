@@ -26,8 +26,8 @@ import os
 import sys
 import textwrap
 import time
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -165,8 +165,14 @@ def make_augment(recipe: str = "v2", size: int = 128):
 
 def make_v2_augment():
     """Small rotation, zoom, contrast/window and noise on a [0, 1] (1, S, S) image (MONAI Rand*)."""
-    from monai.transforms import (Compose, RandAdjustContrast, RandGaussianNoise, RandRotate, RandZoom,
-                                  ScaleIntensityRange)
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrast,
+        RandGaussianNoise,
+        RandRotate,
+        RandZoom,
+        ScaleIntensityRange,
+    )
 
     from training.transforms import RandWindowJitter
 
@@ -344,7 +350,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from monai.data import set_track_meta
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-    from cxr_node.model.checkpoint import atomic_torch_save, build_model, make_checkpoint, read_checkpoint, resolve_device
+    from cxr_node.model.checkpoint import (
+        atomic_torch_save,
+        build_model,
+        make_checkpoint,
+        read_checkpoint,
+        resolve_device,
+    )
     from training import data as D
     from training.metrics import macro_auc, softmax
 
@@ -372,7 +384,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     labels = sorted({r.label for r in records})
     label_idx = {n: i for i, n in enumerate(labels)}
     criticals = critical_classes(args.critical, labels, warn=rank == 0)
-    critical = criticals[0]
     params = parse_preprocess(getattr(args, "preprocess", []) or [], args.input_size)
     augment = "none" if args.no_augment else getattr(args, "augment", "v2")
     balance = getattr(args, "balance", "none")

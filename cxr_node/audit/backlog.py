@@ -61,7 +61,7 @@ class AuditBacklog:
                 pass
         return n
 
-    def replay(self, db) -> int:  # noqa: ANN001 - a cxr_node.db.session.Database
+    def replay(self, db) -> int:
         """Write waiting events into the audit trail; returns how many. Raises SQLAlchemyError while
         the database is still down (the file stays for the next try)."""
         with self._lock:

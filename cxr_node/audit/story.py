@@ -18,7 +18,7 @@ def short_uid(uid: str, keep: int = 8) -> str:
     return uid if len(uid) <= keep + 12 else f"\u2026{uid[-keep:]}"
 
 
-def _pct(p: Any) -> str:  # noqa: ANN401
+def _pct(p: Any) -> str:
     try:
         return f"{100 * float(p):.0f}%"
     except (TypeError, ValueError):

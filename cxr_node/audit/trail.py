@@ -192,7 +192,7 @@ def count(session: Session, q: AuditQuery) -> int:
     return session.scalar(_filtered(select(func.count()).select_from(AuditEvent), q, order=False))
 
 
-def _filtered(stmt, q: AuditQuery, order: bool = True):  # noqa: ANN001, ANN202 - a Select
+def _filtered(stmt, q: AuditQuery, order: bool = True):
     if q.since:
         stmt = stmt.where(AuditEvent.ts >= q.since)
     if q.until:

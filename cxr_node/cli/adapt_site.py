@@ -12,7 +12,7 @@ from cxr_node.config import Settings
 from cxr_node.errors import ConfigError
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("adapt-site", parents=[common], help="fit a station's own heads on the model's frozen "
                        "features from its labelled films (after calibrate-site)", description="For each critical "
                        "class, fits a logistic head on the model's frozen penultimate features of the station's "
@@ -39,9 +39,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node.onboarding import site_adaptation as sa
     from cxr_node.cli._db import open_database
     from cxr_node.cli.performance import station_name
+    from cxr_node.onboarding import site_adaptation as sa
 
     station = station_name(settings, args.station)
     if not (args.rollback or args.dry_run or args.yes or sys.stdin.isatty()):

@@ -25,14 +25,14 @@ def parse_time(value: str, flag: str) -> dt.datetime:
     try:
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(f"{flag} {value!r}: not an ISO 8601 time (e.g. 2026-11-23 or 2026-11-23T08:00:00Z)")
+        raise ConfigError(f"{flag} {value!r}: not an ISO 8601 time (e.g. 2026-11-23 or 2026-11-23T08:00:00Z)") from None
     try:  # 0001-01-01T00:00:00+23:59 is before the first representable UTC time
         return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
     except OverflowError:
-        raise ConfigError(f"{flag} {value!r}: outside the times that can be compared (years 1-9999 in UTC)")
+        raise ConfigError(f"{flag} {value!r}: outside the times that can be compared (years 1-9999 in UTC)") from None
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     a = sub.add_parser("audit", parents=[common], help="query the audit trail; `audit verify`; `audit study UID`",
                        description="Print audit events: as a table, the newest first, "
                        f"{TABLE_LIMIT} unless --limit says otherwise (--offset pages back); as JSON or CSV, "

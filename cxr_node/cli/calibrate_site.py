@@ -13,7 +13,7 @@ from cxr_node.config import Settings
 from cxr_node.errors import ConfigError
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("calibrate-site", parents=[common], help="fit a station's own temperature and operating "
                        "points on its labelled films", description="Fits temperature scaling and per-class "
                        "operating points (the critical class at --target-sensitivity, the others at max Youden "
@@ -40,8 +40,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node.onboarding import site_calibration as sc
     from cxr_node.cli.performance import station_name
+    from cxr_node.onboarding import site_calibration as sc
     from cxr_node.onboarding.stations import calibration_name
 
     station = station_name(settings, args.station)

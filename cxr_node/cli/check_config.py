@@ -10,7 +10,7 @@ import sys
 from typing import TextIO
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("check-config", parents=[common],
                        help="validate the config file and print the effective settings",
                        description="Validate the config file (exit 2 naming the key and the rule) and "
@@ -20,7 +20,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p.set_defaults(run=run)
 
 
-def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     from sqlalchemy.engine import make_url
 
     from cxr_node.config import destinations_warning, exposure_warning, web_warning

@@ -8,7 +8,7 @@ from typing import TextIO
 from cxr_node.cli._db import open_database
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     db = sub.add_parser("db", parents=[common], help="database migrations (upgrade, downgrade, current)",
                         description="`db upgrade` creates the database if there is none; `downgrade` and "
                         "`current` need an existing one.")
@@ -23,7 +23,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     db.set_defaults(run=run)
 
 
-def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     from cxr_node.db import migrate
 
     url = settings.database.url

@@ -6,14 +6,14 @@ import argparse
 from typing import TextIO
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
     p.add_argument("--to", required=True, metavar="NAME", help="a [[destinations]] name")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(run=run)
 
 
-def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     from cxr_node.outbox.send import echo
 
     dest = settings.destination(args.to)

@@ -12,7 +12,7 @@ from cxr_node.config import Settings
 from cxr_node.errors import ConfigError
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     fb = sub.add_parser("feedback", parents=[common], help="import or add readers' labels for analysed studies",
                         description="Readers' labels for studies (or single films): one of the model's labels, "
                         "Normal, or Other. Each is stored with who and when, audited (feedback.added), and "
@@ -42,7 +42,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     fb.set_defaults(run=run)
 
 
-def _labels(settings: Settings, db) -> list[str] | None:  # noqa: ANN001
+def _labels(settings: Settings, db) -> list[str] | None:
     """None: the labels the model gave each study (from the database). The checkpoint's only when
     nothing was analysed yet."""
     from cxr_node.onboarding import feedback
@@ -95,11 +95,11 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
         return _list(db, args, out)
 
 
-def _list(db, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
+def _list(db, args: argparse.Namespace, out: TextIO) -> int:
     from sqlalchemy import select
 
-    from cxr_node.onboarding import feedback
     from cxr_node.db.models import Feedback
+    from cxr_node.onboarding import feedback
 
     with db.session() as s:
         if args.study:

@@ -14,7 +14,7 @@ FIELDS = ("id", "state", "destination", "kind", "study_uid", "study_version", "s
           "next_attempt_at", "last_status", "last_error", "created_at", "sent_at")
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     ob = sub.add_parser("outbox", parents=[common], help="list, retry or purge results waiting to be sent",
                         description="The outbox holds result objects (Secondary Captures, SRs) for each "
                         "destination: pending (to send or retrying), sent, or dead (gave up; see last_error). "
@@ -63,7 +63,7 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _row(item) -> dict:  # noqa: ANN001
+def _row(item) -> dict:
     d = {f: getattr(item, f) for f in FIELDS}
     for k in ("next_attempt_at", "created_at", "sent_at"):
         if d[k] is not None:

@@ -33,7 +33,7 @@ def station_name(settings: Settings, given: str) -> str:
     return by_aet[0].name if by_aet else given.strip()
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("performance", parents=[common], help="sensitivity, specificity, AUC ... at this site, "
                        "from readers' labels", description="For the analysed films that have a reader's label "
                        "(cxr-node feedback): per class sensitivity, specificity, PPV and NPV with Wilson 95%% "
@@ -83,7 +83,7 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _labels(settings: Settings, films) -> list[str]:  # noqa: ANN001
+def _labels(settings: Settings, films) -> list[str]:
     if films:
         return list(films[0].probabilities)
     from cxr_node.onboarding.site_calibration import ModelInfo

@@ -12,7 +12,7 @@ from cxr_node.cli._db import open_database
 from cxr_node.errors import ConfigError, CxrNodeError
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     rs = sub.add_parser("resend", parents=[common], help="queue studies' kept results (SC + SR) for a destination again",
                         description="Queue each study's current results (its Secondary Captures and its last SR, "
                         "kept in data_dir/outbox) for every destination, or the one named by --to: results "
@@ -33,7 +33,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     rp.set_defaults(run=run_reprocess)
 
 
-def run_resend(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+def run_resend(settings, args: argparse.Namespace, out: TextIO) -> int:
     from cxr_node.config import destinations_warning
     from cxr_node.outbox.queue import Outbox
 
@@ -62,9 +62,9 @@ def run_resend(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa:
     return 1 if failed else 0
 
 
-def run_reprocess(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
-    from cxr_node.study import states as studies
+def run_reprocess(settings, args: argparse.Namespace, out: TextIO) -> int:
     from cxr_node.cli.audit import parse_time
+    from cxr_node.study import states as studies
 
     if not args.studies and not args.since:
         raise ConfigError("reprocess: give STUDY_UIDs or --since ISO")

@@ -8,7 +8,7 @@ from typing import TextIO
 from cxr_node.cli._db import open_database
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("retention", parents=[common], help="run the retention job now (as the daemon does hourly)",
                        description="Delete spooled films and sent result files older than [retention] days "
                        "(or --days). Nothing of a study with pending or dead-lettered results is removed.")
@@ -16,7 +16,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p.set_defaults(run=run)
 
 
-def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     from cxr_node.ops.retention import run_retention
 
     with open_database(settings) as db:

@@ -8,7 +8,7 @@ from typing import TextIO
 from cxr_node.cli._db import open_database, require_existing
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[common],
                        help="studies by state, outbox depth, dead letters, destinations, last errors, uptime",
                        description="Read from the database only, so it works whether or not the daemon runs. "
@@ -17,12 +17,12 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p.set_defaults(run=run)
 
 
-def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     """0 when the database answers; 1, with what is known without it, when it does not."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cxr_node.ops import status
     from cxr_node.errors import DatabaseError, SchemaError, db_error_text
+    from cxr_node.ops import status
 
     require_existing(settings)  # no database at all is a wrong --config, not an outage
     try:

@@ -33,7 +33,7 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
-def register(sub, common) -> None:  # noqa: ANN001 - argparse's subparsers action and parser
+def register(sub, common) -> None:
     tri = sub.add_parser("triage", parents=[common], help="triage image files offline (DICOM, PNG or JPEG)",
                          description="Per file: class probabilities, top class, urgent flag and model "
                          "version. A file that cannot be used gets an error line; the others are "
@@ -143,9 +143,9 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     from PIL import Image
 
     from cxr_node.eligibility.rules import lung_reason, ood_reason
+    from cxr_node.encode.overlay import render_figure
     from cxr_node.model.infer import Predictor
     from cxr_node.model.lungs import LungSegmenter
-    from cxr_node.encode.overlay import render_figure
     from cxr_node.model.preprocess import prepare
 
     device = getattr(args, "device", None) or settings.model.device

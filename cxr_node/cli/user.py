@@ -11,7 +11,7 @@ from cxr_node.cli._db import open_database
 from cxr_node.errors import ConfigError
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     u = sub.add_parser("user", parents=[common], help="web console accounts: add, passwd, disable, list",
                        description="Accounts of the web console (`cxr-node web`). Roles: admin (everything, "
                        "including outbox retry and purge), radiologist (worklist, studies, feedback), viewer "
@@ -49,10 +49,9 @@ def read_password(prompt: str = "Password") -> str:
     return check_password(pw)
 
 
-def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
-    from cxr_node.web import users
-
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     from cxr_node.cli._db import require_existing
+    from cxr_node.web import users
 
     cmd = args.user_command
     if cmd in ("add", "passwd"):

@@ -9,7 +9,7 @@ from typing import TextIO
 log = logging.getLogger(__name__)
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
+def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("web", parents=[common], help="run the web console (worklist, studies, audit, outbox) in the foreground",
                        description="Serve the web console on [web] host:port (default 127.0.0.1:8080), with "
                        "HTTPS when [web] certificate and private_key are set. It reads the daemon's database "
@@ -20,10 +20,10 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p.set_defaults(run=run)
 
 
-def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
-    import uvicorn
-
+def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     from dataclasses import replace
+
+    import uvicorn
 
     from cxr_node.cli._db import open_database
     from cxr_node.config import web_warning
@@ -69,7 +69,7 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     return 0
 
 
-def _server_class():  # noqa: ANN202
+def _server_class():
     import contextlib
     import signal
 
@@ -85,14 +85,14 @@ def _server_class():  # noqa: ANN202
 
         on_listening = None
 
-        async def startup(self, sockets=None) -> None:  # noqa: ANN001
+        async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started and self.on_listening is not None:
                 self.on_listening()
 
         @contextlib.contextmanager
-        def capture_signals(self):  # noqa: ANN202
-            def stop(signum, frame) -> None:  # noqa: ANN001
+        def capture_signals(self):
+            def stop(signum, frame) -> None:
                 if self.should_exit:
                     self.force_exit = True
                 self.should_exit = True
@@ -107,7 +107,7 @@ def _server_class():  # noqa: ANN202
     return Server
 
 
-def _Server(config):  # noqa: ANN001, ANN202, N802 - builds the class lazily (uvicorn imported on use)
+def _Server(config):
     return _server_class()(config)
 
 

@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cxr_node.config.schema import (DEFAULT_DATA_DIR, DESTINATION_KEYS, DESTINATION_OPTIONAL, SCHEMA,
-                                    STATION_KEYS, STATION_OPTIONAL, Rule)
+from cxr_node.config.schema import (
+    DEFAULT_DATA_DIR,
+    DESTINATION_KEYS,
+    DESTINATION_OPTIONAL,
+    SCHEMA,
+    STATION_KEYS,
+    STATION_OPTIONAL,
+    Rule,
+)
 from cxr_node.config.schema import schema_defaults as schema_defaults  # part of this module's API
 from cxr_node.errors import ConfigError
 
@@ -283,11 +290,11 @@ def load(path: str | os.PathLike[str] | None) -> Settings:
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (pass --config or set {ENV_VAR})")
+        raise ConfigError(f"{path}: config file not found (pass --config or set {ENV_VAR})") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}")
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}")
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
     return parse(raw, base_dir=p.parent, source=p)
 
 
@@ -315,7 +322,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
             try:
                 values[sec][key] = check(table.get(key, default))
             except Rule as r:
-                raise fail(f"[{sec}] {key}", str(r))
+                raise fail(f"[{sec}] {key}", str(r)) from r
 
     dests: list[Destination] = []
     for label, kw in _tables(raw.get("destinations", []), "destinations", DESTINATION_KEYS, DESTINATION_OPTIONAL,
@@ -400,7 +407,7 @@ def _tables(raw: Any, name: str, keys: dict[str, Callable[[Any], Any]], optional
             try:
                 kw[key] = check(d[key])
             except Rule as r:
-                raise fail(f"{label} {key}", str(r))
+                raise fail(f"{label} {key}", str(r)) from r
         out.append((label, kw))
     return out
 

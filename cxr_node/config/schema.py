@@ -63,7 +63,7 @@ def _cidr_list(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, .
         try:
             out.append(ipaddress.ip_network(str(x), strict=False))
         except ValueError:
-            raise Rule(f"must be a list of CIDR networks like \"10.1.0.0/16\" ({x!r} is not one)")
+            raise Rule(f"must be a list of CIDR networks like \"10.1.0.0/16\" ({x!r} is not one)") from None
     return tuple(out)
 
 

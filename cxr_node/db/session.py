@@ -38,7 +38,7 @@ class Database:
         try:
             have = migrate.current(self.url, engine=self.engine)
         except OperationalError as e:
-            raise DatabaseError(f"cannot open the database {self.redacted_url}: {e.orig}")
+            raise DatabaseError(f"cannot open the database {self.redacted_url}: {e.orig}") from e
         want = migrate.head()
         if have != want:
             raise SchemaError(

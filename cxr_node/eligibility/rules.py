@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from cxr_node.eligibility.refusal import Refusal, RefusalCode
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
 
-from pydicom.uid import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
-                         DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+from cxr_node.eligibility.refusal import Refusal, RefusalCode
 
 TRIAGE_SOP_CLASSES = frozenset({ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                                 DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage})

@@ -88,7 +88,7 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "ReferringPhysicianName", "AccessionNumber", "StudyID")
 
 
-def with_type2(source):  # noqa: ANN001, ANN201 - pydicom Dataset in, Dataset out
+def with_type2(source):
     """A shallow copy of ``source`` with missing Type 2 patient/study attributes present and empty."""
     missing = [kw for kw in _TYPE2 if kw not in source]
     if not missing:

@@ -94,7 +94,7 @@ def render_overlay(film: np.ndarray, cam: np.ndarray, threshold: float = OVERLAY
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def _wrap(draw, text: str, font, width: int) -> list[str]:  # noqa: ANN001 - PIL objects
+def _wrap(draw, text: str, font, width: int) -> list[str]:
     """Split ``text`` into lines that fit ``width`` pixels (at spaces; long words are cut)."""
     lines, cur = [], ""
     for word in text.split(" "):
@@ -176,7 +176,7 @@ def _is_normal(label: str) -> bool:
     return label.strip().lower() in NORMAL_NAMES
 
 
-def flag_label(prediction, thresholds: dict[str, float] | None = None) -> str | None:  # noqa: ANN001
+def flag_label(prediction, thresholds: dict[str, float] | None = None) -> str | None:
     """The class that raised the flag: for an urgent or review call the non-normal class furthest
     above its operating point (or the top class when it is not normal); None for a routine call."""
     if getattr(prediction, "priority", "routine") == "routine":
@@ -190,7 +190,7 @@ def flag_label(prediction, thresholds: dict[str, float] | None = None) -> str | 
 
 def legend_lines(prediction, model_name: str, model_version: str, calibration: str | None = None,
                  thresholds: dict[str, float] | None = None, heat_label: str | None = None
-                 ) -> list[tuple[str, tuple[int, int, int]]]:  # noqa: ANN001 - a Prediction
+                 ) -> list[tuple[str, tuple[int, int, int]]]:
     """The legend: the notice, the call with the operating point it was compared with, every
     class, what the map shows (or that there is none) and the model."""
     flag = str(getattr(prediction, "priority", "") or "").upper()
@@ -222,7 +222,7 @@ def legend_lines(prediction, model_name: str, model_version: str, calibration: s
     ]
 
 
-def render_figure(film: np.ndarray, prediction, model_name: str, model_version: str,  # noqa: ANN001
+def render_figure(film: np.ndarray, prediction, model_name: str, model_version: str,
                   box: Sequence[float] | None = None, lung_mask: np.ndarray | None = None,
                   max_side: int = MAX_ROWS, calibration: str | None = None,
                   thresholds: dict[str, float] | None = None, min_rows: int = MIN_ROWS) -> np.ndarray:

@@ -23,7 +23,7 @@ SC_SERIES_DESCRIPTION = "cxr-node Grad-CAM overlay - NOT FOR DIAGNOSTIC USE"
 MAX_ROWS = 2048  # the default of [outbox] sc_max_rows
 
 
-def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_mask=None,  # noqa: ANN001
+def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_mask=None,
            max_rows: int = MAX_ROWS) -> np.ndarray:
     """RGB uint8 (H + legend, W, 3): the overlay (heat only inside the lungs) plus the legend strip."""
     from cxr_node.encode.overlay import render_figure
@@ -39,7 +39,7 @@ def _legend_calibration(model: ModelIdentity) -> str | None:
 
 
 def build_sc(source: Dataset, film: np.ndarray, prediction, model: ModelIdentity, *,
-             instance_number: int, box=None, lung_mask=None, max_rows: int = MAX_ROWS) -> Dataset:  # noqa: ANN001
+             instance_number: int, box=None, lung_mask=None, max_rows: int = MAX_ROWS) -> Dataset:
     """The Secondary Capture for one analysed film (``film``: best at the source's resolution,
     :attr:`cxr_node.model.preprocess.Prepared.film`). Its UIDs depend only on the source film and the
     model's weights, so building it twice gives the same object identity."""

@@ -32,8 +32,8 @@ from typing import Sequence
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from cxr_node.encode.identity import DEVICE_NAME, MANUFACTURER, ModelIdentity, contributing_equipment, with_type2
 from cxr_node.eligibility.refusal import Refusal, RefusalCode
+from cxr_node.encode.identity import DEVICE_NAME, MANUFACTURER, ModelIdentity, contributing_equipment, with_type2
 
 SR_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "cxr-node triage report - NOT FOR DIAGNOSTIC USE"
@@ -154,7 +154,7 @@ def _request(source: Dataset) -> list[Dataset]:
     return [item(None)] if source.get("AccessionNumber") else []
 
 
-def _probability(label: str, p: float, threshold: float | None):  # noqa: ANN202 - highdicom templates
+def _probability(label: str, p: float, threshold: float | None):
     """TID 300: the class's probability (3 significant digits) with the class, and whether it is
     above the operating point, as concept modifiers (TID 300 row 2); then the operating point."""
     import highdicom as hd

@@ -319,7 +319,7 @@ def threshold_for_sensitivity_rule(y_pos: np.ndarray, score: np.ndarray, target:
 def fit_operating_points(logits: np.ndarray, y: np.ndarray, labels: Sequence[str], critical: Sequence[str],
                          target_sensitivity: float = 0.95, rule: str = "point", margin: float = 0.0,
                          critical_scores: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                         log=None) -> dict[str, Any]:  # noqa: ANN001 - a logging.Logger
+                         log=None) -> dict[str, Any]:
     """Temperature scaling plus per-class operating points on (logits, integer labels).
 
     * temperature T minimises the negative log-likelihood of ``softmax(logits / T)``;

@@ -147,7 +147,7 @@ class Predictor:
         #: the pooled penultimate features (B, D) of the last :meth:`predict` batch (site heads), or None
         self.last_features: np.ndarray | None = None
 
-    def _keep_features(self, module, args, output) -> None:  # noqa: ANN001 - a forward hook
+    def _keep_features(self, module, args, output) -> None:
         self._features = output.detach()
 
     @property

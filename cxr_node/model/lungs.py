@@ -126,7 +126,7 @@ def analyse_mask(prob: np.ndarray, threshold: float = 0.5,
     # the largest component on each half (by centroid)
     centroids = ndimage.center_of_mass(binary, lab, index=np.arange(1, n + 1))
     best = {"left": (0.0, 0), "right": (0.0, 0)}
-    for i, ((cy, cx), size) in enumerate(zip(centroids, sizes), start=1):
+    for i, ((_cy, cx), size) in enumerate(zip(centroids, sizes), start=1):
         side = "left" if cx < s_w / 2 else "right"
         if size > best[side][0]:
             best[side] = (float(size), i)

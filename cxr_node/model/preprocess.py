@@ -217,7 +217,7 @@ class LungCrop(Transform):
             self._segmenter = seg
         return self._segmenter
 
-    def analyse_and_crop(self, img: np.ndarray, fields=None):  # noqa: ANN001 - LungFields
+    def analyse_and_crop(self, img: np.ndarray, fields=None):
         """``(1, H, W)`` -> (cropped image, the LungFields found, the box used or None)."""
         from cxr_node.model.lungs import crop
 

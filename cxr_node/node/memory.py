@@ -28,7 +28,7 @@ _M_ARENA_MAX = -8  # glibc malloc.h
 _libc = None
 
 
-def _glibc():  # noqa: ANN202
+def _glibc():
     global _libc
     if _libc is None:
         try:

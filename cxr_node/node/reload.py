@@ -21,10 +21,10 @@ from typing import Any
 
 from cxr_node import config
 from cxr_node.audit import trail as audit
-from cxr_node.onboarding import stations
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError
+from cxr_node.onboarding import stations
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from sqlalchemy.exc import SQLAlchemyError
 
-from cxr_node.node import memory
-from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.session import Database
 from cxr_node.errors import db_error_text
+from cxr_node.node import memory
+from cxr_node.study import states as studies
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class _Guard:
         self.what = what
         self.failures = 0
 
-    def __call__(self, body) -> None:  # noqa: ANN001
+    def __call__(self, body) -> None:
         try:
             body()
         except SQLAlchemyError as e:  # next tick tries again; the state is in the database
@@ -49,8 +49,8 @@ def poll_interval(quiet_seconds: float) -> float:
     return max(0.2, min(5.0, quiet_seconds / 5))
 
 
-def build_scheduler(settings: Settings, db: Database, processor=None, outbox=None,  # noqa: ANN001
-                    backlog=None) -> BackgroundScheduler:  # noqa: ANN001
+def build_scheduler(settings: Settings, db: Database, processor=None, outbox=None,
+                    backlog=None) -> BackgroundScheduler:
     """Jobs: complete quiet studies -> process queued studies -> drain the outbox, each handing off
     to the next at once (``wake``), with its poll as the fallback; plus the audit-backlog replay and
     retention.
@@ -65,7 +65,7 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
     running: dict[str, bool] = {}
     again: dict[str, bool] = {}
 
-    def add(job_id: str, what: str, body, **interval) -> None:  # noqa: ANN001
+    def add(job_id: str, what: str, body, **interval) -> None:
         """One interval job: ``body`` under a database guard, run again at once if it was woken
         while running (APScheduler would skip a second instance)."""
         guard = _Guard(what)

@@ -25,19 +25,19 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node import __version__
 from cxr_node.audit import trail as audit
-from cxr_node.node import memory
-from cxr_node.onboarding import stations
 from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning, exposure_warning
 from cxr_node.db.session import Database
 from cxr_node.errors import CxrNodeError, NetworkError, db_error_text
-from cxr_node.outbox.queue import Outbox
-from cxr_node.study.pipeline import Processor
-from cxr_node.receive.ingest import Ingest
-from cxr_node.receive.scp import Receiver
+from cxr_node.node import memory
 from cxr_node.node.reload import Reloader, running_summary
 from cxr_node.node.scheduler import build_scheduler
+from cxr_node.onboarding import stations
+from cxr_node.outbox.queue import Outbox
+from cxr_node.receive.ingest import Ingest
+from cxr_node.receive.scp import Receiver
 from cxr_node.receive.spool import Spool
+from cxr_node.study.pipeline import Processor
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _preload(processor: Processor) -> None:
         processor.preload()
     # torch and checkpoint loading raise many types; reported here, and the first study retries through
     # the lazy path, which records the failure on the study
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log.error("could not load the model at start-up (%s: %s); the first study will try again", type(e).__name__, e)
 
 
@@ -85,18 +85,18 @@ def serve(settings: Settings) -> int:
     received: list[str] = []
     reloads: list[int] = []
 
-    def on_signal(signum: int, _frame) -> None:  # noqa: ANN001
+    def on_signal(signum: int, _frame) -> None:
         received.append(signal.Signals(signum).name)
         stop.set()
         wake.set()
 
-    def on_hup(_signum: int, _frame) -> None:  # noqa: ANN001
+    def on_hup(_signum: int, _frame) -> None:
         reloads.append(1)
         wake.set()
 
     censuses: list[int] = []
 
-    def on_usr1(_signum: int, _frame) -> None:  # noqa: ANN001
+    def on_usr1(_signum: int, _frame) -> None:
         censuses.append(1)
         wake.set()
 

@@ -35,7 +35,7 @@ class FeedbackError(CxrNodeError):
     """A label that cannot be stored (unknown study or label, bad time); the message says which."""
 
 
-def model_labels(session, study_uid: str | None = None) -> list[str]:  # noqa: ANN001
+def model_labels(session, study_uid: str | None = None) -> list[str]:
     """The labels the model gave probabilities for: from this study's results when it has some,
     else from the newest result of any study (empty when nothing was analysed yet)."""
     q = select(ImageResult.probabilities).where(ImageResult.analysed.is_(True))
@@ -70,7 +70,7 @@ def parse_time(value: str | None) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
-def find_study(session, study_uid: str | None = None, accession_number: str | None = None) -> Study:  # noqa: ANN001
+def find_study(session, study_uid: str | None = None, accession_number: str | None = None) -> Study:
     if study_uid:
         st = session.get(Study, study_uid.strip())
         if st is None:
@@ -87,7 +87,7 @@ def find_study(session, study_uid: str | None = None, accession_number: str | No
     raise FeedbackError("no study_uid or accession_number")
 
 
-def current(session, study_uid: str, sop_instance_uid: str | None = None) -> Feedback | None:  # noqa: ANN001
+def current(session, study_uid: str, sop_instance_uid: str | None = None) -> Feedback | None:
     """The label in force for a study (``sop_instance_uid`` None) or for one of its films."""
     q = select(Feedback).where(Feedback.study_uid == study_uid, Feedback.superseded_at.is_(None))
     q = q.where(Feedback.sop_instance_uid.is_(None) if sop_instance_uid is None
@@ -95,7 +95,7 @@ def current(session, study_uid: str, sop_instance_uid: str | None = None) -> Fee
     return session.scalars(q.order_by(Feedback.id.desc())).first()
 
 
-def history(session, study_uid: str) -> list[Feedback]:  # noqa: ANN001
+def history(session, study_uid: str) -> list[Feedback]:
     return list(session.scalars(select(Feedback).where(Feedback.study_uid == study_uid).order_by(Feedback.id)))
 
 
@@ -106,7 +106,7 @@ class Outcome:
     superseded: Feedback | None = None
 
 
-def add_label(target, study_uid: str | None, label: str, reader: str | None = None,  # noqa: ANN001
+def add_label(target, study_uid: str | None, label: str, reader: str | None = None,
               sop_instance_uid: str | None = None, *, accession_number: str | None = None,
               labelled_at: dt.datetime | str | None = None, source: str = "api",
               labels: Sequence[str] | None = None) -> Outcome:
@@ -184,7 +184,7 @@ REQUIRED_ONE_OF = ("study_uid", "accession_number")
 COLUMNS = ("study_uid", "accession_number", "sop_instance_uid", "label", "reader", "time")
 
 
-def import_csv(db, path: str | Path, labels: Sequence[str] | None = None, dry_run: bool = False) -> ImportReport:  # noqa: ANN001
+def import_csv(db, path: str | Path, labels: Sequence[str] | None = None, dry_run: bool = False) -> ImportReport:
     """Check and store every row of a feedback CSV in one transaction; nothing is stored when any row
     is wrong. A row repeating the label already in force (or an earlier row of the file) is reported
     as a duplicate and skipped; two different labels for the same study in one file are a problem."""
@@ -223,7 +223,7 @@ class _RollBack(Exception):
     """Leaves the import's transaction so that nothing is stored."""
 
 
-def _import_rows(db, p: Path, rows: list[dict], labels, dry_run: bool, report: ImportReport,  # noqa: ANN001
+def _import_rows(db, p: Path, rows: list[dict], labels, dry_run: bool, report: ImportReport,
                  seen: dict) -> None:
     with db.transaction() as s:
         for line, r in enumerate(rows, start=2):

@@ -46,7 +46,7 @@ class LabelledFilm:
     created_at: dt.datetime
 
 
-def labelled_films(session, *, station: str | None = None, since: dt.datetime | None = None,  # noqa: ANN001
+def labelled_films(session, *, station: str | None = None, since: dt.datetime | None = None,
                    until: dt.datetime | None = None, model_version: str | None = None) -> list[LabelledFilm]:
     """The newest analysis of every film that has a label in force (its own, else its study's)."""
     labelled = select(Feedback.study_uid).where(Feedback.superseded_at.is_(None))
@@ -147,7 +147,7 @@ def _fmt_rate(r: dict | None) -> str:
     return f"{r['value']:.3f} [{lo:.2f}-{hi:.2f}] ({r['k']}/{r['n']})"
 
 
-def write_table(report: dict[str, Any], out, header: str = "") -> None:  # noqa: ANN001
+def write_table(report: dict[str, Any], out, header: str = "") -> None:
     if header:
         out.write(header + "\n")
     counts = report.get("counts", {})

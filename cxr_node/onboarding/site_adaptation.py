@@ -44,11 +44,11 @@ def head_name(row: SiteHead | None) -> str:
     return "model" if row is None else f"site {row.station} head v{row.version}"
 
 
-def active(session, station: str) -> SiteHead | None:  # noqa: ANN001
+def active(session, station: str) -> SiteHead | None:
     return session.scalars(select(SiteHead).where(SiteHead.station == station, SiteHead.active.is_(True))).first()
 
 
-def active_heads(db) -> dict[str, SiteHead]:  # noqa: ANN001
+def active_heads(db) -> dict[str, SiteHead]:
     """station -> its active site heads (any weights; :func:`heads_for` checks the binding)."""
     with db.session() as s:
         rows = list(s.scalars(select(SiteHead).where(SiteHead.active.is_(True))))
@@ -69,15 +69,15 @@ def heads_for(row: SiteHead | None, weights_sha256: str) -> SiteHead | None:
 # --------------------------------------------------------------------------- features
 
 
-def labelled_with_features(settings, session, station: str, predictor, segmenter=None  # noqa: ANN001
+def labelled_with_features(settings, session, station: str, predictor, segmenter=None
                            ) -> tuple[list, np.ndarray, list[str], dict[str, int]]:
     """The station's labelled films analysed by these weights, their features (from the spooled
     files), their patient groups, and how many were skipped and why."""
     from pydicom import dcmread
 
     from cxr_node.errors import PreprocessError
-    from cxr_node.onboarding.performance import labelled_films
     from cxr_node.model.preprocess import prepare
+    from cxr_node.onboarding.performance import labelled_films
 
     films = labelled_films(session, station=station, model_version=predictor.version)
     inst = {i.sop_instance_uid: i for i in session.scalars(
@@ -151,13 +151,13 @@ def fit(films: Sequence, features: np.ndarray, groups: Sequence[str], *, station
             "not_fitted": short, "heads": heads, "accepted": bool(heads)}
 
 
-def with_reference(session, result: dict[str, Any], films: Sequence, features: np.ndarray,  # noqa: ANN001
+def with_reference(session, result: dict[str, Any], films: Sequence, features: np.ndarray,
                    labels: Sequence[str]) -> dict[str, Any]:
     """The drift reference for the station from now on: its labelled films with the probabilities
     the new heads give them (stored in the version's report; :func:`cxr_node.onboarding.stations.check_drift`)."""
+    from cxr_node.db.models import ImageResult
     from cxr_node.model.adaptation import apply_site_heads
     from cxr_node.onboarding.drift import reference_from
-    from cxr_node.db.models import ImageResult
 
     if not result.get("heads"):
         return result
@@ -172,7 +172,7 @@ def report_of(result: dict[str, Any]) -> dict[str, Any]:
     return json_safe({k: v for k, v in result.items() if k != "heads"})
 
 
-def store(db, result: dict[str, Any]) -> SiteHead:  # noqa: ANN001
+def store(db, result: dict[str, Any]) -> SiteHead:
     """Make the result's heads the station's active ones, as a new version. Refuses a result whose
     heads did not pass the gate."""
     if not result.get("accepted"):
@@ -202,7 +202,7 @@ def store(db, result: dict[str, Any]) -> SiteHead:  # noqa: ANN001
     return row
 
 
-def rollback(db, station: str) -> tuple[SiteHead, SiteHead | None]:  # noqa: ANN001
+def rollback(db, station: str) -> tuple[SiteHead, SiteHead | None]:
     """Retire the active heads; restore the newest earlier version for the same weights (or none)."""
     with db.transaction() as s:
         cur = active(s, station)

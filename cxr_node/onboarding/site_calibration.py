@@ -21,10 +21,10 @@ from typing import Any, Sequence
 from sqlalchemy import func, select
 
 from cxr_node.audit import trail as audit
-from cxr_node.onboarding import drift, stations
 from cxr_node.db.models import ImageResult, SiteCalibration, utcnow
 from cxr_node.errors import CxrNodeError
 from cxr_node.model.calibration import json_safe
+from cxr_node.onboarding import drift, stations
 from cxr_node.onboarding.performance import LabelledFilm, labelled_films
 
 
@@ -43,7 +43,7 @@ class ModelInfo:
     thresholds: dict[str, float]
 
     @classmethod
-    def from_checkpoint(cls, path) -> "ModelInfo":  # noqa: ANN001
+    def from_checkpoint(cls, path) -> "ModelInfo":
         from cxr_node.model.checkpoint import read_checkpoint
 
         ck = read_checkpoint(path)
@@ -63,7 +63,7 @@ def _arrays(films: Sequence[LabelledFilm], labels: Sequence[str], default_t: flo
     return y, logits_from(p, t)
 
 
-def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[str],  # noqa: ANN001
+def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[str],
                       critical: Sequence[str]) -> dict[str, Any]:
     """Per class at its threshold (one vs rest, p >= t) and for the urgent flag (any critical class
     at or above its threshold): sensitivity and specificity with Wilson 95% intervals; plus ECE."""
@@ -92,7 +92,7 @@ def operating_figures(y, probs, thresholds: dict[str, float], labels: Sequence[s
     return out
 
 
-def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, min_per_class: int,  # noqa: ANN001
+def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, min_per_class: int,
         current: SiteCalibration | None = None, store_anyway: bool = False) -> dict[str, Any]:
     """Fit a calibration for ``station`` on its labelled films (nothing stored). Raises
     CalibrationRefused below ``min_per_class`` labelled films of a critical class, or of films of no
@@ -178,7 +178,7 @@ MAX_TEMPERATURE_SPREAD = 4.0
 MAX_THRESHOLD_SPREAD = 0.5
 
 
-def implausible(new: dict[str, Any], y, logits, labels: Sequence[str], critical: Sequence[str],  # noqa: ANN001
+def implausible(new: dict[str, Any], y, logits, labels: Sequence[str], critical: Sequence[str],
                 target_sensitivity: float, fitted: Sequence[str], seed: int = 0) -> list[str]:
     """Why a fit (from ``fit_operating_points``) must not be stored: a temperature at the edge of
     the search, a fitted threshold at 0 or 1, or 95% bootstrap intervals (films resampled, the fit
@@ -230,12 +230,12 @@ def implausible(new: dict[str, Any], y, logits, labels: Sequence[str], critical:
     return out
 
 
-def active(session, station: str) -> SiteCalibration | None:  # noqa: ANN001
+def active(session, station: str) -> SiteCalibration | None:
     return session.scalars(select(SiteCalibration).where(SiteCalibration.station == station,
                                                          SiteCalibration.active.is_(True))).first()
 
 
-def store(db, result: dict[str, Any]) -> SiteCalibration:  # noqa: ANN001
+def store(db, result: dict[str, Any]) -> SiteCalibration:
     """Make ``result`` (from :func:`fit`) the station's active calibration, as a new version."""
     station = result["station"]
     with db.transaction() as s:
@@ -265,7 +265,7 @@ def store(db, result: dict[str, Any]) -> SiteCalibration:  # noqa: ANN001
     return row
 
 
-def rollback(db, station: str) -> tuple[SiteCalibration, SiteCalibration | None]:  # noqa: ANN001
+def rollback(db, station: str) -> tuple[SiteCalibration, SiteCalibration | None]:
     """Retire the station's active calibration and restore the newest earlier version fitted for the
     same weights as the one retired (None: the model's own operating points again)."""
     with db.transaction() as s:

@@ -28,7 +28,10 @@ from cxr_node.config import Settings, Station
 from cxr_node.db.models import ImageResult, SiteCalibration, StationRow, utcnow
 from cxr_node.db.session import Database
 from cxr_node.onboarding.drift import (  # the statistics; this module records the verdicts
-    compare, describe, reference_from)
+    compare,
+    describe,
+    reference_from,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def mode_of(settings: Settings, name: str) -> str:
     return settings.onboarding.new_stations if settings.onboarding else ACTIVE
 
 
-def note(session, ref: StationRef) -> StationRow:  # noqa: ANN001
+def note(session, ref: StationRef) -> StationRow:
     """The station's row, made (and audited as ``station.added``) the first time a film comes from it;
     a mode change since the row was written is audited as ``station.mode``."""
     row = session.get(StationRow, ref.name, with_for_update=True)
@@ -115,7 +118,7 @@ def ensure(db: Database, refs: Iterable[StationRef]) -> None:
             log.info("station %s was added by another node meanwhile", ref.name)
 
 
-def _change(session, row: StationRow, mode: str, is_configured: bool, now) -> None:  # noqa: ANN001
+def _change(session, row: StationRow, mode: str, is_configured: bool, now) -> None:
     if row.mode != mode:
         audit.record(session, "station.mode", calling_aet=row.ae_title,
                      reason=f"{row.mode} -> {mode}",

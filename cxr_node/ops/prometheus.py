@@ -43,7 +43,7 @@ class _DatabaseCollector:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def collect(self):  # noqa: ANN201
+    def collect(self):
         from prometheus_client.core import GaugeMetricFamily
         from sqlalchemy import func, select
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from cxr_node.audit import trail as audit
-from cxr_node.study.states import FINISHED
 from cxr_node.config import Settings
 from cxr_node.db.models import Instance, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.study.states import FINISHED
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import Any, TextIO
 
 from sqlalchemy import exists, func, select
 
-from cxr_node.eligibility.refusal import RefusalCode
 from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning
 from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, SiteCalibration, StationRow, Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.eligibility.refusal import RefusalCode
 
 
 def audit_backlog_count(settings: Settings) -> int:
@@ -93,7 +93,7 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
     }
 
 
-def _last_errors(s, n: int = 5) -> list:  # noqa: ANN001 - a Session
+def _last_errors(s, n: int = 5) -> list:
     """The newest ``n`` failures, leaving out send failures (outbox.retry, outbox.dead) of objects
     that have reached that destination since: they are no longer errors anyone must act on."""
     out, offset = [], 0

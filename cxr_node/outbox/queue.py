@@ -29,8 +29,8 @@ from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
-from cxr_node.errors import ConfigError, CxrNodeError
 from cxr_node.dicom.status import PERMANENT, SENT, SendOutcome
+from cxr_node.errors import ConfigError, CxrNodeError
 from cxr_node.outbox.files import result_path
 from cxr_node.outbox.send import FileToSend, store_files
 from cxr_node.receive.spool import Spool
@@ -83,7 +83,7 @@ class Outbox:
                 n += 1
         return n
 
-    def _add(self, session, obj: WrittenObject, destination: str, study_uid: str, study_version: int,  # noqa: ANN001
+    def _add(self, session, obj: WrittenObject, destination: str, study_uid: str, study_version: int,
              now: dt.datetime, **detail) -> None:
         session.add(OutboxItem(destination=destination, sop_instance_uid=obj.sop_instance_uid,
                                sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax,
@@ -94,7 +94,7 @@ class Outbox:
 
     # ----------------------------------------------------------------------------- resend
 
-    def results_of(self, session, study_uid: str) -> tuple[Study, list[WrittenObject], list[str]]:  # noqa: ANN001
+    def results_of(self, session, study_uid: str) -> tuple[Study, list[WrittenObject], list[str]]:
         """A study's current results as kept on disk: the Secondary Captures of its last processed
         version and its last SR. Returns the study, the objects, and the UIDs whose file is gone."""
         from pydicom import dcmread

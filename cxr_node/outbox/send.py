@@ -14,7 +14,7 @@ from cxr_node.dicom.status import PERMANENT, TRANSIENT, SendOutcome, classify
 from cxr_node.errors import NetworkError
 
 
-def _tls_args(settings: Settings, dest: Destination):  # noqa: ANN202
+def _tls_args(settings: Settings, dest: Destination):
     if not dest.tls:
         return None
     from cxr_node.dicom.tls import client_context

@@ -98,7 +98,7 @@ def associate_rq_fault(pdu: bytes) -> str | None:
             rq = A_ASSOCIATE_RQ()
             rq.decode(pdu)
             rq.to_primitive()
-    except Exception as e:  # noqa: BLE001 - any failure to decode peer bytes means a malformed request
+    except Exception as e:
         return f"malformed A-ASSOCIATE-RQ: {type(e).__name__}: {str(e)[:200]}"
     return None
 

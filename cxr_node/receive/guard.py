@@ -24,9 +24,9 @@ from typing import Any, Callable
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from cxr_node.config import NodeSettings
-from cxr_node.receive.dimse_guard import GuardedAssociation
-from cxr_node.receive.deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
 from cxr_node.receive.association import AssociationInfo
+from cxr_node.receive.deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
+from cxr_node.receive.dimse_guard import GuardedAssociation
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class _JoiningRequestHandler(RequestHandler):
     for it to end, so that the connection thread (and its count) lasts as long as the
     connection."""
 
-    def _create_association(self):  # noqa: ANN202
+    def _create_association(self):
         self.association = super()._create_association()
         # the A-ASSOCIATE-RQ was read already (GuardedServer); pynetdicom reads it again from memory
         self.association.dul.socket.__class__ = ReplayingAssociationSocket
@@ -322,7 +322,7 @@ class GuardedServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.RequestHandlerClass = _JoiningRequestHandler
 
-    def get_request(self):  # noqa: ANN201
+    def get_request(self):
         sock, address = self.socket.accept()
         if self.ssl_context:
             sock.settimeout(self.guard.request_timeout)  # for the handshake, in the connection's thread
@@ -333,7 +333,7 @@ class GuardedServer(ThreadedAssociationServer):
             sock.limit_pdus(self.guard.max_pdu, self.guard.on_violation)
         return sock, address
 
-    def verify_request(self, request, client_address) -> bool:  # noqa: ANN001
+    def verify_request(self, request, client_address) -> bool:
         host, port = str(client_address[0]), int(client_address[1])
         reason = self.guard.admit(host)
         if reason:
@@ -341,7 +341,7 @@ class GuardedServer(ThreadedAssociationServer):
             return False
         return True
 
-    def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
+    def process_request_thread(self, request, client_address) -> None:
         host, port = str(client_address[0]), int(client_address[1])
         accepted_at = time.monotonic()
         waiting = True
@@ -381,7 +381,7 @@ class GuardedServer(ThreadedAssociationServer):
             self.guard.closed(host, waiting)
             self.shutdown_request(request)
 
-    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+    def handle_error(self, request, client_address) -> None:
         """socketserver prints the traceback to stderr; log it instead (one record, escaped)."""
         log.exception("connection from %s:%s ended with an error", client_address[0], client_address[1])
 

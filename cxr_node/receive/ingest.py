@@ -19,17 +19,17 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from cxr_node.dicom import status as dimse
 from cxr_node.audit import trail as audit
-from cxr_node.eligibility import rules as eligibility
-from cxr_node.study import states as studies
 from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.db.models import Instance, utcnow
 from cxr_node.db.session import Database
+from cxr_node.dicom import status as dimse
+from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.eligibility import rules as eligibility
 from cxr_node.errors import InvalidInstanceError, db_error_text
 from cxr_node.receive.association import AssociationInfo
-from cxr_node.dicom.uids import is_valid_uid
 from cxr_node.receive.spool import Spool
+from cxr_node.study import states as studies
 
 log = logging.getLogger(__name__)
 

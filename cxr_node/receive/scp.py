@@ -44,15 +44,22 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
-from cxr_node.dicom import status as dimse
 from cxr_node.config import Settings
+from cxr_node.dicom import status as dimse
+from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
+from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.dataset_check import encoding_fault
 from cxr_node.receive.dimse_guard import bad_sop_class, note_command_set
-from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
-from cxr_node.dicom.uids import is_valid_uid
-from cxr_node.receive.association import AssociationInfo
-from cxr_node.receive.guard import (REPORTED_ABORT_FILTER, ConnectionGuard, GuardedServer, LimitedSSLSocket,
-                                     PDULimit, PerPeerRate, abort_when_a_thread_dies)
+from cxr_node.receive.guard import (
+    REPORTED_ABORT_FILTER,
+    ConnectionGuard,
+    GuardedServer,
+    LimitedSSLSocket,
+    PDULimit,
+    PerPeerRate,
+    abort_when_a_thread_dies,
+)
 from cxr_node.receive.ingest import STATUS_SUCCESS, Header, Ingest, read_header
 
 log = logging.getLogger(__name__)
@@ -109,7 +116,7 @@ class Receiver:
     """The pynetdicom AE plus the handlers bound to it. Dependencies come in through the
     constructor and the handler registration tuples, never globals."""
 
-    def __init__(self, settings: Settings, ingest: Ingest, metrics=None) -> None:  # noqa: ANN001
+    def __init__(self, settings: Settings, ingest: Ingest, metrics=None) -> None:
         self.settings = settings
         self.ingest = ingest
         self.metrics = metrics
@@ -210,7 +217,7 @@ class Receiver:
     def _audit(self, event: str, outcome: str = "success", **fields: Any) -> None:
         self.ingest.audit(event, outcome, **fields)
 
-    def _on_requested(self, event) -> None:  # noqa: ANN001
+    def _on_requested(self, event) -> None:
         assoc = event.assoc
         rq = assoc.requestor
         info = AssociationInfo(id=str(uuid.uuid4()), calling_aet=str(rq.primitive.calling_ae_title).strip(),
@@ -253,10 +260,10 @@ class Receiver:
                 return REJECT_HOST, f"host {info.host} is not in allowed_hosts"
         return None
 
-    def _info(self, assoc) -> AssociationInfo | None:  # noqa: ANN001
+    def _info(self, assoc) -> AssociationInfo | None:
         return self._assocs.get(assoc)
 
-    def _on_accepted(self, event) -> None:  # noqa: ANN001
+    def _on_accepted(self, event) -> None:
         info = self._info(event.assoc)
         if info:
             accepted = [cx.abstract_syntax for cx in event.assoc.accepted_contexts]
@@ -265,7 +272,7 @@ class Receiver:
                 self.metrics.associations.labels("accepted").inc()
             log.info("association %s from %s@%s:%d accepted", info.id, info.calling_aet, info.host, info.port)
 
-    def _on_rejected(self, event) -> None:  # noqa: ANN001
+    def _on_rejected(self, event) -> None:
         """pynetdicom's own rejections (ours are audited in _on_requested): max_associations reached."""
         info = self._info(event.assoc)
         if info:
@@ -279,14 +286,14 @@ class Receiver:
             log.warning("rejected association %s from %s@%s:%d: %s", info.id, info.calling_aet, info.host,
                         info.port, reason)
 
-    def _on_association_end(self, assoc) -> None:  # noqa: ANN001
+    def _on_association_end(self, assoc) -> None:
         """The association's thread has ended: one that neither released nor aborted through
         pynetdicom's events (its DUL thread died on the peer's data) is audited as aborted."""
         info = self._info(assoc)
         if info and not info.ended and not info.rejected:
             self._record_abort(assoc)
 
-    def _on_released(self, event) -> None:  # noqa: ANN001
+    def _on_released(self, event) -> None:
         info = self._info(event.assoc)
         if info:
             info.ended = True
@@ -295,10 +302,10 @@ class Receiver:
             if info.stored and self.on_released is not None:
                 self.on_released(info.id)
 
-    def _on_aborted(self, event) -> None:  # noqa: ANN001
+    def _on_aborted(self, event) -> None:
         self._record_abort(event.assoc)
 
-    def _record_abort(self, assoc) -> None:  # noqa: ANN001
+    def _record_abort(self, assoc) -> None:
         info = self._info(assoc)
         if info and info.abort_reason is None and assoc.dul.idle_timer_expired():
             info.abort_reason = (f"no complete PDU within {self.settings.node.network_timeout:g} s "
@@ -313,14 +320,14 @@ class Receiver:
                             f" ({info.abort_reason})" if info.abort_reason else "", info.counts(),
                             f" ({held} more aborts from this host since the last line)" if held else "")
 
-    def _on_echo(self, event) -> int:  # noqa: ANN001
+    def _on_echo(self, event) -> int:
         info = self._info(event.assoc)
         self._audit("echo.received", status=STATUS_SUCCESS, **(info.fields() if info else {}))
         return STATUS_SUCCESS
 
     # ------------------------------------------------------------------ C-STORE
 
-    def _on_store(self, event) -> int | Dataset:  # noqa: ANN001
+    def _on_store(self, event) -> int | Dataset:
         info = self._info(event.assoc)
         req = event.request
         rq_sop = str(req.AffectedSOPInstanceUID)

@@ -14,9 +14,8 @@ import os
 import uuid
 from pathlib import Path
 
-from cxr_node.errors import SpoolError
-
 from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.errors import SpoolError
 
 log = logging.getLogger(__name__)
 

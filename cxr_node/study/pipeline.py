@@ -32,24 +32,24 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 
-from cxr_node.eligibility import rules as eligibility
-from cxr_node.onboarding import stations
-from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.models import Instance, Study
 from cxr_node.db.session import Database
+from cxr_node.eligibility import rules as eligibility
 from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.errors import CheckpointError, PreprocessError
+from cxr_node.onboarding import stations
 from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
 from cxr_node.study import results
+from cxr_node.study import states as studies
 from cxr_node.study.work import Film, StudyWork, as_int, element
 
 log = logging.getLogger(__name__)
 
 class Processor:
     def __init__(self, settings: Settings, db: Database, outbox: Outbox, node_id: str = "local",
-                 metrics=None) -> None:  # noqa: ANN001
+                 metrics=None) -> None:
         self.metrics = metrics
         self.node_id = node_id  # recorded on claimed studies; nodes sharing a database requeue only their own
         self.settings = settings
@@ -100,11 +100,11 @@ class Processor:
             import numpy as np
             import torch
 
-            import cxr_node.model.calibration  # noqa: F401 - imported now, not by the first study
-            import cxr_node.encode.sc  # noqa: F401
-            import cxr_node.encode.sr  # noqa: F401
+            import cxr_node.encode.sc
+            import cxr_node.encode.sr
+            import cxr_node.model.calibration
+            import cxr_node.model.policy
             import cxr_node.model.preprocess  # noqa: F401
-            import cxr_node.model.policy  # noqa: F401
 
             s = predictor.input_size
             predictor.predict([torch.zeros(1, s, s)], explain=True)
@@ -305,11 +305,10 @@ class Processor:
 
         import numpy as np
 
-        from cxr_node.onboarding import site_adaptation
         from cxr_node.model.adaptation import apply_site_heads
-
         from cxr_node.model.calibration import logits_from, softmax
         from cxr_node.model.policy import TriagePolicy
+        from cxr_node.onboarding import site_adaptation
 
         cal = cals.get(w.station.name) if w.station is not None else None
         if cal is not None and cal.weights_sha256 != predictor.weights_sha256:

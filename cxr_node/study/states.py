@@ -48,7 +48,7 @@ TRANSITIONS = {RECEIVING: (COMPLETE,), COMPLETE: (QUEUED,), QUEUED: (PROCESSING,
                PROCESSING: (PROCESSED, FAILED, QUEUED), PROCESSED: (QUEUED,), FAILED: (QUEUED,)}
 
 
-def move(session: Session, study: Study, new: str, *, reason: str | None = None, **detail) -> None:  # noqa: ANN003
+def move(session: Session, study: Study, new: str, *, reason: str | None = None, **detail) -> None:
     """Change ``study``'s state (an allowed transition) and audit it, in the caller's transaction."""
     old = study.state
     if new not in TRANSITIONS.get(old, ()):

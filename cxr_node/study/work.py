@@ -47,14 +47,14 @@ class StudyWork:
         return [f for f in self.films if f.refused is not None]
 
 
-def as_int(v) -> int | None:  # noqa: ANN001
+def as_int(v) -> int | None:
     try:
         return int(v)
     except (TypeError, ValueError):
         return None
 
 
-def element(ds: Dataset, keyword: str):  # noqa: ANN202
+def element(ds: Dataset, keyword: str):
     """``ds.get(keyword)``, or None when pydicom cannot read the value (a malformed element is the
     eligibility rules' business, not a reason to stop the study)."""
     try:

@@ -55,7 +55,7 @@ def new_token() -> str:
 class LoginThrottle:
     """Consecutive failures per user name and per address; how long the next attempt must wait."""
 
-    def __init__(self, clock=time.monotonic) -> None:  # noqa: ANN001
+    def __init__(self, clock=time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._fails: dict[str, tuple[int, float]] = {}  # key -> (failures in a row, time of the last)

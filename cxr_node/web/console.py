@@ -252,10 +252,10 @@ class SecurityHeaders:
     (pages show patient IDs: no copy in shared caches or the browser's disk cache). Logs one line
     per request: method, path (never the query, which may hold a patient ID), status, time."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
@@ -266,7 +266,7 @@ class SecurityHeaders:
             return await too_large(scope, receive, send)
         received = [0]
 
-        async def receive_limited():  # noqa: ANN202 - a chunked body has no Content-Length to check first
+        async def receive_limited():
             message = await receive()
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))
@@ -274,7 +274,7 @@ class SecurityHeaders:
                     raise _BodyTooLarge
             return message
 
-        async def send_with_headers(message) -> None:  # noqa: ANN001
+        async def send_with_headers(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 headers = list(message.get("headers", []))

@@ -19,7 +19,7 @@ _TAGS = ("PatientName", "PatientID", "AccessionNumber", "StudyDate", "StudyTime"
          "StationName", "InstitutionName", "BodyPartExamined", "ViewPosition")
 
 
-def _text(ds: Any, keyword: str) -> str:  # noqa: ANN401 - a pydicom Dataset
+def _text(ds: Any, keyword: str) -> str:
     try:
         v = ds.get(keyword)
     except Exception:  # pydicom converts lazily and raises many types for malformed values

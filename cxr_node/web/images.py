@@ -71,7 +71,7 @@ def _png(rgb_or_grey: np.ndarray, max_side: int = MAX_SIDE) -> bytes:
     return buf.getvalue()
 
 
-def _grey(ds) -> np.ndarray:  # noqa: ANN001 - a pydicom Dataset
+def _grey(ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     a = ds.pixel_array

@@ -62,7 +62,7 @@ class WorklistFilter:
     page: int = 1
 
     @classmethod
-    def from_query(cls, q: Any) -> "WorklistFilter":  # noqa: ANN401 - a Mapping of query parameters
+    def from_query(cls, q: Any) -> "WorklistFilter":
         def get(k: str) -> str | None:
             v = (q.get(k) or "").strip()
             return v or None
@@ -81,7 +81,7 @@ class WorklistFilter:
             try:
                 date = dt.date.fromisoformat(day)
             except ValueError:
-                raise BadFilter("date must be YYYY-MM-DD")
+                raise BadFilter("date must be YYYY-MM-DD") from None
             if not MIN_DATE <= date <= MAX_DATE:
                 raise BadFilter(f"date must be from {MIN_DATE} to {MAX_DATE}")
         return cls(state, priority, station, date, pid, page_number(get("page")))

@@ -43,7 +43,7 @@ MAX_PASSWORD = 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
-def _hasher():  # noqa: ANN202 - argon2.PasswordHasher
+def _hasher():
     from argon2 import PasswordHasher
 
     return PasswordHasher()  # argon2id with the library's (RFC 9106 low-memory) parameters

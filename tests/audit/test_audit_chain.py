@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import cli, require_tool, storescu
 from dicomgen import make_cr, uid
 
@@ -95,8 +94,8 @@ def test_audit_backlog_replays_in_order_keeps_times_and_survives_a_failed_try(tm
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cxr_node.audit.trail import verify_chain
     from cxr_node.audit.backlog import AuditBacklog
+    from cxr_node.audit.trail import verify_chain
     from cxr_node.db.migrate import upgrade
     from cxr_node.db.models import AuditEvent
     from cxr_node.db.session import Database

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, REPO, StoreSCP, cli, echoscu, free_port, require_tool, storescu, wait_port
-from cxr_node.audit.trail import FIELDS
 from dicomgen import make_cr
+
+from cxr_node.audit.trail import FIELDS
 
 COMMANDS = {"serve", "db", "check-config", "status", "echo", "audit", "outbox", "resend", "reprocess", "retention",
             "triage", "web", "user", "feedback", "performance", "calibrate-site", "adapt-site"}

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from helpers_model import LABELS, bundled_or_tiny, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

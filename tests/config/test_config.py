@@ -6,8 +6,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, cli
+
 from cxr_node import config as cfg
 from cxr_node.errors import ConfigError
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 
 import pytest
-from pydicom import dcmread
-
-from conftest import free_port, storescu, wait_until as _wait
-from cxr_node.encode.identity import MANUFACTURER
-from cxr_node.encode.sr import read_findings
+from conftest import free_port, storescu
+from conftest import wait_until as _wait
 from dicomgen import make_cr, uid
 from helpers_model import bundled_or_tiny
+from pydicom import dcmread
+
+from cxr_node.encode.identity import MANUFACTURER
+from cxr_node.encode.sr import read_findings
 
 
 def _setup(node_factory, orthanc_factory, tmp_path, name="cxr"):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import time
 
-from pydicom import dcmread
-
 from conftest import StoreSCP, cli, storescu
-from cxr_node.encode.sr import read_findings
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
+from pydicom import dcmread
+
+from cxr_node.encode.sr import read_findings
 
 
 def _node(node_factory, tmp_path, pacs, name):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from helpers_model import make_checkpoint
 from pydicom import dcmread
 
 from cxr_node import config
@@ -19,7 +20,6 @@ from cxr_node.encode.sr import REASON_CODES, RefusedFilm, build_sr
 from cxr_node.model.checkpoint import read_checkpoint
 from cxr_node.onboarding import drift
 from cxr_node.ops import status
-from helpers_model import make_checkpoint
 
 
 def test_a_refusal_is_its_text_and_carries_its_code():

@@ -7,13 +7,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers_model import make_checkpoint
 from pydicom import dcmread
+from validators import dciodvfy_errors, pixelmed_sr_errors
 
 from cxr_node.encode.identity import MANUFACTURER, ModelIdentity, derived_uid
 from cxr_node.encode.sc import build_sc
 from cxr_node.encode.sr import AnalysedFilm, build_sr, read_findings
-from helpers_model import make_checkpoint
-from validators import dciodvfy_errors, pixelmed_sr_errors
 
 THRESHOLDS = {"COVID": 0.3, "Normal": 0.5, "Viral Pneumonia": 0.4}
 
@@ -83,8 +83,8 @@ def test_secondary_capture_keeps_the_film_legible_and_maps_only_a_flag(analysed,
     naming the operating point; a map only for the flagged finding, over part of the film only;
     none for a routine call."""
     from cxr_node.encode.overlay import legend_size
-    from cxr_node.model.preprocess import prepare
     from cxr_node.model.policy import Decision, Finding
+    from cxr_node.model.preprocess import prepare
 
     source, _, pred, model = analysed
     pr = prepare(source, predictor.params, None)
@@ -168,7 +168,7 @@ def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
     from pathlib import Path
 
     from cxr_node.eligibility.refusal import Refusal, RefusalCode
-    from cxr_node.encode.sr import PRIORITY_CODES, PRIVATE_SCHEME, RefusedFilm, reason_code, read_report
+    from cxr_node.encode.sr import PRIORITY_CODES, PRIVATE_SCHEME, RefusedFilm, read_report, reason_code
 
     source, film, pred, model = analysed
     sc = build_sc(source, film, pred, model, instance_number=1)

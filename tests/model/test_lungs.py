@@ -7,8 +7,8 @@ import pytest
 
 from cxr_node.eligibility import rules as eligibility
 from cxr_node.errors import CheckpointError
-from cxr_node.model.lungs import DEFAULT_CHECKPOINT, LungSegmenter, analyse_mask, read_segmenter_checkpoint
 from cxr_node.model.checkpoint import atomic_torch_save, make_checkpoint, read_checkpoint
+from cxr_node.model.lungs import DEFAULT_CHECKPOINT, LungSegmenter, analyse_mask, read_segmenter_checkpoint
 from cxr_node.model.preprocess import DEFAULT_PARAMS, base_transform, display_and_contrast, prepare
 
 

@@ -7,12 +7,18 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers_model import LABELS, make_checkpoint
 
 from cxr_node.errors import CheckpointError
-from cxr_node.model.checkpoint import (GRADCAM_LAYERS, build_model, load_checkpoint, read_checkpoint, save_checkpoint,
-                            state_dict_sha256)
+from cxr_node.model.checkpoint import (
+    GRADCAM_LAYERS,
+    build_model,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    state_dict_sha256,
+)
 from cxr_node.model.policy import TriagePolicy
-from helpers_model import LABELS, make_checkpoint
 
 
 @pytest.fixture(scope="module")

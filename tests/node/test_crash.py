@@ -6,10 +6,9 @@ import re
 import subprocess
 import time
 
-from pydicom import dcmread
-
 from conftest import require_tool, storescu
 from dicomgen import make_cr
+from pydicom import dcmread
 
 SENDERS, FILES_EACH = 3, 15
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
 from helpers_model import LABELS
 
 
@@ -89,10 +88,10 @@ def test_stored_versions_bound_to_the_weights_audited_and_rolled_back(tmp_path):
     from sqlalchemy import select
 
     from cxr_node import config
-    from cxr_node.onboarding import site_adaptation as sa
     from cxr_node.db import migrate
     from cxr_node.db.models import AuditEvent
     from cxr_node.db.session import Database
+    from cxr_node.onboarding import site_adaptation as sa
 
     settings = config.parse({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)
     migrate.upgrade(settings.database.url)
@@ -150,11 +149,10 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
     import io
     import json
 
-    from pydicom import dcmread
-
     from conftest import cli, storescu, wait_until
     from dicomgen import make_cr, uid
     from helpers_model import make_checkpoint
+    from pydicom import dcmread
     from test_onboarding import _events, _texts
 
     from cxr_node.encode.sr import read_findings

@@ -6,7 +6,6 @@ support it, is refused with the reason and what to do. The command runs as a sub
 from __future__ import annotations
 
 import numpy as np
-
 from conftest import cli
 
 LABELS = ["COVID", "Normal", "Viral Pneumonia"]
@@ -17,9 +16,9 @@ def _site(tmp_path, films_per_class: int, separation: float, seed: int = 0):
     triaged by the bundled model (its version and temperature), whose true class got ``separation``
     added to its logit."""
     from cxr_node import config
-    from cxr_node.onboarding import feedback
     from cxr_node.db.models import ImageResult, Study, utcnow
     from cxr_node.db.session import Database
+    from cxr_node.onboarding import feedback
     from cxr_node.onboarding.site_calibration import ModelInfo
 
     cfg = tmp_path / f"cxr-{films_per_class}-{separation}.toml"

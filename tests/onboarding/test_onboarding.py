@@ -16,12 +16,13 @@ import urllib.request
 
 import numpy as np
 import pytest
-from pydicom import dcmread
-
-from conftest import cli, free_port, storescu, wait_until as _wait
-from cxr_node.encode.sr import read_findings
+from conftest import cli, free_port, storescu
+from conftest import wait_until as _wait
 from dicomgen import make_cr, uid
 from helpers_model import LABELS, make_checkpoint
+from pydicom import dcmread
+
+from cxr_node.encode.sr import read_findings
 
 STATION = "site-a"
 AET = "SITEA"
@@ -291,12 +292,11 @@ def test_feedback_api_performance_and_site_calibration_in_process(tmp_path):
     import datetime as dt
 
     from cxr_node import config
-    from cxr_node.onboarding import feedback
-    from cxr_node.onboarding import performance
-    from cxr_node.onboarding import site_calibration as sc
     from cxr_node.db import migrate
     from cxr_node.db.models import ImageResult, Study, utcnow
     from cxr_node.db.session import Database
+    from cxr_node.onboarding import feedback, performance
+    from cxr_node.onboarding import site_calibration as sc
 
     settings = config.parse({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)
     migrate.upgrade(settings.database.url)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import time
 
-from pydicom import dcmread
-
 from conftest import StoreSCP, cli, storescu
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
+from pydicom import dcmread
 
 
 def test_retention_never_deletes_an_unsent_result(node_factory, tmp_path):

@@ -8,13 +8,13 @@ import json
 import time
 
 import pytest
-from pydicom import dcmread
-
 from conftest import StoreSCP, cli, storescu
-from cxr_node.dicom.status import PERMANENT, SENT, TRANSIENT
-from cxr_node.outbox.send import classify_status
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
+from pydicom import dcmread
+
+from cxr_node.dicom.status import PERMANENT, SENT, TRANSIENT
+from cxr_node.outbox.send import classify_status
 
 
 def _node(node_factory, tmp_path, name, dest_ae, dest_port, poll_seconds=0.3, **kw):

@@ -10,11 +10,10 @@ import json
 import time
 
 import pytest
-from pydicom import dcmread
-
 from conftest import StoreSCP, cli, storescu
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
+from pydicom import dcmread
 
 
 def _config_extra(tmp_path, name: str, dest: StoreSCP | None) -> str:

@@ -16,11 +16,10 @@ import subprocess
 import threading
 import time
 
-from pydicom import dcmread
-
 from conftest import PY, REPO, StoreSCP, cli, echoscu, storescu
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
+from pydicom import dcmread
 
 QUIET = '[model]\npreload = false\n'  # no model in memory: RSS and timings measure the receiver only
 HOSTILE = "127.0.0.2"

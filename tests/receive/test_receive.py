@@ -8,11 +8,10 @@ import subprocess
 import time
 
 import pytest
-from pydicom import dcmread
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
-
 from conftest import StoreSCP, echoscu, require_tool, scu_store, storescu
 from dicomgen import dataset_bytes, make_cr, make_garbage, make_truncated
+from pydicom import dcmread
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
 SECRET_NAME = "Zanzibar^Quetzalcoatl"
 

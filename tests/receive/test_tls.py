@@ -7,10 +7,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from pydicom import dcmread
-
 from conftest import StoreSCP, cli, require_tool, storescu, wait_port
 from dicomgen import make_cr
+from pydicom import dcmread
 
 
 def _openssl(*args, cwd):

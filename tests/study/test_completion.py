@@ -9,12 +9,12 @@ from __future__ import annotations
 import io
 import time
 
-from pydicom import dcmread
-
 from conftest import free_port, storescu, wait_until
-from cxr_node.encode.sr import read_findings
 from dicomgen import make_cr, uid
 from helpers_model import bundled_or_tiny
+from pydicom import dcmread
+
+from cxr_node.encode.sr import read_findings
 
 NO_MODEL = '[model]\ncheckpoint = "/nonexistent/model.pt"\npreload = false\n'  # processing fails at once: cheap
 

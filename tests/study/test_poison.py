@@ -18,14 +18,14 @@ from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 from pydicom import dcmread
 
-from cxr_node.eligibility import rules as eligibility
-from cxr_node.study import states as studies
 from cxr_node.db.migrate import upgrade
 from cxr_node.db.models import Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.eligibility import rules as eligibility
 from cxr_node.eligibility.refusal import RefusalCode
 from cxr_node.errors import PreprocessError
 from cxr_node.model.radiograph import dicom_to_float
+from cxr_node.study import states as studies
 
 #: What a fuzzer or a broken modality sends, as the raw bytes of one element (Explicit VR LE).
 MALFORMED = {
@@ -60,7 +60,7 @@ class _Unreadable(dict):
         super().__init__(BodyPartExamined="CHEST", ViewPosition="PA")
         self.keyword = keyword
 
-    def get(self, key, default=None):  # noqa: ANN001, ANN201
+    def get(self, key, default=None):
         if key == self.keyword:
             raise ValueError("Invalid value for VR CS: 'Smith^John'")
         return super().get(key, default)

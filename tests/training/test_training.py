@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_model import LABELS, make_manifest, make_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,8 +185,7 @@ def test_ddp_gloo_two_processes(tmp_path):
 
 
 def test_metrics_against_brute_force():
-    from training.metrics import (expected_calibration_error, roc_auc, threshold_for_sensitivity,
-                                  fit_temperature, nll)
+    from training.metrics import expected_calibration_error, fit_temperature, nll, roc_auc, threshold_for_sensitivity
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 60).astype(bool)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_model import make_sources, make_tb_sources, make_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,8 +233,8 @@ def test_balanced_sampling_weights_and_sampler():
 
 def test_v3_augment_is_seedable_and_changes_the_image():
     import torch
-
     from helpers_model import synthetic_film
+
     from training import augment as A
 
     x = torch.from_numpy(synthetic_film(0, np.random.default_rng(0), 64) / 255.0).float()[None]

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from conftest import StoreSCP, require_tool, storescu, wait_until as _wait
+from conftest import StoreSCP, require_tool, storescu
+from conftest import wait_until as _wait
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 from helpers_web import WebConsole, add_user
@@ -67,7 +67,7 @@ def _exam(path: Path, name: str, accession: str) -> Path:
     return path
 
 
-def _loaded(driver, img):  # noqa: ANN001, ANN202
+def _loaded(driver, img):
     """[naturalWidth, naturalHeight] once the image has loaded, else None."""
     return driver.execute_script(
         "const i = arguments[0]; return i.complete && i.naturalWidth > 0 ? [i.naturalWidth, i.naturalHeight]"

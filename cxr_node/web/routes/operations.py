@@ -42,7 +42,7 @@ def _audit_query(request: Request) -> tuple[audit.AuditQuery, dict[str, Any]]:
     try:
         page = queries.page_number(q.get("page"))
     except queries.BadFilter as e:
-        raise ConfigError(str(e))
+        raise ConfigError(str(e)) from e
     filters = {"since": q.get("since") or None, "until": q.get("until") or None, "study": study,
                "event": events, "calling_aet": (q.get("calling_aet") or None), "patient_id": q.get("patient_id") or None,
                "outcome": outcome}
