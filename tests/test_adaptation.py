@@ -211,6 +211,11 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
         (t,) = _events(node, "image.triaged", study_uid=s)
         assert t["detail"]["calibration"] == name
         assert t["detail"]["urgent"] == bool(t["detail"]["probabilities"]["COVID"] >= threshold)
+    # performance reports the films each decided: the model's 36 and the head's 2, apart
+    for i, s in enumerate(new):
+        cli("feedback", "add", "--study", s, "--label", "COVID" if i == 0 else "Normal", config=node.config)
+    table = cli("performance", "--station", station, "--bootstrap", "100", config=node.config).stdout
+    assert "triaged with model: 36 film(s)" in table and f"triaged with {name}: 2 film(s)" in table, table
     p = cli("adapt-site", "--station", station, "--rollback", config=node.config)
     assert f"site {station} head v1 retired; films are now triaged with model" in p.stdout
     assert len(_events(node, "adaptation.rollback")) == 1
