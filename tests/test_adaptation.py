@@ -207,6 +207,11 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
     for inst in srs:
         texts = _texts(dcmread(io.BytesIO(orthanc.file(inst["ID"]))))
         assert f"calibration {name}" in texts and f"COVID threshold {threshold:.4f}" in texts, texts
+    scs = wait_until(lambda: [i for s in new for i in orthanc.find(StudyInstanceUID=s, Modality="OT")] if all(
+        orthanc.find(StudyInstanceUID=s, Modality="OT") for s in new) else None, 60, "SCs in Orthanc", node)
+    for inst in scs:  # the Secondary Capture names the head too
+        sc = dcmread(io.BytesIO(orthanc.file(inst["ID"])), stop_before_pixels=True)
+        assert sc.DerivationDescription.endswith(f"operating points: {name}")
     for s in new:
         (t,) = _events(node, "image.triaged", study_uid=s)
         assert t["detail"]["calibration"] == name
