@@ -37,9 +37,10 @@ def latency(checkpoint: Path, repeats: int) -> dict:
     import torch
     from pydicom.data import get_testdata_file
 
-    from cxr_node.infer import Predictor
-    from cxr_node.lungs import LungSegmenter
-    from cxr_node.preprocess import AreaDownscale, CLAHE, NormalizeIntensity, ResizeSquare, dicom_to_float
+    from cxr_node.model.infer import Predictor
+    from cxr_node.model.lungs import LungSegmenter
+    from cxr_node.model.preprocess import CLAHE, AreaDownscale, NormalizeIntensity, ResizeSquare
+    from cxr_node.model.radiograph import dicom_to_float
 
     pred = Predictor(checkpoint, device="cpu")
     seg = LungSegmenter()
@@ -87,7 +88,7 @@ def latency(checkpoint: Path, repeats: int) -> dict:
 def train_throughput(checkpoint: Path, steps: int, batch: int) -> dict:
     import torch
 
-    from cxr_node.model import build_model, read_checkpoint
+    from cxr_node.model.checkpoint import build_model, read_checkpoint
     from training.train import CachedDataset
 
     meta = read_checkpoint(checkpoint)["meta"]

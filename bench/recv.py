@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_node.receive import _LimitedSocket, _stall_timeout  # noqa: E402
+from cxr_node.receive.scp import _LimitedSocket, _stall_timeout  # noqa: E402
 
 PDU = 16384
 

@@ -37,7 +37,7 @@ def main() -> int:
 
     from sqlalchemy import func, select
 
-    from cxr_node import performance
+    from cxr_node.onboarding import performance
     from cxr_node.db.migrate import upgrade
     from cxr_node.db.models import Feedback, ImageResult, utcnow
     from cxr_node.db.session import Database

@@ -62,7 +62,7 @@ def run(model, opt, scaler, batches, device, amp: bool, channels_last: bool, war
 def main(argv=None) -> int:
     import torch
 
-    from cxr_node.model import build_model
+    from cxr_node.model.checkpoint import build_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="densenet121")

@@ -24,7 +24,9 @@ from cxr_node.errors import ConfigError
 ENV_VAR = "CXR_NODE_CONFIG"
 DEFAULT_DATA_DIR = "/var/lib/cxr-node"
 #: The model bundled with the package (issue 3); an empty ``[model] checkpoint`` means this.
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "cxr-densenet121.pt"
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"  # the weights shipped in the package
+BUNDLED_CHECKPOINT = BUNDLED_DIR / "cxr-densenet121.pt"
+BUNDLED_LUNG_CHECKPOINT = BUNDLED_DIR / "lung-unet.pt"
 
 
 # The settings classes have no defaults of their own: every default is in _SCHEMA (the documented
@@ -119,6 +121,10 @@ class DatabaseSettings:
 @dataclass(frozen=True)
 class StudySettings:
     quiet_seconds: float
+    max_attempts: int = 3
+    retry_seconds: float = 60
+    complete_on_release: bool = True      # the release of the delivering association completes a study
+    release_grace_seconds: float = 2      # ... once nothing more arrived for this long after it
 
 
 @dataclass(frozen=True)
@@ -133,10 +139,11 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class EligibilitySettings:
-    """Which films are analysed (cxr_node.eligibility): header values, then the pixels."""
+    """Which films are analysed (cxr_node.eligibility.rules): header values, then the pixels."""
     body_parts: tuple[str, ...]
     views: tuple[str, ...]
     check_pixels: bool
+    report_non_chest: bool   # an SR (all films "Not analysed") even for a study with no chest film by its header
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,7 @@ class OutboxSettings:
     retry_base_seconds: float
     retry_max_seconds: float
     max_attempts: int
+    sc_max_rows: int   # the Secondary Capture keeps the film's resolution up to this many rows
 
 
 @dataclass(frozen=True)
@@ -218,8 +226,8 @@ def destinations_warning(settings: Settings) -> str | None:
     if settings.destinations:
         return None
     return (f"no [[destinations]] configured: results are kept in {settings.storage.outbox_dir} but sent "
-            "nowhere; add a [[destinations]] entry, restart the daemon, then `cxr-node resend STUDY_UID` "
-            "sends the results made meanwhile")
+            "nowhere; add a [[destinations]] entry, reload the daemon (`systemctl reload cxr-node` or SIGHUP), "
+            "then `cxr-node resend STUDY_UID` sends the results made meanwhile")
 
 
 def exposure_warning(settings: Settings) -> str | None:
@@ -365,7 +373,9 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "storage": {"data_dir": (_str, DEFAULT_DATA_DIR)},
     "database": {"url": (_str, "")},
-    "study": {"quiet_seconds": (_number(0.1, 86400), 30)},
+    "study": {"quiet_seconds": (_number(0.1, 86400), 30), "max_attempts": (_int(1, 100), 3),
+              "retry_seconds": (_number(0, 86400), 60), "complete_on_release": (_bool, True),
+              "release_grace_seconds": (_number(0, 3600), 2)},
     "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
               "batch_size": (_int(1, 256), 8), "preload": (_bool, True),
               "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},
@@ -374,12 +384,14 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                                     "TORAX", "THX", "BRUST", "BRUSTKORB", "POITRINE", "TORACE", "PECHO"]),
         "views": (_word_list, ["PA", "AP", "AP SUPINE", "AP_SUPINE", "APS", "PA_ERECT", "AP_ERECT"]),
         "check_pixels": (_bool, True),
+        "report_non_chest": (_bool, False),
     },
     "outbox": {
         "poll_seconds": (_number(0.1, 3600), 2),
         "retry_base_seconds": (_number(0.1, 86400), 10),
         "retry_max_seconds": (_number(1, 86400), 900),
         "max_attempts": (_int(1, 1000), 15),
+        "sc_max_rows": (_int(512, 8192), 2048),
     },
     "retention": {"days": (_number(0, 36500), 0)},
     "tls": {"certificate": (_str, ""), "private_key": (_str, ""), "ca_certificates": (_str, ""),

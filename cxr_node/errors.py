@@ -33,7 +33,13 @@ class SOPClassMismatchError(CxrNodeError):
 
 
 class PreprocessError(CxrNodeError):
-    """An image is not a usable 2-D greyscale radiograph."""
+    """An image is not a usable 2-D greyscale radiograph. ``code`` is the refusal code the pipeline
+    records (:class:`cxr_node.eligibility.refusal.RefusalCode` value): ``pixels``, or
+    ``unreadable`` for a header element that cannot be read."""
+
+    def __init__(self, message: str, code: str = "pixels") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CheckpointError(CxrNodeError):

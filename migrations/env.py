@@ -5,7 +5,7 @@ ALTERs (and real downgrades) work."""
 from alembic import context
 
 from cxr_node.db.models import Base
-from cxr_node.db.session import make_engine
+from cxr_node.db.engine import make_engine
 
 config = context.config
 url = config.attributes.get("url")

@@ -78,7 +78,7 @@ class Node:
 
     def __init__(self, root: Path, *, ae_title: str = "CXRNODE", quiet_seconds: float = 30,
                  extra_node: str = "", extra: str = "", db_url: str | None = None, port: int | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", study_extra: str = "") -> None:
         self.root = root
         self.port = port or free_port()
         self.ae_title = ae_title
@@ -92,7 +92,7 @@ class Node:
             f'[node]\nae_title = "{ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f"drain_seconds = 20\n{extra_node}\n"
             f'[storage]\ndata_dir = "{self.data_dir}"\n{db}'
-            f"[study]\nquiet_seconds = {quiet_seconds}\n[logging]\nlevel = \"{log_level}\"\n{extra}\n"
+            f"[study]\nquiet_seconds = {quiet_seconds}\n{study_extra}\n[logging]\nlevel = \"{log_level}\"\n{extra}\n"
         )
         self.proc: subprocess.Popen | None = None
 

@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
@@ -37,12 +38,14 @@ def make_cr(path: Path, *, study_uid: str | None = None, series_uid: str | None 
             sop_uid: str | None = None, rows: int = 256, cols: int = 256, patient_name: str = "Test^Patient",
             patient_id: str = "PID-TEST", sop_class: str = ComputedRadiographyImageStorage,
             meta_sop_class: str | None = None, seed: int = 0, omit: tuple[str, ...] = (),
-            pixels: str = "chest") -> Path:
+            pixels: str = "chest", raw: dict[str, tuple[str, bytes]] | None = None) -> Path:
     """A CR chest PA film, Explicit VR LE, 16-bit MONOCHROME2 (12 bits stored).
 
     ``pixels="chest"``: a real chest film (pydicom-data's RG1_UNCR, resized, with a little noise
     drawn from ``seed`` so every file differs): cxr-node analyses it. ``pixels="random"``: uniform
     noise, which cxr-node refuses (no lung fields). rows*cols*2 bytes: 2290x2290 is about 10 MB.
+    ``raw``: keyword -> (VR, bytes) written as they are, bypassing pydicom's checks: a malformed
+    header as a fuzzer or a broken modality sends it (``{"NumberOfFrames": ("IS", b"abc ")}``).
     """
     rng = np.random.default_rng(seed)
     ds = Dataset()
@@ -69,6 +72,9 @@ def make_cr(path: Path, *, study_uid: str | None = None, series_uid: str | None 
         raise ValueError(f"pixels must be 'chest' or 'random' (got {pixels!r})")
     for kw in omit:
         delattr(ds, kw)
+    for kw in raw or {}:
+        if kw in ds:
+            delattr(ds, kw)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = meta_sop_class or sop_class
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID if "SOPInstanceUID" not in omit else uid()
@@ -83,7 +89,30 @@ def make_cr(path: Path, *, study_uid: str | None = None, series_uid: str | None 
         data = path.read_bytes()
         end = _meta_end(data)
         path.write_bytes(data[:end].replace(sop_class.encode(), meta_sop_class.encode()) + data[end:])
+    for kw, (vr, value) in (raw or {}).items():
+        _insert_raw(path, keyword_dict[kw], vr, value)
     return path
+
+
+def _insert_raw(path: Path, tag: int, vr: str, value: bytes) -> None:
+    """Put a short-form Explicit VR LE element into the file's dataset at its place in tag order,
+    bytes as given (pydicom would convert, and refuse, a malformed value on writing)."""
+    import struct
+
+    data = path.read_bytes()
+    pos = _meta_end(data)
+    while pos < len(data):  # walk the top-level elements to the first one with a greater tag
+        group, elem = struct.unpack("<HH", data[pos:pos + 4])
+        if (group << 16 | elem) > tag:
+            break
+        evr = data[pos + 4:pos + 6]
+        if evr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR"):
+            length = struct.unpack("<I", data[pos + 8:pos + 12])[0]
+            pos += 12 + length
+        else:
+            pos += 8 + struct.unpack("<H", data[pos + 6:pos + 8])[0]
+    element = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode() + struct.pack("<H", len(value)) + value
+    path.write_bytes(data[:pos] + element + data[pos:])
 
 
 def make_garbage(path: Path) -> Path:

@@ -161,8 +161,8 @@ def make_checkpoint(path: Path, input_size: int = 64, seed: int = 0, thresholds:
     default to the three labels with COVID critical (e.g. FIVE_LABELS with COVID and Tuberculosis)."""
     import torch
 
-    from cxr_node.model import build_model, save_checkpoint
-    from cxr_node.preprocess import make_params
+    from cxr_node.model.checkpoint import build_model, save_checkpoint
+    from cxr_node.model.preprocess import make_params
 
     torch.manual_seed(seed)
     labels = list(labels or LABELS)

@@ -37,7 +37,7 @@ def _site(n: int = 160, informative: bool = True, seed: int = 0, d: int = 24):
 
 
 def _fit(films, x, groups, minimum=20, **kw):
-    from cxr_node.site_adaptation import fit
+    from cxr_node.onboarding.site_adaptation import fit
 
     return fit(films, x, groups, station="st1", labels=LABELS, critical=["COVID"],
                thresholds={"COVID": 0.5, "Normal": 0.5, "Viral Pneumonia": 0.5}, model_version="m1",
@@ -45,7 +45,7 @@ def _fit(films, x, groups, minimum=20, **kw):
 
 
 def test_logistic_head_folds_into_a_linear_layer_and_heads_replace_critical_probabilities():
-    from cxr_node.adaptation import LogisticHead, apply_site_heads, fit_logistic_head
+    from cxr_node.model.adaptation import LogisticHead, apply_site_heads, fit_logistic_head
 
     rng = np.random.default_rng(1)
     x = rng.normal(3, 2, (200, 6))
@@ -66,7 +66,7 @@ def test_logistic_head_folds_into_a_linear_layer_and_heads_replace_critical_prob
 
 
 def test_refused_below_the_minimum_and_the_gate_keeps_the_champion():
-    from cxr_node.site_adaptation import AdaptationRefused
+    from cxr_node.onboarding.site_adaptation import AdaptationRefused
 
     films, x, groups = _site()
     n_covid = sum(f.label == "COVID" for f in films)
@@ -88,7 +88,8 @@ def test_refused_below_the_minimum_and_the_gate_keeps_the_champion():
 def test_stored_versions_bound_to_the_weights_audited_and_rolled_back(tmp_path):
     from sqlalchemy import select
 
-    from cxr_node import config, site_adaptation as sa
+    from cxr_node import config
+    from cxr_node.onboarding import site_adaptation as sa
     from cxr_node.db import migrate
     from cxr_node.db.models import AuditEvent
     from cxr_node.db.session import Database
@@ -156,6 +157,8 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
     from helpers_model import make_checkpoint
     from test_onboarding import _events, _texts
 
+    from cxr_node.encode.sr import read_findings
+
     orthanc = orthanc_factory().start()
     ckpt = make_checkpoint(tmp_path / "model.pt", input_size=64)
     station = "site-b"
@@ -205,8 +208,11 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
         orthanc.find(StudyInstanceUID=s, Modality="SR") for s in new) else None, 120, "SRs in Orthanc", node)
     name = f"site {station} head v1"
     for inst in srs:
-        texts = _texts(dcmread(io.BytesIO(orthanc.file(inst["ID"]))))
-        assert f"calibration {name}" in texts and f"COVID threshold {threshold:.4f}" in texts, texts
+        sr = dcmread(io.BytesIO(orthanc.file(inst["ID"])))
+        texts = _texts(sr)
+        assert any(t.startswith(f"calibration {name}") for t in texts), texts
+        (group,) = read_findings(sr)  # the head's operating point, beside the probability compared with it
+        assert group["thresholds"]["COVID-19"] == pytest.approx(threshold, rel=5e-3)
     scs = wait_until(lambda: [i for s in new for i in orthanc.find(StudyInstanceUID=s, Modality="OT")] if all(
         orthanc.find(StudyInstanceUID=s, Modality="OT") for s in new) else None, 60, "SCs in Orthanc", node)
     for inst in scs:  # the Secondary Capture names the head too
@@ -230,9 +236,10 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
 def test_drift_is_measured_against_the_active_head_for_these_weights(tmp_path):
     """check_drift: a station with active site heads (for these weights) is compared with the heads'
     fitting films, on the films the heads triaged; heads for other weights leave the baseline."""
-    from cxr_node import config, site_adaptation as sa, stations
+    from cxr_node import config
     from cxr_node.db import migrate
     from cxr_node.db.models import ImageResult, StationRow, utcnow
+    from cxr_node.onboarding import site_adaptation as sa, stations
     from cxr_node.db.session import Database
 
     settings = config.parse({"storage": {"data_dir": str(tmp_path)},

@@ -83,6 +83,7 @@ def test_study_story(trail):
     assert events[0] == "association.opened" and events.count("instance.stored") == 3
     assert events.index("study.complete") < events.index("study.queued")
     assert "association.released" in events
+    assert "{" not in out and "URGENT" not in out  # sentences, not JSON; a priority said once
     p = cli("audit", "study", "1.2.3.999", config=node.config, check=False)
     assert p.returncode == 2 and "no audit events" in p.stderr
 
@@ -94,8 +95,8 @@ def test_audit_backlog_replays_in_order_keeps_times_and_survives_a_failed_try(tm
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cxr_node.audit import verify_chain
-    from cxr_node.audit_backlog import AuditBacklog
+    from cxr_node.audit.trail import verify_chain
+    from cxr_node.audit.backlog import AuditBacklog
     from cxr_node.db.migrate import upgrade
     from cxr_node.db.models import AuditEvent
     from cxr_node.db.session import Database

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PY, REPO, StoreSCP, cli, echoscu, free_port, require_tool, storescu, wait_port
-from cxr_node.audit import FIELDS
+from cxr_node.audit.trail import FIELDS
 from dicomgen import make_cr
 
 COMMANDS = {"serve", "db", "check-config", "status", "echo", "audit", "outbox", "resend", "reprocess", "retention",
@@ -156,7 +156,7 @@ def test_echo_to_a_real_peer_and_failures(tmp_path):
 def test_audit_filters_and_formats(node_factory, tmp_path):
     # the study must not complete while the trail is compared with itself: a loaded machine (CI runs
     # the suite on parallel workers) once took longer than a 30 s quiet period between two reads
-    n = node_factory("aud", quiet_seconds=3600).start()
+    n = node_factory("aud", quiet_seconds=3600, study_extra="complete_on_release = false").start()
     a, b = make_cr(tmp_path / "a.dcm"), make_cr(tmp_path / "b.dcm")
     assert storescu(n.port, a, aet="MOD_A").returncode == 0
     assert storescu(n.port, b, aet="MOD_B").returncode == 0
@@ -184,7 +184,18 @@ def test_audit_filters_and_formats(node_factory, tmp_path):
     parsed = list(csv.DictReader(io.StringIO(out)))
     assert list(parsed[0]) == list(FIELDS) and len(parsed) == 2
     table = cli("audit", "--event", "instance.stored", config=n.config).stdout
-    assert table.splitlines()[0].startswith("TIME") and "(2 events)" in table
+    assert table.splitlines()[0].startswith("TIME") and "(2 events) newest first" in table
+    # no filter: the newest first, a page, and how to see more
+    everything = n.audit()
+    assert len(everything) > 3
+    page = cli("audit", "--limit", "3", config=n.config).stdout.splitlines()
+    header, rule, body, footer = page[0], page[1], page[2:-1], page[-1]
+    assert header.split()[:2] == ["TIME", "EVENT"] and set(rule.replace(" ", "")) == {"-"}
+    assert [line.split()[1] for line in body] == [r["event"] for r in everything[::-1][:3]]
+    assert len({line.index(line.split()[1]) for line in body}) == 1  # aligned: the event column starts in one place
+    assert f"of {len(everything)}" in footer and "--offset 3" in footer and "--format csv" in footer
+    default = cli("audit", config=n.config).stdout
+    assert "newest first" in default.splitlines()[-1]
 
     # PS3.15 A.5 DICOM Audit Messages, one XML document per line
     import xml.etree.ElementTree as ET
@@ -218,6 +229,7 @@ def test_systemd_unit_verifies(tmp_path):
     exe = require_tool("systemd-analyze", "systemd")
     unit = (REPO / "systemd" / "cxr-node.service").read_text()
     for needed in ("User=cxr-node", "Restart=on-failure", "ExecStartPre=", "db upgrade", "NoNewPrivileges=yes",
+                   "ExecReload=/bin/kill -HUP $MAINPID",
                    "ProtectSystem=strict", "ReadWritePaths=/var/lib/cxr-node", "PrivateTmp=yes", "ProtectHome=yes"):
         assert needed in unit
     # verify checks that ExecStart exists: point it at the console script of the Python running the tests

@@ -72,7 +72,7 @@ def test_check_config_cli(tmp_path):
 
 
 def test_stations_resolve_by_calling_ae_title_then_station_and_institution_name():
-    from cxr_node import stations
+    from cxr_node.onboarding import stations
 
     s = _parse('[onboarding]\nnew_stations = "shadow"\n'
                '[[stations]]\nae_title = "CR1"\nname = "cr1"\nmode = "active"\n'

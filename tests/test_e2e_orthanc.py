@@ -53,25 +53,22 @@ def test_results_reach_the_pacs_in_the_same_study(node_factory, orthanc_factory,
     groups = read_findings(sr)
     assert len(groups) == 2
     for g in groups:
-        assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=2e-3)  # 3 significant digits
         assert g["source_sop_uids"][0] in sources
         assert g["source_sop_uids"][1] in {sc.SOPInstanceUID for sc in sc_sets}
     assert [e.DeviceUID for e in sr.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
     # the same film in two encodings gives the same answer
     p1, p2 = (g["probabilities"] for g in groups)
-    assert p1 == pytest.approx(p2, abs=1e-3)
+    assert p1 == pytest.approx(p2, abs=2e-3)
 
-    # the tibia: stored, not analysed, no overlay and no flag; the trail and an SR say why
+    # the tibia: stored, not analysed, no overlay, no flag and no SR (not a chest film by its header);
+    # the trail says why
+    (done,) = node.wait_for_event("study.processed", timeout=60, study_uid=tibia_study)
     (skip,) = node.events("image.skipped", study_uid=tibia_study)
     assert "BodyPartExamined is EXTREMITY" in skip["reason"]
-    (done,) = node.events("study.processed", study_uid=tibia_study)
     assert done["reason"].startswith("no film was analysed: BodyPartExamined is EXTREMITY")
-    assert done["detail"]["objects"] == 1 and done["detail"]["priority"] is None  # the SR only
-    (tibia_sr,) = _wait(lambda: orthanc.find(StudyInstanceUID=tibia_study, Modality="SR"), 60, "no tibia SR", node)
-    (g,) = read_findings(dcmread(io.BytesIO(orthanc.file(tibia_sr["ID"]))))
-    assert g["finding"] == "Not analysed" and g["probabilities"] == {}
-    assert g["evaluations"]["Reason not analysed"] == "Header: not a frontal chest film"
-    assert len(orthanc.find(StudyInstanceUID=tibia_study)) == 2  # the film and the SR, no overlay
+    assert done["detail"]["objects"] == 0 and done["detail"]["priority"] is None
+    assert len(orthanc.find(StudyInstanceUID=tibia_study)) == 1  # the film only
 
     triaged = node.events("image.triaged", study_uid=study)
     assert len(triaged) == 2 and all(r["detail"]["model_version"] for r in triaged)

@@ -72,3 +72,29 @@ def test_a_study_with_only_refused_films_still_gets_an_sr_and_no_flag(node_facto
     assert not node.events("image.triaged", study_uid=study)
     assert [ds.Modality for ds in sent] == ["SR"]
     assert read_findings(sent[0])[0]["finding"] == "Not analysed"
+
+
+def test_a_study_with_no_chest_film_by_its_header_gets_no_sr(node_factory, tmp_path):
+    """A tibia (header EXTREMITY) was never a triage candidate: audited as skipped, nothing sent.
+    In the same node a film whose header says chest but whose pixels are refused keeps its SR."""
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        node = _node(node_factory, tmp_path, pacs, "elig3")
+        tibia_study, chest_study = uid(), uid()
+        tibia = make_cr(tmp_path / "tibia.dcm", study_uid=tibia_study, raw={"BodyPartExamined": ("CS", b"EXTREMITY ")})
+        noise = make_cr(tmp_path / "noise.dcm", study_uid=chest_study, pixels="random")
+        assert storescu(node.port, tibia, noise).returncode == 0
+        (tibia_done,) = node.wait_for_event("study.processed", timeout=120, study_uid=tibia_study)
+        node.wait_for_event("study.processed", timeout=120, study_uid=chest_study)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not node.events("outbox.sent", study_uid=chest_study):
+            time.sleep(0.3)
+        time.sleep(1.0)  # the outbox polls every 0.3 s: anything queued for the tibia would be sent by now
+        sent = [dcmread(p) for p in pacs.out_dir.iterdir()]
+    (skipped,) = node.events("image.skipped", study_uid=tibia_study)
+    assert "BodyPartExamined is EXTREMITY" in skipped["reason"]
+    assert tibia_done["detail"]["objects"] == 0 and tibia_done["detail"]["queued"] == 0
+    assert "no SR sent" in tibia_done["reason"]
+    assert not node.events("outbox.queued", study_uid=tibia_study)
+    assert [ds.StudyInstanceUID for ds in sent] == [chest_study]  # only the pixel-refused chest film's SR
+    (sr,) = sent
+    assert read_findings(sr)[0]["finding"] == "Not analysed"

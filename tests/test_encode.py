@@ -23,11 +23,15 @@ def _ours(ds):
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory, films):
-    from cxr_node.infer import Predictor
+def predictor(tmp_path_factory):
+    from cxr_node.model.infer import Predictor
 
     ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", input_size=64, thresholds=THRESHOLDS)
-    predictor = Predictor(ckpt, device="cpu")
+    return Predictor(ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def analysed(predictor, films):
     source = dcmread(films["RG1_UNCR"])
     source.AccessionNumber = "ACC-4711"
     x, film = predictor.preprocess_with_display(source)
@@ -68,6 +72,47 @@ def test_secondary_capture(analysed, tmp_path):
     assert build_sc(source, film, pred, other, instance_number=1).SOPInstanceUID != sc.SOPInstanceUID
 
 
+def _coloured(px):
+    """Pixels of an RGB picture that are not grey (a heat map was blended in)."""
+    px = px.astype(int)
+    return (np.abs(px[..., 0] - px[..., 1]) > 12) | (np.abs(px[..., 1] - px[..., 2]) > 12)
+
+
+def test_secondary_capture_keeps_the_film_legible_and_maps_only_a_flag(analysed, predictor, tmp_path):
+    """The SC at the source's resolution (up to the configured rows), the legend scaled to it and
+    naming the operating point; a map only for the flagged finding, over part of the film only;
+    none for a routine call."""
+    from cxr_node.encode.overlay import legend_size
+    from cxr_node.model.preprocess import prepare
+    from cxr_node.model.policy import Decision, Finding
+
+    source, _, pred, model = analysed
+    pr = prepare(source, predictor.params, None)
+    assert pr.film.shape == (source.Rows, source.Columns)
+    # flagged for COVID at an operating point of 0, with the map made for COVID
+    flagged_model = dataclasses.replace(model, thresholds={"COVID": 0.0, "Normal": 0.5, "Viral Pneumonia": 0.4})
+    flagged = Finding(dataclasses.replace(pred.prediction, cam_label="COVID", top_label="COVID"),
+                      Decision(True, "urgent", ("COVID above",)))
+    sc = build_sc(source, pr.film, flagged, flagged_model, instance_number=1)
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    px = dcmread(path).pixel_array
+    rows = source.Rows  # 1955 <= the default 2048: the film keeps its resolution
+    assert px.shape[1] == source.Columns and px.shape[0] > rows
+    film_part, legend = px[:rows], px[rows:]
+    assert 0 < _coloured(film_part).mean() < 0.5  # a map, not over the whole film
+    assert legend.shape[0] >= 5 * legend_size(rows, source.Columns)  # five lines at least, scaled to the film
+    assert legend_size(rows, source.Columns) >= 40  # ~2% of the height: 43 px letters on a 1955-row film
+
+    routine = Finding(pred.prediction, Decision(False, "routine", ()))
+    px = build_sc(source, pr.film, routine, model, instance_number=1).pixel_array
+    assert not _coloured(px[:rows]).any()  # no map for a routine call: the film stays grey
+
+    small = build_sc(source, pr.film, routine, model, instance_number=1, max_rows=1024).pixel_array
+    assert small.shape[1] == round(source.Columns * 1024 / rows) and small.shape[0] > 1024
+
+
 def test_structured_report_validates_and_reads_back(analysed, tmp_path):
     source, film, pred, model = analysed
     sc = build_sc(source, film, pred, model, instance_number=1)
@@ -85,16 +130,99 @@ def test_structured_report_validates_and_reads_back(analysed, tmp_path):
     (scheme,) = back.CodingSchemeIdentificationSequence  # our private scheme is declared in the SR
     assert scheme.CodingSchemeDesignator == "99CXRNODE" and scheme.CodingSchemeResponsibleOrganization == MANUFACTURER
     (group,) = read_findings(back)
-    assert group["finding"] in ("COVID-19", "Normal", "Viral pneumonia")
+    assert group["finding"] is None  # an estimate, not a "Finding = COVID-19"
     probs = group["probabilities"]
     assert probs == pytest.approx({"COVID-19": pred.probabilities[0], "Normal": pred.probabilities[1],
-                                   "Viral pneumonia": pred.probabilities[2]}, abs=1e-6)
-    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+                                   "Viral pneumonia": pred.probabilities[2]}, rel=5e-3)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=2e-3)
+    assert group["thresholds"] == {"COVID-19": 0.3, "Normal": 0.5, "Viral pneumonia": 0.4}
     expected = {"COVID-19": pred.probabilities[0] >= 0.3, "Normal": pred.probabilities[1] >= 0.5,
                 "Viral pneumonia": pred.probabilities[2] >= 0.4}
-    assert group["evaluations"] == {k: "Present" if v else "Absent" for k, v in expected.items()}
+    assert group["above"] == expected
+    assert group["evaluations"] == {}  # no Present/Absent for a disease the model only estimates
+    assert group["priority"] == pred.priority
     assert group["source_sop_uids"] == [source.SOPInstanceUID, sc.SOPInstanceUID]
     assert group["tracking_uid"] == model.tracking_uid(source.SOPInstanceUID)
+
+
+def _items(ds, path=()):
+    """(path of concept meanings, item) for every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        yield path + (name,), item
+        yield from _items(item, path + (name,))
+
+
+def _code(item):
+    c = item.ConceptNameCodeSequence[0]
+    return c.CodeValue, c.CodingSchemeDesignator
+
+
+def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
+    """Each point of issue 19, read from the content tree itself: probabilities with at most 3
+    significant digits, each with its class, its operating point and whether it was exceeded; a
+    coded urgency for the study and the film; the notice as a text item; algorithm name and
+    version once per group and nothing more; a refused film's group with its coded reason;
+    standard codes except where none exists, each private one listed in the README."""
+    import re
+    from pathlib import Path
+
+    from cxr_node.eligibility.refusal import Refusal, RefusalCode
+    from cxr_node.encode.sr import PRIORITY_CODES, PRIVATE_SCHEME, RefusedFilm, reason_code, read_report
+
+    source, film, pred, model = analysed
+    sc = build_sc(source, film, pred, model, instance_number=1)
+    refused = source.copy()
+    refused.SOPInstanceUID = source.SOPInstanceUID + ".9"
+    why = Refusal(RefusalCode.NO_LUNG_FIELDS, "no plausible lung fields: one lung field only")
+    sr = build_sr([AnalysedFilm(source, sc, pred)], model, study_version=1, refused=[RefusedFilm(refused, why)])
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert pixelmed_sr_errors(path) == []
+    back = dcmread(path)
+    items = list(_items(back))
+
+    nums = [(p, it) for p, it in items if it.ValueType == "NUM"]
+    probabilities = [(p, it) for p, it in nums if _code(it) == ("122157", "DCM")]
+    thresholds = [(p, it) for p, it in nums if _code(it) == ("122411", "DCM")]
+    assert len(probabilities) == len(thresholds) == 3
+    for _, it in probabilities + thresholds:
+        text = str(it.MeasuredValueSequence[0].NumericValue)
+        digits = re.sub(r"e.*$", "", text.lower()).replace(".", "").replace("-", "").lstrip("0")
+        assert len(digits) <= 3, text  # at most 3 significant digits (4.04e-05, 0.953, 0.3)
+        assert it.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    for _, it in probabilities:
+        mods = {_code(m): m.ConceptCodeSequence[0] for m in it.ContentSequence}
+        assert mods[("246090004", "SCT")].CodingSchemeDesignator == "SCT"  # the class, a standard code
+        assert mods[("ABOVEOP", PRIVATE_SCHEME)].CodeMeaning in ("Yes", "No")
+    meanings = {m for _, it in items if it.ValueType == "CODE" for m in [it.ConceptCodeSequence[0].CodeMeaning]}
+    assert not meanings & {"Present", "Absent"}
+
+    priorities = [(p, it.ConceptCodeSequence[0]) for p, it in items if _code(it) == ("260870009", "SCT")]
+    by_level = {len(p): c for p, c in priorities}
+    assert by_level[2].CodeMeaning == PRIORITY_CODES[pred.priority].meaning  # the study's
+    assert by_level[3].CodeMeaning == PRIORITY_CODES[pred.priority].meaning  # the film's
+    (notice,) = [it for _, it in items if it.ValueType == "TEXT" and _code(it) == ("121106", "DCM")]
+    assert "research triage, not for diagnostic use" in notice.TextValue.lower()
+    assert back.ConceptNameCodeSequence[0].CodeValue == "126000"  # TID 1500's title (pixelmed picks the template by it)
+
+    names = [p[-1] for p, _ in items]
+    assert names.count("Algorithm Name") == 2 and names.count("Algorithm Version") == 2  # once per group
+    assert "Algorithm Manufacturer" not in names and "Algorithm Parameters" not in names
+
+    report = read_report(back)
+    assert report["priority"] == pred.priority and "not for diagnostic use" in report["notice"]
+    analysed_group, refused_group = report["films"]
+    assert refused_group["finding"] == "Not analysed" and refused_group["probabilities"] == {}
+    assert refused_group["evaluations"] == {"Reason not analysed": reason_code(why).meaning}
+    assert refused_group["source_sop_uids"] == [refused.SOPInstanceUID]
+
+    # every private code used is listed in the README
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    private = {c.CodeValue for _, it in items for key in ("ConceptNameCodeSequence", "ConceptCodeSequence")
+               for c in it.get(key, []) if c.CodingSchemeDesignator == PRIVATE_SCHEME}
+    assert private and all(f"`{v}`" in readme for v in private), private
 
 
 def test_revised_report_names_its_predecessor(analysed, tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_node import eligibility
+from cxr_node.eligibility import rules as eligibility
 from cxr_node.errors import CheckpointError
-from cxr_node.lungs import DEFAULT_CHECKPOINT, LungSegmenter, analyse_mask, read_segmenter_checkpoint
-from cxr_node.model import atomic_torch_save, make_checkpoint, read_checkpoint
-from cxr_node.preprocess import DEFAULT_PARAMS, base_transform, display_and_contrast, prepare
+from cxr_node.model.lungs import DEFAULT_CHECKPOINT, LungSegmenter, analyse_mask, read_segmenter_checkpoint
+from cxr_node.model.checkpoint import atomic_torch_save, make_checkpoint, read_checkpoint
+from cxr_node.model.preprocess import DEFAULT_PARAMS, base_transform, display_and_contrast, prepare
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_bundled_out_of_domain_reference_is_bound_to_the_classifier_and_separate
     """The bundled classifier's reference verifies, names its classifier's weights, scores a real
     chest film inside and generated noise far outside its threshold; bound to other weights it is refused."""
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.infer import OodReference, Predictor, default_ood_path
+    from cxr_node.model.infer import OodReference, Predictor, default_ood_path
 
     pred = Predictor(BUNDLED_CHECKPOINT)
     assert pred.ood is not None and pred.ood.meta["classifier_sha256"] == pred.weights_sha256
@@ -148,7 +148,7 @@ def test_shared_segmenter_is_built_once_when_threads_ask_together(monkeypatch):
     import threading
     import time
 
-    from cxr_node import lungs
+    from cxr_node.model import lungs
 
     built = []
 

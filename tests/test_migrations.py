@@ -20,8 +20,17 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
             "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads"} <= _tables(db)
     assert cli("db", "current", config=cfg).stdout.strip() == "0009"
-    cli("db", "downgrade", "0006", config=cfg)
+    cli("db", "downgrade", "0008", config=cfg)
     assert "site_heads" not in _tables(db) and "web_users" in _tables(db)
+    with sqlite3.connect(db) as c:
+        assert "refusal_code" in {r[1] for r in c.execute("pragma table_info(image_results)")}
+    cli("db", "downgrade", "0007", config=cfg)
+    with sqlite3.connect(db) as c:
+        assert "refusal_code" not in {r[1] for r in c.execute("pragma table_info(image_results)")}
+        assert {"attempts", "retry_at"} <= {r[1] for r in c.execute("pragma table_info(studies)")}
+    cli("db", "downgrade", "0006", config=cfg)
+    with sqlite3.connect(db) as c:
+        assert {"attempts", "retry_at"} & {r[1] for r in c.execute("pragma table_info(studies)")} == set()
     cli("db", "downgrade", "0005", config=cfg)
     assert _tables(db) & {"web_users", "web_sessions"} == set()
     assert {"stations", "feedback", "site_calibrations"} <= _tables(db)
@@ -50,3 +59,28 @@ def test_serve_refuses_an_unmigrated_database(tmp_path):
     p = cli("serve", config=cfg, check=False, timeout=60)
     assert p.returncode == 1
     assert "run `cxr-node db upgrade` first" in p.stderr
+
+
+def test_0008_backfills_refusal_codes_from_the_old_reasons(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
+    db = tmp_path / "d" / "cxr-node.db"
+    cli("db", "upgrade", "0007", config=cfg)
+    reasons = {"outside the training distribution (score 9.1, threshold 4.0)": "out_of_domain",
+               "no lung fields found (one lung field on each side needed; found 0)": "no_lung_fields",
+               "unusable pixels: DICOM image is colour": "pixels",
+               "unusable header: NumberOfFrames cannot be read (ValueError)": "unreadable",
+               "ViewPosition is LL: only frontal (PA/AP) films are analysed": "header",
+               "BodyPartExamined is KNEE, not a chest value (CHEST, THORAX...)": "not_chest",
+               "something nobody foresaw": "other"}
+    with sqlite3.connect(db) as c:
+        for n, reason in enumerate(reasons):
+            c.execute("insert into image_results (study_uid, study_version, sop_instance_uid, analysed, reason, "
+                      "created_at) values (?, 1, ?, 0, ?, '2026-12-01 00:00:00')", ("1.2.3", f"1.2.3.{n}", reason))
+        c.execute("insert into image_results (study_uid, study_version, sop_instance_uid, analysed, created_at) "
+                  "values ('1.2.3', 1, '1.2.3.99', 1, '2026-12-01 00:00:00')")
+    cli("db", "upgrade", config=cfg)
+    with sqlite3.connect(db) as c:
+        got = dict(c.execute("select reason, refusal_code from image_results where analysed = 0"))
+        analysed = c.execute("select refusal_code from image_results where analysed = 1").fetchone()
+    assert got == reasons and analysed == (None,)

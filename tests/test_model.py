@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cxr_node.errors import CheckpointError
-from cxr_node.model import (GRADCAM_LAYERS, build_model, load_checkpoint, read_checkpoint, save_checkpoint,
+from cxr_node.model.checkpoint import (GRADCAM_LAYERS, build_model, load_checkpoint, read_checkpoint, save_checkpoint,
                             state_dict_sha256)
-from cxr_node.triage import TriagePolicy
+from cxr_node.model.policy import TriagePolicy
 from helpers_model import LABELS, make_checkpoint
 
 
@@ -89,7 +89,7 @@ def test_fp16_checkpoint_is_smaller_and_close(ckpt, tmp_path):
 
 @pytest.mark.parametrize("arch", ["resnet50", "efficientnet-b0"])
 def test_other_archs_build_and_explain(arch, tmp_path):
-    from cxr_node.infer import Predictor
+    from cxr_node.model.infer import Predictor
 
     p = make_checkpoint(tmp_path / f"{arch}.pt", input_size=64, arch=arch)
     pred = Predictor(p)
@@ -100,7 +100,7 @@ def test_other_archs_build_and_explain(arch, tmp_path):
 
 
 def test_predictor_temperature_threshold_and_frozen_records(tmp_path):
-    from cxr_node.infer import Predictor
+    from cxr_node.model.infer import Predictor
 
     p = make_checkpoint(tmp_path / "t.pt", input_size=64, temperature=2.5, thresholds={"COVID": 0.2})
     pred = Predictor(p)

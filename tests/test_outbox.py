@@ -11,7 +11,8 @@ import pytest
 from pydicom import dcmread
 
 from conftest import StoreSCP, cli, storescu
-from cxr_node.send import PERMANENT, SENT, TRANSIENT, classify_status
+from cxr_node.dicom.status import PERMANENT, SENT, TRANSIENT
+from cxr_node.outbox.send import classify_status
 from dicomgen import make_cr, uid
 from helpers_model import make_checkpoint
 

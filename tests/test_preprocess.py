@@ -1,4 +1,4 @@
-"""cxr_node.preprocess against independently computed numpy results, and its refusals."""
+"""cxr_node.model.preprocess against independently computed numpy results, and its refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_node.errors import PreprocessError
-from cxr_node import preprocess as P
+from cxr_node.model import preprocess as P
+from cxr_node.model.checkpoint import radiograph as R
+from training import transforms as T
 
 
 def make_ds(arr: np.ndarray, photometric: str = "MONOCHROME2", **elems) -> Dataset:
@@ -39,18 +41,18 @@ def ramp() -> np.ndarray:
 
 
 def test_monochrome1_without_window_is_inverted_percentile_scaling(ramp):
-    out = P.dicom_to_float(make_ds(ramp, "MONOCHROME1"), (0.5, 99.5))
+    out = R.dicom_to_float(make_ds(ramp, "MONOCHROME1"), (0.5, 99.5))
     lo, hi = np.percentile(ramp.astype(np.float64), [0.5, 99.5])
     expected = 1.0 - np.clip((ramp - lo) / (hi - lo), 0, 1)
     np.testing.assert_allclose(out, expected, atol=1e-6)
     # the same pixels as MONOCHROME2 are the mirror image
-    out2 = P.dicom_to_float(make_ds(ramp, "MONOCHROME2"), (0.5, 99.5))
+    out2 = R.dicom_to_float(make_ds(ramp, "MONOCHROME2"), (0.5, 99.5))
     np.testing.assert_allclose(out + out2, 1.0, atol=1e-6)
 
 
 def test_rescale_then_linear_window(ramp):
     ds = make_ds(ramp, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=3001)
-    out = P.dicom_to_float(ds)
+    out = R.dicom_to_float(ds)
     x = ramp.astype(np.float64) * 2 - 1000  # modality LUT by hand
     c, w = 2000.0, 3001.0
     expected = np.where(x <= c - 0.5 - (w - 1) / 2, 0.0,
@@ -61,7 +63,7 @@ def test_rescale_then_linear_window(ramp):
 
 def test_sigmoid_window_and_monochrome1(ramp):
     ds = make_ds(ramp, "MONOCHROME1", WindowCenter=2048, WindowWidth=1000, VOILUTFunction="SIGMOID")
-    out = P.dicom_to_float(ds)
+    out = R.dicom_to_float(ds)
     expected = 1.0 - 1.0 / (1.0 + np.exp(-4.0 * (ramp.astype(np.float64) - 2048) / 1000))
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
@@ -101,14 +103,14 @@ def test_normalize_zscore():
 
 def test_rand_window_jitter_is_seedable():
     a = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
-    t1 = P.RandWindowJitter(prob=1.0).set_random_state(seed=7)
-    t2 = P.RandWindowJitter(prob=1.0).set_random_state(seed=7)
-    t3 = P.RandWindowJitter(prob=1.0).set_random_state(seed=8)
+    t1 = T.RandWindowJitter(prob=1.0).set_random_state(seed=7)
+    t2 = T.RandWindowJitter(prob=1.0).set_random_state(seed=7)
+    t3 = T.RandWindowJitter(prob=1.0).set_random_state(seed=8)
     o1, o2, o3 = t1(a), t2(a), t3(a)
     assert np.array_equal(o1.numpy(), o2.numpy())
     assert not np.array_equal(o1.numpy(), o3.numpy())
     assert not np.array_equal(o1.numpy(), a)
-    d = P.RandWindowJitterd("image", prob=1.0).set_random_state(seed=7)({"image": a})
+    d = T.RandWindowJitterd("image", prob=1.0).set_random_state(seed=7)({"image": a})
     np.testing.assert_array_equal(d["image"].numpy(), o1.numpy())
 
 
@@ -167,21 +169,21 @@ def test_colour_dicom_is_refused(ramp):
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
     with pytest.raises(PreprocessError, match="colour"):
-        P.dicom_to_float(ds)
+        R.dicom_to_float(ds)
 
 
 def test_multiframe_dicom_is_refused(ramp):
     ds = make_ds(np.stack([ramp, ramp]))
     ds.NumberOfFrames = 2
     with pytest.raises(PreprocessError, match="multi-frame"):
-        P.dicom_to_float(ds)
+        R.dicom_to_float(ds)
 
 
 def test_tiny_images_are_refused(tmp_path):
     from PIL import Image
 
     with pytest.raises(PreprocessError, match="at least 64 px"):
-        P.dicom_to_float(make_ds(np.zeros((32, 200), np.uint16)))
+        R.dicom_to_float(make_ds(np.zeros((32, 200), np.uint16)))
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "tiny.png")
     with pytest.raises(PreprocessError, match="40x40 px"):
         P.LoadRadiograph()(tmp_path / "tiny.png")
@@ -191,7 +193,7 @@ def test_missing_pixel_data_is_refused(ramp, tmp_path):
     ds = make_ds(ramp)
     del ds.PixelData
     with pytest.raises(PreprocessError, match="no pixel data"):
-        P.dicom_to_float(ds)
+        R.dicom_to_float(ds)
     ds.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
     with pytest.raises(PreprocessError, match="nopix.dcm: DICOM dataset has no pixel data"):
         P.LoadRadiograph()(tmp_path / "nopix.dcm")
@@ -202,4 +204,4 @@ def test_not_an_image_and_blank_are_refused(tmp_path, ramp):
     with pytest.raises(PreprocessError, match="not a readable PNG/JPEG"):
         P.LoadRadiograph()(tmp_path / "junk.png")
     with pytest.raises(PreprocessError, match="no contrast"):
-        P.dicom_to_float(make_ds(np.full_like(ramp, 7)))
+        R.dicom_to_float(make_ds(np.full_like(ramp, 7)))

@@ -139,12 +139,13 @@ def test_reprocess_refuses_a_study_on_its_way(tmp_path):
     queued again, and one whose films retention removed cannot be analysed."""
     import datetime as dt
 
-    from cxr_node import audit, config
+    from cxr_node import config
+    from cxr_node.audit import trail as audit
     from cxr_node.db import migrate
     from cxr_node.db.models import Instance, Study, utcnow
     from cxr_node.db.session import Database
     from cxr_node.errors import CxrNodeError
-    from cxr_node.studies import reprocess as requeue
+    from cxr_node.study.states import reprocess as requeue
 
     settings = config.parse({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)
     migrate.upgrade(settings.database.url)

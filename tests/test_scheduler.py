@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cxr_node.config import parse
-from cxr_node.scheduler import build_scheduler
+from cxr_node.node.scheduler import build_scheduler
 
 
 class SlowProcessor:
@@ -45,7 +45,7 @@ class NoDb:
 @pytest.fixture
 def scheduler(tmp_path: Path, monkeypatch):
     """The real scheduler over a slow processor and a counting outbox; the outbox polls every 10 min."""
-    import cxr_node.scheduler as sch
+    import cxr_node.node.scheduler as sch
 
     monkeypatch.setattr(sch.studies, "complete_quiet_studies", lambda db, quiet: [])
     settings = parse({"storage": {"data_dir": str(tmp_path)}, "outbox": {"poll_seconds": 600},

@@ -45,7 +45,7 @@ def test_one_epoch_writes_checkpoints_split_and_curves(tiny):
     assert [h["epoch"] for h in hist] == [1] and hist[0]["images_per_s"] > 0
     assert "class weights (inverse frequency)" in tiny["log"]
     assert "val_macro_auc" in tiny["log"]
-    from cxr_node.model import read_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint
 
     meta = read_checkpoint(run / "best.pt")["meta"]
     assert meta["labels"] == LABELS and meta["input_size"] == 64 and meta["preprocess"]["input_size"] == 64
@@ -132,7 +132,7 @@ def test_calibrate_then_evaluate_then_triage(tiny, tmp_path):
     cal = tmp_path / "cal.pt"
     run_module("training.calibrate", "--checkpoint", str(run / "best.pt"), "--data", str(tiny["manifest"]),
                "--out", str(cal), "--split-file", str(run / "split.csv"))
-    from cxr_node.model import read_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint
 
     meta = read_checkpoint(cal)["meta"]
     assert meta["calibrated"] is True and meta["calibration"]["split"] == "val"
@@ -180,7 +180,7 @@ def test_ddp_gloo_two_processes(tmp_path):
     hist = json.loads((run / "history.json").read_text())
     assert hist[0]["world_size"] == 2
     assert p.stderr.count("INFO training.train: epoch 1/1") == 1  # only rank 0 logs the summary
-    from cxr_node.model import load_checkpoint
+    from cxr_node.model.checkpoint import load_checkpoint
 
     load_checkpoint(run / "best.pt")
 
@@ -202,7 +202,7 @@ def test_metrics_against_brute_force():
     ece, _ = expected_calibration_error(np.array([0, 1, 1]), p, n_bins=10)
     assert abs(ece - (abs(0.9 - 1) + abs(0.6 - 0) + abs(0.8 - 1)) / 3) < 1e-9
     logits = rng.normal(size=(200, 3)) * 4
-    yy = np.array([rng.choice(3, p=np.exp(l / 4) / np.exp(l / 4).sum()) for l in logits])
+    yy = np.array([rng.choice(3, p=np.exp(z / 4) / np.exp(z / 4).sum()) for z in logits])
     tt = fit_temperature(logits, yy)
     assert 2.5 < tt < 6.5 and nll(logits, yy, tt) <= nll(logits, yy, 1.0)
 

@@ -140,8 +140,8 @@ def test_other_label_sets_train_from_a_tree(tmp_path, labels, critical, augment)
     """Any label set trains from a folder-per-class tree, with --preprocess, --balance and --augment
     v3/v4; calibration gives every critical class its own operating point, and triage flags a film
     urgent by either."""
-    from cxr_node.model import read_checkpoint
-    from cxr_node.triage import TriagePolicy
+    from cxr_node.model.checkpoint import read_checkpoint
+    from cxr_node.model.policy import TriagePolicy
     from training import train as T
 
     tree = make_tree(tmp_path / "d", per_class=8, labels=labels)
@@ -370,7 +370,7 @@ def test_lso_harness_end_to_end(sources, tmp_path):
     run_module("training.calibrate", "--checkpoint", str(ck), "--data", str(out / "hannover" / "train-manifest.csv"),
                "--out", str(cal), "--lso-predictions", str(out / "predictions.csv"), "--sensitivity-rule", "wilson",
                "--target-sensitivity", "0.5", "--threads", "1")
-    from cxr_node.model import read_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint
 
     c = read_checkpoint(cal)["meta"]["calibration"]
     assert c["sensitivity_rule"] == "wilson" and "pooled LSO predictions" in c["operating_points"]["COVID"]["rule"]
@@ -409,7 +409,7 @@ def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
     """`lso crossfit`: each hold-out's threshold and temperature come from the other hold-outs only
     (moving a hold-out's own scores leaves them unchanged), reach the Wilson rule on those films,
     and decide that hold-out's urgent flags; report.md names them."""
-    from cxr_node.calibration import wilson_interval
+    from cxr_node.model.calibration import wilson_interval
     from training.lso import crossfit, read_predictions
 
     base = read_predictions([_fake_predictions(tmp_path / "a.csv")])
@@ -421,7 +421,7 @@ def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
     assert info_a["per_holdout"]["nih"]["fitted_on_holdouts"] == ["hannover", "ieee8023"]
     assert info_a["per_holdout"]["nih"]["fitted_on_critical"] == 70
     # hannover's threshold: ieee8023's 30 COVID films, after the fitted temperature, reach the rule
-    from cxr_node.calibration import logits_from, softmax
+    from cxr_node.model.calibration import logits_from, softmax
 
     f = info_a["per_holdout"]["hannover"]
     others = [r for r in base if r["holdout"] != "hannover" and r["label"] == "COVID"]
@@ -501,7 +501,7 @@ def test_lso_five_labels_two_critical_classes(tmp_path):
     for r in op:  # urgent = either critical class at its own threshold
         assert r["urgent"] == str(int(float(r["p_COVID"]) >= float(r["threshold_COVID"])
                                       or float(r["p_Tuberculosis"]) >= float(r["threshold_Tuberculosis"])))
-    from cxr_node.model import read_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint
 
     assert read_checkpoint(out / "shenzhen" / "run" / "best.pt")["meta"]["critical_labels"] == ["COVID"]
     assert read_checkpoint(out / "openist" / "run" / "best.pt")["meta"]["critical_labels"] == ["COVID", "Tuberculosis"]

@@ -82,7 +82,7 @@ def _client(web, name: str | None = None) -> Client:
 
 def _events(web, event: str, study: str | None = None) -> list[dict]:
     """Audit rows of one type, oldest first, read from the database as `cxr-node audit` gives them."""
-    from cxr_node import audit
+    from cxr_node.audit import trail as audit
     from cxr_node.config import load
     from cxr_node.db.session import Database
 
@@ -160,7 +160,7 @@ def test_every_page_renders_for_a_viewer(console):
     stations = c.get("/stations").text
     assert 'id="no-stations"' in stations  # the seeded studies came from no station row
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.model import read_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint
 
     ck = read_checkpoint(BUNDLED_CHECKPOINT)
     model = c.get("/model").text
@@ -552,3 +552,28 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_audited(tmp_path, consol
     r = forged.login("nobody", "whatever-pass")
     assert r.status == 401 and "Secure" not in r.headers.get("set-cookie", "")
     assert _events(console, "web.login_failed")[-1]["host"] == "127.0.0.1"
+
+
+def test_a_shadow_mode_study_says_so_and_names_the_patient(console):
+    """Issue 19: a study whose station is in shadow mode is marked on its page (its results were
+    kept, not sent); the patient's name from the film's header heads the page, escaped."""
+    from cxr_node.audit import trail as audit
+    from cxr_node.config import load
+    from cxr_node.db.session import Database
+
+    a, b = console.seeded["a"], console.seeded["b"]
+    db = Database(load(console.cfg).database.url)
+    try:
+        with db.transaction() as s:
+            audit.record(s, "study.shadow", study_uid=b["study"], patient_id=b["pid"],
+                         reason="station MODALITY is in shadow mode: 1 result object(s) kept, none sent",
+                         detail={"version": 1, "station": "MODALITY", "objects": 1})
+    finally:
+        db.dispose()
+    rad = _client(console, "rad")
+    page = rad.get(f"/study/{b['study']}").text
+    assert 'id="shadow"' in page and "Shadow mode" in page
+    assert "Test, Patient" in page and "PID-B&lt;i&gt;x&lt;/i&gt;" in page and "<i>x</i>" not in page
+    assert 'id="shadow"' not in rad.get(f"/study/{a['study']}").text
+    worklist = rad.get("/").text
+    assert "Test, Patient" in worklist and "1 film, analysed" in worklist and "COVID 90%" in worklist

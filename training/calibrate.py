@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def calibrate(args: argparse.Namespace) -> dict:
-    from cxr_node.calibration import binary_stats, fit_operating_points
-    from cxr_node.model import read_checkpoint, save_checkpoint
+    from cxr_node.model.calibration import binary_stats, fit_operating_points
+    from cxr_node.model.checkpoint import read_checkpoint, save_checkpoint
     from training.common import split_logits
 
     if args.split == "test":
@@ -75,7 +75,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     rule_name = getattr(args, "sensitivity_rule", "point")
     margin = float(getattr(args, "margin", 0.0) or 0.0)
     lso = read_lso_predictions(Path(args.lso_predictions), critical) if getattr(args, "lso_predictions", None) else {}
-    # the same code as `cxr-node calibrate-site` (cxr_node.calibration)
+    # the same code as `cxr-node calibrate-site` (cxr_node.model.calibration)
     fit = fit_operating_points(logits, y, labels, critical, args.target_sensitivity, rule_name, margin,
                                critical_scores=lso, log=log)
     t, thresholds, points = fit["temperature"], fit["thresholds"], fit["operating_points"]

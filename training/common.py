@@ -61,7 +61,7 @@ def split_logits(args: Any) -> tuple[dict, list[str], list[D.Record], np.ndarray
     ``args.data`` and run the model over it. Returns (meta, labels, records, y, logits)."""
     import torch
 
-    from cxr_node.model import load_checkpoint, resolve_device
+    from cxr_node.model.checkpoint import load_checkpoint, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -264,11 +264,11 @@ def _cache_key(records: Sequence[Record], params: Mapping[str, Any]) -> str:
 
 def build_cache(records: Sequence[Record], params: Mapping[str, Any], cache_dir: Path,
                 show_progress: bool = True) -> np.ndarray:
-    """Preprocess every record once (cxr_node.preprocess.base_transform) into a uint8 array
+    """Preprocess every record once (cxr_node.model.preprocess.base_transform) into a uint8 array
     ``(N, S, S)`` stored as ``cache_dir/cache-<key>.npy``; reused when the key matches."""
     if _PACK is not None:
         return _from_pack(records, params)
-    from cxr_node.preprocess import base_transform, to_uint8
+    from cxr_node.model.preprocess import base_transform, to_uint8
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

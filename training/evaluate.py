@@ -104,7 +104,7 @@ def plot_all(metrics: dict[str, Any], y: np.ndarray, p: np.ndarray, labels: Sequ
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from cxr_node.model import read_checkpoint, save_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint, save_checkpoint
     from training.common import split_logits
     from training.metrics import softmax, summarize
 

@@ -6,7 +6,7 @@
 For each film with a mask (``manifest.csv`` column ``lung_mask``; films the lung segmenter trained
 on are left out when its split is given), the fraction of the positive Grad-CAM mass that lies
 inside the drawn lung mask, per target layer: the raw map placed on the film, and the map as a
-reader sees it (smoothed and kept inside the segmenter's lung fields, :func:`cxr_node.overlay.heat`).
+reader sees it (smoothed and kept inside the segmenter's lung fields, :func:`cxr_node.encode.overlay.heat`).
 Writes ``cam_in_lung.json`` and before/after example overlays.
 """
 
@@ -38,11 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from cxr_node.infer import Predictor
-    from cxr_node.lungs import shared_segmenter
-    from cxr_node.overlay import heat, place_cam, render_overlay
-    from cxr_node.preprocess import prepare
-    from cxr_node.stats import bootstrap_mean_ci
+    from cxr_node.model.infer import Predictor
+    from cxr_node.model.lungs import shared_segmenter
+    from cxr_node.encode.overlay import heat, place_cam, render_overlay
+    from cxr_node.model.preprocess import prepare
+    from training.metrics import bootstrap_mean_ci
 
     root, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if layer != a.layers[0] else render_overlay(pr.display, p.cam)
                 Image.fromarray(rgb).save(out / f"example-{i}-{layer.replace('.', '_')}.png")
     if a.figure:
-        from cxr_node.overlay import legend_lines, with_legend
+        from cxr_node.encode.overlay import legend_lines, with_legend
 
         pr = prepare(a.figure, pred.params, seg)
         for layer, name, masked in ((a.layers[0], "before", False), (a.layers[-1], "after", True)):

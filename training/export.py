@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def export(args: argparse.Namespace) -> dict:
     import torch
 
-    from cxr_node.model import load_checkpoint, read_checkpoint, save_checkpoint
+    from cxr_node.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
     from training.common import logits_for, split_records
     from training.metrics import softmax
 

@@ -65,8 +65,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
     import torch
 
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.infer import FEATURE_LAYERS
-    from cxr_node.model import load_checkpoint
+    from cxr_node.model.infer import FEATURE_LAYERS
+    from cxr_node.model.checkpoint import load_checkpoint
     from training import data as D
     from training.lso import read_rows
     from training.train import predict_logits
@@ -132,8 +132,8 @@ def seen_copies(rows: Sequence[dict[str, str]]) -> set[str]:
 def fit_head(recipe: dict, tr: list[dict], va: list[dict], index: dict[str, int], X: np.ndarray,
              target: float = 0.95) -> dict[str, Any]:
     """The recipe's head on ``tr`` (L2 by val macro AUC), then temperature and operating points on ``va``."""
-    from cxr_node.adaptation import balanced_weights, fit_logistic_head
-    from cxr_node.calibration import fit_operating_points, macro_auc, softmax
+    from cxr_node.model.adaptation import balanced_weights, fit_logistic_head
+    from cxr_node.model.calibration import fit_operating_points, macro_auc, softmax
 
     labels = sorted({r["label"] for r in tr})
     crit = [c for c in recipe["critical"] if c in labels]
@@ -160,7 +160,7 @@ def fit_head(recipe: dict, tr: list[dict], va: list[dict], index: dict[str, int]
 
 
 def predict_rows(fit: dict, rows: list[dict], index: dict[str, int], X: np.ndarray) -> np.ndarray:
-    from cxr_node.calibration import softmax
+    from cxr_node.model.calibration import softmax
 
     return softmax(fit["head"].logits(X[[index[r["id"]] for r in rows]]), fit["temperature"])
 
@@ -175,7 +175,7 @@ def degraded_summary(fold_fit: dict | None, rows: list[dict], index: dict[str, i
     pairs = [r for r in rows if r["label"] == "Normal" and r["id"] + DEGRADED in index]
     if not pairs:
         return None
-    from cxr_node.calibration import proportion, softmax
+    from cxr_node.model.calibration import proportion, softmax
 
     twins = [dict(r, id=r["id"] + DEGRADED) for r in pairs]
     if fold_fit is not None:
@@ -203,7 +203,7 @@ def degraded_summary(fold_fit: dict | None, rows: list[dict], index: dict[str, i
 
 def bundled_meta(path: Path | None) -> dict:
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.model import read_checkpoint
+    from cxr_node.model.checkpoint import read_checkpoint
 
     m = read_checkpoint(path or BUNDLED_CHECKPOINT)["meta"]
     return {"labels": list(m["labels"]), "critical_labels": list(m["critical_labels"]),
@@ -212,7 +212,7 @@ def bundled_meta(path: Path | None) -> dict:
 
 
 def cmd_lso(args: argparse.Namespace) -> dict:
-    from cxr_node.calibration import softmax
+    from cxr_node.model.calibration import softmax
     from training.lso import (_splits, expand_holdouts, held_out, read_predictions, read_rows, training_rows,
                               write_predictions, write_report)
 

@@ -159,7 +159,7 @@ def predict(checkpoint: Path, rows: Sequence[dict[str, str]], device: str, cache
     """Probabilities (temperature-scaled) of ``checkpoint`` for ``rows``: (meta, (N, K))."""
     import torch
 
-    from cxr_node.model import load_checkpoint, resolve_device
+    from cxr_node.model.checkpoint import load_checkpoint, resolve_device
     from training.common import logits_for
     from training.data import Record
     from training.metrics import softmax
@@ -434,7 +434,7 @@ def crossfit(preds: Sequence[dict[str, str]], target: float, rule: str = "wilson
     film is Shenzhen's) takes its threshold from ``extra_fit[class]`` (prediction rows of that class's
     own grouped cross-validation, re-scaled with the same temperature) when given, else from each
     fold's own validation threshold (recorded as such)."""
-    from cxr_node.calibration import fit_temperature, logits_from, softmax, threshold_for_sensitivity_rule
+    from cxr_node.model.calibration import fit_temperature, logits_from, softmax, threshold_for_sensitivity_rule
 
     if not preds:
         raise ValueError("no predictions")

@@ -9,7 +9,7 @@ the ieee8023 covid-chestxray-dataset export. The split is grouped by patient and
 cluster (70/15/15, seed 0) and saved in ``OUT/split.json``; the epoch with the best validation Dice
 is kept; the test split is evaluated once with ``--evaluate-only`` and a bootstrap interval.
 
-Films are prepared by the shared chain (:func:`cxr_node.preprocess.display_and_contrast`: LUTs,
+Films are prepared by the shared chain (:func:`cxr_node.model.preprocess.display_and_contrast`: LUTs,
 area downscale, CLAHE), exactly what serving gives the segmenter. Hard augmentation (the masks were
 drawn on COVID films of one collection): affine (rotation, scale, shift, so also crops and zoom-out),
 horizontal flips (the label "lung" is the same on both sides), gamma, contrast, blur, sharpen and
@@ -32,9 +32,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cxr_node.lungs import ARCH, DEFAULT_PLAUSIBILITY, KIND, analyse_mask, build_segmenter, segmenter_input
-from cxr_node.model import atomic_torch_save, make_checkpoint
-from cxr_node.stats import bootstrap_mean_ci
+from cxr_node.model.lungs import ARCH, DEFAULT_PLAUSIBILITY, KIND, analyse_mask, build_segmenter, segmenter_input
+from cxr_node.model.checkpoint import atomic_torch_save, make_checkpoint
+from training.metrics import bootstrap_mean_ci
 
 log = logging.getLogger("training.lungseg")
 
@@ -105,7 +105,7 @@ def grouped_split(rows: Sequence[dict], seed: int, fractions=(0.70, 0.15, 0.15))
 
 def prepare(path: Path, size: int) -> np.ndarray:
     """A film -> what the segmenter sees before z-scoring: (size, size) float32 in [0, 1]."""
-    from cxr_node.preprocess import DEFAULT_PARAMS, display_and_contrast
+    from cxr_node.model.preprocess import DEFAULT_PARAMS, display_and_contrast
 
     _, contrast = display_and_contrast(path, DEFAULT_PARAMS)
     t = torch.as_tensor(contrast)[None, None]

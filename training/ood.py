@@ -6,12 +6,12 @@
 
 1. Penultimate features of the classifier's own training films -> class means and one shared
    covariance (Ledoit-Wolf shrinkage); the score of a film is its smallest Mahalanobis distance to
-   a class mean (:class:`cxr_node.infer.OodReference`).
+   a class mean (:class:`cxr_node.model.infer.OodReference`).
 2. The threshold is chosen on **validation** films only: the classifier's validation split and
    half of each external source's patients (the other half is test), as the largest per-source
    97.5th percentile of the scores of films that pass the lung-field rules. Probe set ``val``
    (``training.probes``) is looked at to report, never to fit.
-3. Every set is then run through the serving rules (:func:`cxr_node.eligibility.pixel_reason`:
+3. Every set is then run through the serving rules (:func:`cxr_node.eligibility.rules.pixel_reason`:
    lung fields, then the score) and the refusal rates are written with Wilson intervals.
 
 External films that trained the lung segmenter (``--segmenter-split`` train) are left out, so the
@@ -75,7 +75,7 @@ def features_and_lungs(paths: Sequence[Path], model, params: dict, segmenter, la
     from tqdm import tqdm
 
     from cxr_node.errors import PreprocessError
-    from cxr_node.preprocess import prepare
+    from cxr_node.model.preprocess import prepare
 
     feats, lungs, kept = [], [], []
     box = {}
@@ -98,7 +98,7 @@ def features_and_lungs(paths: Sequence[Path], model, params: dict, segmenter, la
 
 
 def wilson(k: int, n: int) -> list[float]:
-    from cxr_node.stats import wilson_interval
+    from cxr_node.model.calibration import wilson_interval
 
     return list(wilson_interval(k, n))
 
@@ -125,10 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from cxr_node.eligibility import pixel_reason
-    from cxr_node.infer import FEATURE_LAYERS, OOD_KIND
-    from cxr_node.lungs import shared_segmenter
-    from cxr_node.model import atomic_torch_save, load_checkpoint, make_checkpoint
+    from cxr_node.eligibility.refusal import RefusalCode
+    from cxr_node.eligibility.rules import pixel_reason
+    from cxr_node.model.infer import FEATURE_LAYERS, OOD_KIND
+    from cxr_node.model.lungs import shared_segmenter
+    from cxr_node.model.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
     from training.probes import write_probes
 
     model, meta = load_checkpoint(a.checkpoint)
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind, v in scored[split].items():
             reasons = [pixel_reason(lf, float(s), threshold) for lf, s in zip(v["lungs"], v["scores"])]
             n, k = len(reasons), sum(r is not None for r in reasons)
-            by_lungs = sum(r is not None and "training distribution" not in r for r in reasons)
+            by_lungs = sum(r is not None and r.code != RefusalCode.OUT_OF_DOMAIN for r in reasons)
             report["sets"][f"{split}: {kind}"] = {
                 "n": n, "refused": k, "refused_rate": k / n if n else None, "ci95": wilson(k, n) if n else None,
                 "refused_by_lung_rules": by_lungs, "refused_by_score": k - by_lungs, "chest": v["chest"],

@@ -2,7 +2,7 @@
 
 A GPU machine lent for an hour rarely holds the source folders, and what travels to it is
 limited. A pack holds every film of a manifest already through the serving preprocessing chain
-(``cxr_node.preprocess``: LUTs, CLAHE, optional lung crop, resize) as an 8-bit image, encoded
+(``cxr_node.model.preprocess``: LUTs, CLAHE, optional lung crop, resize) as an 8-bit image, encoded
 losslessly (PNG) or as JPEG at a stated quality, keyed by the film's path as the manifest names
 it. ``train``, ``calibrate``, ``evaluate`` and ``lso`` take ``--film-pack FILE`` and then read
 films from the pack instead of the source images (the pack's preprocessing parameters must equal

@@ -13,7 +13,7 @@ films its out-of-domain check refuses are left out, as the daemon would not tria
 
 Each repetition draws, by patient, at most ``--per-class`` films of each label as the labelled
 calibration films, fits temperature and operating points on them with the code `cxr-node
-calibrate-site` uses (:func:`cxr_node.calibration.fit_operating_points`), and measures the urgent
+calibrate-site` uses (:func:`cxr_node.model.calibration.fit_operating_points`), and measures the urgent
 flag on the site's OTHER films, with the model's global operating points and with the site's.
 Repetition 0 is reported with Wilson 95% intervals; all repetitions give the spread.
 
@@ -27,7 +27,7 @@ Simulated sites the model never trained on: ieee8023 (COVID against its other pn
 ieee8023 country with both classes. Copies of covid19-radiography films (the backbone's training
 folder) are left out. Each of ``--repeats`` draws takes whole patients as the site's labelled
 films, at most ``--max-labelled`` (200) and at most half the site's films, fits the site head
-(:func:`cxr_node.adaptation.fit_site_head`, the code ``adapt-site`` runs) on the frozen features
+(:func:`cxr_node.model.adaptation.fit_site_head`, the code ``adapt-site`` runs) on the frozen features
 ``training.frozen extract`` wrote, and measures COVID AUC on the site's OTHER films, the model as is
 against the head. Draw 0 has the paired patient-bootstrap 95% interval of the gain; all draws give
 the median and the 5-95% spread. Goal: gain >= 0.10.
@@ -104,7 +104,7 @@ def predict(films: list[dict], checkpoint: Path, cache: Path) -> list[dict]:
             log.info("predictions read from %s", cache)
             return films
     from cxr_node.errors import PreprocessError
-    from cxr_node.infer import Predictor
+    from cxr_node.model.infer import Predictor
 
     pred = Predictor(checkpoint, device="cpu")
     threshold = pred.ood.threshold if pred.ood else None
@@ -163,9 +163,9 @@ def draw(films: list[dict], per_class: int, rng) -> tuple[list[int], list[int]]:
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from cxr_node.calibration import fit_operating_points, softmax
+    from cxr_node.model.calibration import fit_operating_points, softmax
     from cxr_node.config import BUNDLED_CHECKPOINT
-    from cxr_node.site_calibration import ModelInfo, operating_figures
+    from cxr_node.onboarding.site_calibration import ModelInfo, operating_figures
 
     data = Path(args.data)
     ckpt = Path(args.checkpoint) if args.checkpoint else BUNDLED_CHECKPOINT
@@ -265,8 +265,8 @@ def adaptation(args: argparse.Namespace) -> dict:
     """The site-adaptation goal figure (module docstring)."""
     import numpy as np
 
-    from cxr_node.adaptation import fit_site_head, paired_auc_difference
-    from cxr_node.calibration import roc_auc, softmax
+    from cxr_node.model.adaptation import fit_site_head, paired_auc_difference
+    from cxr_node.model.calibration import roc_auc, softmax
     from training.frozen import bundled_meta, load_features, seen_copies
     from training.lso import read_rows
 

@@ -3,7 +3,7 @@
 Pipeline: read the dataset (folder-per-class tree, manifest CSV, or a merged manifest from
 ``python -m training.sources build``, whose split column is used) -> grouped stratified 70/15/15
 split with a fixed seed (saved as RUN_DIR/split.csv + split.json) -> preprocess every film once
-with ``cxr_node.preprocess.base_transform`` (parameters: ``--input-size`` and ``--preprocess
+with ``cxr_node.model.preprocess.base_transform`` (parameters: ``--input-size`` and ``--preprocess
 KEY=VALUE``) into a uint8 cache -> train with class-weighted cross-entropy (or ``--balance``
 sampling), augmentation (``--augment v2|v3``), AdamW and ReduceLROnPlateau -> early stopping on
 the validation macro AUC. Writes RUN_DIR/best.pt, RUN_DIR/last.pt (with optimizer state for
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Train a chest X-ray classifier (MONAI DenseNet121 by default) on a folder-per-class tree or a "
             "manifest CSV: grouped stratified 70/15/15 split saved next to the checkpoints, films "
-            "preprocessed once into a uint8 cache with cxr_node.preprocess, class-weighted cross-entropy, "
+            "preprocessed once into a uint8 cache with cxr_node.model.preprocess, class-weighted cross-entropy, "
             "augmentation, AdamW + ReduceLROnPlateau, early stopping on the validation macro AUC. CUDA: "
             "mixed precision + channels_last. Works under torchrun (DDP).", 88),
         epilog="""examples:
@@ -94,7 +94,7 @@ then: python -m training.calibrate --checkpoint RUN_DIR/best.pt --data ...
                    "equally often, plain loss; source,class: each class equally often and, within a class, each "
                    "source equally often (needs a manifest with a source column), plain loss")
     p.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a cxr_node.preprocess parameter (VALUE is JSON, else a string), e.g. "
+                   help="override a cxr_node.model.preprocess parameter (VALUE is JSON, else a string), e.g. "
                    "--preprocess clahe_clip_limit=0.02; stored in the checkpoint, so serving applies it too")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -121,7 +121,7 @@ class CachedDataset:
 
     def __init__(self, cache: np.ndarray, indices: Sequence[int], targets: Sequence[int], params: dict,
                  augment: bool | str, seed: int) -> None:
-        from cxr_node.preprocess import normalize_transform
+        from cxr_node.model.preprocess import normalize_transform
 
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -168,7 +168,7 @@ def make_v2_augment():
     from monai.transforms import (Compose, RandAdjustContrast, RandGaussianNoise, RandRotate, RandZoom,
                                   ScaleIntensityRange)
 
-    from cxr_node.preprocess import RandWindowJitter
+    from training.transforms import RandWindowJitter
 
     return Compose([
         RandRotate(range_x=math.radians(8), prob=0.5, padding_mode="border", keep_size=True),
@@ -184,9 +184,9 @@ def make_v2_augment():
 
 
 def parse_preprocess(items: Sequence[str], input_size: int) -> dict[str, Any]:
-    """``KEY=VALUE`` options -> a complete, validated parameter dict (``cxr_node.preprocess.make_params``)."""
+    """``KEY=VALUE`` options -> a complete, validated parameter dict (``cxr_node.model.preprocess.make_params``)."""
     from cxr_node.errors import PreprocessError
-    from cxr_node.preprocess import check_params, make_params
+    from cxr_node.model.preprocess import check_params, make_params
 
     over: dict[str, Any] = {}
     for it in items:
@@ -286,7 +286,7 @@ def predict_logits(model, cache: np.ndarray, indices: Sequence[int], params: dic
     """Logits (N, K) for cached films, in order, no augmentation."""
     import torch
 
-    from cxr_node.preprocess import normalize_transform
+    from cxr_node.model.preprocess import normalize_transform
 
     norm = normalize_transform(params)
     model.eval()
@@ -344,7 +344,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from monai.data import set_track_meta
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-    from cxr_node.model import atomic_torch_save, build_model, make_checkpoint, read_checkpoint, resolve_device
+    from cxr_node.model.checkpoint import atomic_torch_save, build_model, make_checkpoint, read_checkpoint, resolve_device
     from training import data as D
     from training.metrics import macro_auc, softmax
 

@@ -1,5 +1,5 @@
 """``cxr-node adapt-site``: a station's own heads on the model's frozen features, from its labelled
-films (cxr_node.site_adaptation); champion/challenger gate; ``--rollback`` restores the previous."""
+films (cxr_node.onboarding.site_adaptation); champion/challenger gate; ``--rollback`` restores the previous."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node import site_adaptation as sa
+    from cxr_node.onboarding import site_adaptation as sa
     from cxr_node.cli._db import open_database
     from cxr_node.cli.performance import station_name
 
@@ -59,8 +59,8 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"station {station}: {sa.head_name(cur)} retired; films are now triaged with "
                       f"{sa.head_name(prev)}\n")
             return 0
-        from cxr_node.infer import Predictor
-        from cxr_node.lungs import LungSegmenter
+        from cxr_node.model.infer import Predictor
+        from cxr_node.model.lungs import LungSegmenter
 
         predictor = Predictor(settings.model.checkpoint, device="cpu",
                               ood_reference=settings.model.ood_reference or None)

@@ -1,5 +1,5 @@
 """``cxr-node calibrate-site``: a station's own temperature and operating points, from its labelled
-films (cxr_node.site_calibration); ``--rollback`` restores the previous one."""
+films (cxr_node.onboarding.site_calibration); ``--rollback`` restores the previous one."""
 
 from __future__ import annotations
 
@@ -31,14 +31,18 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
     p.add_argument("--yes", action="store_true", help="store without asking (needed when not on a terminal)")
     p.add_argument("--rollback", action="store_true", help="retire the active site calibration and restore "
                    "the previous version (or the model's own operating points)")
+    p.add_argument("--store-anyway", action="store_true",
+                   help="store a fit that calibrate-site refuses as unsupported by the labels (a temperature or "
+                   "threshold at the edge, too wide a bootstrap interval); the reasons are printed and audited. "
+                   "For trials, not for a station whose results people read")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(run=run)
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node import site_calibration as sc
+    from cxr_node.onboarding import site_calibration as sc
     from cxr_node.cli.performance import station_name
-    from cxr_node.stations import calibration_name
+    from cxr_node.onboarding.stations import calibration_name
 
     station = station_name(settings, args.station)
     if not (args.rollback or args.dry_run or args.yes or sys.stdin.isatty()):
@@ -61,12 +65,15 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
             current = sc.active(s, station)
             if current is not None and current.weights_sha256 != model.weights_sha256:
                 current = None  # fitted for other weights: not in force
-            result = sc.fit(s, station, model, target_sensitivity=target, min_per_class=minimum, current=current)
+            result = sc.fit(s, station, model, target_sensitivity=target, min_per_class=minimum, current=current,
+                            store_anyway=args.store_anyway)
         if args.format == "json":
             json.dump({k: v for k, v in sc._json_safe(result).items() if k != "reference"}, out, indent=1)
             out.write("\n")
         else:
             write_result(result, out)
+        for why in result.get("refusals_overridden") or []:
+            sys.stderr.write(f"cxr-node: warning: stored although {why} (--store-anyway)\n")
         if args.dry_run:
             out.write("nothing stored (--dry-run)\n")
             return 0

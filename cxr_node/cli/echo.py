@@ -14,7 +14,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
-    from cxr_node.send import echo
+    from cxr_node.outbox.send import echo
 
     dest = settings.destination(args.to)
     status = echo(settings, dest, timeout=args.timeout)

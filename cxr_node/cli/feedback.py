@@ -1,5 +1,5 @@
 """``cxr-node feedback import|add|list``: what the radiologist said, for local performance and site
-calibration (cxr_node.feedback)."""
+calibration (cxr_node.onboarding.feedback)."""
 
 from __future__ import annotations
 
@@ -45,18 +45,18 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 def _labels(settings: Settings, db) -> list[str] | None:  # noqa: ANN001
     """None: the labels the model gave each study (from the database). The checkpoint's only when
     nothing was analysed yet."""
-    from cxr_node import feedback
+    from cxr_node.onboarding import feedback
 
     with db.session() as s:
         if feedback.model_labels(s):
             return None
-    from cxr_node.site_calibration import ModelInfo
+    from cxr_node.onboarding.site_calibration import ModelInfo
 
     return list(ModelInfo.from_checkpoint(settings.model.checkpoint).labels)
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node import feedback
+    from cxr_node.onboarding import feedback
 
     with open_database(settings) as db:
         if args.feedback_command == "import":
@@ -98,7 +98,7 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
 def _list(db, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     from sqlalchemy import select
 
-    from cxr_node import feedback
+    from cxr_node.onboarding import feedback
     from cxr_node.db.models import Feedback
 
     with db.session() as s:

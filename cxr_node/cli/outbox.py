@@ -35,7 +35,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node.outbox import DEAD, DONE, Outbox
+    from cxr_node.outbox.queue import DEAD, DONE, Outbox
 
     with open_database(settings) as db:
         box = Outbox(settings, db)
@@ -45,11 +45,12 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
                 json.dump(rows, out, indent=1)
                 out.write("\n")
             else:
-                cols = ("id", "state", "destination", "kind", "attempts", "sop_instance_uid", "last_error")
-                out.write("  ".join(c.upper() for c in cols) + "\n")
-                for r in rows:
-                    out.write("  ".join("-" if r[c] is None else str(r[c]) for c in cols) + "\n")
-                out.write(f"({len(rows)} item{'s' if len(rows) != 1 else ''})\n")
+                from cxr_node.cli._table import plural, write_table
+
+                cols = ("id", "state", "destination", "kind", "attempts", "created_at", "sop_instance_uid",
+                        "last_error")
+                write_table(out, cols, [[r[c] for c in cols] for r in rows], f"({plural(len(rows), 'item')})",
+                            wrap={"last_error": 60})
         elif args.outbox_command == "retry":
             if not args.ids and not args.all_dead:
                 raise ConfigError("outbox retry: give item IDs or --all-dead")

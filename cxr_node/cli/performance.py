@@ -1,5 +1,5 @@
 """``cxr-node performance``: how right the model is at this site, from readers' labels
-(cxr_node.performance)."""
+(cxr_node.onboarding.performance)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from cxr_node import performance
+    from cxr_node.onboarding import performance
 
     station = station_name(settings, args.station) if args.station else None
     with open_database(settings) as db, db.session() as s:
@@ -86,12 +86,12 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
 def _labels(settings: Settings, films) -> list[str]:  # noqa: ANN001
     if films:
         return list(films[0].probabilities)
-    from cxr_node.site_calibration import ModelInfo
+    from cxr_node.onboarding.site_calibration import ModelInfo
 
     return list(ModelInfo.from_checkpoint(settings.model.checkpoint).labels)
 
 
 def _critical(settings: Settings) -> list[str]:
-    from cxr_node.site_calibration import ModelInfo
+    from cxr_node.onboarding.site_calibration import ModelInfo
 
     return list(ModelInfo.from_checkpoint(settings.model.checkpoint).critical)

@@ -35,7 +35,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 def run_resend(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
     from cxr_node.config import destinations_warning
-    from cxr_node.outbox import Outbox
+    from cxr_node.outbox.queue import Outbox
 
     if not settings.destinations:
         raise ConfigError(destinations_warning(settings))
@@ -63,7 +63,7 @@ def run_resend(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa:
 
 
 def run_reprocess(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
-    from cxr_node import studies
+    from cxr_node.study import states as studies
     from cxr_node.cli.audit import parse_time
 
     if not args.studies and not args.since:

@@ -17,7 +17,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001
 
 
 def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
-    from cxr_node.retention import run_retention
+    from cxr_node.ops.retention import run_retention
 
     with open_database(settings) as db:
         r = run_retention(settings, db, args.days)

@@ -14,6 +14,6 @@ def register(sub, common: argparse.ArgumentParser) -> None:  # noqa: ANN001 - ar
 
 
 def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001 - Settings
-    from cxr_node.service import serve
+    from cxr_node.node.service import serve
 
     return serve(settings)

@@ -21,7 +21,7 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
     """0 when the database answers; 1, with what is known without it, when it does not."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cxr_node import status
+    from cxr_node.ops import status
     from cxr_node.errors import DatabaseError, SchemaError, db_error_text
 
     require_existing(settings)  # no database at all is a wrong --config, not an outage

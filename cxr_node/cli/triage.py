@@ -4,7 +4,7 @@ Per file: class probabilities, top class, urgent flag, priority and model versio
 ``--overlay-dir`` a PNG of the film with the Grad-CAM heat map (inside the lung fields), the
 legend and a colour scale, as the daemon's Secondary Capture shows it.
 
-Films go through the daemon's own eligibility rules (:mod:`cxr_node.eligibility`): the DICOM
+Films go through the daemon's own eligibility rules (:mod:`cxr_node.eligibility.rules`): the DICOM
 header (body part, view), two plausible lung fields, and the model's out-of-domain score. A
 refused film gets a "not analysed" line with the reason, no probabilities and no flag; refusals
 do not change the exit status. ``--any-film`` skips the rules. A file that cannot be read at all
@@ -112,7 +112,7 @@ def _not_frontal_chest(path: Path, settings: Any) -> str | None:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from cxr_node.eligibility import header_reason, settings_rules
+    from cxr_node.eligibility.rules import header_reason, settings_rules
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -125,11 +125,11 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     """Triage ``args.files``; write a table or JSON to ``out``. Returns 0, or 1 if any file failed."""
     from PIL import Image
 
-    from cxr_node.eligibility import lung_reason, ood_reason
-    from cxr_node.infer import Predictor
-    from cxr_node.lungs import LungSegmenter
-    from cxr_node.overlay import render_figure
-    from cxr_node.preprocess import prepare
+    from cxr_node.eligibility.rules import lung_reason, ood_reason
+    from cxr_node.model.infer import Predictor
+    from cxr_node.model.lungs import LungSegmenter
+    from cxr_node.encode.overlay import render_figure
+    from cxr_node.model.preprocess import prepare
 
     ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else Path(settings.model.checkpoint)
     device = getattr(args, "device", None) or settings.model.device
@@ -174,7 +174,8 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
             rows.append(row)
             continue
         if reason:
-            row["refused"] = reason
+            row["refused"] = str(reason)
+            row["refusal_code"] = reason.code.value
             sys.stderr.write(f"cxr-node triage: {f}: not analysed: {reason} (--any-film analyses it anyway)\n")
             rows.append(row)
             log.info("not analysed %s: %s", path.name, reason)
@@ -185,7 +186,8 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
             try:
                 mask = pr.lungs.mask if pr.lungs is not None and pr.lungs.box is not None else None
                 Image.fromarray(render_figure(pr.display, pred, "cxr-node", predictor.version, box=pr.box,
-                                              lung_mask=mask)).save(op)
+                                              lung_mask=mask, thresholds=dict(predictor.policy.thresholds))
+                                ).save(op)
                 row["overlay"] = str(op)
             except OSError as e:
                 raise CxrNodeError(f"cannot write overlay {op}: {e.strerror or e}") from e

@@ -74,8 +74,9 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:  # noqa: ANN001
                 json.dump(rows, out, indent=1)
                 out.write("\n")
             else:
-                out.write("NAME  ROLE  DISABLED  LAST LOGIN\n")
-                for r in rows:
-                    out.write(f"{r['name']}  {r['role']}  {'yes' if r['disabled'] else 'no'}  {r['last_login_at'] or '-'}\n")
-                out.write(f"({len(rows)} user{'s' if len(rows) != 1 else ''})\n")
+                from cxr_node.cli._table import plural, write_table
+
+                write_table(out, ("name", "role", "disabled", "last_login"),
+                            [[r["name"], r["role"], "yes" if r["disabled"] else "no", r["last_login_at"]] for r in rows],
+                            f"({plural(len(rows), 'user')})")
     return 0

@@ -11,6 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
+from cxr_node.db.engine import make_engine
 from cxr_node.errors import DatabaseError
 
 
@@ -38,8 +39,6 @@ def head() -> str:
 
 
 def current(url: str, engine: Engine | None = None) -> str | None:
-    from cxr_node.db.session import make_engine
-
     eng = engine or make_engine(url)
     try:
         with eng.connect() as conn:

@@ -87,6 +87,8 @@ class Study(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # the node processing it
     accession_number: Mapped[str | None] = mapped_column(String(16), index=True)  # set when analysed (0005)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims of this version (0007)
+    retry_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)  # failed: queued again then (0007)
 
 
 class Instance(Base):
@@ -119,7 +121,8 @@ class ImageResult(Base):
     study_version: Mapped[int] = mapped_column(Integer)
     sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     analysed: Mapped[bool] = mapped_column(Boolean)
-    reason: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)  # for people; never parsed
+    refusal_code: Mapped[str | None] = mapped_column(String(32), index=True)  # RefusalCode value (0008)
     model_version: Mapped[str | None] = mapped_column(String(128))
     top_label: Mapped[str | None] = mapped_column(String(64))
     urgent: Mapped[bool | None] = mapped_column(Boolean)

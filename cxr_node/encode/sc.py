@@ -1,7 +1,9 @@
-"""The Grad-CAM Secondary Capture: the film in grey, the heat map only where it matters, and a
-legend in a strip below the film (so it covers no lung) with "NOT FOR DIAGNOSTIC USE", the top
-class and its probability, the model's name and version and a colour scale, all burned into the
-pixels (:mod:`cxr_node.overlay`).
+"""The Grad-CAM Secondary Capture: the film in grey at its own resolution (at most ``max_rows``
+rows, ``[outbox] sc_max_rows``), a heat map only for the finding that raised the flag (none for a
+routine call), over the strongest part of the map inside the lungs, and a legend in a strip below
+the film (so it covers no lung), scaled to the film, with "NOT FOR DIAGNOSTIC USE", the call and
+the operating point it was compared with, every class, what the map shows and the model, all
+burned into the pixels (:mod:`cxr_node.encode.overlay`).
 
 highdicom's SCImage does most of it; what it leaves out (dciodvfy reports it otherwise) is set here:
 BurnedInAnnotation YES, BodyPartExamined CHEST, SourceImageSequence, and Contributing Equipment
@@ -18,15 +20,17 @@ from cxr_node.encode.identity import MANUFACTURER, ModelIdentity, contributing_e
 
 SC_SERIES_NUMBER = 9901
 SC_SERIES_DESCRIPTION = "cxr-node Grad-CAM overlay - NOT FOR DIAGNOSTIC USE"
-MAX_SIDE = 1024
+MAX_ROWS = 2048  # the default of [outbox] sc_max_rows
 
 
-def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_mask=None) -> np.ndarray:  # noqa: ANN001
+def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_mask=None,  # noqa: ANN001
+           max_rows: int = MAX_ROWS) -> np.ndarray:
     """RGB uint8 (H + legend, W, 3): the overlay (heat only inside the lungs) plus the legend strip."""
-    from cxr_node.overlay import render_figure
+    from cxr_node.encode.overlay import render_figure
 
     return render_figure(film, prediction, model.name, model.version, box=box, lung_mask=lung_mask,
-                         max_side=MAX_SIDE, calibration=_legend_calibration(model))
+                         max_side=max_rows, calibration=_legend_calibration(model),
+                         thresholds=dict(model.thresholds))
 
 
 def _legend_calibration(model: ModelIdentity) -> str | None:
@@ -35,12 +39,13 @@ def _legend_calibration(model: ModelIdentity) -> str | None:
 
 
 def build_sc(source: Dataset, film: np.ndarray, prediction, model: ModelIdentity, *,
-             instance_number: int, box=None, lung_mask=None) -> Dataset:  # noqa: ANN001
-    """The Secondary Capture for one analysed film. Its UIDs depend only on the source film and
-    the model's weights, so building it twice gives the same object identity."""
+             instance_number: int, box=None, lung_mask=None, max_rows: int = MAX_ROWS) -> Dataset:  # noqa: ANN001
+    """The Secondary Capture for one analysed film (``film``: best at the source's resolution,
+    :attr:`cxr_node.model.preprocess.Prepared.film`). Its UIDs depend only on the source film and the
+    model's weights, so building it twice gives the same object identity."""
     import highdicom as hd
 
-    pixels = render(film, prediction, model, box=box, lung_mask=lung_mask)
+    pixels = render(film, prediction, model, box=box, lung_mask=lung_mask, max_rows=max_rows)
     source = with_type2(source)
     orientation = None
     po = source.get("PatientOrientation")
@@ -67,7 +72,8 @@ def build_sc(source: Dataset, film: np.ndarray, prediction, model: ModelIdentity
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.BodyPartExamined = "CHEST"
-    sc.DerivationDescription = (f"Grad-CAM heat map of {model.name} {model.version} blended over the film; "
+    sc.DerivationDescription = (f"Grad-CAM heat map of {model.name} {model.version} for the finding that raised "
+                                f"the flag (none for a routine call) blended over the film; "
                                 f"operating points: {model.calibration}")[:1024]
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID

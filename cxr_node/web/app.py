@@ -34,7 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from cxr_node import audit
+from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, Study, utcnow
 from cxr_node.db.session import Database
@@ -81,7 +81,8 @@ class Console:
         env.autoescape = True
         env.globals["nav"] = NAV
         env.filters["pct"] = lambda p: "-" if p is None else f"{100 * float(p):.1f}%"
-        env.filters["when"] = lambda t: (t or "-").replace("T", " ").replace("Z", "")
+        env.filters["when"] = _when
+        env.filters["short_uid"] = _short_uid
         self.templates = Jinja2Templates(env=env)
 
     # ------------------------------------------------------------------------------ helpers
@@ -146,6 +147,19 @@ NAV = (("/", "Worklist", "view"), ("/audit", "Audit", "operations"), ("/outbox",
        ("/stations", "Stations", "view"), ("/model", "Model", "view"), ("/status", "Status", "view"))
 
 
+def _when(t: str | None) -> str:
+    """An ISO time from the database (UTC, ``...Z``) as '2026-12-02 01:45:12 UTC'."""
+    if not t:
+        return "-"
+    return t.replace("T", " ").replace("Z", " UTC").replace("+00:00", " UTC")
+
+
+def _short_uid(uid: str | None, keep: int = 8) -> str:
+    """A long UID shortened for a table: its first and last ``keep`` characters."""
+    uid = uid or ""
+    return uid if len(uid) <= 2 * keep + 3 else f"{uid[:keep]}\u2026{uid[-keep:]}"
+
+
 def _host(request: Request) -> str:
     return request.client.host if request.client else "-"
 
@@ -163,14 +177,14 @@ def _file_sha256(path: Path | None) -> str | None:
 
 
 def _model_facts(settings: Settings) -> dict[str, Any]:
-    from cxr_node.config import BUNDLED_CHECKPOINT
+    from cxr_node.config import BUNDLED_CHECKPOINT, BUNDLED_LUNG_CHECKPOINT
     from cxr_node.errors import CheckpointError
 
     ckpt = Path(settings.model.checkpoint)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "bundled": ckpt == BUNDLED_CHECKPOINT, "error": None,
                            "meta": {}, "files": []}
     try:
-        from cxr_node.model import read_checkpoint
+        from cxr_node.model.checkpoint import read_checkpoint
 
         ck = read_checkpoint(ckpt)
         meta = ck["meta"]
@@ -181,7 +195,7 @@ def _model_facts(settings: Settings) -> dict[str, Any]:
     except CheckpointError as e:
         out["error"] = str(e)
     ood = settings.model.ood_reference or ckpt.with_name(ckpt.name.removesuffix(".pt") + ".ood.pt")
-    lung = settings.model.lung_checkpoint or BUNDLED_CHECKPOINT.with_name("lung-unet.pt")
+    lung = settings.model.lung_checkpoint or BUNDLED_LUNG_CHECKPOINT
     for label, p in (("classifier", ckpt), ("out-of-domain reference", ood), ("lung segmenter", lung)):
         out["files"].append({"what": label, "name": p.name, "sha256": _file_sha256(p),
                              "bytes": p.stat().st_size if p.is_file() else None})
@@ -323,7 +337,7 @@ def _worklist(console: Console, request: Request, sess: Session) -> tuple[querie
     except queries.BadFilter as e:
         return PlainTextResponse(f"Bad filter: {e}", status_code=400)
     with console.db.session() as s:
-        data = queries.worklist(s, f)
+        data = queries.worklist(s, f, settings=console.settings)
         data["station_choices"] = queries.stations(s)
     if f.patient_id:
         console.searched(sess, _host(request), f.patient_id, data["total"])
@@ -375,9 +389,9 @@ def study_page(console: Console, request: Request, sess: Session, form: Any) -> 
 
 @guarded(permission="feedback")
 def study_feedback(console: Console, request: Request, sess: Session, form: Any) -> Response:
-    """The reader's label for the study or one of its films (cxr_node.feedback.add_label; audited as
+    """The reader's label for the study or one of its films (cxr_node.onboarding.feedback.add_label; audited as
     feedback.added with the user as reader, superseding the label in force)."""
-    from cxr_node.feedback import FeedbackError, add_label
+    from cxr_node.onboarding.feedback import FeedbackError, add_label
 
     uid = request.path_params["study_uid"]
     if not queries.valid_uid(uid):
@@ -411,7 +425,8 @@ def study_image(console: Console, request: Request, sess: Session, form: Any) ->
     sop_uid = name.removesuffix(".png")
     if not name.endswith(".png") or not (queries.valid_uid(study_uid) and queries.valid_uid(sop_uid)):
         return PlainTextResponse("Not found", status_code=404)
-    key = (study_uid, sop_uid)
+    full = request.query_params.get("size") == "full"  # the full-size view; anything else: the page's size
+    key = (study_uid, sop_uid, full)
     png = console.images.get(key)
     with console.db.session() as s:
         patient_id = s.scalar(select(Study.patient_id).where(Study.study_uid == study_uid))
@@ -431,7 +446,7 @@ def study_image(console: Console, request: Request, sess: Session, form: Any) ->
         if path is None:
             return PlainTextResponse("Not found", status_code=404)
         try:
-            png = images.render(path)
+            png = images.render(path, images.FULL_SIDE if full else images.MAX_SIDE)
         except (OSError, ValueError, AttributeError, NotImplementedError, RuntimeError) as e:
             log.warning("cannot render %s of study %s: %s", sop_uid, study_uid, type(e).__name__)
             return PlainTextResponse("This image cannot be shown.", status_code=422)
@@ -518,7 +533,7 @@ def _export(rows: list[dict[str, Any]], fmt: str, node_aet: str) -> Response:
             w.writerow({k: json.dumps(v) if isinstance(v, dict) else ("" if v is None else v) for k, v in r.items()})
         media, ext = "text/csv", "csv"
     else:
-        from cxr_node.audit_dicom import write_messages
+        from cxr_node.audit.atna import write_messages
 
         write_messages(rows, node_aet, buf)
         media, ext = "application/xml", "xml"
@@ -557,7 +572,7 @@ def _ids(form: Any) -> list[int]:
 @guarded(permission="outbox")
 def outbox_retry(console: Console, request: Request, sess: Session, form: Any) -> Response:
     """Dead items (all, or the ones ticked) back to pending; a confirmation page first."""
-    from cxr_node.outbox import Outbox
+    from cxr_node.outbox.queue import Outbox
 
     ids, all_dead = _ids(form), form.get("all_dead") == "1"
     if not ids and not all_dead:
@@ -575,7 +590,7 @@ def outbox_retry(console: Console, request: Request, sess: Session, form: Any) -
 @guarded(permission="outbox")
 def outbox_purge(console: Console, request: Request, sess: Session, form: Any) -> Response:
     """Sent and/or dead items (rows and files) removed; a confirmation page first."""
-    from cxr_node.outbox import Outbox
+    from cxr_node.outbox.queue import Outbox
 
     states = [s for s in ("sent", "dead") if form.get(s) == "1"]
     if not states:
@@ -617,7 +632,7 @@ def model_plot(console: Console, request: Request, sess: Session, form: Any) -> 
 
 @guarded()
 def status_page(console: Console, request: Request, sess: Session, form: Any) -> Response:
-    from cxr_node import status
+    from cxr_node.ops import status
 
     st = None
     error = None
@@ -661,7 +676,7 @@ def station_plot(console: Console, request: Request, sess: Session, form: Any) -
     """A station's ROC, reliability or confusion plot from its labelled films, rendered now."""
     import tempfile
 
-    from cxr_node import performance
+    from cxr_node.onboarding import performance
 
     name, kind = request.path_params["station"], request.path_params["name"].removesuffix(".png")
     if kind not in STATION_PLOTS or not request.path_params["name"].endswith(".png"):

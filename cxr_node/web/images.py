@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_SIDE = 900
+FULL_SIDE = 4096  # the full-size view: the picture as it is, up to this many pixels on a side
 CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -57,11 +58,11 @@ def inside(base: Path, rel: str) -> Path | None:
     return p if p.is_relative_to(b) and p.is_file() else None
 
 
-def _png(rgb_or_grey: np.ndarray) -> bytes:
+def _png(rgb_or_grey: np.ndarray, max_side: int = MAX_SIDE) -> bytes:
     from PIL import Image
 
     img = Image.fromarray(rgb_or_grey)
-    scale = min(1.0, MAX_SIDE / max(img.size))
+    scale = min(1.0, max_side / max(img.size))
     if scale < 1.0:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                          Image.Resampling.LANCZOS)
@@ -89,13 +90,14 @@ def _grey(ds) -> np.ndarray:  # noqa: ANN001 - a pydicom Dataset
     return np.rint(y * 255).astype(np.uint8)
 
 
-def render(path: Path) -> bytes:
-    """A DICOM image file -> PNG bytes (downscaled). Raises OSError/ValueError when it cannot be read."""
+def render(path: Path, max_side: int = MAX_SIDE) -> bytes:
+    """A DICOM image file -> PNG bytes (at most ``max_side`` pixels on a side; FULL_SIDE for the
+    full-size view). Raises OSError/ValueError when it cannot be read."""
     from pydicom import dcmread
 
     ds = dcmread(path)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "RGB":
         a = ds.pixel_array
         if a.dtype == np.uint8 and a.ndim == 3:
-            return _png(np.asarray(a))
-    return _png(_grey(ds))
+            return _png(np.asarray(a), max_side)
+    return _png(_grey(ds), max_side)

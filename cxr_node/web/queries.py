@@ -16,19 +16,19 @@ from typing import Any
 from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import Session
 
-from cxr_node import audit, studies
+from cxr_node.audit import trail as audit
+from cxr_node.study import states as studies
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Instance, OutboxItem, Study
+from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.outbox.files import result_path
 
 PRIORITIES = ("urgent", "review", "routine")
 PAGE_SIZE = 50
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PRIORITY_RANK = case({"urgent": 0, "review": 1, "routine": 2}, value=Study.priority, else_=3)
 
 
-def valid_uid(value: str | None) -> bool:
-    """A DICOM UID: digits and dots, at most 64 characters (nothing else reaches a query or a path)."""
-    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+valid_uid = is_valid_uid  # nothing but a DICOM UID reaches a query or a path
 
 
 class BadFilter(ValueError):
@@ -84,8 +84,11 @@ def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
 
 
-def worklist(s: Session, f: WorklistFilter, page_size: int = PAGE_SIZE) -> dict[str, Any]:
-    """One page of studies, urgent first, then the most recently received."""
+def worklist(s: Session, f: WorklistFilter, page_size: int = PAGE_SIZE, settings: Settings | None = None
+             ) -> dict[str, Any]:
+    """One page of studies, urgent first, then the most recently received. With ``settings``, each
+    study also has what a reader knows it by (patient name, accession, study date and
+    description, station name: :mod:`cxr_node.web.headers`) and its top finding."""
     where = []
     if f.state:
         where.append(Study.state == f.state)
@@ -134,8 +137,88 @@ def worklist(s: Session, f: WorklistFilter, page_size: int = PAGE_SIZE) -> dict[
             "processed_at": _iso(r.state_changed_at) if r.state in studies.FINISHED else None,
             "delivery": delivery_state(d), "outbox": d,
         })
+    if settings is not None and items:
+        _reader_facts(s, settings, items, {r.study_uid: r for r in rows})
     pages = max(1, -(-total // page_size))
     return {"total": total, "page": f.page, "pages": pages, "page_size": page_size, "studies": items}
+
+
+def films_in_words(films: int, analysed: int, refused: int) -> str:
+    """'2 films: 1 analysed, 1 not analysed', '1 film, analysed', '1 film, not analysed yet'."""
+    noun = "film" if films == 1 else "films"
+    if analysed + refused == 0:
+        return f"{films} {noun}, not analysed yet"
+    if films == 1:
+        return f"1 film, {'analysed' if analysed else 'not analysed'}"
+    parts = [f"{analysed} analysed"] if analysed else []
+    parts += [f"{refused} not analysed"] if refused else []
+    rest = films - analysed - refused
+    parts += [f"{rest} not for triage"] if rest > 0 else []
+    return f"{films} {noun}: " + ", ".join(parts)
+
+
+_ABOVE = re.compile(r"^(.+?) [0-9.]+ >= threshold")
+
+
+def top_finding(results: list[Any], reasons: dict[str, str] | None = None) -> tuple[str | None, float | None]:
+    """The finding a worklist row names for a study's analysed films (ImageResult rows): for a
+    flagged film the class that raised the flag (from its image.triaged reason, ``reasons`` by
+    SOP Instance UID), else for a review call its most probable non-normal class, else the top
+    class; with its probability. The most urgent film speaks for the study."""
+    from cxr_node.model.policy import NORMAL_NAMES
+
+    analysed = [r for r in results if r.analysed and r.probabilities]
+    if not analysed:
+        return None, None
+    r = min(analysed, key=lambda x: (PRIORITIES.index(x.priority) if x.priority in PRIORITIES else 3,
+                                     -max(x.probabilities.values())))
+    probs = dict(r.probabilities)
+    m = _ABOVE.match((reasons or {}).get(r.sop_instance_uid) or "")
+    if m and m.group(1) in probs:
+        return m.group(1), float(probs[m.group(1)])
+    if r.priority in ("urgent", "review"):
+        flagged = {k: v for k, v in probs.items() if k.strip().lower() not in NORMAL_NAMES}
+        if flagged:
+            label = max(flagged, key=flagged.get)
+            return label, float(flagged[label])
+    return r.top_label, float(probs.get(r.top_label, max(probs.values())))
+
+
+def _reader_facts(s: Session, settings: Settings, items: list[dict[str, Any]], rows: dict[str, Study]) -> None:
+    from cxr_node.web import headers, images
+
+    uids = [i["study_uid"] for i in items]
+    first: dict[str, str] = {}
+    for uid, path in s.execute(select(Instance.study_uid, Instance.path)
+                               .where(Instance.study_uid.in_(uids), Instance.removed_at.is_(None))
+                               .order_by(Instance.received_at)):
+        first.setdefault(uid, path)
+    results: dict[str, list[ImageResult]] = {}
+    versions = {uid: r.processed_version for uid, r in rows.items() if r.processed_version}
+    if versions:
+        for r in s.scalars(select(ImageResult).where(ImageResult.study_uid.in_(list(versions)))):
+            if versions.get(r.study_uid) == r.study_version:
+                results.setdefault(r.study_uid, []).append(r)
+    reasons: dict[str, str] = {}
+    if results:
+        from cxr_node.db.models import AuditEvent
+
+        for sop, reason in s.execute(select(AuditEvent.sop_instance_uid, AuditEvent.reason).where(
+                AuditEvent.event == "image.triaged", AuditEvent.study_uid.in_(list(results)))
+                .order_by(AuditEvent.id)):
+            if sop and reason:
+                reasons[sop] = reason  # the newest analysis of the film wins
+    for item in items:
+        uid = item["study_uid"]
+        path = images.inside(settings.storage.spool_dir, first[uid]) if uid in first else None
+        h = headers.read(path)
+        label, p = top_finding(results.get(uid, []), reasons)
+        item.update({
+            "patient_name": h.get("patient_name") or "", "accession": rows[uid].accession_number or h.get("accession") or "",
+            "study_date": h.get("study_date") or "", "study_description": h.get("study_description") or "",
+            "station_name": h.get("station_name") or "", "finding": label, "finding_probability": p,
+            "films_text": films_in_words(item["films"], item["analysed"], item["refused"]),
+        })
 
 
 def delivery_state(counts: dict[str, int]) -> str:
@@ -169,6 +252,8 @@ class FilmView:
     flag_reasons: str | None = None       # why the policy flagged it (from image.triaged)
     overlay_uid: str | None = None        # the Secondary Capture, when its file is still there
     model_version: str | None = None
+    calibration: str | None = None        # "model", or the site calibration whose operating points applied
+    why: list[str] = field(default_factory=list)  # the flag in words, from the SR's operating points
 
 
 def study(s: Session, settings: Settings, study_uid: str) -> dict[str, Any] | None:
@@ -191,6 +276,7 @@ def study(s: Session, settings: Settings, study_uid: str) -> dict[str, Any] | No
         if r is not None:
             f.analysed, f.reason, f.top_label, f.urgent = r.analysed, r.reason, r.top_label, r.urgent
             f.priority, f.probabilities, f.model_version = r.priority, dict(r.probabilities or {}), r.model_version
+            f.calibration = r.calibration
             f.flag_reasons = flag_reasons.get(inst.sop_instance_uid)
             if r.sc_sop_instance_uid and result_file(settings, study_uid, r.sc_sop_instance_uid) is not None:
                 f.overlay_uid = r.sc_sop_instance_uid
@@ -198,17 +284,51 @@ def study(s: Session, settings: Settings, study_uid: str) -> dict[str, Any] | No
             f.analysed, f.reason = False, inst.not_for_triage_reason
         films.append(f)
     outbox = s.scalars(select(OutboxItem).where(OutboxItem.study_uid == study_uid).order_by(OutboxItem.id)).all()
+    sr = sr_content(settings, study_uid, st.last_sr_uid)
+    groups = {g["source_sop_uids"][0]: g for g in (sr or {}).get("findings", []) if g.get("source_sop_uids")}
+    for f in films:
+        if f.analysed:
+            f.why = flag_in_words(groups.get(f.sop_instance_uid), f.priority, f.calibration)
+    from cxr_node.audit.story import sentence
+    from cxr_node.web import headers, images
+
+    first = next((i for i in instances if i.removed_at is None), None)
+    reader = headers.read(images.inside(settings.storage.spool_dir, first.path) if first else None)
+    shadow = any(r["event"] == "study.shadow" and (r["detail"] or {}).get("version") == st.processed_version
+                 for r in story)
     return {
         "study": {"study_uid": st.study_uid, "patient_id": st.patient_id, "state": st.state, "priority": st.priority,
                   "version": st.version, "processed_version": st.processed_version, "films": st.instance_count,
                   "received_at": _iso(st.first_received_at), "last_received_at": _iso(st.last_received_at),
                   "state_changed_at": _iso(st.state_changed_at), "last_error": st.last_error,
-                  "last_sr_uid": st.last_sr_uid},
+                  "last_sr_uid": st.last_sr_uid, "accession": st.accession_number or reader.get("accession"),
+                  "shadow": shadow, **{k: reader.get(k) for k in ("patient_name", "study_date", "study_description",
+                                                                  "station_name", "institution")}},
         "films": films,
-        "sr": sr_content(settings, study_uid, st.last_sr_uid),
+        "sr": sr,
         "outbox": [outbox_row(o) for o in outbox],
-        "story": [{**r, "text": audit.describe(r)} for r in story],
+        "story": [{**r, "text": audit.describe(r), "sentence": sentence(r, short=True)} for r in story],
     }
+
+
+def flag_in_words(group: dict[str, Any] | None, priority: str | None, calibration: str | None) -> list[str]:
+    """Why a film got its priority, from its SR group: each non-normal class above its operating
+    point ('COVID-19 95%, above this site's operating point of 26%'), or why nothing was flagged."""
+    from cxr_node.model.policy import NORMAL_NAMES
+
+    if not group or not group.get("thresholds"):
+        return []
+    whose = "this site's" if calibration and calibration != "model" else "the model's"
+    probs, ops, above = group["probabilities"], group["thresholds"], group.get("above", {})
+    out = [f"{label} {probs[label]:.0%}, above {whose} operating point of {ops[label]:.0%}"
+           for label in sorted(probs, key=probs.get, reverse=True)
+           if above.get(label) and label.strip().lower() not in NORMAL_NAMES and label in ops]
+    if out:
+        return out
+    top = max(probs, key=probs.get)
+    if priority == "review":
+        return [f"top class {top} {probs[top]:.0%} is not normal; no class is above its operating point"]
+    return [f"no finding above {whose} operating point (top class {top} {probs[top]:.0%})"]
 
 
 def result_file(settings: Settings, study_uid: str, sop_uid: str) -> Path | None:
@@ -216,7 +336,7 @@ def result_file(settings: Settings, study_uid: str, sop_uid: str) -> Path | None
     if not (valid_uid(study_uid) and valid_uid(sop_uid)):
         return None
     base = settings.storage.outbox_dir.resolve()
-    p = (base / study_uid / f"{sop_uid}.dcm").resolve()
+    p = (base / result_path(study_uid, sop_uid)).resolve()
     if not p.is_relative_to(base) or not p.is_file():
         return None
     return p
@@ -266,7 +386,7 @@ def outbox(s: Session, state: str | None, page: int, page_size: int = 100) -> di
 def study_feedback(s: Session, study_uid: str) -> dict[str, Any]:
     """The readers' labels of a study: those in force (study and films), the history, and the
     labels a reader may choose (the model's, plus Normal and Other)."""
-    from cxr_node import feedback
+    from cxr_node.onboarding import feedback
     from cxr_node.db.models import Feedback
 
     rows = feedback.history(s, study_uid)
@@ -288,7 +408,7 @@ def station_names(s: Session) -> set[str]:
 
 def stations_overview(s: Session, critical: list[str], n_boot: int = 200) -> list[dict[str, Any]]:
     """Every station this node has seen: mode, drift, site calibrations, and local performance."""
-    from cxr_node import performance
+    from cxr_node.onboarding import performance
     from cxr_node.db.models import SiteCalibration, StationRow
 
     out = []

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from cxr_node import audit
+from cxr_node.audit import trail as audit
 from cxr_node.db.models import WebSession, WebUser, utcnow
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError, CxrNodeError

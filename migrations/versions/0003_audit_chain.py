@@ -16,7 +16,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    from cxr_node.audit import GENESIS, chain_hash
+    from cxr_node.audit.trail import GENESIS, chain_hash
 
     with op.batch_alter_table("audit_events") as b:
         b.add_column(sa.Column("prev_hash", sa.String(64)))

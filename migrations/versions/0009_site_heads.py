@@ -2,14 +2,14 @@
 bound to the weights' sha256.
 
 Revision ID: 0009
-Revises: 0006 (0007 and 0008 are reserved for other branches; the chain is re-pointed at merge)
+Revises: 0008
 Create Date: 2026-12-02
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0006"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

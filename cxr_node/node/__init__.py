@@ -1,0 +1,1 @@
+"""The daemon's life: service (start, data_dir lock, SIGTERM drain) and scheduler (jobs, hand-offs)."""

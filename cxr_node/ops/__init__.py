@@ -1,0 +1,1 @@
+"""Operating the node: status, retention, Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""modality --C-STORE--> receive: the Storage SCP (scp), connection limits, ingest (checks, spool, rows)."""

@@ -1,0 +1,1 @@
+"""A study from complete to processed: the state machine (states) and the pipeline's stages (pipeline)."""
