@@ -3,7 +3,8 @@
 #
 #   training/gpu_session.sh RECIPE PACK MANIFEST OUT [final]
 #
-# RECIPE is v2 or v3 (the two recipes of the protocol, same configuration: 224 px, 12 epochs,
+# RECIPE is v2, v3 or v4 (v4: training/results/v4/PROTOCOL.md; HOLDOUTS="shenzhen openist nih ieee8023
+# hannover" for its five hold-outs) (the recipes of the protocol, same configuration: 224 px, 12 epochs,
 # cosine schedule, batch 32, patience 3); PACK and MANIFEST come from `python -m training.pack
 # build ... --manifest-out`; OUT receives what comes back: the CUDA benchmark, the log, each
 # fold's and the final model's weights (fp16 exports, < 16 MB each) and results.tgz (LSO reports,
@@ -20,16 +21,20 @@ CONFIG=(--input-size=224 --epochs=12 --schedule=cosine --batch-size=32 --patienc
         ${EXTRA:-})  # EXTRA: e.g. "--epochs=1 --max-batches=2" for a dry run on a CPU
 case $RECIPE in
   v3) RECIPE_TRAIN=(--augment=v3 --balance=source,class "--preprocess=$LUNG"); LSO_ONLY=() ;;
+  v4) RECIPE_TRAIN=(--augment=v4 --balance=source,class --critical=COVID,Tuberculosis "--preprocess=$LUNG")
+      LSO_ONLY=() ;;
   v2) RECIPE_TRAIN=(--augment=v2 --balance=none); LSO_ONLY=(--train-source covid19-radiography) ;;
-  *) echo "RECIPE must be v2 or v3" >&2; exit 2 ;;
+  *) echo "RECIPE must be v2, v3 or v4" >&2; exit 2 ;;
 esac
 pack_results() { (cd "$WORK" && tar czf "$OUT/results-$RECIPE.tgz" --exclude='*.pt' --exclude='cache' .); }
 trap pack_results EXIT
 
 TRAIN_ARGS=()
 for a in "${CONFIG[@]}" "${RECIPE_TRAIN[@]}"; do TRAIN_ARGS+=("--train-arg=$a"); done
+HOLDOUT_ARGS=()
+for h in ${HOLDOUTS:-hannover nih ieee8023}; do HOLDOUT_ARGS+=(--holdout "$h"); done
 python3 -m training.lso run --manifest "$MANIFEST" --film-pack "$PACK" --out "$WORK/lso-$RECIPE-recipe" \
-    --holdout hannover --holdout nih --holdout ieee8023 "${LSO_ONLY[@]}" "${TRAIN_ARGS[@]}"
+    "${HOLDOUT_ARGS[@]}" "${LSO_ONLY[@]}" "${TRAIN_ARGS[@]}"
 if [ "$RECIPE" = v3 ]; then
   for h in hannover nih ieee8023; do
     ck=$WORK/lso-v3-recipe/$h/run/best.pt

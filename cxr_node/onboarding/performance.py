@@ -132,12 +132,42 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
         report["too_few"] = (f"too few films to mean much for: {', '.join(few)}; fewer than {FEW} on either side "
                              "gives intervals too wide to act on (see ci95)")
     report["calibrations"] = sorted({f.calibration or "model" for f in films})
+    if len(report["calibrations"]) > 1:  # e.g. the model's, a site calibration's and a site head's films
+        report["per_calibration"] = per_calibration(films, labels, critical, n_boot, seed)
     report["model_versions"] = sorted({f.model_version or "-" for f in films})
     report["films_used"] = [{"study_uid": f.study_uid, "sop_instance_uid": f.sop_instance_uid, "station": f.station,
                              "label": f.label, "feedback_id": f.feedback_id, "top_label": f.top_label,
                              "urgent": f.urgent, "probabilities": f.probabilities,
                              "image_result_id": f.image_result_id} for f in films]
     return json_safe(report)
+
+
+def per_calibration(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequence[str],
+                    n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The urgent flag and each critical class's AUC, separately for the films triaged with each
+    calibration ("model", "site X vN", "site X head vN"): before and after a site calibration or
+    site head, on the films each actually decided."""
+    import numpy as np
+
+    from cxr_node.model.calibration import bootstrap_binary_auc
+
+    out: dict[str, Any] = {}
+    for name in sorted({f.calibration or "model" for f in films}):
+        fs = [f for f in films if (f.calibration or "model") == name]
+        truth = np.array([f.label in critical for f in fs])
+        flagged = np.array([f.urgent for f in fs])
+        d: dict[str, Any] = {"films": len(fs), "urgent_recall": rate(int((truth & flagged).sum()), int(truth.sum())),
+                             "urgent_specificity": rate(int((~truth & ~flagged).sum()), int((~truth).sum())),
+                             "auc": {}}
+        for c in critical:
+            pos = np.array([f.label == c for f in fs])
+            if pos.any() and (~pos).any():
+                a = bootstrap_binary_auc(pos, np.array([float(f.probabilities.get(c, 0.0)) for f in fs]),
+                                         n_boot=n_boot, seed=seed)
+                d["auc"][c] = {"value": a["auc"], "ci95": a["ci95"], "positives": int(pos.sum()),
+                               "negatives": int((~pos).sum())}
+        out[name] = d
+    return out
 
 
 def _fmt_rate(r: dict | None) -> str:
@@ -173,6 +203,12 @@ def write_table(report: dict[str, Any], out, header: str = "") -> None:
     u = report["urgent_flag"]
     out.write(f"urgent flag vs {u['truth']}: precision {_fmt_rate(u['precision'])}, recall {_fmt_rate(u['recall'])}, "
               f"specificity {_fmt_rate(u['specificity'])}\n")
+    for name, d in (report.get("per_calibration") or {}).items():
+        aucs = ", ".join(f"{c} AUC {a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] ({a['positives']} vs "
+                         f"{a['negatives']})" for c, a in d["auc"].items()
+                         if a.get("value") is not None and a.get("ci95") and None not in a["ci95"])
+        out.write(f"triaged with {name}: {d['films']} film(s); urgent recall {_fmt_rate(d['urgent_recall'])}, "
+                  f"specificity {_fmt_rate(d['urgent_specificity'])}" + (f"; {aucs}" if aucs else "") + "\n")
     if report.get("too_few"):
         out.write(f"NOTE: {report['too_few']}\n")
 

@@ -211,11 +211,57 @@ def test_adapt_site_end_to_end_through_the_daemon_to_orthanc(node_factory, ortha
         assert any(t.startswith(f"calibration {name}") for t in texts), texts
         (group,) = read_findings(sr)  # the head's operating point, beside the probability compared with it
         assert group["thresholds"]["COVID-19"] == pytest.approx(threshold, rel=5e-3)
+    scs = wait_until(lambda: [i for s in new for i in orthanc.find(StudyInstanceUID=s, Modality="OT")] if all(
+        orthanc.find(StudyInstanceUID=s, Modality="OT") for s in new) else None, 60, "SCs in Orthanc", node)
+    for inst in scs:  # the Secondary Capture names the head too
+        sc = dcmread(io.BytesIO(orthanc.file(inst["ID"])), stop_before_pixels=True)
+        assert sc.DerivationDescription.endswith(f"operating points: {name}")
     for s in new:
         (t,) = _events(node, "image.triaged", study_uid=s)
         assert t["detail"]["calibration"] == name
         assert t["detail"]["urgent"] == bool(t["detail"]["probabilities"]["COVID"] >= threshold)
+    # performance reports the films each decided: the model's 36 and the head's 2, apart
+    for i, s in enumerate(new):
+        cli("feedback", "add", "--study", s, "--label", "COVID" if i == 0 else "Normal", config=node.config)
+    table = cli("performance", "--station", station, "--bootstrap", "100", config=node.config).stdout
+    assert "triaged with model: 36 film(s)" in table and f"triaged with {name}: 2 film(s)" in table, table
     p = cli("adapt-site", "--station", station, "--rollback", config=node.config)
     assert f"site {station} head v1 retired; films are now triaged with model" in p.stdout
     assert len(_events(node, "adaptation.rollback")) == 1
     assert json.loads(json.dumps(_events(node, "adaptation.rollback")[0]["detail"]))["restored"] is None
+
+
+def test_drift_is_measured_against_the_active_head_for_these_weights(tmp_path):
+    """check_drift: a station with active site heads (for these weights) is compared with the heads'
+    fitting films, on the films the heads triaged; heads for other weights leave the baseline."""
+    from cxr_node import config
+    from cxr_node.db import migrate
+    from cxr_node.db.models import ImageResult, StationRow, utcnow
+    from cxr_node.onboarding import site_adaptation as sa, stations
+    from cxr_node.db.session import Database
+
+    settings = config.parse({"storage": {"data_dir": str(tmp_path)},
+                             "onboarding": {"drift_window": 20, "drift_min_films": 10, "drift_threshold": 0.5}},
+                            base_dir=tmp_path)
+    migrate.upgrade(settings.database.url)
+    db = Database(settings.database.url)
+    rng = np.random.default_rng(0)
+    with db.transaction() as s:
+        now = utcnow()
+        s.add(StationRow(name="st1", ae_title="ST1", mode="active", configured=True, mode_since=now, created_at=now))
+        for i in range(40):
+            p = rng.dirichlet([1, 1, 1])
+            s.add(ImageResult(study_uid=f"1.2.{i}", study_version=1, sop_instance_uid=f"1.2.{i}.1", analysed=True,
+                              model_version="m1", top_label=LABELS[int(p.argmax())], urgent=False, priority="routine",
+                              probabilities=dict(zip(LABELS, map(float, p))), created_at=now, station="st1",
+                              calibration="site st1 head v1" if i >= 20 else "model", temperature=1.0,
+                              image_stats={"rows": 128, "cols": 128, "mean": 0.5, "std": 0.2}))
+    with db.session() as s:
+        rows = list(s.query(ImageResult).order_by(ImageResult.id))[:20]
+        ref = stations.reference_from(rows, LABELS)
+    res = _fit(*_site())
+    sa.store(db, dict(res, reference=ref))
+    out = stations.check_drift(settings, db, ["st1"], LABELS, "a" * 64)
+    assert out["st1"]["reference"] == "site st1 head v1"
+    out = stations.check_drift(settings, db, ["st1"], LABELS, "b" * 64)  # other weights: not the head's
+    assert out["st1"]["reference"] == "baseline (first films)"
