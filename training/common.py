@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -45,8 +46,6 @@ def split_records(data: str, checkpoint: Path, split: str | None, split_file: st
 def logits_for(records: Sequence[D.Record], model: Any, params: dict, device: Any, cache_dir: str | None,
                batch_size: int = 64) -> np.ndarray:
     """Preprocess (cached as uint8, exactly as training) and run the model; (N, K) logits."""
-    from training.train import predict_logits
-
     if cache_dir:
         cache = D.build_cache(records, params, Path(cache_dir))
     else:
@@ -77,3 +76,50 @@ def split_logits(args: Any) -> tuple[dict, list[str], list[D.Record], np.ndarray
     recs = split_records(args.data, ckpt, args.split, args.split_file, labels)
     y = np.array([labels.index(r.label) for r in recs])
     return meta, labels, recs, y, logits_for(recs, model, meta["preprocess"], device, args.cache_dir)
+
+
+def parse_preprocess(items: Sequence[str], input_size: int) -> dict[str, Any]:
+    """``KEY=VALUE`` options -> a complete, validated parameter dict (``cxr_node.model.preprocess.make_params``)."""
+    from cxr_node.errors import PreprocessError
+    from cxr_node.model.preprocess import check_params, make_params
+
+    over: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"--preprocess {it!r}: expected KEY=VALUE (VALUE as JSON), e.g. clahe_clip_limit=0.02")
+        k, v = it.split("=", 1)
+        try:
+            over[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            over[k.strip()] = v
+    if "input_size" in over and over["input_size"] != input_size:
+        raise SystemExit("--preprocess input_size=...: use --input-size")
+    over["input_size"] = input_size
+    try:
+        return check_params(make_params(**over))
+    except (ValueError, PreprocessError) as e:
+        raise SystemExit(f"--preprocess: {e}") from None
+
+
+def predict_logits(model, cache: np.ndarray, indices: Sequence[int], params: dict, device, batch_size: int = 64,
+                   amp: bool = False, channels_last: bool = False) -> np.ndarray:
+    """Logits (N, K) for cached films, in order, no augmentation."""
+    import torch
+
+    from cxr_node.model.preprocess import normalize_transform
+
+    norm = normalize_transform(params)
+    model.eval()
+    out = []
+    idx = np.asarray(indices, dtype=np.int64)
+    with torch.inference_mode():
+        for s in range(0, len(idx), batch_size):
+            b = torch.from_numpy(cache[idx[s:s + batch_size]].astype(np.float32) / 255.0)[:, None]
+            x = norm(b).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, enabled=amp):
+                out.append(model(x).float().cpu().numpy())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out)

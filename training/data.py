@@ -222,7 +222,7 @@ def select(records: Sequence[Record], assign: Mapping[str, str] | None, split: s
 # --------------------------------------------------------------------------- uint8 cache
 
 
-_PACK: Any = None  # training.pack.FilmPack, set by use_pack()
+_PACK: Any = None  # training.filmpack.FilmPack, set by use_pack()
 
 
 def use_pack(path: str | os.PathLike[str] | None) -> None:
@@ -232,7 +232,7 @@ def use_pack(path: str | os.PathLike[str] | None) -> None:
     if not path:
         _PACK = None
         return
-    from training.pack import FilmPack
+    from training.filmpack import FilmPack
 
     _PACK = FilmPack(path)
     log.info("reading films from pack %s (%d films, %s)", path, len(_PACK), _PACK.codec)

@@ -68,8 +68,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from cxr_node.model.checkpoint import load_checkpoint
     from cxr_node.model.infer import FEATURE_LAYERS
     from training import data as D
+    from training.common import predict_logits
     from training.lso import read_rows
-    from training.train import predict_logits
 
     torch.set_num_threads(args.threads)
     rows = [r for r in read_rows(Path(args.manifest)) if not r.get("exclude") and r["split"] in args.splits.split(",")]

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from training.common import parse_preprocess, predict_logits
+
 log = logging.getLogger("training.train")
 
 DEFAULT_CRITICAL = "COVID"
@@ -189,29 +191,6 @@ def make_v2_augment():
 # --------------------------------------------------------------------------- helpers
 
 
-def parse_preprocess(items: Sequence[str], input_size: int) -> dict[str, Any]:
-    """``KEY=VALUE`` options -> a complete, validated parameter dict (``cxr_node.model.preprocess.make_params``)."""
-    from cxr_node.errors import PreprocessError
-    from cxr_node.model.preprocess import check_params, make_params
-
-    over: dict[str, Any] = {}
-    for it in items:
-        if "=" not in it:
-            raise SystemExit(f"--preprocess {it!r}: expected KEY=VALUE (VALUE as JSON), e.g. clahe_clip_limit=0.02")
-        k, v = it.split("=", 1)
-        try:
-            over[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k.strip()] = v
-    if "input_size" in over and over["input_size"] != input_size:
-        raise SystemExit("--preprocess input_size=...: use --input-size")
-    over["input_size"] = input_size
-    try:
-        return check_params(make_params(**over))
-    except (ValueError, PreprocessError) as e:
-        raise SystemExit(f"--preprocess: {e}") from None
-
-
 def critical_classes(requested: Sequence[str] | None, labels: Sequence[str], warn: bool = True) -> list[str]:
     """The critical classes: ``--critical`` (repeatable, comma-separated) among ``labels``; a named
     class the films lack is left out with a warning (a leave-source-out fold without any of its
@@ -285,30 +264,6 @@ def class_weights(targets: np.ndarray, k: int) -> np.ndarray:
     if (counts == 0).any():
         raise ValueError(f"every class needs training images (counts {counts.tolist()})")
     return len(targets) / (k * counts)
-
-
-def predict_logits(model, cache: np.ndarray, indices: Sequence[int], params: dict, device, batch_size: int = 64,
-                   amp: bool = False, channels_last: bool = False) -> np.ndarray:
-    """Logits (N, K) for cached films, in order, no augmentation."""
-    import torch
-
-    from cxr_node.model.preprocess import normalize_transform
-
-    norm = normalize_transform(params)
-    model.eval()
-    out = []
-    idx = np.asarray(indices, dtype=np.int64)
-    with torch.inference_mode():
-        for s in range(0, len(idx), batch_size):
-            b = torch.from_numpy(cache[idx[s:s + batch_size]].astype(np.float32) / 255.0)[:, None]
-            x = norm(b).to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, enabled=amp):
-                out.append(model(x).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

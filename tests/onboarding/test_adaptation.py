@@ -237,8 +237,9 @@ def test_drift_is_measured_against_the_active_head_for_these_weights(tmp_path):
     from cxr_node import config
     from cxr_node.db import migrate
     from cxr_node.db.models import ImageResult, StationRow, utcnow
-    from cxr_node.onboarding import site_adaptation as sa, stations
     from cxr_node.db.session import Database
+    from cxr_node.onboarding import site_adaptation as sa
+    from cxr_node.onboarding import stations
 
     settings = config.parse({"storage": {"data_dir": str(tmp_path)},
                              "onboarding": {"drift_window": 20, "drift_min_films": 10, "drift_threshold": 0.5}},

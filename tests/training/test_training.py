@@ -212,7 +212,7 @@ def test_film_pack_trains_without_the_source_images(tiny, tmp_path):
     import shutil
 
     from training import data as D
-    from training.pack import FilmPack
+    from training.filmpack import FilmPack
 
     data = tmp_path / "data"
     shutil.copytree(tiny["manifest"].parent, data)

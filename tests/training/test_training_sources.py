@@ -193,7 +193,7 @@ def test_v4_augment_downscales_every_class_half_the_time():
 
 
 def test_preprocess_option_validates():
-    from training.train import parse_preprocess
+    from training.common import parse_preprocess
 
     p = parse_preprocess(["clahe_clip_limit=0.03", "percentiles=[1, 99]", "normalize=none"], 64)
     assert p["clahe_clip_limit"] == 0.03 and p["percentiles"] == [1, 99] and p["normalize"] == "none"
