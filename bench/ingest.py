@@ -74,13 +74,21 @@ def _code_from(code: Path | None):
         conftest.REPO = saved
 
 
+def _knows_release_rule(code: Path | None) -> bool:
+    """Whether the code run has ``[study] complete_on_release`` (this checkout has)."""
+    return code is None or any("complete_on_release" in p.read_text() for p in (code / "cxr_node").rglob("*.py"))
+
+
 def run_cxr_node(work: Path, batches: list[list[Path]], code: Path | None = None) -> float:
     root = work / "node"
     shutil.rmtree(root, ignore_errors=True)
     # receiving alone, as in every run since the first: the model is not preloaded (it would load
     # torch on the same 2 cores during the measurement) and studies complete after the default
     # 30 s quiet period, after the files are in
-    node = Node(root, log_level="WARNING", extra="[model]\npreload = false\n")
+    # studies complete on their association's release since issue 22: turned off here, so that no
+    # study is analysed while the next batch arrives (older code does not know the key)
+    off = "complete_on_release = false\n" if _knows_release_rule(code) else ""
+    node = Node(root, log_level="WARNING", extra="[model]\npreload = false\n", study_extra=off)
     with _code_from(code):
         node.start()
     try:

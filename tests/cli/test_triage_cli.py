@@ -38,7 +38,7 @@ def test_uncompressed_and_j2k_lossless_give_same_probabilities(films, checkpoint
     from cxr_node.model.infer import Predictor
 
     pred = Predictor(checkpoint)
-    a, b = pred.predict_sources([films["RG1_UNCR.dcm"], films["RG1_J2KR.dcm"]])
+    a, b = pred.predict([pred.preprocess(films["RG1_UNCR.dcm"]), pred.preprocess(films["RG1_J2KR.dcm"])])
     assert np.max(np.abs(np.array(a.probabilities) - np.array(b.probabilities))) < 1e-3
     assert a.top_label == b.top_label and pred.policy.apply(a).urgent == pred.policy.apply(b).urgent
     assert a.model_version == pred.meta["version"]

@@ -82,7 +82,8 @@ def test_an_unconfigured_destination_is_dead_lettered_with_the_reason_and_retry_
     outbox.settings = config.parse({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)  # pacs removed
     assert outbox.drain() == 0
     row = _row(outbox, item)
-    assert row.state == DEAD and row.last_error == "destination 'pacs' is no longer configured"
+    assert row.state == DEAD and row.last_error.startswith("destination 'pacs' is not in the running daemon's")
+    assert "reload the daemon, then `cxr-node outbox retry`" in row.last_error  # what to do
     assert outbox.retry(all_dead=True, by="admin") == 1
     row = _row(outbox, item)
     assert (row.state, row.attempts) == (PENDING, 0) and row.next_attempt_at <= utcnow() + dt.timedelta(seconds=1)
