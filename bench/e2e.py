@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--no-release", action="store_true",
                     help="[study] complete_on_release = false: the quiet period alone (subtracted from the figure)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled model")
+    ap.add_argument("--sc-max-rows", type=int, default=None,
+                    help="[outbox] sc_max_rows (shipped: 2048; 512 is about the Secondary Capture's size before issue 19)")
     ap.add_argument("--screenshot", type=Path, default=None, help="save Orthanc's preview of the first SC here")
     args = ap.parse_args()
 
@@ -103,6 +105,7 @@ def main() -> int:
     node = Node(work / "node", port=node_port, quiet_seconds=args.quiet, log_level="INFO",
                 study_extra="complete_on_release = false" if args.no_release else "", extra=(
                     f"{model}[outbox]\npoll_seconds = {args.outbox_poll:g}\n"
+                    + (f"sc_max_rows = {args.sc_max_rows}\n" if args.sc_max_rows else "") +
                     f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
                     f"port = {orthanc.dicom_port}\n"))
     node.start()
