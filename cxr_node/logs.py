@@ -109,8 +109,10 @@ class HighdicomInfoToDebug(logging.Filter):
         return True
 
 
-class _Rate:
-    """At most one event per key and ``interval`` seconds; counts the ones held back."""
+class PerKeyRate:
+    """At most one event per key and ``interval`` seconds; counts the ones held back. The one rate
+    limiter of the node: log lines per peer (here and in the receiver's guard) and the console's
+    once-per-user audit of a search."""
 
     def __init__(self, interval: float = 60.0, max_keys: int = 10000) -> None:
         self.interval = interval
@@ -170,7 +172,7 @@ class PeerNoiseFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._rate = _Rate()
+        self._rate = PerKeyRate()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(DATASET_LIBRARIES):
@@ -193,7 +195,7 @@ class PeerNoiseFilter(logging.Filter):
         return True
 
 
-_thread_rate = _Rate()
+_thread_rate = PerKeyRate()
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:

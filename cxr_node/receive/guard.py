@@ -24,6 +24,7 @@ from typing import Any, Callable
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from cxr_node.config import NodeSettings
+from cxr_node.logs import PerKeyRate
 from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
 from cxr_node.receive.dimse_guard import GuardedAssociation
@@ -208,30 +209,6 @@ class LimitedSSLSocket(PDULimit, ssl.SSLSocket):
     _raw_recv = ssl.SSLSocket.recv
 
 
-class PerPeerRate:
-    """At most one event per peer address and ``interval`` seconds; counts the ones held back."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def take(self, host: str) -> int | None:
-        """The number of events held back since the last one let through, or None to hold this one."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(host, -self.interval) < self.interval:
-                self._held[host] += 1
-                return None
-            if len(self._last) > 10000:  # forget quiet peers so a scan of many addresses cannot grow this
-                for h in [h for h, t in self._last.items() if now - t >= self.interval]:
-                    del self._last[h]
-                    self._held.pop(h, None)
-            self._last[host] = now
-            return self._held.pop(host, 0)
-
-
 class ConnectionGuard:
     """Connection counts per peer address and of connections not yet associated, shared by the
     accept loop and the connection threads; refusals go to ``on_refused(host, port, reason,
@@ -249,7 +226,7 @@ class ConnectionGuard:
         self.on_violation = on_violation
         self.pdu_deadline = PDUDeadline(node.network_timeout)
         self._on_refused = on_refused
-        self._rate = PerPeerRate()
+        self._rate = PerKeyRate()
         self._lock = threading.Lock()
         self._by_host: Counter[str] = Counter()
         self._waiting = 0

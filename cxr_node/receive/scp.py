@@ -48,6 +48,7 @@ from cxr_node.config import Settings
 from cxr_node.dicom import status as dimse
 from cxr_node.dicom.uids import is_valid_uid
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
+from cxr_node.logs import PerKeyRate
 from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.dataset_check import encoding_fault
 from cxr_node.receive.dimse_guard import bad_sop_class, note_command_set
@@ -57,7 +58,6 @@ from cxr_node.receive.guard import (
     GuardedServer,
     LimitedSSLSocket,
     PDULimit,
-    PerPeerRate,
     abort_when_a_thread_dies,
 )
 from cxr_node.receive.ingest import STATUS_SUCCESS, Header, Ingest, read_header
@@ -124,7 +124,7 @@ class Receiver:
         #: Called with the association id once a peer has released an association that stored
         #: something (the scheduler's release rule for study completion); set by service.py.
         self.on_released: Callable[[str], None] | None = None
-        self._abort_lines = PerPeerRate()  # one log line per host and minute for aborts (all audited)
+        self._abort_lines = PerKeyRate()  # one log line per host and minute for aborts (all audited)
         self.ae = self._build_ae()
         self.server = None
 

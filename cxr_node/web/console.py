@@ -22,6 +22,7 @@ from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
 from cxr_node.db.models import utcnow
 from cxr_node.db.session import Database
+from cxr_node.logs import PerKeyRate
 from cxr_node.web import images
 from cxr_node.web.auth import SESSION_COOKIE, Session, Sessions, same
 
@@ -58,8 +59,7 @@ class Console:
         self._model_lock = threading.Lock()
         self._chain: tuple[float, dict[str, Any]] | None = None
         self._chain_lock = threading.Lock()
-        self._searches: dict[tuple[str, str], float] = {}
-        self._searches_lock = threading.Lock()
+        self._searches = PerKeyRate(SEARCH_AUDIT_SECONDS)
         env = Jinja2Templates(directory=str(HERE / "templates")).env
         env.autoescape = True
         env.globals["nav"] = NAV
@@ -80,14 +80,7 @@ class Console:
 
     def _first_in_a_while(self, key: tuple[str, ...]) -> bool:
         """True (and remembered) unless ``key`` was seen in the last SEARCH_AUDIT_SECONDS."""
-        now = time.monotonic()
-        with self._searches_lock:
-            if now - self._searches.get(key, -1e9) < SEARCH_AUDIT_SECONDS:
-                return False
-            self._searches[key] = now
-            if len(self._searches) > 10_000:
-                self._searches = {k: t for k, t in self._searches.items() if now - t < SEARCH_AUDIT_SECONDS}
-            return True
+        return self._searches.take(key) is not None
 
     def searched(self, sess: Session, host: str, patient_id: str, matches: int) -> None:
         """Audit a worklist search by patient ID (once per user and ID in SEARCH_AUDIT_SECONDS)."""
