@@ -38,6 +38,7 @@ from cxr_node.db.session import Database
 from cxr_node.eligibility import rules as eligibility
 from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.errors import CheckpointError, PreprocessError
+from cxr_node.logs import redact_quoted
 from cxr_node.onboarding import stations
 from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
@@ -172,9 +173,11 @@ class Processor:
 
     def fail(self, study_uid: str, version: int, reason: str) -> None:
         """The study failed this attempt: recorded, and queued again after the backoff while the
-        configured attempts last (``[study] max_attempts``, ``retry_seconds``)."""
+        configured attempts last (``[study] max_attempts``, ``retry_seconds``). ``reason`` often
+        carries an exception's text, and library messages quote the values they judge (a patient
+        name among them): quoted parts are withheld before it reaches the audit trail and the log."""
         st = self.settings.study
-        studies.fail(self.db, study_uid, version, reason[:2000], max_attempts=st.max_attempts,
+        studies.fail(self.db, study_uid, version, redact_quoted(reason)[:2000], max_attempts=st.max_attempts,
                      retry_seconds=st.retry_seconds)
 
     def drift(self, predictor, names: set[str]) -> None:

@@ -168,3 +168,28 @@ def test_a_poison_film_does_not_stall_the_study_sent_with_it(node_factory, tmp_p
         assert sr.Modality == "SR"
         assert "Traceback" not in node.log
     assert node.stop() == 0
+
+
+def test_a_failure_reason_never_carries_a_quoted_dataset_value(tmp_path, caplog):
+    """A study's failure reason is often an exception's text; pydicom and highdicom quote the
+    values they judge, a patient's name among them. Neither the audit trail nor the log gets it."""
+    from cxr_node import config
+    from cxr_node.db.models import AuditEvent
+    from cxr_node.outbox.queue import Outbox
+    from cxr_node.study.pipeline import Processor
+
+    settings = config.parse({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)
+    upgrade(settings.database.url)
+    db = Database(settings.database.url)
+    study = _queued_study(db)
+    studies.claim(db, 8, "local")
+    with caplog.at_level("DEBUG"):
+        Processor(settings, db, Outbox(settings, db)).fail(
+            study, 1, "ValueError: Invalid value for VR PN: 'Quokkafield^Zebediah'")
+    st = _state(db, study)
+    with db.session() as s:
+        (ev,) = s.query(AuditEvent).filter(AuditEvent.event == "study.failed").all()
+    assert st.state == studies.FAILED and "Invalid value for VR PN" in st.last_error
+    for text in (st.last_error, ev.reason, caplog.text):
+        assert "Quokkafield" not in text
+    db.dispose()
