@@ -32,6 +32,7 @@ from cxr_node.audit import trail as audit
 from cxr_node.db.models import Instance, SiteHead, utcnow
 from cxr_node.errors import CxrNodeError
 from cxr_node.model.calibration import json_safe
+from cxr_node.onboarding import versions
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def head_name(row: SiteHead | None) -> str:
 
 
 def active(session, station: str) -> SiteHead | None:
-    return session.scalars(select(SiteHead).where(SiteHead.station == station, SiteHead.active.is_(True))).first()
+    return versions.active(session, SiteHead, station)
 
 
 def active_heads(db) -> dict[str, SiteHead]:
@@ -208,13 +209,7 @@ def rollback(db, station: str) -> tuple[SiteHead, SiteHead | None]:
         cur = active(s, station)
         if cur is None:
             raise AdaptationRefused(f"station {station}: no site head is active; nothing to roll back")
-        now = utcnow()
-        cur.active, cur.retired_at = False, now
-        prev = s.scalars(select(SiteHead).where(
-            SiteHead.station == station, SiteHead.version < cur.version,
-            SiteHead.weights_sha256 == cur.weights_sha256).order_by(SiteHead.version.desc())).first()
-        if prev is not None:
-            prev.active, prev.retired_at = True, None
+        prev = versions.retire_and_restore(s, SiteHead, cur)
         audit.record(s, "adaptation.rollback", reason=f"station {station}: head v{cur.version} retired; now "
                      f"{head_name(prev)}", detail={"station": station, "retired": cur.version,
                                                    "restored": prev.version if prev is not None else None})

@@ -24,7 +24,7 @@ from cxr_node.audit import trail as audit
 from cxr_node.db.models import ImageResult, SiteCalibration, utcnow
 from cxr_node.errors import CxrNodeError
 from cxr_node.model.calibration import json_safe
-from cxr_node.onboarding import drift, stations
+from cxr_node.onboarding import drift, stations, versions
 from cxr_node.onboarding.performance import LabelledFilm, labelled_films
 
 
@@ -231,8 +231,7 @@ def implausible(new: dict[str, Any], y, logits, labels: Sequence[str], critical:
 
 
 def active(session, station: str) -> SiteCalibration | None:
-    return session.scalars(select(SiteCalibration).where(SiteCalibration.station == station,
-                                                         SiteCalibration.active.is_(True))).first()
+    return versions.active(session, SiteCalibration, station)
 
 
 def store(db, result: dict[str, Any]) -> SiteCalibration:
@@ -272,13 +271,7 @@ def rollback(db, station: str) -> tuple[SiteCalibration, SiteCalibration | None]
         cur = active(s, station)
         if cur is None:
             raise CalibrationRefused(f"station {station}: no site calibration is active; nothing to roll back")
-        now = utcnow()
-        cur.active, cur.retired_at = False, now
-        prev = s.scalars(select(SiteCalibration).where(
-            SiteCalibration.station == station, SiteCalibration.version < cur.version,
-            SiteCalibration.weights_sha256 == cur.weights_sha256).order_by(SiteCalibration.version.desc())).first()
-        if prev is not None:
-            prev.active, prev.retired_at = True, None
+        prev = versions.retire_and_restore(s, SiteCalibration, cur)
         audit.record(s, "calibration.rollback",
                      reason=f"station {station}: v{cur.version} retired; now {stations.calibration_name(prev)}",
                      detail={"station": station, "retired": cur.version,
