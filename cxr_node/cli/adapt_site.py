@@ -28,7 +28,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                    help="for the critical class(es) (default [onboarding] target_sensitivity)")
     p.add_argument("--min-per-class", type=int, metavar="N", default=None,
                    help="labelled films needed of a critical class and of the rest (default 2 x [onboarding] "
-                   "min_per_class: a head needs more films than a threshold)")
+                   "min_per_class: a head needs more films than a threshold); on a model with an abnormality "
+                   "output, abnormal and normal films (default [onboarding] adapt_min_per_class)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
     p.add_argument("--dry-run", action="store_true", help="fit and print, store nothing")
     p.add_argument("--yes", action="store_true", help="store without asking (needed when not on a terminal)")
@@ -66,14 +67,24 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
                               ood_reference=settings.model.ood_reference or None)
         segmenter = LungSegmenter(settings.model.lung_checkpoint, device=predictor.device)
         meta = predictor.meta
+        abnormal_axis = predictor.policy.has_abnormality
+        if abnormal_axis and args.min_per_class is None:
+            minimum = o.adapt_min_per_class
         with db.session() as s:
             films, feats, groups, skipped = sa.labelled_with_features(settings, s, station, predictor, segmenter)
-            result = sa.fit(films, feats, groups, station=station, labels=list(predictor.labels),
-                            critical=list(meta.get("critical_labels") or ()),
-                            thresholds={k: float(v) for k, v in meta["thresholds"].items()},
-                            model_version=predictor.version, weights_sha256=predictor.weights_sha256,
-                            target_sensitivity=target, min_per_class=minimum, n_boot=args.bootstrap,
-                            skipped=skipped)
+            if abnormal_axis:
+                result = sa.fit_abnormal(films, feats, groups, station=station,
+                                         threshold=_abnormal_in_force(s, station, predictor),
+                                         model_version=predictor.version, weights_sha256=predictor.weights_sha256,
+                                         target_sensitivity=target, min_per_class=minimum, n_boot=args.bootstrap,
+                                         skipped=skipped)
+            else:
+                result = sa.fit(films, feats, groups, station=station, labels=list(predictor.labels),
+                                critical=list(meta.get("critical_labels") or ()),
+                                thresholds={k: float(v) for k, v in meta["thresholds"].items()},
+                                model_version=predictor.version, weights_sha256=predictor.weights_sha256,
+                                target_sensitivity=target, min_per_class=minimum, n_boot=args.bootstrap,
+                                skipped=skipped)
             result = sa.with_reference(s, result, films, feats, list(predictor.labels))
         if args.format == "json":
             json.dump(sa.report_of(result), out, indent=1)
@@ -99,6 +110,17 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _abnormal_in_force(session, station: str, predictor) -> float:
+    """The station's operating point on p(abnormal) now: its site calibration's (for these weights),
+    else the model's."""
+    from cxr_node.onboarding import abnormal
+    from cxr_node.onboarding.site_calibration import active
+
+    cal = active(session, station)
+    t = abnormal.threshold_of(cal) if cal is not None and cal.weights_sha256 == predictor.weights_sha256 else None
+    return float(predictor.policy.abnormal_threshold if t is None else t)
+
+
 def _r(d: dict) -> str:
     return f"{d['sensitivity']:.3f} / {d['specificity']:.3f}"
 
@@ -106,7 +128,9 @@ def _r(d: dict) -> str:
 def write_result(res: dict, out: TextIO) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in res["counts"].items())
     skipped = ", ".join(f"{k} {v}" for k, v in res["skipped"].items() if v)
-    out.write(f"station {res['station']}: {res['films']} labelled film(s) of {res['patients']} patient(s) ({counts})"
+    axis = f"; abnormal {res['abnormal']} vs normal {res['normal']}" if res.get("axis") == "abnormal" else ""
+    out.write(f"station {res['station']}: {res['films']} labelled film(s) of {res['patients']} patient(s) ({counts}"
+              f"{axis})"
               f"{'; skipped ' + skipped if skipped else ''}; model {res['model_version']}\n")
     out.write(f"patient-grouped cross-validation; AUC with the paired bootstrap 95% interval of the difference; "
               f"sensitivity / specificity at the model's threshold (before) and at target {res['target_sensitivity']} "

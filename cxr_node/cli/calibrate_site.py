@@ -1,5 +1,6 @@
-"""``cxr-node calibrate-site``: a station's own temperature and operating points, from its labelled
-films (cxr_node.onboarding.site_calibration); ``--rollback`` restores the previous one."""
+"""``cxr-node calibrate-site``: a station's own temperature and operating points (on a model with an
+abnormality output: its operating point on p(abnormal)), from its labelled films
+(cxr_node.onboarding.site_calibration); ``--rollback`` restores the previous one."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                        "points on its labelled films", description="Fits temperature scaling and per-class "
                        "operating points (the critical class at --target-sensitivity, the others at max Youden "
                        "J) on the station's films that readers labelled (cxr-node feedback), with the same code "
-                       "that calibrated the model. Refuses below --min-per-class labelled films of any class. "
+                       "that calibrated the model; on a model with an abnormality output, the operating point on "
+                       "p(abnormal) instead (the highest threshold keeping sensitivity on the station's abnormal "
+                       "films >= --target-sensitivity; Normal / Abnormal labels are enough). Refuses below --min-per-class labelled films of any class. "
                        "Prints before/after figures with 95%% intervals; once confirmed, stores a new version, "
                        "bound to the model's weights (a new model ignores it), audited. The daemon uses it for "
                        "the station's next films; their SR and Secondary Capture name it.")
@@ -68,7 +71,7 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
             result = sc.fit(s, station, model, target_sensitivity=target, min_per_class=minimum, current=current,
                             store_anyway=args.store_anyway)
         if args.format == "json":
-            json.dump({k: v for k, v in sc._json_safe(result).items() if k != "reference"}, out, indent=1)
+            json.dump({k: v for k, v in sc.json_safe(result).items() if k != "reference"}, out, indent=1)
             out.write("\n")
         else:
             write_result(result, out)
@@ -98,6 +101,9 @@ def _r(r: dict | None) -> str:
 def write_result(res: dict, out: TextIO) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in res["counts"].items())
     out.write(f"station {res['station']}: {res['films']} labelled film(s) ({counts}), model {res['model_version']}\n")
+    if "abnormal" in res:
+        write_abnormal(res, out)
+        return
     b, a = res["before"], res["after"]
     out.write(f"temperature {b['temperature']:.4f} -> {a['temperature']:.4f}; ECE "
               f"{b['ece'] if b['ece'] is None else round(b['ece'], 4)} -> "
@@ -114,4 +120,20 @@ def write_result(res: dict, out: TextIO) -> None:
         out.write("urgent flag\n")
         for k in ("sensitivity", "specificity"):
             out.write(f"{'  ' + k:18}{_r(b.get('urgent_flag', {}).get(k)):46}{_r(a['urgent_flag'][k])}\n")
+    out.write(f"({res['note']}; `cxr-node performance --station {res['station']}` measures films triaged after it)\n")
+
+
+def write_abnormal(res: dict, out: TextIO) -> None:
+    """A model with an abnormality output: the operating point on p(abnormal), before and after."""
+    b, a, abn = res["before"], res["after"], res["abnormal"]
+    skipped = ", ".join(f"{k} {v}" for k, v in abn["skipped"].items() if v)
+    if skipped:
+        out.write(f"not used: {skipped}\n")
+    auc = a["auc"]
+    if auc["value"] is not None:
+        out.write(f"p(abnormal) AUC on these films {auc['value']:.3f} [{auc['ci95'][0]:.2f}-{auc['ci95'][1]:.2f}]\n")
+    out.write(f"{'':18}{'before (' + b['calibration'] + ')':46}after (this calibration)\n")
+    out.write(f"{'operating point':18}{b['threshold']:<46.4f}{a['threshold']:.4f}  ({abn['rule']})\n")
+    for k in ("sensitivity", "specificity", "flagged"):
+        out.write(f"{'  ' + k:18}{_r(b[k]):46}{_r(a[k])}\n")
     out.write(f"({res['note']}; `cxr-node performance --station {res['station']}` measures films triaged after it)\n")

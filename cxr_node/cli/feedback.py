@@ -15,7 +15,8 @@ from cxr_node.errors import ConfigError
 def register(sub, common: argparse.ArgumentParser) -> None:
     fb = sub.add_parser("feedback", parents=[common], help="import or add readers' labels for analysed studies",
                         description="Readers' labels for studies (or single films): one of the model's labels, "
-                        "Normal, or Other. Each is stored with who and when, audited (feedback.added), and "
+                        "Normal, Abnormal (something is wrong, no class named) or Other (none of the model's "
+                        "classes); on the abnormal axis every label but Normal counts as abnormal. Each is stored with who and when, audited (feedback.added), and "
                         "superseded by a later label for the same study (history kept). `cxr-node performance` "
                         "and `cxr-node calibrate-site` use them.")
     fbs = fb.add_subparsers(dest="feedback_command", metavar="ACTION", required=True)
@@ -32,7 +33,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     who = fa.add_mutually_exclusive_group(required=True)
     who.add_argument("--study", metavar="STUDY_UID")
     who.add_argument("--accession", metavar="ACCESSION_NUMBER")
-    fa.add_argument("--label", required=True, help="one of the model's labels, Normal or Other")
+    fa.add_argument("--label", required=True, help="one of the model's labels, Normal, Abnormal or Other")
     fa.add_argument("--reader", help="who said it (a name or ID; stored and audited)")
     fa.add_argument("--film", metavar="SOP_INSTANCE_UID", help="label one film of the study, not the study")
     fa.add_argument("--time", metavar="ISO", help="when the reader said it (default now)")

@@ -70,6 +70,7 @@ class OnboardingSettings:
     drift_window: int            # films per station in the rolling window
     drift_min_films: int         # no drift verdict with fewer films in the window
     drift_threshold: float       # population stability index past which a statistic has moved
+    adapt_min_per_class: int = 30  # adapt-site's minimum abnormal and normal films (abnormality output)
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "drift_window": (_int(5, 1000000), 200),
         "drift_min_films": (_int(5, 1000000), 50),
         "drift_threshold": (_number(0.01, 10), 0.25),
+        "adapt_min_per_class": (_int(5, 100000), 30),
     },
 }
 DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535), "tls": _bool}

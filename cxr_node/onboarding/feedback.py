@@ -2,8 +2,10 @@
 
 Every label is a row of its own and audited (``feedback.added``). A later label for the same study
 (and film) supersedes the earlier one, which is kept with ``superseded_at`` / ``superseded_by``:
-the history stays. A label is one of the model's labels, ``Normal``, or ``Other`` (none of the
-model's classes), matched without regard to case.
+the history stays. A label is one of the model's labels, ``Normal``, ``Abnormal`` (something is
+wrong on the film, no class named: the v5 abnormality axis), or ``Other`` (none of the model's
+classes), matched without regard to case. On the abnormal axis (:func:`is_abnormal`) every label
+but Normal counts as abnormal: a class label, Other, and Abnormal itself.
 
 Python API (the CLI and the web console call these):
 
@@ -29,6 +31,22 @@ from cxr_node.errors import CxrNodeError
 
 OTHER = "Other"
 NORMAL = "Normal"
+ABNORMAL = "Abnormal"
+NORMAL_NAMES = ("normal", "no finding", "no_finding")
+
+
+def is_abnormal(label: str | None) -> bool | None:
+    """A reader's label on the abnormal axis: False for Normal (or the model's own normal class,
+    e.g. No Finding), True for any other label (Abnormal, Other, a finding class), None without one."""
+    text = (label or "").strip().lower()
+    if not text:
+        return None
+    return text not in NORMAL_NAMES
+
+
+def choices(labels: Sequence[str]) -> list[str]:
+    """The labels a reader may give: the model's, then Normal, Abnormal and Other."""
+    return list(dict.fromkeys(list(labels) + [NORMAL, ABNORMAL, OTHER]))
 
 
 class FeedbackError(CxrNodeError):
@@ -48,14 +66,14 @@ def model_labels(session, study_uid: str | None = None) -> list[str]:
 
 
 def canonical_label(label: str, labels: Sequence[str]) -> str:
-    """``label`` spelled as the model spells it (or ``Other`` / ``Normal``); FeedbackError if unknown."""
+    """``label`` spelled as the model spells it (or ``Normal`` / ``Abnormal`` / ``Other``); FeedbackError if unknown."""
     text = (label or "").strip()
-    for name in list(labels) + [NORMAL, OTHER]:
+    for name in choices(labels):
         if text.lower() == name.lower():
             if name == NORMAL:  # the model's own normal class, whatever its spelling
-                return next((x for x in labels if x.lower() in ("normal", "no finding", "no_finding")), NORMAL)
+                return next((x for x in labels if x.lower() in NORMAL_NAMES), NORMAL)
             return name
-    known = ", ".join(dict.fromkeys(list(labels) + [NORMAL, OTHER]))
+    known = ", ".join(choices(labels))
     raise FeedbackError(f"unknown label {label!r} (known: {known})")
 
 
@@ -115,7 +133,7 @@ def add_label(target, study_uid: str | None, label: str, reader: str | None = No
 
     The study is named by ``study_uid`` or ``accession_number``; ``sop_instance_uid`` (optional)
     must be one of its films. ``label`` is checked against ``labels`` (default: the labels the
-    model gave for this study) plus Normal and Other. The same label already in force is a
+    model gave for this study) plus Normal, Abnormal and Other. The same label already in force is a
     duplicate: nothing is stored and ``Outcome.feedback`` is None. Raises FeedbackError."""
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session

@@ -44,6 +44,7 @@ class LabelledFilm:
     feedback_id: int
     image_result_id: int
     created_at: dt.datetime
+    abnormal: float | None = None  # p(abnormal) as triaged (models with an abnormality output)
 
 
 def labelled_films(session, *, station: str | None = None, since: dt.datetime | None = None,
@@ -77,7 +78,7 @@ def labelled_films(session, *, station: str | None = None, since: dt.datetime | 
             continue
         out.append(LabelledFilm(r.study_uid, r.sop_instance_uid, r.station, r.model_version, r.calibration,
                                 r.temperature, dict(r.probabilities or {}), r.top_label, bool(r.urgent), fb.label,
-                                fb.id, r.id, r.created_at))
+                                fb.id, r.id, r.created_at, r.abnormal))
     return out
 
 

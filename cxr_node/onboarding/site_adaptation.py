@@ -13,6 +13,8 @@ with its calibration (a Platt scale from out-of-fold scores) folded into its wei
 * **Stored** versioned (``site_heads``, migration 0009), bound to the weights' sha256 (other weights
   ignore it), audited as ``adaptation.site``; :func:`rollback` retires the active version and restores
   the previous one for the same weights (audited as ``adaptation.rollback``).
+* On a model with an abnormality output (v5) the head is one, for p(abnormal) (:func:`fit_abnormal`,
+  :mod:`cxr_node.onboarding.abnormal`): readers' Normal / Abnormal labels are enough.
 * The pipeline triages the station's films with it (:func:`heads_for`, :func:`head_name` names it in
   the SR's algorithm parameters and the SC legend, as a site calibration is named).
 
@@ -99,6 +101,16 @@ def labelled_with_features(settings, session, station: str, predictor, segmenter
         kept.append(f)
         xs.append(pr.x)
         groups.append(i.patient_id or f.study_uid)
+    if xs and getattr(predictor, "abnormality", None) is not None:
+        # the model's own p(abnormal), recomputed (the champion; a head active then may have scored them)
+        feats = []
+        for s in range(0, len(xs), 32):
+            preds = predictor.predict(xs[s:s + 32], explain=False)
+            feats.append(predictor.last_features if predictor.last_features is not None
+                         else predictor.features(xs[s:s + 32]))
+            for f, p in zip(kept[s:s + 32], preds):
+                f.abnormal = p.abnormal
+        return kept, np.concatenate(feats), groups, skipped
     feats = predictor.features(xs) if xs else np.zeros((0, 0))
     return kept, feats, groups, skipped
 
@@ -114,7 +126,11 @@ def fit(films: Sequence, features: np.ndarray, groups: Sequence[str], *, station
     Raises AdaptationRefused below ``min_per_class``; the result's ``accepted`` says whether any head
     beat the model (only then may it be stored)."""
     from cxr_node.model.adaptation import cross_validate_class, fit_site_head
+    from cxr_node.onboarding.feedback import ABNORMAL
 
+    keep = [i for i, f in enumerate(films) if f.label != ABNORMAL]  # "Abnormal" names no class
+    if len(keep) < len(films):
+        films, features, groups = [films[i] for i in keep], features[keep], [groups[i] for i in keep]
     names = [f.label for f in films]
     counts = {n: names.count(n) for n in sorted(set(names))}
     short = []
@@ -150,6 +166,37 @@ def fit(films: Sequence, features: np.ndarray, groups: Sequence[str], *, station
             "films": len(films), "counts": counts, "skipped": skipped or {}, "patients": len(set(groups)),
             "target_sensitivity": target_sensitivity, "min_per_class": min_per_class, "classes": classes,
             "not_fitted": short, "heads": heads, "accepted": bool(heads)}
+
+
+def fit_abnormal(films: Sequence, features: np.ndarray, groups: Sequence[str], *, station: str, threshold: float,
+                 model_version: str, weights_sha256: str, target_sensitivity: float, min_per_class: int,
+                 n_boot: int = 1000, seed: int = 0, skipped: dict[str, int] | None = None) -> dict[str, Any]:
+    """:func:`fit` on the abnormal axis (a model with an abnormality output): one head for
+    p(abnormal) (:func:`cxr_node.onboarding.abnormal.adapt`), stored under ``Abnormal``; the
+    champion is the model's own p(abnormal) at ``threshold`` (the operating point in force)."""
+    from cxr_node.onboarding import abnormal
+    from cxr_node.onboarding.feedback import is_abnormal
+
+    keep = [i for i, f in enumerate(films) if is_abnormal(f.label) is not None and f.abnormal is not None]
+    films = [films[i] for i in keep]
+    x, g = features[keep] if len(keep) else features[:0], [groups[i] for i in keep]
+    y = np.array([bool(is_abnormal(f.label)) for f in films], dtype=bool)
+    names = [f.label for f in films]
+    counts = {n: names.count(n) for n in sorted(set(names))}
+    try:
+        cv, head = abnormal.adapt(x, y, np.array([float(f.abnormal) for f in films]), threshold, g,
+                                  target=target_sensitivity, min_per_class=min_per_class, n_boot=n_boot, seed=seed)
+    except abnormal.Refused as e:
+        more = (f"; skipped {', '.join(f'{k} {v}' for k, v in skipped.items() if v)}"
+                if skipped and any(skipped.values()) else "")
+        raise AdaptationRefused(f"station {station}: {e}{more}. Import more feedback (cxr-node feedback import: "
+                                "Normal / Abnormal is enough) or lower --min-per-class") from None
+    heads = {abnormal.HEAD_KEY: head} if head is not None else {}
+    return {"station": station, "model_version": model_version, "weights_sha256": weights_sha256,
+            "films": len(films), "counts": counts, "axis": "abnormal", **{k: v for k, v in abnormal.counts(y).items()},
+            "skipped": skipped or {}, "patients": len(set(g)), "target_sensitivity": target_sensitivity,
+            "min_per_class": min_per_class, "classes": {abnormal.HEAD_KEY: cv}, "not_fitted": [], "heads": heads,
+            "accepted": bool(heads)}
 
 
 def with_reference(session, result: dict[str, Any], films: Sequence, features: np.ndarray,

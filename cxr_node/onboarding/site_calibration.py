@@ -8,6 +8,11 @@ which softmax ignores. Only films analysed by the model whose weights are config
 and the calibration is bound to those weights' sha256: a new model ignores it (the daemon says so)
 until the station is calibrated again.
 
+On a model with an abnormality output (v5) it calibrates the urgent flag's operating point on
+p(abnormal) instead (:mod:`cxr_node.onboarding.abnormal`; stored in the version's report under
+``abnormal``), keeping the temperature and pattern thresholds in force. On a model without one,
+films labelled only ``Abnormal`` name no class and are not used.
+
 Stored versioned (``site_calibrations``), one active per station, audited as ``calibration.site``;
 ``rollback`` retires the active one and restores the previous version of the same weights (or
 the model's own operating points when there is none), audited as ``calibration.rollback``.
@@ -24,7 +29,8 @@ from cxr_node.audit import trail as audit
 from cxr_node.db.models import ImageResult, SiteCalibration, utcnow
 from cxr_node.errors import CxrNodeError
 from cxr_node.model.calibration import json_safe
-from cxr_node.onboarding import drift, stations, versions
+from cxr_node.onboarding import abnormal, drift, stations, versions
+from cxr_node.onboarding.feedback import ABNORMAL
 from cxr_node.onboarding.performance import LabelledFilm, labelled_films
 
 
@@ -41,6 +47,8 @@ class ModelInfo:
     weights_sha256: str
     temperature: float
     thresholds: dict[str, float]
+    #: the checkpoint's operating point on p(abnormal) (None: no abnormality output, a v2 model)
+    abnormal_threshold: float | None = None
 
     @classmethod
     def from_checkpoint(cls, path) -> "ModelInfo":
@@ -48,8 +56,10 @@ class ModelInfo:
 
         ck = read_checkpoint(path)
         m = ck["meta"]
+        abn = m.get("abnormality")
         return cls(tuple(m["labels"]), tuple(m.get("critical_labels") or ()), str(m["version"]), str(ck["sha256"]),
-                   float(m["temperature"]), {k: float(v) for k, v in m["thresholds"].items()})
+                   float(m["temperature"]), {k: float(v) for k, v in m["thresholds"].items()},
+                   float(abn["threshold"]) if abn else None)
 
 
 def _arrays(films: Sequence[LabelledFilm], labels: Sequence[str], default_t: float):
@@ -106,6 +116,11 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
         known = ", ".join(session.scalars(select(StationRow.name).order_by(StationRow.name))) or "none yet"
         raise CalibrationRefused(f"station {station}: no film from it was analysed (known stations: {known}; "
                                  "--station takes a station's name or its AE title)")
+    if model.abnormal_threshold is not None:
+        return _fit_abnormal(session, station, model, films, target_sensitivity=target_sensitivity,
+                             min_per_class=min_per_class, current=current, store_anyway=store_anyway)
+    # films labelled only Abnormal name no class: they say nothing about any class here
+    films = [f for f in films if f.label != ABNORMAL]
     labels = list(model.labels)
     counts = {n: sum(f.label == n for f in films) for n in labels + ["Other"]}
     critical = [c for c in model.critical if c in labels]
@@ -163,6 +178,45 @@ def fit(session, station: str, model: ModelInfo, *, target_sensitivity: float, m
             "note": "before and after are measured on the same films the calibration was fitted on",
             "refusals_overridden": problems,
             "reference": reference}
+
+
+def _fit_abnormal(session, station: str, model: ModelInfo, films: Sequence[LabelledFilm], *,
+                  target_sensitivity: float, min_per_class: int, current: SiteCalibration | None,
+                  store_anyway: bool) -> dict[str, Any]:
+    """A model with an abnormality output: the station's operating point on p(abnormal)
+    (:func:`cxr_node.onboarding.abnormal.calibrate`); the temperature and pattern thresholds in force
+    are kept."""
+    before_t = abnormal.threshold_of(current)
+    before_t = model.abnormal_threshold if before_t is None else before_t
+    name = stations.calibration_name(current)
+    try:
+        res = abnormal.calibrate(films, target=target_sensitivity, min_per_class=min_per_class,
+                                 before_threshold=before_t, before_name=name)
+    except abnormal.Refused as e:
+        raise CalibrationRefused(
+            f"station {station}: {e}. Import more feedback (cxr-node feedback import: Normal / Abnormal is enough), "
+            "or lower --min-per-class / [onboarding] min_per_class knowing the operating point will be less "
+            "certain") from None
+    problems = res.pop("problems")
+    if problems and not store_anyway:
+        raise CalibrationRefused(
+            f"station {station}: calibration refused, nothing stored: {'; '.join(problems)}. The station keeps "
+            f"its {name} operating point ({before_t:.4f}). Label more of its films, normal and abnormal (cxr-node "
+            f"feedback import), and run calibrate-site again")
+    ids = res.pop("image_result_ids")
+    rows = list(session.scalars(select(ImageResult).where(ImageResult.id.in_(ids))))
+    temperature = current.temperature if current is not None else model.temperature
+    thresholds = dict(current.thresholds) if current is not None else dict(model.thresholds)
+    return {"station": station, "model_version": model.version, "weights_sha256": model.weights_sha256,
+            "films": res["films"], "counts": res["counts"], "target_sensitivity": target_sensitivity,
+            "min_per_class": min_per_class, "temperature": temperature, "thresholds": thresholds,
+            "abnormal": {"threshold": res["threshold"], "before_threshold": before_t, "rule": res["rule"],
+                         "skipped": res["skipped"]},
+            "operating_points": {"abnormal": {"threshold": res["threshold"], "rule": res["rule"]}},
+            "before": res["before"], "after": res["after"],
+            "note": "before and after are measured on the same films the operating point was fitted on; the "
+                    "temperature and pattern thresholds in force are kept",
+            "refusals_overridden": problems, "reference": drift.reference_from(rows, list(model.labels))}
 
 
 #: ``calibration.fit_temperature`` searches log T in [-3, 3]; a fit within EDGE_LOG of either end
@@ -256,7 +310,9 @@ def store(db, result: dict[str, Any]) -> SiteCalibration:
                      detail={"station": station, "version": version, "id": row.id,
                              "replaces": previous.version if previous is not None else None,
                              "weights_sha256": row.weights_sha256, "temperature": row.temperature,
-                             "thresholds": row.thresholds, "films": result["films"], "counts": result["counts"],
+                             "thresholds": row.thresholds,
+                             "abnormal_threshold": (result.get("abnormal") or {}).get("threshold"),
+                             "films": result["films"], "counts": result["counts"],
                              "target_sensitivity": result["target_sensitivity"],
                              "refusals_overridden": result.get("refusals_overridden") or [],
                              "before": json_safe(result["before"]), "after": json_safe(result["after"])})

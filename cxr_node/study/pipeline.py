@@ -302,15 +302,16 @@ class Processor:
         return ok
 
     def _triage_study(self, predictor, w: StudyWork, cals: dict, heads: dict) -> None:
-        """One study: the station's calibration (temperature, operating points) and its site heads
-        (the critical classes' own probabilities from the film's features) when it has them."""
+        """One study: the station's calibration (temperature, operating points; on a model with an
+        abnormality output, its operating point on p(abnormal)) and its site heads (the critical
+        classes' own probabilities, or its own p(abnormal), from the film's features) when it has them."""
         import dataclasses
 
         import numpy as np
 
         from cxr_node.model.adaptation import apply_site_heads
         from cxr_node.model.calibration import logits_from, softmax
-        from cxr_node.onboarding import site_adaptation
+        from cxr_node.onboarding import abnormal, site_adaptation
 
         cal = cals.get(w.station.name) if w.station is not None else None
         if cal is not None and cal.weights_sha256 != predictor.weights_sha256:
@@ -327,10 +328,14 @@ class Processor:
                                         temperature=cal.temperature)
         head = site_adaptation.heads_for(heads.get(w.station.name) if w.station is not None else None,
                                          predictor.weights_sha256)
+        class_heads = {c: h for c, h in head.heads.items() if c != abnormal.HEAD_KEY} if head is not None else {}
+        abnormal_head = head.heads.get(abnormal.HEAD_KEY) if head is not None and policy.has_abnormality else None
         if head is not None:  # the station's own heads decide their critical classes
-            th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in head.heads.items()}}
+            th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in class_heads.items()}}
             policy = dataclasses.replace(policy, thresholds=th)
             model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
+        # the station's operating point on p(abnormal): its head's, else its calibration's, else the model's
+        policy, model = abnormal.apply(policy, model, cal, head)
         w.model = model
         for film in w.films:
             if film.refused is None and film.prediction is not None:
@@ -340,10 +345,12 @@ class Processor:
                     k = int(np.argmax(q))
                     p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
                                             top_label=p.labels[k], top_probability=float(q[k]))
-                if head is not None and film.features is not None:
-                    q = apply_site_heads(p.probabilities, list(p.labels), film.features, head.heads)
+                if class_heads and film.features is not None:
+                    q = apply_site_heads(p.probabilities, list(p.labels), film.features, class_heads)
                     k = int(np.argmax(q))
                     p = dataclasses.replace(p, probabilities=q, top_label=p.labels[k], top_probability=q[k])
+                if abnormal_head is not None and film.features is not None and p.abnormal is not None:
+                    p = dataclasses.replace(p, abnormal=abnormal.head_probability(abnormal_head, film.features))
                 film.prediction = policy.apply(p)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:

@@ -400,12 +400,12 @@ def outbox(s: Session, state: str | None, page: int, page_size: int = 100) -> di
 
 def study_feedback(s: Session, study_uid: str) -> dict[str, Any]:
     """The readers' labels of a study: those in force (study and films), the history, and the
-    labels a reader may choose (the model's, plus Normal and Other)."""
+    labels a reader may choose (the model's, plus Normal, Abnormal and Other)."""
     from cxr_node.db.models import Feedback
     from cxr_node.onboarding import feedback
 
     rows = feedback.history(s, study_uid)
-    choices = list(dict.fromkeys(feedback.model_labels(s, study_uid) + [feedback.NORMAL, feedback.OTHER]))
+    choices = feedback.choices(feedback.model_labels(s, study_uid))
 
     def view(r: Feedback) -> dict[str, Any]:
         return {"label": r.label, "reader": r.reader, "film": r.sop_instance_uid, "source": r.source,

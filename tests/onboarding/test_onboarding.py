@@ -340,7 +340,7 @@ def test_feedback_api_performance_and_site_calibration_in_process(tmp_path):
     path.write_text("\n".join(",".join(r) for r in rows + [("1.2.3.5", "Nonsense", "x")]) + "\n")
     rep = feedback.import_csv(db, path)
     assert not rep.ok and rep.problems == ["line 122: unknown label 'Nonsense' (known: COVID, Normal, "
-                                           "Viral Pneumonia, Other)"]
+                                           "Viral Pneumonia, Abnormal, Other)"]
     with db.session() as s:
         assert feedback.current(s, "1.2.3.1") is None
     path.write_text("\n".join(",".join(r) for r in rows) + "\n")
