@@ -9,7 +9,9 @@ so the figures can be recomputed by anyone.
   with Wilson 95% intervals, and AUC of the class probability with a percentile bootstrap interval;
 * the confusion matrix (rows: the reader's label, ``Other`` included; columns: the top class);
 * the expected calibration error of the top class (a film labelled ``Other`` counts as wrong);
-* the urgent flag against the critical classes: precision, recall (sensitivity), specificity.
+* the urgent flag against the critical classes: precision, recall (sensitivity), specificity;
+* on a model with an abnormality output, the abnormal axis: p(abnormal)'s AUC against the readers'
+  labels (every label but Normal is abnormal), the urgent flag's recall and specificity.
 """
 
 from __future__ import annotations
@@ -132,6 +134,9 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
     if few:
         report["too_few"] = (f"too few films to mean much for: {', '.join(few)}; fewer than {FEW} on either side "
                              "gives intervals too wide to act on (see ci95)")
+    scored = [f for f in films if f.abnormal is not None]
+    if scored:  # a model with an abnormality output: the urgent flag is p(abnormal)'s
+        report["abnormal_axis"] = abnormal_axis(scored, n_boot, seed)
     report["calibrations"] = sorted({f.calibration or "model" for f in films})
     if len(report["calibrations"]) > 1:  # e.g. the model's, a site calibration's and a site head's films
         report["per_calibration"] = per_calibration(films, labels, critical, n_boot, seed)
@@ -141,6 +146,23 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
                              "urgent": f.urgent, "probabilities": f.probabilities,
                              "image_result_id": f.image_result_id} for f in films]
     return json_safe(report)
+
+
+def abnormal_axis(films: Sequence[LabelledFilm], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """p(abnormal) against the readers' labels on the abnormal axis (every label but Normal is
+    abnormal): its AUC, and the urgent flag's recall and specificity."""
+    import numpy as np
+
+    from cxr_node.model.calibration import bootstrap_binary_auc
+    from cxr_node.onboarding.feedback import is_abnormal
+
+    y = np.array([bool(is_abnormal(f.label)) for f in films])
+    flagged = np.array([f.urgent for f in films])
+    auc = bootstrap_binary_auc(y, np.array([float(f.abnormal) for f in films]), n_boot=n_boot, seed=seed)
+    return {"abnormal": int(y.sum()), "normal": int((~y).sum()),
+            "auc": {"value": auc["auc"], "ci95": auc["ci95"], "n_boot": n_boot, "seed": seed},
+            "urgent_recall": rate(int((y & flagged).sum()), int(y.sum())),
+            "urgent_specificity": rate(int((~y & ~flagged).sum()), int((~y).sum()))}
 
 
 def per_calibration(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequence[str],
@@ -204,6 +226,12 @@ def write_table(report: dict[str, Any], out, header: str = "") -> None:
     u = report["urgent_flag"]
     out.write(f"urgent flag vs {u['truth']}: precision {_fmt_rate(u['precision'])}, recall {_fmt_rate(u['recall'])}, "
               f"specificity {_fmt_rate(u['specificity'])}\n")
+    ab = report.get("abnormal_axis")
+    if ab:
+        a = ab["auc"]
+        auc = "-" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.2f}-{a['ci95'][1]:.2f}]"
+        out.write(f"abnormal axis ({ab['abnormal']} abnormal, {ab['normal']} normal): p(abnormal) AUC {auc}; urgent "
+                  f"recall {_fmt_rate(ab['urgent_recall'])}, specificity {_fmt_rate(ab['urgent_specificity'])}\n")
     for name, d in (report.get("per_calibration") or {}).items():
         aucs = ", ".join(f"{c} AUC {a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] ({a['positives']} vs "
                          f"{a['negatives']})" for c, a in d["auc"].items()

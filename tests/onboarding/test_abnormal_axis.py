@@ -140,14 +140,14 @@ def test_calibrate_site_on_a_v5_model_stores_the_operating_point(tmp_path):
     from cxr_node.db import migrate
     from cxr_node.db.models import AuditEvent, ImageResult, Study, utcnow
     from cxr_node.db.session import Database
-    from cxr_node.onboarding import abnormal, feedback
+    from cxr_node.onboarding import abnormal, feedback, performance
     from cxr_node.onboarding import site_calibration as sc
 
     settings = config.parse({"storage": {"data_dir": str(tmp_path)}}, base_dir=tmp_path)
     migrate.upgrade(settings.database.url)
     db = Database(settings.database.url)
     rng = np.random.default_rng(5)
-    truth = {}
+    truth, urg = {}, {}
     with db.transaction() as s:
         now = utcnow()
         for i in range(140):
@@ -156,14 +156,21 @@ def test_calibrate_site_on_a_v5_model_stores_the_operating_point(tmp_path):
             s.add(Study(study_uid=uid_, state="processed", version=1, patient_id=f"P{i}", first_received_at=now,
                         last_received_at=now, state_changed_at=now))
             pa = float(np.clip(rng.normal(0.55 if bad else 0.35, 0.1), 0.01, 0.99))
+            urg[uid_] = pa >= 0.6
             s.add(ImageResult(study_uid=uid_, study_version=1, sop_instance_uid=f"{uid_}.1", analysed=True,
-                              model_version="m5", top_label="Normal", urgent=pa >= 0.8, priority="routine",
+                              model_version="m5", top_label="Normal", urgent=urg[uid_], priority="routine",
                               probabilities={"COVID": 0.2, "Normal": 0.6, "Viral Pneumonia": 0.2}, created_at=now,
                               station="st1", calibration="model", temperature=1.0, abnormal=pa,
                               image_stats={"rows": 128, "cols": 128, "mean": 0.5, "std": 0.2}))
             truth[uid_] = ("Abnormal" if i % 4 else "Viral Pneumonia") if bad else "Normal"
     for u, lab in truth.items():
         feedback.add_label(db, u, lab, "dr.a", labels=LABELS)
+    with db.session() as s:
+        perf = performance.compute(performance.labelled_films(s, station="st1"), LABELS, [], n_boot=50)
+    ab = perf["abnormal_axis"]
+    assert (ab["abnormal"], ab["normal"]) == (70, 70) and ab["auc"]["value"] > 0.8
+    assert ab["urgent_recall"]["k"] == sum(urg[u] for u, lab in truth.items() if lab != "Normal")
+    assert ab["urgent_specificity"]["k"] == sum(not urg[u] for u, lab in truth.items() if lab == "Normal")
     th = {"COVID": 0.5, "Normal": 0.5, "Viral Pneumonia": 0.5}
     v5 = sc.ModelInfo(tuple(LABELS), ("COVID",), "m5", "b" * 64, 1.3, th, abnormal_threshold=0.8)
     with db.session() as s:
