@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from cxr_node.db.models import Feedback, ImageResult
 from cxr_node.model.calibration import json_safe, rate
-from cxr_node.onboarding.feedback import OTHER
+from cxr_node.onboarding.feedback import ABNORMAL, OTHER
 
 #: Below this many films of a class (or its negatives), its figures are called too few to mean much.
 FEW = 20
@@ -91,7 +91,13 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
     from cxr_node.model.calibration import bootstrap_binary_auc, expected_calibration_error
 
     labels = list(labels)
+    scored = [f for f in films if f.abnormal is not None]
+    everything, films = films, [f for f in films if f.label != ABNORMAL]  # "Abnormal" names no class
     report: dict[str, Any] = {"films": len(films), "labels": labels, "critical_labels": list(critical)}
+    if len(films) < len(everything):
+        report["abnormal_only"] = len(everything) - len(films)
+    if scored:  # a model with an abnormality output: the urgent flag is p(abnormal)'s
+        report["abnormal_axis"] = abnormal_axis(scored, n_boot, seed)
     truth_names = labels + [OTHER]
     counts = {name: sum(f.label == name for f in films) for name in truth_names}
     report["counts"] = counts
@@ -134,9 +140,6 @@ def compute(films: Sequence[LabelledFilm], labels: Sequence[str], critical: Sequ
     if few:
         report["too_few"] = (f"too few films to mean much for: {', '.join(few)}; fewer than {FEW} on either side "
                              "gives intervals too wide to act on (see ci95)")
-    scored = [f for f in films if f.abnormal is not None]
-    if scored:  # a model with an abnormality output: the urgent flag is p(abnormal)'s
-        report["abnormal_axis"] = abnormal_axis(scored, n_boot, seed)
     report["calibrations"] = sorted({f.calibration or "model" for f in films})
     if len(report["calibrations"]) > 1:  # e.g. the model's, a site calibration's and a site head's films
         report["per_calibration"] = per_calibration(films, labels, critical, n_boot, seed)
@@ -200,6 +203,17 @@ def _fmt_rate(r: dict | None) -> str:
     return f"{r['value']:.3f} [{lo:.2f}-{hi:.2f}] ({r['k']}/{r['n']})"
 
 
+def _write_abnormal(report: dict[str, Any], out) -> None:
+    ab = report.get("abnormal_axis")
+    if not ab:
+        return
+    a = ab["auc"]
+    auc = "-" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.2f}-{a['ci95'][1]:.2f}]"
+    out.write(f"abnormal axis ({ab['abnormal']} abnormal, {ab['normal']} normal; every label but Normal is abnormal): "
+              f"p(abnormal) AUC {auc}; urgent recall {_fmt_rate(ab['urgent_recall'])}, specificity "
+              f"{_fmt_rate(ab['urgent_specificity'])}\n")
+
+
 def write_table(report: dict[str, Any], out, header: str = "") -> None:
     if header:
         out.write(header + "\n")
@@ -208,6 +222,7 @@ def write_table(report: dict[str, Any], out, header: str = "") -> None:
               + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")\n")
     if report.get("films", 0) == 0:
         out.write(report.get("too_few", "") + "\n")
+        _write_abnormal(report, out)
         return
     out.write("per class (predicted = the model's top class; 95% intervals: Wilson, AUC bootstrap):\n")
     out.write(f"  {'class':16} {'sensitivity':28} {'specificity':28} {'PPV':28} {'NPV':28} AUC\n")
@@ -226,12 +241,7 @@ def write_table(report: dict[str, Any], out, header: str = "") -> None:
     u = report["urgent_flag"]
     out.write(f"urgent flag vs {u['truth']}: precision {_fmt_rate(u['precision'])}, recall {_fmt_rate(u['recall'])}, "
               f"specificity {_fmt_rate(u['specificity'])}\n")
-    ab = report.get("abnormal_axis")
-    if ab:
-        a = ab["auc"]
-        auc = "-" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.2f}-{a['ci95'][1]:.2f}]"
-        out.write(f"abnormal axis ({ab['abnormal']} abnormal, {ab['normal']} normal): p(abnormal) AUC {auc}; urgent "
-                  f"recall {_fmt_rate(ab['urgent_recall'])}, specificity {_fmt_rate(ab['urgent_specificity'])}\n")
+    _write_abnormal(report, out)
     for name, d in (report.get("per_calibration") or {}).items():
         aucs = ", ".join(f"{c} AUC {a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] ({a['positives']} vs "
                          f"{a['negatives']})" for c, a in d["auc"].items()

@@ -134,6 +134,7 @@ def test_calibrate_site_on_a_v5_model_stores_the_operating_point(tmp_path):
     """A real migrated database: a v5 ModelInfo calibrates p(abnormal), keeps temperature and
     pattern thresholds, stores it versioned with the operating point in the report and the audit row;
     a v2 ModelInfo on the same films leaves the 'Abnormal' labels out of its class fit."""
+    import io
     import json
 
     from cxr_node import config
@@ -168,6 +169,10 @@ def test_calibrate_site_on_a_v5_model_stores_the_operating_point(tmp_path):
     with db.session() as s:
         perf = performance.compute(performance.labelled_films(s, station="st1"), LABELS, [], n_boot=50)
     ab = perf["abnormal_axis"]
+    assert perf["films"] == 105 and perf["abnormal_only"] == 35  # 'Abnormal' names no class: abnormal axis only
+    buf = io.StringIO()
+    performance.write_table(perf, buf)
+    assert "abnormal axis (70 abnormal, 70 normal; every label but Normal is abnormal): p(abnormal) AUC" in buf.getvalue()
     assert (ab["abnormal"], ab["normal"]) == (70, 70) and ab["auc"]["value"] > 0.8
     assert ab["urgent_recall"]["k"] == sum(urg[u] for u, lab in truth.items() if lab != "Normal")
     assert ab["urgent_specificity"]["k"] == sum(not urg[u] for u, lab in truth.items() if lab == "Normal")
