@@ -122,6 +122,7 @@ def one_draw(x, y, p0, t0, groups, n: int, rng, args, seed: int) -> dict | None:
         h = fit_site_head(x[lab], yl, gl, args.target, seed=seed)
     except (abnormal.Refused, ValueError) as e:
         return {"refused": str(e)}
+    tc = abnormal.operating_point(yl, p0[lab], args.target)  # calibrate-site's operating point on these films
     s = x[ev] @ np.asarray(h["weight"]) + h["bias"]
     ph = 1.0 / (1.0 + np.exp(-s))
     ye = y[ev]
@@ -130,7 +131,9 @@ def one_draw(x, y, p0, t0, groups, n: int, rng, args, seed: int) -> dict | None:
             "cv_gain": cv["paired_auc"]["difference"], "auc_champion": roc_auc(ye, p0[ev]), "auc_head": roc_auc(ye, ph),
             "head_sensitivity": float(flag[ye].mean()), "head_specificity": float((~flag[~ye]).mean()),
             "champion_sensitivity": float((p0[ev] >= t0)[ye].mean()),
-            "champion_specificity": float((p0[ev] < t0)[~ye].mean()), "labelled": int(len(lab)),
+            "champion_specificity": float((p0[ev] < t0)[~ye].mean()),
+            "calibrated_sensitivity": float((p0[ev] >= tc)[ye].mean()),
+            "calibrated_specificity": float((p0[ev] < tc)[~ye].mean()), "labelled": int(len(lab)),
             "evaluated": int(len(ev))}
 
 
@@ -156,7 +159,9 @@ def summarise(draws: list[dict], target: float) -> dict:
            "sensitivity_accepted": q([d["head_sensitivity"] for d in acc]),
            "specificity_accepted": q([d["head_specificity"] for d in acc]),
            "champion_sensitivity": q([d["champion_sensitivity"] for d in ok]),
-           "champion_specificity": q([d["champion_specificity"] for d in ok])}
+           "champion_specificity": q([d["champion_specificity"] for d in ok]),
+           "calibrated_sensitivity": q([d["calibrated_sensitivity"] for d in ok]),
+           "calibrated_specificity": q([d["calibrated_specificity"] for d in ok])}
     sens = out["sensitivity_accepted"]
     out["safe"] = bool(ok and out["harmful_accepted_share"] <= 0.05
                        and (sens is None or sens["median"] >= target - 0.05))
@@ -218,6 +223,14 @@ def markdown(rep: dict) -> str:
                          f"{_q(s['auc_champion'])} | {_q(s['gain_accepted'], '{:+.3f}')} | "
                          f"{_q(s['sensitivity_accepted'])} | {_q(s['specificity_accepted'])} | "
                          f"{'yes' if s['safe'] else 'no'} |")
+    lines += ["", "calibrate-site on the same labelled films (the champion's p(abnormal), the station's operating "
+              "point), on the site's other films:", "",
+              "| site | labelled per class | sensitivity, champion's point | specificity, champion's point | "
+              "sensitivity, site's point | specificity, site's point |", "|---|---|---|---|---|---|"]
+    for site, r in rep["sites"].items():
+        for n, s in r["minimums"].items():
+            lines.append(f"| {site} | {n} | {_q(s['champion_sensitivity'])} | {_q(s['champion_specificity'])} | "
+                         f"{_q(s['calibrated_sensitivity'])} | {_q(s['calibrated_specificity'])} |")
     return "\n".join(lines)
 
 

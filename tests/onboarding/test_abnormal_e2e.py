@@ -2,7 +2,8 @@
 v5-kind model (an abnormality output) at an operating point no film reaches; readers label the
 station's films Normal / Abnormal (and a pattern); `calibrate-site` fits the station's operating
 point on p(abnormal) and stores it; the daemon's next films from the station are urgent by it, the
-SR and Secondary Capture name the site's calibration; `--rollback` restores the model's own."""
+SR names the site's calibration; `--rollback` restores the model's own; `adapt-site` runs its
+champion/challenger gate on p(abnormal)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,13 @@ def test_the_station_operating_point_on_p_abnormal_changes_the_urgent_flag(node_
     wait_until(lambda: _events(node, "image.triaged", study_uid=ds.StudyInstanceUID), 120, "third triaged", node)
     (t,) = _events(node, "image.triaged", study_uid=ds.StudyInstanceUID)
     assert t["detail"]["calibration"] == "model" and t["detail"]["urgent"] is False
+
+    # adapt-site on this model works on the same axis; the labels follow the model's own p(abnormal)
+    # here, so no head can beat it: the champion stays and nothing is stored
+    p = cli("adapt-site", "--station", STATION, "--min-per-class", "5", "--bootstrap", "200", "--yes",
+            config=node.config, check=False, timeout=300)
+    assert "abnormal 8 vs normal 8" in p.stdout and "Abnormal: AUC model 1.000" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 1 and "nothing stored" in p.stdout and _events(node, "adaptation.site") == []
 
 
 def _match(files, study_uid: str):
