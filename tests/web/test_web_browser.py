@@ -209,6 +209,8 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
 
             label = Select(driver.find_element(By.ID, "feedback-label"))
             assert label.first_selected_option.text == "choose a label"  # nothing stored by one stray click
+            options = [o.text for o in label.options]
+            assert "Normal" in options and options[-2:] == ["Abnormal", "Other"]  # the abnormal axis too
             label.select_by_visible_text("COVID")
             driver.find_element(By.ID, "feedback-submit").click()
             done = _wait(lambda: driver.find_elements(By.ID, "feedback-done"), 20, "the feedback notice")[0].text
