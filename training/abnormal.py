@@ -232,11 +232,9 @@ def fit_gate(F: Features, tr: Sequence[dict], va: Sequence[dict], percentile: fl
 
 
 def gate_score(g: dict, x: np.ndarray) -> np.ndarray:
-    out = np.empty(len(x))
-    for s in range(0, len(x), 256):  # (B, K, D) in pieces
-        d = x[s:s + 256, None, :] - g["means"][None]
-        out[s:s + 256] = np.sqrt(np.einsum("bkd,de,bke->bk", d, g["precision"], d).clip(0).min(1))
-    return out
+    """Smallest Mahalanobis distance to a cell mean (one matrix product per cell)."""
+    m = np.stack([(((x - mu) @ g["precision"]) * (x - mu)).sum(1) for mu in g["means"]], axis=1)
+    return np.sqrt(m.clip(0).min(1))
 
 
 # --------------------------------------------------------------------------- leave-source-out
