@@ -589,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--features", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--test-out", required=True, help="test-split predictions (read only by decide)")
+    q.add_argument("--candidates", default=",".join(CANDIDATES), help="which, in this order")
+    q.add_argument("--resume", action="store_true", help="keep the candidates already in the files")
     q.add_argument("--n-boot", type=int, default=1000)
     d = sub.add_parser("decide", help="cross-fitted operating points and the test-split criteria (once)")
     d.add_argument("--lso", required=True, help="the lso --out folder")
