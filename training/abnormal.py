@@ -610,6 +610,47 @@ def cmd_export(args: argparse.Namespace) -> dict:
     return info
 
 
+# --------------------------------------------------------------------------- probes
+
+
+def cmd_probes(args: argparse.Namespace) -> dict:
+    """Every probe family (training.probes) through the serving rules (lung fields, then the out-of-domain
+    score), under each named checkpoint's gate; counts refused in all and by the score alone."""
+    import torch
+
+    from cxr_node.config import BUNDLED_LUNG_CHECKPOINT, BUNDLED_MODELS
+    from cxr_node.eligibility.refusal import RefusalCode
+    from cxr_node.eligibility.rules import pixel_reason
+    from cxr_node.model.checkpoint import load_checkpoint
+    from cxr_node.model.infer import OodReference, default_ood_path
+    from cxr_node.model.lungs import LungSegmenter
+    from training.ood import features_and_lungs
+    from training.probes import write_probes
+
+    torch.set_num_threads(args.threads)
+    inv = sorted(Path(args.inversion_films).glob("*.png"))[:6] if args.inversion_films else []
+    made = write_probes(Path(args.work), {"val": inv[:3], "test": inv[3:]},
+                        dicom_samples=Path(args.dicom_samples) if args.dicom_samples else None,
+                        laterals=Path(args.laterals) if args.laterals else None)
+    seg = LungSegmenter(BUNDLED_LUNG_CHECKPOINT)
+    model, meta = load_checkpoint(BUNDLED_MODELS["v2"])  # the same backbone under every gate
+    refs = {name: OodReference(default_ood_path(BUNDLED_MODELS[name])) for name in args.models.split(",")}
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        for kind, paths in made[split].items():
+            f, lungs, kept = features_and_lungs(paths[:40], model, meta["preprocess"], seg, LAYERS["final"], kind)
+            row: dict[str, Any] = {"n": len(kept)}
+            for name, ref in refs.items():
+                sc = ref.score(torch.as_tensor(f))
+                rs = [pixel_reason(lf, float(x), ref.threshold) for lf, x in zip(lungs, sc)]
+                row[name] = sum(r is not None for r in rs)
+                row[f"{name}_by_score"] = sum(r is not None and r.code == RefusalCode.OUT_OF_DOMAIN for r in rs)
+            out[f"{split}: {kind}"] = row
+            log.info("%s %s: %s", split, kind, row)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from training.common import setup_logging
 
@@ -644,8 +685,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--out", required=True, help="the new checkpoint (NAME.pt; the gate goes to NAME.ood.pt)")
     x.add_argument("--version", default="densenet121-128-v5-abnormal")
     x.add_argument("--gate-rule", choices=["registered", "crossfit"], default="crossfit")
+    b = sub.add_parser("probes", help="probe families through the serving rules under each bundled gate")
+    b.add_argument("--work", default="runs/v5/probes")
+    b.add_argument("--out", required=True)
+    b.add_argument("--models", default="v2,v5")
+    b.add_argument("--inversion-films", help="a folder of frontal PNGs to invert (inverted-film probes)")
+    b.add_argument("--dicom-samples", help="folder with dx_image.dcm (the dog thorax)")
+    b.add_argument("--laterals", help="folder of lateral chest views")
+    b.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    {"extract": cmd_extract, "lso": cmd_lso, "decide": cmd_decide, "export": cmd_export}[args.cmd](args)
+    {"extract": cmd_extract, "lso": cmd_lso, "decide": cmd_decide, "export": cmd_export,
+     "probes": cmd_probes}[args.cmd](args)
     return 0
 
 
