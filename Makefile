@@ -19,9 +19,9 @@ DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql chrom
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq torch==2.13.0
+	$(BIN)/python -m pip install -qq -e '.[test]'
 	touch $@
 
 venv: $(BIN)/.installed
