@@ -1,6 +1,6 @@
 """The ``cxr-node`` command line: parse, call, print. Nothing heavy is imported up front.
 
-One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``echo``,
+One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``studies``, ``echo``,
 ``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``, ``web``, ``user``, ``feedback``,
 ``performance``, ``calibrate-site``); each registers its
 parser and a ``run(settings, args, out) -> int``. Commands that use the database open it with
@@ -15,6 +15,7 @@ Exit codes: 0 success, 1 an operation failed (the message says why), 2 bad usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Sequence
@@ -25,7 +26,7 @@ from cxr_node.errors import ConfigError, CxrNodeError
 log = logging.getLogger("cxr_node")
 
 #: The command modules, in the order ``--help`` lists them.
-_MODULES = ("serve", "web", "user", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention",
+_MODULES = ("serve", "web", "user", "db", "check_config", "status", "studies", "echo", "audit", "outbox", "results", "retention",
             "triage", "feedback", "performance", "calibrate_site", "adapt_site")
 
 EPILOG = """\
@@ -39,8 +40,9 @@ examples:
   cxr-node echo --to pacs
   cxr-node audit --since 2026-11-01 --event instance.stored --format csv
   cxr-node audit verify
-  cxr-node audit study 1.2.840.113619.2.55.3
-  cxr-node resend 1.2.840.113619.2.55.3 --to pacs
+  cxr-node studies --limit 5
+  cxr-node audit study 1.3.6.1.4.1.5962.1.2.9.20040826185059.5457
+  cxr-node resend 1.3.6.1.4.1.5962.1.2.9.20040826185059.5457 --to pacs
   cxr-node reprocess --since 2026-11-20
   cxr-node triage film.dcm --overlay-dir overlays/
   cxr-node user add alice --role radiologist
@@ -97,16 +99,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(settings, args, sys.stdout)
     except ConfigError as e:
-        print(f"cxr-node: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except CxrNodeError as e:
-        print(f"cxr-node: {e}", file=sys.stderr)
+        _error(e)
         return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `cxr-node audit | head`
         sys.stderr.close()
         return 0
+
+
+def _error(e: Exception) -> None:
+    """What the command printed so far first (whole lines, even through `2>&1 | cat`), then why it failed."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    print(f"cxr-node: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover
