@@ -2,7 +2,7 @@
 
 One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``studies``, ``echo``,
 ``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``, ``web``, ``user``, ``feedback``,
-``performance``, ``calibrate-site``); each registers its
+``performance``, ``calibrate-site``, ``adapt-site``, ``conformance``); each registers its
 parser and a ``run(settings, args, out) -> int``. Commands that use the database open it with
 :func:`cxr_node.cli._db.open_database`, which never creates one (only ``db upgrade`` does).
 
@@ -27,7 +27,7 @@ log = logging.getLogger("cxr_node")
 
 #: The command modules, in the order ``--help`` lists them.
 _MODULES = ("serve", "web", "user", "db", "check_config", "status", "studies", "echo", "audit", "outbox", "results", "retention",
-            "triage", "feedback", "performance", "calibrate_site", "adapt_site")
+            "triage", "feedback", "performance", "calibrate_site", "adapt_site", "conformance")
 
 EPILOG = """\
 global options --config and --log-level go before or after the command.
@@ -51,6 +51,7 @@ examples:
   cxr-node performance --station CR_ROOM1 --out perf/
   cxr-node calibrate-site --station CR_ROOM1 --dry-run
   cxr-node adapt-site --station CR_ROOM1 --dry-run
+  cxr-node conformance > docs/conformance.md
 """
 
 

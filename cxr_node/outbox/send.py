@@ -11,6 +11,7 @@ from pynetdicom.sop_class import Verification
 
 from cxr_node.config import Destination, Settings
 from cxr_node.dicom.status import PERMANENT, TRANSIENT, SendOutcome, classify
+from cxr_node.dicom.uids import identify
 from cxr_node.errors import NetworkError
 
 
@@ -24,7 +25,7 @@ def _tls_args(settings: Settings, dest: Destination):
 
 def echo(settings: Settings, dest: Destination, timeout: float = 10.0) -> int:
     """C-ECHO ``dest`` as our AE title; return the DIMSE status or raise NetworkError."""
-    ae = AE(ae_title=settings.node.ae_title)
+    ae = identify(AE(ae_title=settings.node.ae_title))
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu,
@@ -66,7 +67,7 @@ def store_files(settings: Settings, dest: Destination, files: Sequence[FileToSen
     from pynetdicom import _config
 
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes on disk as they are, in chunks
-    ae = AE(ae_title=settings.node.ae_title)
+    ae = identify(AE(ae_title=settings.node.ae_title))
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     needed: dict[str, set[str]] = {}
     for f in files:

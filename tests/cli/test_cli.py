@@ -21,7 +21,8 @@ from dicomgen import make_cr
 from cxr_node.audit.trail import FIELDS
 
 COMMANDS = {"serve", "db", "check-config", "status", "studies", "echo", "audit", "outbox", "resend", "reprocess", "retention",
-            "triage", "web", "user", "feedback", "performance", "calibrate-site", "adapt-site"}
+            "triage", "web", "user", "feedback", "performance", "calibrate-site", "adapt-site",
+            "conformance"}
 
 
 def test_help_lists_every_command(capsys):
