@@ -46,7 +46,7 @@ run: venv $(CONFIG)
 	$(BIN)/cxr-node --config $(CONFIG) serve
 
 # SIGHUP to the node `make run` started (its pid is in the lock file data_dir/.lock-HOST-PORT): it
-# reads CONFIG again (README, "Reloading the configuration").
+# reads CONFIG again (docs/operations.md, "Reloading the configuration").
 reload: venv $(CONFIG)
 	@lock=$$($(BIN)/python -c "import socket, sys; from cxr_node import config; \
 	s = config.load(sys.argv[1]); print(s.storage.data_dir / f'.lock-{socket.gethostname()}-{s.node.port}')" \

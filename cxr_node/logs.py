@@ -253,4 +253,7 @@ def configure(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # "job skipped: maximum number of running instances reached" every tick while a job runs
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    # "Run time of job ... was missed by 0:00:01" when a busy machine starts a 2 s job late: the
+    # job runs at its next tick, and there is nothing to do about it
+    logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
     configure._done = True  # type: ignore[attr-defined]

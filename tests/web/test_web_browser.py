@@ -4,8 +4,8 @@ logs in, finds the patient's name and accession at the top of the worklist, open
 clicking its row, sees its overlay load, turns the overlay off and on, opens the full-size film,
 and finds that view in the study's audit story; an admin finds it in the audit trail.
 
-``CXR_WEB_SCREENSHOTS=DIR`` saves the worklist and study pages as PNGs there (the README's are
-made this way: ``CXR_WEB_SCREENSHOTS=docs python -m pytest tests/test_web_browser.py``).
+``CXR_WEB_SCREENSHOTS=DIR`` saves the worklist and study pages as PNGs there (docs/console.md's are
+made this way: ``CXR_WEB_SCREENSHOTS=docs python -m pytest tests/web/test_web_browser.py``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _add_admin(config: Path) -> None:
 
 
 def _shot(driver, path: Path) -> None:
-    """A screenshot as a small PNG (256-colour palette) for the README."""
+    """A screenshot as a small PNG (256-colour palette) for docs/console.md."""
     import io
 
     from PIL import Image
