@@ -32,11 +32,12 @@ _MODULES = ("serve", "web", "user", "db", "check_config", "status", "studies", "
 EPILOG = """\
 global options --config and --log-level go before or after the command.
 configuration: --config FILE or the CXR_NODE_CONFIG environment variable names a TOML file;
-config/cxr-node.toml documents every key. Without either, built-in defaults apply.
+config/cxr-node.toml documents every key; a site's own file (make run: config/local.toml) holds only what
+differs, starting with extends = "cxr-node.toml". Without either, built-in defaults apply.
 
 examples:
-  cxr-node --config config/cxr-node.toml db upgrade
-  cxr-node serve --config config/cxr-node.toml
+  cxr-node --config config/local.toml db upgrade
+  cxr-node serve --config config/local.toml
   cxr-node echo --to pacs
   cxr-node audit --since 2026-11-01 --event instance.stored --format csv
   cxr-node audit verify
@@ -46,7 +47,7 @@ examples:
   cxr-node reprocess --since 2026-11-20
   cxr-node triage film.dcm --overlay-dir overlays/
   cxr-node user add alice --role radiologist
-  cxr-node web --config config/cxr-node.toml
+  cxr-node web --config config/local.toml
   cxr-node feedback import labels.csv
   cxr-node performance --station CR_ROOM1 --out perf/
   cxr-node calibrate-site --station CR_ROOM1 --dry-run

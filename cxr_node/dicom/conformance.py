@@ -69,6 +69,7 @@ def statement() -> str:
     from cxr_node.eligibility.rules import TRIAGE_SOP_CLASSES
     from cxr_node.encode import sr as srmod
     from cxr_node.encode.sc import SC_SERIES_DESCRIPTION, SC_SERIES_NUMBER
+    from cxr_node.outbox.send import echo_ae
     from cxr_node.receive import scp
 
     settings = parse({}, base_dir=Path("/"))
@@ -157,7 +158,8 @@ def statement() -> str:
         (_uid(str(s.sc.SOPClassUID)), f"`{s.sc.SOPClassUID}`", _uid(sc_ts), f"{SC_SERIES_NUMBER} \"{SC_SERIES_DESCRIPTION}\""),
         (_uid(str(s.sr.SOPClassUID)), f"`{s.sr.SOPClassUID}`", _uid(sr_ts),
          f"{srmod.SR_SERIES_NUMBER} \"{srmod.SR_SERIES_DESCRIPTION}\""),
-        ("Verification", f"`{Verification}`", "Implicit VR Little Endian (pynetdicom's default)", "-"),
+        ("Verification", f"`{Verification}`", ", ".join(_uid(t) for cx in echo_ae(settings).requested_contexts
+                                                          for t in cx.transfer_syntax), "-"),
     ])
     w("### 3.3 Association policies")
     w("")

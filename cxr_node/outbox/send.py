@@ -23,11 +23,17 @@ def _tls_args(settings: Settings, dest: Destination):
     return (client_context(settings.tls), dest.host)
 
 
-def echo(settings: Settings, dest: Destination, timeout: float = 10.0) -> int:
-    """C-ECHO ``dest`` as our AE title; return the DIMSE status or raise NetworkError."""
+def echo_ae(settings: Settings, timeout: float = 10.0) -> AE:
+    """The AE that C-ECHOes a destination: Verification with pynetdicom's default transfer syntaxes."""
     ae = identify(AE(ae_title=settings.node.ae_title))
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    return ae
+
+
+def echo(settings: Settings, dest: Destination, timeout: float = 10.0) -> int:
+    """C-ECHO ``dest`` as our AE title; return the DIMSE status or raise NetworkError."""
+    ae = echo_ae(settings, timeout)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu,
                          tls_args=_tls_args(settings, dest))
     where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
