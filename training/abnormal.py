@@ -164,8 +164,9 @@ def fit_abnormal(F: Features, fset: str, tr: Sequence[dict], va: Sequence[dict],
     xv = F.x(fset, va)
     best = None
     tried = {}
-    for l2 in grid:
-        head = fit_logistic_head(xt, yt, ABN, l2=l2, weights=cell_weights(tr))
+    head = None
+    for l2 in sorted(grid, reverse=True):  # strongest penalty first, each fit starting from the last
+        head = fit_logistic_head(xt, yt, ABN, l2=l2, weights=cell_weights(tr), init=head)
         s = head.logits(xv)
         auc, per = mean_source_auc(va, s[:, 1] - s[:, 0])
         tried[str(l2)] = {"val_mean_source_auc": auc, "per_source": per}
@@ -232,11 +233,9 @@ def fit_gate(F: Features, tr: Sequence[dict], va: Sequence[dict], percentile: fl
 
 
 def gate_score(g: dict, x: np.ndarray) -> np.ndarray:
-    out = np.empty(len(x))
-    for s in range(0, len(x), 256):  # (B, K, D) in pieces
-        d = x[s:s + 256, None, :] - g["means"][None]
-        out[s:s + 256] = np.sqrt(np.einsum("bkd,de,bke->bk", d, g["precision"], d).clip(0).min(1))
-    return out
+    """Smallest Mahalanobis distance to a cell mean (one matrix product per cell)."""
+    m = np.stack([(((x - mu) @ g["precision"]) * (x - mu)).sum(1) for mu in g["means"]], axis=1)
+    return np.sqrt(m.clip(0).min(1))
 
 
 # --------------------------------------------------------------------------- leave-source-out
@@ -244,7 +243,9 @@ def gate_score(g: dict, x: np.ndarray) -> np.ndarray:
 
 def cmd_lso(args: argparse.Namespace) -> dict:
     """Every candidate and v2 on every hold-out; predictions of all splits (the test ones are only read by
-    ``decide``); the development report (train+val films) and the candidate choice."""
+    ``decide``); the development report (train+val films) and the candidate choice. Candidates run one at a
+    time in ``--candidates`` order, the files and the report rewritten after each (``--resume`` keeps the
+    candidates already in them)."""
     import torch
 
     from cxr_node.model.infer import OodReference, default_ood_path
@@ -252,51 +253,74 @@ def cmd_lso(args: argparse.Namespace) -> dict:
 
     rows = [r for r in read_rows(Path(args.manifest)) if not r.get("exclude")]
     F = Features(Path(args.features))
-    v2_gate = OodReference(default_ood_path(F.checkpoint), F.weights_sha256)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    preds: list[dict] = []
-    folds: dict[str, Any] = {}
-    for h in HOLDOUTS:
-        pred, _, _ = fold_rows(rows, F, h)
-        cols: dict[str, np.ndarray] = {}
-        folds[h] = {"n_predicted": len(pred), "candidates": {}}
-        for cand in CANDIDATES:
-            fset, pool = cand.split("-")
-            _, tr, va = fold_rows(rows, F, h, pool)
+    dev_path, test_path = out / "predictions-dev.csv", Path(args.test_out)
+    folds_path = out / "folds.json"
+    if args.resume and dev_path.is_file() and test_path.is_file():
+        preds = read_csv(dev_path) + read_csv(test_path)
+        folds = json.loads(folds_path.read_text())
+    else:
+        v2_gate = OodReference(default_ood_path(F.checkpoint), F.weights_sha256)
+        preds, folds = [], {}
+        for h in HOLDOUTS:
+            pred, tr, va = fold_rows(rows, F, h)
+            gate = fit_gate(F, tr, va)
+            folds[h] = {"n_predicted": len(pred), "candidates": {},
+                        "gate": {k: v for k, v in gate.items() if k not in ("means", "precision")}}
+            gs = gate_score(gate, F.x("final", pred))
+            v2g = v2_gate.score(torch.as_tensor(F.x("final", pred)))
+            v2a, v2c = F.v2_scores(pred)
+            for k, r in enumerate(pred):
+                preds.append({"holdout": h, "id": r["id"], "source": r["source"], "site": r["site"],
+                              "label": r["label"], "split": r["split"], "group": r["group"],
+                              "abnormal": int(is_abnormal(r["label"])), "v2": f"{v2a[k]:.6f}",
+                              "v2_covid": f"{v2c[k]:.6f}", "gate_refused": int(gs[k] > gate["threshold"]),
+                              "gate_score": f"{gs[k]:.3f}", "v2_gate_refused": int(v2g[k] > v2_gate.threshold),
+                              "v2_gate_score": f"{v2g[k]:.3f}"})
+            log.info("hold-out %s: %d films, gate threshold %.1f", h, len(pred), gate["threshold"])
+        _save(preds, folds, dev_path, test_path, folds_path)
+    rep: dict[str, Any] = {}
+    for cand in args.candidates.split(","):
+        if cand in preds[0]:
+            log.info("%s: already in %s", cand, dev_path)
+            continue
+        fset, pool = cand.split("-")
+        for h in HOLDOUTS:
+            pred, tr, va = fold_rows(rows, F, h, pool)
             fit = fit_abnormal(F, fset, tr, va)
-            cols[cand] = p_abnormal(fit["head"], F.x(fset, pred))
+            p = p_abnormal(fit["head"], F.x(fset, pred))
+            score = dict(zip((r["id"] for r in pred), p))
+            for r in preds:
+                if r["holdout"] == h:
+                    r[cand] = f"{score[r['id']]:.6f}"
             folds[h]["candidates"][cand] = {k: v for k, v in fit.items() if k != "head"}
             log.info("hold-out %s, %s: L2 %g, val mean-source AUC %.3f (%d train films)", h, cand, fit["l2"],
                      fit["val_mean_source_auc"], fit["n_train"])
-        _, tr, va = fold_rows(rows, F, h)
-        gate = fit_gate(F, tr, va)
-        folds[h]["gate"] = {k: v for k, v in gate.items() if k not in ("means", "precision")}
-        gs = gate_score(gate, F.x("final", pred))
-        v2g = v2_gate.score(torch.as_tensor(F.x("final", pred)))
-        v2a, v2c = F.v2_scores(pred)
-        for k, r in enumerate(pred):
-            row = {"holdout": h, "id": r["id"], "source": r["source"], "site": r["site"], "label": r["label"],
-                   "split": r["split"], "group": r["group"], "abnormal": int(is_abnormal(r["label"])),
-                   "v2": f"{v2a[k]:.6f}", "v2_covid": f"{v2c[k]:.6f}",
-                   "gate_refused": int(gs[k] > gate["threshold"]), "gate_score": f"{gs[k]:.3f}",
-                   "v2_gate_refused": int(v2g[k] > v2_gate.threshold), "v2_gate_score": f"{v2g[k]:.3f}"}
-            row.update({c: f"{cols[c][k]:.6f}" for c in CANDIDATES})
-            preds.append(row)
-    (out / "folds.json").write_text(json.dumps(_plain(folds), indent=1) + "\n", encoding="utf-8")
+        _save(preds, folds, dev_path, test_path, folds_path)
+        rep = dev_report(preds, args.n_boot, out)
+    return rep
+
+
+def _save(preds: list[dict], folds: dict, dev_path: Path, test_path: Path, folds_path: Path) -> None:
+    folds_path.write_text(json.dumps(_plain(folds), indent=1) + "\n", encoding="utf-8")
+    write_csv(dev_path, [r for r in preds if r["split"] in DEV])
+    test_path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(test_path, [r for r in preds if r["split"] == "test"])  # not read until `decide`
+
+
+def dev_report(preds: Sequence[dict], n_boot: int, out: Path) -> dict:
+    """Development figures (held-out train+val films) of every candidate present and v2, and the choice."""
     dev = [r for r in preds if r["split"] in DEV]
-    test = [r for r in preds if r["split"] == "test"]
-    write_csv(out / "predictions-dev.csv", dev)
-    Path(args.test_out).parent.mkdir(parents=True, exist_ok=True)
-    write_csv(Path(args.test_out), test)  # not read until `decide`
-    rep = {"films": "held-out train+val films (development)", "candidates": {}}
-    for c in (*CANDIDATES, "v2"):
-        rep["candidates"][c] = pooled_auc(dev, c, args.n_boot)
-    choice = max(CANDIDATES, key=lambda c: rep["candidates"][c]["pooled"]["auc"])
-    rep["challenger"] = choice
+    done = [c for c in CANDIDATES if c in dev[0]]
+    rep: dict[str, Any] = {"films": "held-out train+val films (development)", "candidates_run": done,
+                           "candidates_not_run": [c for c in CANDIDATES if c not in done], "candidates": {}}
+    for c in (*done, "v2"):
+        rep["candidates"][c] = pooled_auc(dev, c, n_boot)
+    rep["challenger"] = max(done, key=lambda c: rep["candidates"][c]["pooled"]["auc"])
     rep["rule"] = "highest pooled abnormal AUC over the four AUC hold-outs' train+val films (PROTOCOL.md)"
     (out / "report.json").write_text(json.dumps(_plain(rep), indent=1) + "\n", encoding="utf-8")
-    log.info("challenger: %s", choice)
+    log.info("challenger so far: %s", rep["challenger"])
     return rep
 
 
@@ -417,22 +441,52 @@ def ship_rule(ch: dict, v2: dict) -> dict[str, Any]:
     return {"checks": checks, "ships": all(checks.values())}
 
 
+def gate_ratio(rows: Sequence[dict], folds: dict, percentile: float = 97.5) -> dict[str, float]:
+    """Per hold-out: the ``percentile`` of its held-out films' scores over its fold gate's threshold."""
+    out = {}
+    for h in HOLDOUTS:
+        sc = np.array([float(r["gate_score"]) for r in rows if r["holdout"] == h])
+        if len(sc):
+            out[h] = float(np.percentile(sc, percentile) / folds[h]["gate"]["threshold"])
+    return out
+
+
+def crossfit_gate(dev: Sequence[dict], folds: dict) -> dict[str, Any]:
+    """Amendment 2: each hold-out's gate threshold times the largest ratio over the other hold-outs."""
+    ratio = gate_ratio(dev, folds)
+    factor = {h: max(v for g, v in ratio.items() if g != h) for h in HOLDOUTS}
+    return {"ratio": ratio, "factor": factor, "shipped_factor": max(ratio.values()),
+            "threshold": {h: folds[h]["gate"]["threshold"] * factor[h] for h in HOLDOUTS}}
+
+
+def apply_crossfit_gate(rows: Sequence[dict], cg: dict) -> list[dict]:
+    return [dict(r, gate_crossfit_refused="1" if float(r["gate_score"]) > cg["threshold"][r["holdout"]] else "0")
+            for r in rows]
+
+
 def cmd_decide(args: argparse.Namespace) -> dict:
     lso = Path(args.lso)
     rep = json.loads((lso / "report.json").read_text())
     ch = rep["challenger"]
+    folds = json.loads((lso / "folds.json").read_text())
     dev = read_csv(lso / "predictions-dev.csv")
     test = read_csv(Path(args.test_predictions))
+    cg = crossfit_gate(dev, folds)
+    dev, test = apply_crossfit_gate(dev, cg), apply_crossfit_gate(test, cg)
     th: dict[str, dict[str, float]] = {}
     for col in (ch, "v2"):
         th[col] = {h: crossfit_threshold([r for r in dev if r["holdout"] != h], col) for h in HOLDOUTS}
         th[col]["shipped"] = crossfit_threshold(dev, col)
     shipped_v2 = {h: float(args.v2_threshold) for h in HOLDOUTS}
-    out: dict[str, Any] = {"challenger": ch, "target_sensitivity": TARGET_SENSITIVITY, "thresholds": th}
+    out: dict[str, Any] = {"challenger": ch, "target_sensitivity": TARGET_SENSITIVITY, "thresholds": th,
+                           "candidates_run": rep.get("candidates_run"), "candidates_not_run": rep.get("candidates_not_run"),
+                           "development_report": rep["candidates"], "gate_crossfit": cg}
     for name, rows in (("test", test), ("development", dev)):
         c = criteria(rows, ch, th[ch], args.n_boot, "gate_refused")
         v = criteria(rows, "v2", th["v2"], args.n_boot, "v2_gate_refused")
         v_shipped = criteria(rows, "v2_covid", shipped_v2, args.n_boot, None)
+        c["refused_crossfit_gate"] = {h: _rate([r for r in rows if r["holdout"] == h],
+                                               lambda r: r["gate_crossfit_refused"] == "1") for h in HOLDOUTS}
         out[name] = {"challenger": c, "v2": v, "v2_as_shipped_covid_threshold": {
             k: v_shipped[k] for k in ("urgent_on_normals", "abnormal_flagged")},
             "pooled_auc_difference": paired_auc_difference(rows, ch, "v2", args.n_boot),
@@ -463,6 +517,9 @@ def _fa(r: dict) -> str:
 def decision_markdown(out: dict) -> str:
     ch = out["challenger"]
     lines = [f"# v5 decision: {out['decision']}", "",
+             f"Candidates run: {', '.join(out['candidates_run'] or [])}; not run: "
+             f"{', '.join(out['candidates_not_run'] or []) or 'none'}. Development pooled AUC: " + ", ".join(
+                 f"{k} {v['pooled']['auc']:.3f}" for k, v in out["development_report"].items()) + ".", "",
              f"Challenger `{ch}` (chosen on development figures) against the bundled v2 (1 - p(Normal)); "
              f"cross-fitted operating points (mean per-source sensitivity >= {out['target_sensitivity']:.2f} on the "
              "other hold-outs' development films). Shipped operating point (every hold-out's development films): "
@@ -482,6 +539,8 @@ def decision_markdown(out: dict) -> str:
                   for h in c["abnormal_flagged"]]
         lines += [f"| 5. refused by the gate: {h} | {_fmt(c['refused'][h])} | {_fmt(v['refused'][h])} |"
                   for h in c["refused"]]
+        lines += [f"| 5'. refused, cross-fitted gate threshold (amendment 2): {h} | "
+                  f"{_fmt(c['refused_crossfit_gate'][h])} | |" for h in c["refused_crossfit_gate"]]
         s = t["v2_as_shipped_covid_threshold"]
         lines += ["", f"v2 as shipped (p(COVID) >= its threshold): normals urgent pooled "
                   f"{_fmt(s['urgent_on_normals']['pooled'])}, abnormal flagged pooled {_fmt(s['abnormal_flagged']['pooled'])}.",
@@ -533,11 +592,15 @@ def cmd_export(args: argparse.Namespace) -> dict:
     gtr = [r for r in rows if r["id"] in F.index and r["split"] == "train"]
     gva = [r for r in rows if r["id"] in F.index and r["split"] == "val"]
     gate = fit_gate(F, gtr, gva)
+    factor = float(dec["gate_crossfit"]["shipped_factor"]) if args.gate_rule == "crossfit" else 1.0
+    registered = gate["threshold"]
+    gate["threshold"] = registered * factor
     ref_meta = {"kind": OOD_KIND, "version": f"{args.version}-ood", "classifier_sha256": ck["sha256"],
                 "classifier_version": args.version, "feature_layer": LAYERS["final"], "threshold": gate["threshold"],
                 "method": "min Mahalanobis distance to a source x label cell mean, shared Ledoit-Wolf covariance",
                 "cells": gate["cells"], "fit_films": gate["fit_films"], "percentile": gate["percentile"],
-                "per_source_percentile": gate["per_source_percentile"]}
+                "per_source_percentile": gate["per_source_percentile"], "rule": args.gate_rule,
+                "registered_threshold": registered, "crossfit_factor": factor}
     sd = {"means": torch.tensor(gate["means"], dtype=torch.float32),
           "precision": torch.tensor(gate["precision"], dtype=torch.float32)}
     atomic_torch_save(make_checkpoint(sd, ref_meta), default_ood_path(out))
@@ -565,6 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--features", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--test-out", required=True, help="test-split predictions (read only by decide)")
+    q.add_argument("--candidates", default=",".join(CANDIDATES), help="which, in this order")
+    q.add_argument("--resume", action="store_true", help="keep the candidates already in the files")
     q.add_argument("--n-boot", type=int, default=1000)
     d = sub.add_parser("decide", help="cross-fitted operating points and the test-split criteria (once)")
     d.add_argument("--lso", required=True, help="the lso --out folder")
@@ -578,6 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--decision", required=True, help="decide's decision.json")
     x.add_argument("--out", required=True, help="the new checkpoint (NAME.pt; the gate goes to NAME.ood.pt)")
     x.add_argument("--version", default="densenet121-128-v5-abnormal")
+    x.add_argument("--gate-rule", choices=["registered", "crossfit"], default="crossfit")
     args = p.parse_args(argv)
     {"extract": cmd_extract, "lso": cmd_lso, "decide": cmd_decide, "export": cmd_export}[args.cmd](args)
     return 0
