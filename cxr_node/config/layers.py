@@ -27,6 +27,8 @@ PATH_KEYS: dict[str, tuple[str, ...]] = {
 #: Arrays of tables: the extending file's list replaces the base file's.
 LISTS = ("destinations", "stations")
 MAX_DEPTH = 4
+#: A value that names something instead of a path (``[model] checkpoint = "bundled:v5"``) is kept as it is.
+NAMED = "bundled:"
 
 
 def read_toml(path: Path, env_var: str) -> dict[str, Any]:
@@ -80,6 +82,6 @@ def _absolute_paths(raw: dict[str, Any], base_dir: Path) -> None:
             continue
         for key in keys:
             v = table.get(key)
-            if isinstance(v, str) and v:
+            if isinstance(v, str) and v and not v.startswith(NAMED):
                 p = Path(v).expanduser()
                 table[key] = str(p if p.is_absolute() else (base_dir / p).resolve())

@@ -102,6 +102,7 @@ def test_a_local_file_extends_the_shipped_one_without_touching_it(tmp_path):
     shipped = tmp_path / "config" / "cxr-node.toml"
     shipped.parent.mkdir()
     shipped.write_text('[storage]\ndata_dir = "../var"\n[node]\nport = 11112\nmax_associations = 4\n'
+                       '[model]\ncheckpoint = "bundled:v2"\n'
                        '[[destinations]]\nname = "old"\nae_title = "OLD"\nhost = "h"\nport = 1\n')
     site = tmp_path / "elsewhere" / "local.toml"
     site.parent.mkdir()
@@ -111,6 +112,7 @@ def test_a_local_file_extends_the_shipped_one_without_touching_it(tmp_path):
     assert s.node.port == 11113 and s.node.max_associations == 4  # merged key by key
     assert s.storage.data_dir == tmp_path / "var"  # the shipped file's "../var", from its own directory
     assert s.model.lung_checkpoint == site.parent / "lungs.pt"  # the local file's, from its directory
+    assert s.model.checkpoint == cfg.BUNDLED_MODELS["v2"]  # a bundled model by name is a name, not a path
     assert [d.name for d in s.destinations] == ["pacs"]  # the list is replaced
     assert s.source == site and s.extends == (shipped,)
     out = cli("check-config", config=site).stdout
