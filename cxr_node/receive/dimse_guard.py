@@ -4,7 +4,7 @@ point 4).
 pynetdicom chooses the service class of a request by the request's Affected SOP Class UID, not by
 the presentation context it came on: a C-STORE whose UID is malformed (``1.2.3.``) or has two
 values (``1.2.3\\4``, of which pynetdicom keeps the first) finds no service class and the
-association is aborted, although the README promises 0xC000. :class:`GuardedAssociation` runs
+association is aborted, although the conformance statement promises 0xC000. :class:`GuardedAssociation` runs
 the storage service of the context for such a C-STORE, so the node's C-STORE handler answers it
 (0xC000 with the reason, audited); :func:`note_command_set` records what the command set really
 held, which pynetdicom's primitive no longer shows.

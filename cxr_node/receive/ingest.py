@@ -145,7 +145,7 @@ class Ingest:
             audit.record(s, event, ts=now, transfer_syntax=ts, bytes=size, status=STATUS_SUCCESS,
                          detail={"path": str(rel), "study_version": version}, **common)
             if reason:
-                audit.record(s, "instance.not_for_triage", ts=now, reason=reason.text,
+                audit.record(s, "instance.not_for_triage", "warning", ts=now, reason=reason.text,
                              detail={"refusal_code": reason.code.value}, **common)
 
     def _record_duplicate(self, h: Header, size: int, assoc: AssociationInfo | None) -> None:

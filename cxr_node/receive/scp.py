@@ -46,7 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.config import Settings
 from cxr_node.dicom import status as dimse
-from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.dicom.uids import identify, is_valid_uid
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
 from cxr_node.logs import PerKeyRate
 from cxr_node.receive.association import AssociationInfo
@@ -89,6 +89,8 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
+VERIFICATION_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)   # permanent, service-user, called AE title not recognised
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
@@ -112,6 +114,24 @@ def _any_uid(value: Any) -> tuple[bool, str]:
     return True, ""
 
 
+def build_ae(settings: Settings) -> AE:
+    """The Storage SCP's AE: our AE title and implementation identity, limits, timeouts, and the
+    presentation contexts it accepts (every storage SOP class in :data:`TRANSFER_SYNTAXES`, and
+    Verification). The conformance statement reads them from here."""
+    n = settings.node
+    ae = identify(AE(ae_title=n.ae_title))
+    ae.maximum_pdu_size = n.max_pdu
+    ae.maximum_associations = n.max_associations
+    ae.network_timeout = n.network_timeout
+    ae.acse_timeout = n.acse_timeout
+    ae.dimse_timeout = n.dimse_timeout
+    ae.require_called_aet = False  # checked in _on_requested so that the rejection is audited
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, VERIFICATION_SYNTAXES)
+    return ae
+
+
 class Receiver:
     """The pynetdicom AE plus the handlers bound to it. Dependencies come in through the
     constructor and the handler registration tuples, never globals."""
@@ -125,22 +145,8 @@ class Receiver:
         #: something (the scheduler's release rule for study completion); set by service.py.
         self.on_released: Callable[[str], None] | None = None
         self._abort_lines = PerKeyRate()  # one log line per host and minute for aborts (all audited)
-        self.ae = self._build_ae()
+        self.ae = build_ae(settings)
         self.server = None
-
-    def _build_ae(self) -> AE:
-        n = self.settings.node
-        ae = AE(ae_title=n.ae_title)
-        ae.maximum_pdu_size = n.max_pdu
-        ae.maximum_associations = n.max_associations
-        ae.network_timeout = n.network_timeout
-        ae.acse_timeout = n.acse_timeout
-        ae.dimse_timeout = n.dimse_timeout
-        ae.require_called_aet = False  # checked in _on_requested so that the rejection is audited
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        return ae
 
     def bind(self) -> GuardedServer:
         """Listen on [node] host:port (raises OSError if it cannot); connections wait in the

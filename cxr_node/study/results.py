@@ -47,7 +47,7 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                               created_at=now, station=ref.name,
                               image_stats=stats.get(inst.sop_instance_uid),
                               ood_score=getattr(film.prediction, "ood_score", None) if film else None))
-            audit.record(s, "image.skipped", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
+            audit.record(s, "image.skipped", "warning", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
                          sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason.text,
                          detail={"version": w.version, "refusal_code": reason.code.value})
         sc_uids = iter(d.sop_instance_uid for d in written if d.kind == "sc")
