@@ -102,6 +102,15 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+def _answer_name(pdu: bytes | None) -> str | None:
+    """``A-ASSOCIATE-RJ 1/2/2`` or ``A-ABORT reason 6`` for the PDU a refused peer was sent."""
+    if not pdu:
+        return None
+    if pdu[0] == 0x03:
+        return f"A-ASSOCIATE-RJ {pdu[7]}/{pdu[8]}/{pdu[9]}"
+    return f"A-ABORT reason {pdu[9]}"
+
+
 def _syntax_name(transfer_syntax: str) -> str:
     return UID(transfer_syntax).name
 
@@ -194,11 +203,14 @@ class Receiver:
         self._audit("association.rejected", "failure", host=host, port=port, reason=reason,
                     detail={"stage": "tls"})
 
-    def _on_refused(self, host: str, port: int, reason: str, held_back: int) -> None:
+    def _on_refused(self, host: str, port: int, reason: str, held_back: int, answer: bytes | None = None) -> None:
         more = f" ({held_back} more from this host since the last report)" if held_back else ""
-        log.warning("connection from %s:%d closed: %s%s", host, port, reason, more)
-        self._audit("connection.refused", "failure", host=host, port=port, reason=reason,
-                    detail={"held_back_since_last_row": held_back, "rate_limit": "one row per host and minute"})
+        said = _answer_name(answer)
+        log.warning("connection from %s:%d closed%s: %s%s", host, port, f" with {said}" if said else "", reason, more)
+        detail = {"held_back_since_last_row": held_back, "rate_limit": "one row per host and minute"}
+        if said:
+            detail["answer"] = said
+        self._audit("connection.refused", "failure", host=host, port=port, reason=reason, detail=detail)
 
     def _on_violation(self, sock: PDULimit) -> None:
         info = sock.association
