@@ -200,3 +200,30 @@ def test_local_limit_rejection_abort_close_and_reset_before_established_free_the
         ended = node.wait_for_event("association.aborted", calling_aet=calling.decode()) + \
             node.events("association.released", calling_aet=calling.decode())
         assert len(ended) == 1, (end, ended)
+
+
+def test_a_burst_of_200_connects_from_20_hosts_is_queued_not_dropped(walk_node):
+    """Before: the listen backlog was socketserver's 5; of 200 connections from 20 addresses at
+    once, 33 timed out in the kernel's queue. Now every connect completes at once (the per-host
+    and waiting limits then refuse the surplus, in the open), and a sender still echoes."""
+    import select
+
+    socks, pending = [], {}
+    for i in range(200):
+        s = socket.socket()
+        s.bind((f"127.0.0.{10 + i % 20}", 0))
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", walk_node.port))
+        socks.append(s)
+        pending[s.fileno()] = s
+    deadline = time.monotonic() + 0.9  # under the 1 s of a first SYN retransmission
+    failed = 0
+    while pending and time.monotonic() < deadline:
+        _, writable, _ = select.select([], list(pending.values()), [], max(0.0, deadline - time.monotonic()))
+        for s in writable:
+            del pending[s.fileno()]
+            failed += s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+    for s in socks:
+        s.close()
+    assert not pending and not failed, f"{len(pending)} connects still waiting after 0.9 s, {failed} failed"
+    _echo_soon(walk_node.port, seconds=5)
