@@ -110,7 +110,7 @@ def _ae_fault(raw: bytes) -> str | None:
     except UnicodeDecodeError:
         return "is not ASCII (PS3.5 AE: the default character repertoire)"
     if any(c < " " or c == "\\" or c == "\x7f" for c in text):
-        return "has a control character or a backslash"
+        return f"{text.strip(' ')!r} has a control character or a backslash"  # repr: escaped in the log
     if not text.strip(" "):
         return "is all spaces"
     return None
