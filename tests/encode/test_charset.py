@@ -162,3 +162,27 @@ def test_fallback_reads_any_bytes_as_latin1():
     ds._dict[0x00080005] = RawDataElement(0x00080005, "CS", 6, b"BOGUS ", 0, False, True)
     charset.fallback(ds)
     assert str(ds.PatientName) == "\xff\xfe^A" and ds.SpecificCharacterSet == UTF8
+
+
+@pytest.mark.parametrize("value,raw,name,note", [
+    ("ISO_IR 6", b"Smith^John", "Smith^John", None),
+    ("ISO_IR 100", "Müller^Jürgen".encode("latin-1"), "Müller^Jürgen", None),
+    ("BOGUS", "Müller^Jürgen".encode("latin-1"), "Müller^Jürgen", "'BOGUS' is not a Defined Term"),
+    ("ISO 2022 IR 87", b"\x1b$B;3ED\x1b(B", "山田", "not a combination highdicom writes"),
+    ("ISO_IR 192", b"M\xfcller", "M\ufffdller", "replaced by U+FFFD"),
+])
+def test_prepare_in_process(value, raw, name, note):
+    """The same decisions without a daemon: the name as decoded, the set the results get, the note."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds._dict[0x00080005] = RawDataElement(0x00080005, "CS", len(value), value.encode(), 0, False, True)
+    ds._dict[0x00100010] = RawDataElement(0x00100010, "PN", len(raw), raw, 0, False, True)
+    got = charset.prepare(ds)
+    assert str(ds.PatientName) == name
+    if note is None:
+        assert got is None and ds.get("SpecificCharacterSet") in (None, value) and value != "ISO_IR 6" or \
+            "SpecificCharacterSet" not in ds
+    else:
+        assert note in got and ds.SpecificCharacterSet == UTF8
