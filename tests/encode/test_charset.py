@@ -47,6 +47,9 @@ def _name_bytes(terms: list[str]) -> tuple[str, bytes]:
     return "Test^Patient", b"Test^Patient"
 
 
+SEX_X = "ISO_IR 100 with PatientSex X"
+
+
 def _cases() -> dict[str, tuple[str, bytes, str, str | None]]:
     """id -> (SpecificCharacterSet as sent, PatientName bytes, the name expected back, the set
     expected on the results: None for the default repertoire)."""
@@ -65,6 +68,8 @@ def _cases() -> dict[str, tuple[str, bytes, str, str | None]]:
     out["ISO 2022 IR 6\\BOGUS"] = ("ISO 2022 IR 6\\BOGUS", b"Smith^John", "Smith^John", UTF8)
     # bytes the declared set cannot decode: replaced, and written as UTF-8
     out["ISO_IR 192 with Latin-1 bytes"] = (UTF8, "Müller^J".encode("latin-1"), "M\ufffdller^J", UTF8)
+    # not a character set, the same failure: highdicom refused PatientSex X (sent empty now)
+    out[SEX_X] = ("ISO_IR 100", "Müller^Jürgen".encode("latin-1"), "Müller^Jürgen", "ISO_IR 100")
     return out
 
 
@@ -94,7 +99,8 @@ def pacs_results(tmp_path_factory):
             study, sop = uid(), uid()
             films.append(make_cr(root / f"films/{i}.dcm", study_uid=study, sop_uid=sop, rows=128, cols=128, seed=i,
                                  raw={"SpecificCharacterSet": ("CS", _even(value.encode())),
-                                      "PatientName": ("PN", _even(raw))}))
+                                      "PatientName": ("PN", _even(raw)),
+                                      **({"PatientSex": ("CS", b"X ")} if case == SEX_X else {})}))
             studies[case] = (study, sop)
         p = storescu(node.port, *films, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
@@ -136,6 +142,8 @@ def test_every_character_set_gets_its_results_in_the_pacs(pacs_results, case):
             else got_set
         assert (got_set or None) == want, f"{case}: {what} in {got_set!r}, expected {want!r}"
         assert str(ds.PatientName) == name, f"{case}: {what} patient name decoded as {str(ds.PatientName)!r}"
+        if case == SEX_X:
+            assert ds.PatientSex == "", (what, ds.PatientSex)
     note = rows[sop]["detail"].get("character_set")
     if want in (None, value) and "\ufffd" not in name:
         assert note is None, (case, note)
