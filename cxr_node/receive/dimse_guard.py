@@ -47,15 +47,28 @@ def bad_sop_class(assoc: Any, message_id: int) -> str | None:
     return bad.pop(message_id, None) if bad else None
 
 
+#: Attribute set on a C-STORE primitive that arrived as a C-STORE-RSP (the node sent no request)
+UNSOLICITED_RSP_ATTR = "_cxr_unsolicited_rsp"
+
+
 class GuardedAssociation(Association):
     """pynetdicom's acceptor association (the class is swapped in when the connection's
-    association is created) with one change: a C-STORE whose SOP Class UID is not a storage class
-    runs the storage service anyway, so that the handler answers it with a status."""
+    association is created) with one change: every C-STORE message on an accepted context runs
+    the storage service, so that the node's handler answers it with a status and audits it,
+    including those pynetdicom would not route (a SOP Class UID that is not a storage class, or
+    empty) or would ignore and leave the peer waiting (a C-STORE-RSP, which the node never asked
+    for, or a request that lacks a required field; issue 30)."""
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         if isinstance(msg, C_STORE) and context_id in self._accepted_cx and not self._sent_release:
             uid = str(msg.AffectedSOPClassUID or "")
-            if uid_to_service_class(uid) is not StorageServiceClass:
+            if msg.Status is not None:  # a C-STORE-RSP: answered as a request that cannot be understood
+                setattr(msg, UNSOLICITED_RSP_ATTR, True)
+                msg.MessageID = msg.MessageIDBeingRespondedTo if msg.MessageIDBeingRespondedTo is not None else 0
+            elif msg.MessageID is None:
+                msg.MessageID = 0  # the answer needs a Message ID Being Responded To
+            if getattr(msg, UNSOLICITED_RSP_ATTR, False) or not msg.is_valid_request or \
+                    uid_to_service_class(uid) is not StorageServiceClass:
                 context = self._accepted_cx[context_id]
                 self._is_paused = True
                 try:

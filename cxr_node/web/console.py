@@ -14,7 +14,7 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
@@ -270,6 +270,10 @@ def safe_next(value: str | None) -> str:
 # ---------------------------------------------------------------------------------- middleware
 
 
+async def _bad_request(scope, receive, send) -> None:
+    await PlainTextResponse("Request body incomplete.", status_code=400)(scope, receive, send)
+
+
 class _BodyTooLarge(Exception):
     """A streamed (chunked) request body went past :data:`MAX_BODY`."""
 
@@ -292,6 +296,7 @@ class SecurityHeaders:
         if not length.isdigit() or int(length) > MAX_BODY:
             return await too_large(scope, receive, send)
         received = [0]
+        note = ""
 
         async def receive_limited():
             message = await receive()
@@ -320,6 +325,11 @@ class SecurityHeaders:
             if status[0]:  # pragma: no cover - every handler reads its form before it answers
                 raise
             await too_large(scope, receive, send_with_headers)
+        except ClientDisconnect:  # the client went away before its body came (issue 30): said in the
+            # request's one line, no traceback; the 400 goes nowhere if the connection is gone already
+            note = f" (the client went away before its {int(length)}-byte body arrived)"
+            if not status[0]:
+                await _bad_request(scope, receive, send_with_headers)
         finally:
-            log.info("%s %s %d %.0fms", scope.get("method"), scope.get("path"), status[0],
-                     1000 * (time.perf_counter() - t0))
+            log.info("%s %s %d %.0fms%s", scope.get("method"), scope.get("path"), status[0],
+                     1000 * (time.perf_counter() - t0), note)
