@@ -31,8 +31,9 @@ from cxr_node.db.models import ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.dicom.status import PERMANENT, SENT, SendOutcome
 from cxr_node.errors import ConfigError, CxrNodeError
+from cxr_node.outbox import channels
 from cxr_node.outbox.files import result_path
-from cxr_node.outbox.send import FileToSend, store_files
+from cxr_node.outbox.send import FileToSend
 from cxr_node.receive.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,9 @@ class Outbox:
                 outcomes = [SendOutcome(PERMANENT, None, f"destination {name!r} is not in the running daemon's [[destinations]] (after adding it "
                                         "to the config, reload the daemon, then `cxr-node outbox retry`)")] * len(items)
             else:
-                files = [FileToSend(self.dir / i.path, i.sop_class_uid, i.transfer_syntax) for i in items]
-                outcomes = store_files(self.settings, dest, files)
+                files = [FileToSend(self.dir / i.path, i.sop_class_uid, i.transfer_syntax, i.sop_instance_uid)
+                         for i in items]
+                outcomes = channels.send(self.settings, dest, files)
             sent += self._record(items, outcomes)
         return sent
 
