@@ -36,6 +36,9 @@ class ModelIdentity:
     #: (cxr-node calibrate-site); the SR's algorithm parameters and the SC legend name it
     calibration: str = "model"
     temperature: float | None = None  # the site calibration's temperature (None: the checkpoint's)
+    #: the outputs that may raise a study to urgent for these results ([triage] triggers or the
+    #: station's; empty: the model's own critical outputs), for the SR's algorithm parameters
+    triggers: tuple[str, ...] = ()
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "ModelIdentity":

@@ -216,6 +216,10 @@ class Processor:
         if work.station is None:
             aet = instances[0].calling_aet if instances else None
             work.station = stations.resolve(self.settings, aet)
+        from cxr_node.model.triggers import upstream
+
+        work.upstream = upstream((i.dimse_priority for i in instances),
+                                 (element(f.ds, "RequestedProcedurePriority") for f in work.films))
         return work
 
     def preprocess(self, predictor, films: list[Film]) -> None:
@@ -308,6 +312,7 @@ class Processor:
 
         import numpy as np
 
+        from cxr_node.model import triggers as trigger_rules
         from cxr_node.model.adaptation import apply_site_heads
         from cxr_node.model.calibration import logits_from, softmax
         from cxr_node.model.policy import TriagePolicy
@@ -334,7 +339,8 @@ class Processor:
             policy = TriagePolicy(labels=policy.labels, thresholds=th, critical_labels=policy.critical_labels,
                                   normal_label=policy.normal_label)
             model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
-        w.model = model
+        triggers = self._triggers(w)
+        w.model = dataclasses.replace(model, triggers=triggers)
         for film in w.films:
             if film.refused is None and film.prediction is not None:
                 p = film.prediction
@@ -347,7 +353,14 @@ class Processor:
                     q = apply_site_heads(p.probabilities, list(p.labels), film.features, head.heads)
                     k = int(np.argmax(q))
                     p = dataclasses.replace(p, probabilities=q, top_label=p.labels[k], top_probability=q[k])
-                film.prediction = policy.apply(p)
+                film.prediction = trigger_rules.apply(policy.apply(p), triggers, policy.thresholds)
+
+    def _triggers(self, w: StudyWork) -> tuple[str, ...]:
+        """The station's ``triggers`` when its [[stations]] entry has them, else ``[triage] triggers``."""
+        entry = stations.configured(self.settings, w.station.name) if w.station is not None else None
+        if entry is not None and entry.triggers is not None:
+            return tuple(entry.triggers)
+        return tuple(self.settings.triage.triggers)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
         """The Secondary Capture of each analysed film and the study's SR (naming refused films)."""
