@@ -66,8 +66,12 @@ def build(info: dict, control_id: str, correction: bool) -> str:
                                  "text": "operating point"}],
                 note=[{"text": "NOT FOR DIAGNOSTIC USE"}], effectiveDateTime=info["iso_time"]))
     urls = [_urn(uid, "observation", str(i)) for i in range(len(obs))]
+    idents = [{"system": DICOM_UID, "value": f"urn:oid:{uid}"}]
+    if info["accession"]:
+        idents.append({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                            "code": "ACSN"}]}, "value": info["accession"]})
     report = DiagnosticReport(
-        status=status, identifier=[{"system": DICOM_UID, "value": f"urn:oid:{uid}"}],
+        status=status, identifier=idents,
         category=[{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         code={"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}],
               "text": "cxr-node chest X-ray AI triage estimate"},
@@ -78,9 +82,6 @@ def build(info: dict, control_id: str, correction: bool) -> str:
     for u, o in zip(urls, obs):  # a later version updates the same resources
         entries.append({"fullUrl": u, "resource": o, "request": {
             "method": "PUT", "url": f"Observation?identifier={OBSERVATION_ID}|{o.identifier[0].value}"}})
-    if info["accession"]:
-        report.identifier.append({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                                      "code": "ACSN"}]}, "value": info["accession"]})
     bundle = Bundle(id=control_id, type="transaction", entry=entries)
     return bundle.model_dump_json(exclude_none=True)
 
