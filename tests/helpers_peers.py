@@ -37,6 +37,7 @@ class HTTPPeer:
     """Answers each request with the next scripted :class:`Answer` (the last one repeats)."""
     answers: list[Answer] = field(default_factory=lambda: [Answer(200, {})])
     received: list[Received] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  # time.time() of each answer (benchmarks)
 
     def __post_init__(self) -> None:
         peer = self
@@ -56,6 +57,7 @@ class HTTPPeer:
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+                    peer.answered_at.append(time.time())
                 except OSError:  # the client gave up (timeout test)
                     pass
 
@@ -87,6 +89,7 @@ class MLLPPeer:
     next scripted code ("AA", "AE", "AR"; the last repeats; None: close without answering)."""
     codes: list[str | None] = field(default_factory=lambda: ["AA"])
     received: list[str] = field(default_factory=list)
+    acked_at: list[float] = field(default_factory=list)  # time.time() of each ACK sent (benchmarks)
 
     def __post_init__(self) -> None:
         peer = self
@@ -112,6 +115,7 @@ class MLLPPeer:
                         if code is None:
                             return
                         self.request.sendall(SB + ack(msg, code).encode() + EB + CR)
+                        peer.acked_at.append(time.time())
 
         self.port = free_port()
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)

@@ -89,6 +89,10 @@ def test_stow_wado_hl7_fhir_and_a_correction(node_factory, orthanc_factory, film
         processed = [r for r in node.events("study.processed") if r["study_uid"] == study]
         assert processed[-1]["detail"]["triggers"] == ["Viral Pneumonia"]
         assert processed[-1]["detail"]["notified"] == ["ris", "fhir"]
+        _wait(lambda: len(node.events("notify.sent")) >= 4, 30, "corrections not acknowledged", node)
+        listed = json.loads(cli("outbox", "list", "--notifications", "--format", "json", config=node.config).stdout)
+        assert [(r["channel"], r["state"], r["correction"]) for r in listed] == \
+            [("ris", "sent", False), ("fhir", "sent", False), ("ris", "sent", True), ("fhir", "sent", True)]
     finally:
         mllp.stop()
         fhir.stop()
