@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text()),
         sa.Column("created_at", UTC, nullable=False),
         sa.Column("sent_at", UTC),
+        sa.Column("removed_at", UTC),
         sa.UniqueConstraint("study_uid", "study_version", "channel", name="uq_notification_version_channel"),
     )
     op.create_index("ix_notifications_study_uid", "notifications", ["study_uid"])

@@ -119,6 +119,11 @@ def test_urgent_then_correction_over_mllp_and_fhir(tmp_path, peers):
     assert [e.event for e in rows].count("notify.sent") == 4
     assert NAME not in json.dumps([(e.reason, e.detail) for e in rows]) and "Smith" not in json.dumps(
         [(e.reason, e.detail) for e in rows])
+    from cxr_node.ops.retention import run_retention
+
+    assert all((box.dir / r.path).is_file() for r in box.notifier.list())
+    assert run_retention(box.settings, box.db, days=1e-9).results == 4  # the messages hold the patient's name
+    assert not any((box.dir / r.path).exists() for r in box.notifier.list())
 
 
 def test_ack_codes_and_http_answers(tmp_path, peers):
