@@ -18,6 +18,7 @@ rejected: dead letter at once; no answer, a timeout or an unreadable answer: ret
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
@@ -56,13 +57,14 @@ def build(n: Notification, info: dict, control_id: str, correction: bool) -> str
     m.msh.msh_9 = "ORU^R01^ORU_R01"
     m.msh.msh_10 = control_id
     m.msh.msh_11 = "P"
+    m.msh.msh_18 = "UNICODE UTF-8"  # names may hold any character; the bytes sent are UTF-8
     pr = m.ORU_R01_PATIENT_RESULT
     pid = pr.ORU_R01_PATIENT.PID
     pid.pid_1 = "1"
     pid.pid_3 = f"{_text(info['patient_id'], 20)}^^^^MR"
     pid.pid_5 = _name(info["patient_name"]) or "UNKNOWN"
-    if info["birth_date"]:
-        pid.pid_7 = _text(info["birth_date"], 8)
+    if re.fullmatch(r"\d{8}", info["birth_date"] or ""):  # a DICOM DA that is not a date is left out
+        pid.pid_7 = info["birth_date"]
     if info["sex"] in ("M", "F", "O", "U"):
         pid.pid_8 = info["sex"]
     oo = pr.ORU_R01_ORDER_OBSERVATION

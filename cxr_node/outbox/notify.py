@@ -116,14 +116,26 @@ class Notifier:
             data = data or info(w, model, now)
             correction = last is not None
             cid = control_id(w.study_uid, w.version, ch.name)
-            rel = self._write(ch, data, cid, correction)
+            detail = {"channel": ch.name, "kind": ch.kind, "version": w.version, "call": w.call,
+                      "priority": data["priority"], "correction": correction, "upstream": data["upstream"],
+                      "control_id": cid}
+            try:
+                rel, state, error = self._write(ch, data, cid, correction), PENDING, None
+            except Exception as e:  # a value the message format refuses: this channel's message only, not the study
+                from cxr_node.logs import redact_quoted
+
+                rel, state = "", DEAD
+                error = redact_quoted(f"the message could not be built: {type(e).__name__}: {e}")[:500]
+                log.error("notification of study %s to %s not built (%s)", w.study_uid, ch.name, type(e).__name__)
             session.add(Notification(channel=ch.name, kind=ch.kind, study_uid=w.study_uid, study_version=w.version,
                                      call=w.call, priority=data["priority"], correction=correction, control_id=cid,
-                                     path=rel, state=PENDING, attempts=0, next_attempt_at=now, created_at=now))
+                                     path=rel, state=state, attempts=0, next_attempt_at=now, created_at=now,
+                                     last_error=error))
+            if error:
+                audit.record(session, "notify.dead", "failure", study_uid=w.study_uid, reason=error, detail=detail)
+                continue
             audit.record(session, "notify.queued", study_uid=w.study_uid, patient_id=data["patient_id"] or None,
-                         detail={"channel": ch.name, "kind": ch.kind, "version": w.version, "call": w.call,
-                                 "priority": data["priority"], "correction": correction,
-                                 "upstream": data["upstream"], "control_id": cid})
+                         detail=detail)
             told.append(ch.name)
         return told
 

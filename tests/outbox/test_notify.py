@@ -169,3 +169,14 @@ def test_triggers_and_upstream_floor():
     assert study(1, (0.1, 0.85, 0.05), dimse_priority=2, requested="LOW").sent_priority == "R"
     assert study(1, (0.95, 0.03, 0.02), dimse_priority=1).sent_priority == "S"
     assert [percent(x) for x in (0.87, 0.00168, 4.04e-05, 1.0)] == ["87%", "0.168%", "< 0.1%", "100%"]
+
+
+def test_a_header_value_hl7_cannot_carry_is_left_out(tmp_path, peers):
+    mllp, http = peers
+    box = _box(tmp_path, mllp, http)
+    w = study(1, (0.95, 0.03, 0.02))
+    w.films[0].ds.PatientBirthDate, w.films[0].ds.PatientID = "not a date", "P|7^X"
+    assert _decide(box, w) == ["ris", "fhir"]
+    box.drain()
+    pid = segments(mllp.received[0])["PID"][0]
+    assert pid[7] == "" and pid[3] == "P 7 X^^^^MR"  # no delimiter from a header value reaches the message
