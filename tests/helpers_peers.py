@@ -38,6 +38,7 @@ class HTTPPeer:
     answers: list[Answer] = field(default_factory=lambda: [Answer(200, {})])
     received: list[Received] = field(default_factory=list)
     answered_at: list[float] = field(default_factory=list)  # time.time() of each answer (benchmarks)
+    tls: object = None  # an ssl.SSLContext (server side): HTTPS, client certificates as it requires
 
     def __post_init__(self) -> None:
         peer = self
@@ -69,11 +70,13 @@ class HTTPPeer:
         self.port = free_port()
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -164,3 +164,49 @@ def test_outcomes_of_a_200_with_warning_and_of_a_list_answer():
     assert oc.kind == "transient"
     (oc,) = stow.outcomes(stow.Response(413, {}, b"too big"), ["1.2"], "x")
     assert oc.kind == "permanent" and "request too large" in oc.reason
+
+
+def _openssl(*args, cwd):
+    import subprocess
+
+    from conftest import require_tool
+
+    subprocess.run([require_tool("openssl", "openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def test_https_with_a_private_ca_and_a_client_certificate(tmp_path):
+    import ssl
+
+    d = tmp_path / "pki"
+    d.mkdir()
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=cxr-node test CA", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "server.pem", d / "server.key")
+    ctx.load_verify_locations(d / "ca.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED  # the archive wants our client certificate
+    peer = HTTPPeer(tls=ctx)
+    try:
+        tls = {"name": "cloud", "kind": "dicomweb", "url": peer.url, "ca_certificates": str(d / "ca.pem"),
+               "client_certificate": str(d / "client.pem"), "client_key": str(d / "client.key"), "timeout": 5}
+        box = _outbox(tmp_path / "a", tls)
+        (u,) = _queue(box, 1, tmp_path)
+        assert _drain(box)[u].state == DONE and len(peer.received) == 1
+        # without the client certificate the server refuses the handshake: retried, and said so
+        box = _outbox(tmp_path / "b", {k: v for k, v in tls.items() if not k.startswith("client")})
+        (u,) = _queue(box, 1, tmp_path)
+        row = _drain(box)[u]
+        assert row.state == PENDING and len(peer.received) == 1
+        # the system's CAs do not know ours: the server is not trusted
+        box = _outbox(tmp_path / "c", {k: v for k, v in tls.items() if k != "ca_certificates"})
+        (u,) = _queue(box, 1, tmp_path)
+        row = _drain(box)[u]
+        assert row.state == PENDING and "TLS" in row.last_error and "certificate" in row.last_error.lower()
+    finally:
+        peer.stop()
