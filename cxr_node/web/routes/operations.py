@@ -138,8 +138,8 @@ def _notifications(s, state: str | None, limit: int = 50) -> dict[str, Any]:
         q = q.where(Notification.state == state)
     rows = [{"id": n.id, "state": n.state, "channel": n.channel, "kind": n.kind, "study_uid": n.study_uid,
              "study_version": n.study_version, "call": n.call, "priority": n.priority, "correction": n.correction,
-             "attempts": n.attempts, "created_at": n.created_at, "sent_at": n.sent_at,
-             "next_attempt_at": n.next_attempt_at, "last_error": n.last_error} for n in s.scalars(q)]
+             "attempts": n.attempts, "created_at": queries._iso(n.created_at), "sent_at": queries._iso(n.sent_at),
+             "next_attempt_at": queries._iso(n.next_attempt_at), "last_error": n.last_error} for n in s.scalars(q)]
     counts = dict(s.execute(select(Notification.state, func.count()).group_by(Notification.state)).all())
     return {"items": rows, "counts": counts}
 
