@@ -35,7 +35,9 @@ from cxr_node.errors import ConfigError
 ENV_VAR = "CXR_NODE_CONFIG"
 #: The model bundled with the package (issue 3); an empty ``[model] checkpoint`` means this.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"  # the weights shipped in the package
-BUNDLED_CHECKPOINT = BUNDLED_DIR / "cxr-densenet121.pt"
+#: Every bundled triage model by name: ``[model] checkpoint = "bundled:v2"`` picks one that is not the default.
+BUNDLED_MODELS = {"v2": BUNDLED_DIR / "cxr-densenet121.pt", "v5": BUNDLED_DIR / "cxr-densenet121-v5.pt"}
+BUNDLED_CHECKPOINT = BUNDLED_MODELS["v2"]
 BUNDLED_LUNG_CHECKPOINT = BUNDLED_DIR / "lung-unet.pt"
 
 
@@ -369,7 +371,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         storage=StorageSettings(data_dir=data_dir),
         database=DatabaseSettings(url=url),
         study=StudySettings(**values["study"]),
-        model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"],
+        model=ModelSettings(checkpoint=_checkpoint(ckpt, resolve, fail), device=values["model"]["device"],
                             batch_size=values["model"]["batch_size"], preload=values["model"]["preload"],
                             lung_checkpoint=resolve(m["lung_checkpoint"]) if m["lung_checkpoint"] else None,
                             ood_reference=resolve(m["ood_reference"]) if m["ood_reference"] else None),
@@ -432,3 +434,16 @@ def _parse_stations(raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[
                        "is already another station: add station_name or institution_name to tell them apart")
         out.append(Station(**kw))
     return tuple(out)
+
+
+def _checkpoint(value: str, resolve, fail) -> Path:
+    """``[model] checkpoint``: empty = the bundled default, ``bundled:NAME`` = a bundled model by name, else a path."""
+    if not value:
+        return BUNDLED_CHECKPOINT
+    if value.startswith("bundled:"):
+        name = value.split(":", 1)[1]
+        if name not in BUNDLED_MODELS:
+            raise fail("[model] checkpoint", f"no bundled model {name!r} (bundled: "
+                       f"{', '.join('bundled:' + n for n in BUNDLED_MODELS)})")
+        return BUNDLED_MODELS[name]
+    return resolve(value)

@@ -31,14 +31,24 @@ _REQUESTED = {"STAT": "S", "HIGH": "A", "ASAP": "A", "MEDIUM": "R", "ROUTINE": "
 DIMSE_HIGH = 1
 
 
+def operating_points(thresholds: Mapping[str, float], abnormal_threshold: float | None) -> dict[str, float]:
+    """Every output's operating point by name: the labels' thresholds, and ``abnormal`` where the model
+    has an abnormality output (``TriagePolicy.abnormal_threshold``, ``ModelIdentity.abnormal_threshold``)."""
+    ops = dict(thresholds)
+    if abnormal_threshold is not None:
+        ops[ABNORMAL] = float(abnormal_threshold)
+    return ops
+
+
 def outputs(finding: Any, thresholds: Mapping[str, float]) -> dict[str, tuple[float, float]]:
-    """Output name (lower case) -> (probability, operating point) for a film's prediction."""
+    """Output name (lower case) -> (probability, operating point) for a film's prediction;
+    ``thresholds`` as :func:`operating_points` gives them."""
     out = {}
     for label, p in zip(finding.labels, finding.probabilities):
         if label in thresholds:
             out[label.lower()] = (float(p), float(thresholds[label]))
     abnormal = getattr(finding, "abnormal", None)
-    op = thresholds.get(ABNORMAL, getattr(finding, "abnormal_threshold", None))
+    op = thresholds.get(ABNORMAL)
     if abnormal is not None and op is not None:
         out[ABNORMAL] = (float(abnormal), float(op))
     return out

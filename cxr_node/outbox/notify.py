@@ -50,7 +50,7 @@ def info(w, model, when: dt.datetime) -> dict:
     def get(kw: str) -> str:
         return str(element(ds, kw) or "").strip() if ds is not None else ""
 
-    thresholds = dict(model.thresholds)
+    thresholds = trigger_rules.operating_points(model.thresholds, getattr(model, "abnormal_threshold", None))
     outputs = []
     for f in w.analysed:
         have = trigger_rules.outputs(f.prediction, thresholds)

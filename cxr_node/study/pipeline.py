@@ -315,7 +315,6 @@ class Processor:
         from cxr_node.model import triggers as trigger_rules
         from cxr_node.model.adaptation import apply_site_heads
         from cxr_node.model.calibration import logits_from, softmax
-        from cxr_node.model.policy import TriagePolicy
         from cxr_node.onboarding import site_adaptation
 
         cal = cals.get(w.station.name) if w.station is not None else None
@@ -327,8 +326,7 @@ class Processor:
         w.calibration = cal
         policy, model = predictor.policy, self._identity
         if cal is not None:
-            policy = TriagePolicy(labels=policy.labels, thresholds=dict(cal.thresholds),
-                                  critical_labels=policy.critical_labels, normal_label=policy.normal_label)
+            policy = dataclasses.replace(policy, thresholds=dict(cal.thresholds))
             model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
                                         calibration=stations.calibration_name(cal),
                                         temperature=cal.temperature)
@@ -336,11 +334,11 @@ class Processor:
                                          predictor.weights_sha256)
         if head is not None:  # the station's own heads decide their critical classes
             th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in head.heads.items()}}
-            policy = TriagePolicy(labels=policy.labels, thresholds=th, critical_labels=policy.critical_labels,
-                                  normal_label=policy.normal_label)
+            policy = dataclasses.replace(policy, thresholds=th)
             model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
         triggers = self._triggers(w)
         w.model = dataclasses.replace(model, triggers=triggers)
+        ops = trigger_rules.operating_points(policy.thresholds, getattr(policy, "abnormal_threshold", None))
         for film in w.films:
             if film.refused is None and film.prediction is not None:
                 p = film.prediction
@@ -353,7 +351,7 @@ class Processor:
                     q = apply_site_heads(p.probabilities, list(p.labels), film.features, head.heads)
                     k = int(np.argmax(q))
                     p = dataclasses.replace(p, probabilities=q, top_label=p.labels[k], top_probability=q[k])
-                film.prediction = trigger_rules.apply(policy.apply(p), triggers, policy.thresholds)
+                film.prediction = trigger_rules.apply(policy.apply(p), triggers, ops)
 
     def _triggers(self, w: StudyWork) -> tuple[str, ...]:
         """The station's ``triggers`` when its [[stations]] entry has them, else ``[triage] triggers``."""

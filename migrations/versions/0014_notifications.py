@@ -3,14 +3,14 @@ durable and retried like the outbox; the C-STORE request's Priority of each inst
 never sends a priority lower than one the study carries from upstream).
 
 Revision ID: 0014
-Revises: 0009 (the lead re-chains onto 0010 at merge)
+Revises: 0010
 Create Date: 2026-12-06
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

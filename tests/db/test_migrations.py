@@ -21,7 +21,7 @@ def test_upgrade_downgrade_upgrade(tmp_path):
             "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads",
             "notifications"} <= _tables(db)
     assert cli("db", "current", config=cfg).stdout.strip() == "0014"
-    cli("db", "downgrade", "0009", config=cfg)
+    cli("db", "downgrade", "0010", config=cfg)
     assert "notifications" not in _tables(db) and "site_heads" in _tables(db)
     with sqlite3.connect(db) as c:
         assert "dimse_priority" not in {r[1] for r in c.execute("pragma table_info(instances)")}
