@@ -127,11 +127,15 @@ def read_ack(raw: bytes, control_id: str, where: str) -> SendOutcome:
     """An ACK's MSA -> sent / retry / dead letter."""
     from hl7apy.parser import parse_message
 
+    from cxr_node.logs import redact_quoted
+
     text = raw.decode("utf-8", "replace").replace("\n", "\r").strip("\r")
     try:
         ack = parse_message(text, validation_level=2, find_groups=False)
         msa = ack.msa
-        code, acked, why = str(msa.msa_1.value), str(msa.msa_2.value), _text(msa.msa_3.value, 200)
+        code, acked = str(msa.msa_1.value), str(msa.msa_2.value)
+        # the receiver's text, for the audit trail; an HL7 name (family^given) or a quoted value in it is withheld
+        why = _text(redact_quoted(re.sub(r"\S*\^\S*", "[withheld]", str(msa.msa_3.value or ""))), 200)
     except Exception as e:  # hl7apy raises many types for a malformed message: not an ACK we can read
         return SendOutcome(TRANSIENT, None, f"{where} answered something that is not an HL7 ACK "
                            f"({type(e).__name__})")
