@@ -110,7 +110,7 @@ def main() -> int:
     for key, what in (("hl7", "HL7 v2 ORU^R01 ACK (AA)"), ("fhir", "FHIR Bundle 200"),
                       ("stow", "STOW-RS 200, last object"), ("cstore", "C-STORE, last object (reference)")):
         v = [r[key] for r in runs]
-        q = statistics.quantiles(v, n=20) if len(v) > 1 else v * 19
+        q = statistics.quantiles(v, n=20, method="inclusive") if len(v) > 1 else v * 19
         print(f"  {what:34s} p50 {statistics.median(v):5.2f}  p95 {q[18]:5.2f}  max {max(v):5.2f}  "
               f"(p50 / C-STORE p50: {statistics.median(v) / ref:.2f})")
     a = statistics.median(r["analysed"] for r in runs)
