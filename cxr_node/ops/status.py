@@ -110,7 +110,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
 
 def _last_errors(s, n: int = 5) -> list:
     """The newest ``n`` failures, leaving out send failures (outbox.retry, outbox.dead) of objects
-    that have reached that destination since: they are no longer errors anyone must act on."""
+    that have reached that destination since, and notification failures (notify.retry, notify.dead)
+    of notifications delivered since: they are no longer errors anyone must act on."""
     out, offset = [], 0
     while len(out) < n:
         rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
@@ -124,6 +125,13 @@ def _last_errors(s, n: int = 5) -> list:
                                                 OutboxItem.destination == (e.detail or {}).get("destination"),
                                                 OutboxItem.state == "sent").limit(1)) is not None:
                 continue
+            d = e.detail or {}
+            if e.event in ("notify.retry", "notify.dead") and s.scalar(
+                    select(Notification.id).where(Notification.study_uid == e.study_uid,
+                                                  Notification.channel == d.get("channel"),
+                                                  Notification.study_version == d.get("version"),
+                                                  Notification.state == "sent").limit(1)) is not None:
+                continue  # delivered since
             out.append(e)
             if len(out) == n:
                 break

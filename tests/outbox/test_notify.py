@@ -151,6 +151,18 @@ def test_ack_codes_and_http_answers(tmp_path, peers):
     with box.db.session() as s:
         dead = list(s.query(AuditEvent).filter(AuditEvent.event == "notify.dead"))
     assert {e.detail["channel"] for e in dead} == {"ris", "fhir"}
+    from cxr_node.ops.status import collect
+
+    errors = collect(box.settings, box.db)["last_errors"]
+    assert any(e["event"] == "notify.retry" and "without an ACK" in e["reason"] for e in errors)
+    mllp.codes = ["AA"]
+    box.notifier.retry([ris.id])
+    box.drain()
+    assert box.notifier.list()[0].state == DONE
+    st = collect(box.settings, box.db)
+    assert not [e for e in st["last_errors"] if "MLLP" in (e["reason"] or "")]  # delivered since: not an error now
+    assert st["last_errors"] and all("fhir" in e["reason"] for e in st["last_errors"])  # fhir's are still dead
+    assert st["notifications"]["dead"] == 1 and st["notifications"]["sent"] == 1
 
 
 def test_triggers_and_upstream_floor():
