@@ -210,3 +210,19 @@ def test_https_with_a_private_ca_and_a_client_certificate(tmp_path):
         assert row.state == PENDING and "TLS" in row.last_error and "certificate" in row.last_error.lower()
     finally:
         peer.stop()
+
+
+def test_check_config_names_the_secret_source_never_the_secret(tmp_path):
+    from conftest import cli
+
+    secret = tmp_path / "token"
+    secret.write_text(SECRET)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n[[destinations]]\nname = "cloud"\nkind = "dicomweb"\n'
+                   f'url = "https://archive.example.org/dicom-web"\nauth = "bearer"\nsecret_file = "{secret}"\n'
+                   '[[notifications]]\nname = "ris"\nkind = "hl7v2"\nhost = "127.0.0.1"\nport = 2575\n'
+                   '[triage]\ntriggers = ["abnormal", "COVID"]\n')
+    out = cli("check-config", config=cfg).stdout
+    assert "destination cloud: DICOMweb https://archive.example.org/dicom-web, bearer credentials from" in out
+    assert str(secret) in out and SECRET not in out
+    assert "notify      ris: hl7v2 MLLP 127.0.0.1:2575" in out and "triggers    abnormal, COVID" in out
