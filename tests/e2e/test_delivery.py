@@ -1,9 +1,9 @@
 """Results where today's archives and reading rooms look, end to end with the daemon: a film is
-sent by storescu; its Secondary Capture and SR reach a real Orthanc over STOW-RS (its DICOMweb
+sent with the C-STORE Priority HIGH; its Secondary Capture and SR reach a real Orthanc over STOW-RS (its DICOMweb
 plugin) and are read back over WADO-RS byte for byte; the urgent call reaches a real MLLP
 listener as ORU^R01 (ACK AA) and a real HTTP server as a FHIR Bundle; `echo --to` probes QIDO-RS;
 and after a reload that changes the [triage] triggers, `reprocess` makes a version whose call
-differs, which is sent again as a correction."""
+differs, which is sent again as a correction, its priority not below the C-STORE's HIGH."""
 
 from __future__ import annotations
 
@@ -12,11 +12,27 @@ import json
 import signal
 import urllib.request
 
-from conftest import cli, free_port, storescu
+from conftest import cli, free_port
 from conftest import wait_until as _wait
 from helpers_model import bundled_or_tiny
 from helpers_peers import Answer, HTTPPeer, MLLPPeer, segments
 from pydicom import dcmread
+
+
+def _store_high(port: int, path) -> None:
+    """C-STORE with the request's Priority HIGH (what a modality sets for a STAT exam)."""
+    from pynetdicom import AE
+
+    ds = dcmread(path)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(ds, priority=1)
+    finally:
+        assoc.release()
+    assert rsp.Status == 0
 
 
 def _wado(orthanc, study: str) -> dict[str, bytes]:
@@ -47,7 +63,7 @@ def test_stow_wado_hl7_fhir_and_a_correction(node_factory, orthanc_factory, film
         node = node_factory("cxr", port=free_port(), quiet_seconds=1, extra=base + channels).start()
         assert "HTTP 200" in cli("echo", "--to", "archive", config=node.config).stdout
 
-        storescu(node.port, films["RG1_UNCR"])
+        _store_high(node.port, films["RG1_UNCR"])
         study = str(dcmread(films["RG1_UNCR"], stop_before_pixels=True).StudyInstanceUID)
         sent = _wait(lambda: [r for r in node.events("outbox.sent") if r["study_uid"] == study], 180,
                      "results not sent over STOW-RS", node)
@@ -86,7 +102,11 @@ def test_stow_wado_hl7_fhir_and_a_correction(node_factory, orthanc_factory, film
         seg = segments(mllp.received[1])
         assert seg["OBR"][0][25] == "C" and not seg["OBX"][0][5].startswith("Urgent")
         assert json.loads(fhir.received[1].body)["entry"][0]["resource"]["status"] == "corrected"
+        assert node.db().execute("select dimse_priority from instances").fetchall() == [(1,)]
         processed = [r for r in node.events("study.processed") if r["study_uid"] == study]
+        assert processed[0]["detail"]["upstream"] == "C-STORE Priority HIGH"
+        assert processed[-1]["detail"]["sent_priority"] == "A"  # not urgent now, never below upstream's HIGH
+        assert segments(mllp.received[1])["TQ1"][0][9].startswith("A^")
         assert processed[-1]["detail"]["triggers"] == ["Viral Pneumonia"]
         assert processed[-1]["detail"]["notified"] == ["ris", "fhir"]
         _wait(lambda: len(node.events("notify.sent")) >= 4, 30, "corrections not acknowledged", node)
