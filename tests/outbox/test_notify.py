@@ -163,6 +163,13 @@ def test_ack_codes_and_http_answers(tmp_path, peers):
     assert not [e for e in st["last_errors"] if "MLLP" in (e["reason"] or "")]  # delivered since: not an error now
     assert st["last_errors"] and all("fhir" in e["reason"] for e in st["last_errors"])  # fhir's are still dead
     assert st["notifications"]["dead"] == 1 and st["notifications"]["sent"] == 1
+    from prometheus_client import generate_latest
+
+    from cxr_node.ops.prometheus import Metrics
+
+    text = generate_latest(Metrics(box.db).registry).decode()
+    assert 'cxr_node_notifications{channel="ris",state="sent"} 1.0' in text
+    assert 'cxr_node_notifications{channel="fhir",state="dead"} 1.0' in text
 
 
 def test_triggers_and_upstream_floor():
