@@ -441,22 +441,52 @@ def ship_rule(ch: dict, v2: dict) -> dict[str, Any]:
     return {"checks": checks, "ships": all(checks.values())}
 
 
+def gate_ratio(rows: Sequence[dict], folds: dict, percentile: float = 97.5) -> dict[str, float]:
+    """Per hold-out: the ``percentile`` of its held-out films' scores over its fold gate's threshold."""
+    out = {}
+    for h in HOLDOUTS:
+        sc = np.array([float(r["gate_score"]) for r in rows if r["holdout"] == h])
+        if len(sc):
+            out[h] = float(np.percentile(sc, percentile) / folds[h]["gate"]["threshold"])
+    return out
+
+
+def crossfit_gate(dev: Sequence[dict], folds: dict) -> dict[str, Any]:
+    """Amendment 2: each hold-out's gate threshold times the largest ratio over the other hold-outs."""
+    ratio = gate_ratio(dev, folds)
+    factor = {h: max(v for g, v in ratio.items() if g != h) for h in HOLDOUTS}
+    return {"ratio": ratio, "factor": factor, "shipped_factor": max(ratio.values()),
+            "threshold": {h: folds[h]["gate"]["threshold"] * factor[h] for h in HOLDOUTS}}
+
+
+def apply_crossfit_gate(rows: Sequence[dict], cg: dict) -> list[dict]:
+    return [dict(r, gate_crossfit_refused="1" if float(r["gate_score"]) > cg["threshold"][r["holdout"]] else "0")
+            for r in rows]
+
+
 def cmd_decide(args: argparse.Namespace) -> dict:
     lso = Path(args.lso)
     rep = json.loads((lso / "report.json").read_text())
     ch = rep["challenger"]
+    folds = json.loads((lso / "folds.json").read_text())
     dev = read_csv(lso / "predictions-dev.csv")
     test = read_csv(Path(args.test_predictions))
+    cg = crossfit_gate(dev, folds)
+    dev, test = apply_crossfit_gate(dev, cg), apply_crossfit_gate(test, cg)
     th: dict[str, dict[str, float]] = {}
     for col in (ch, "v2"):
         th[col] = {h: crossfit_threshold([r for r in dev if r["holdout"] != h], col) for h in HOLDOUTS}
         th[col]["shipped"] = crossfit_threshold(dev, col)
     shipped_v2 = {h: float(args.v2_threshold) for h in HOLDOUTS}
-    out: dict[str, Any] = {"challenger": ch, "target_sensitivity": TARGET_SENSITIVITY, "thresholds": th}
+    out: dict[str, Any] = {"challenger": ch, "target_sensitivity": TARGET_SENSITIVITY, "thresholds": th,
+                           "candidates_run": rep.get("candidates_run"), "candidates_not_run": rep.get("candidates_not_run"),
+                           "development_report": rep["candidates"], "gate_crossfit": cg}
     for name, rows in (("test", test), ("development", dev)):
         c = criteria(rows, ch, th[ch], args.n_boot, "gate_refused")
         v = criteria(rows, "v2", th["v2"], args.n_boot, "v2_gate_refused")
         v_shipped = criteria(rows, "v2_covid", shipped_v2, args.n_boot, None)
+        c["refused_crossfit_gate"] = {h: _rate([r for r in rows if r["holdout"] == h],
+                                               lambda r: r["gate_crossfit_refused"] == "1") for h in HOLDOUTS}
         out[name] = {"challenger": c, "v2": v, "v2_as_shipped_covid_threshold": {
             k: v_shipped[k] for k in ("urgent_on_normals", "abnormal_flagged")},
             "pooled_auc_difference": paired_auc_difference(rows, ch, "v2", args.n_boot),
@@ -487,6 +517,9 @@ def _fa(r: dict) -> str:
 def decision_markdown(out: dict) -> str:
     ch = out["challenger"]
     lines = [f"# v5 decision: {out['decision']}", "",
+             f"Candidates run: {', '.join(out['candidates_run'] or [])}; not run: "
+             f"{', '.join(out['candidates_not_run'] or []) or 'none'}. Development pooled AUC: " + ", ".join(
+                 f"{k} {v['pooled']['auc']:.3f}" for k, v in out["development_report"].items()) + ".", "",
              f"Challenger `{ch}` (chosen on development figures) against the bundled v2 (1 - p(Normal)); "
              f"cross-fitted operating points (mean per-source sensitivity >= {out['target_sensitivity']:.2f} on the "
              "other hold-outs' development films). Shipped operating point (every hold-out's development films): "
@@ -506,6 +539,8 @@ def decision_markdown(out: dict) -> str:
                   for h in c["abnormal_flagged"]]
         lines += [f"| 5. refused by the gate: {h} | {_fmt(c['refused'][h])} | {_fmt(v['refused'][h])} |"
                   for h in c["refused"]]
+        lines += [f"| 5'. refused, cross-fitted gate threshold (amendment 2): {h} | "
+                  f"{_fmt(c['refused_crossfit_gate'][h])} | |" for h in c["refused_crossfit_gate"]]
         s = t["v2_as_shipped_covid_threshold"]
         lines += ["", f"v2 as shipped (p(COVID) >= its threshold): normals urgent pooled "
                   f"{_fmt(s['urgent_on_normals']['pooled'])}, abnormal flagged pooled {_fmt(s['abnormal_flagged']['pooled'])}.",
@@ -557,11 +592,15 @@ def cmd_export(args: argparse.Namespace) -> dict:
     gtr = [r for r in rows if r["id"] in F.index and r["split"] == "train"]
     gva = [r for r in rows if r["id"] in F.index and r["split"] == "val"]
     gate = fit_gate(F, gtr, gva)
+    factor = float(dec["gate_crossfit"]["shipped_factor"]) if args.gate_rule == "crossfit" else 1.0
+    registered = gate["threshold"]
+    gate["threshold"] = registered * factor
     ref_meta = {"kind": OOD_KIND, "version": f"{args.version}-ood", "classifier_sha256": ck["sha256"],
                 "classifier_version": args.version, "feature_layer": LAYERS["final"], "threshold": gate["threshold"],
                 "method": "min Mahalanobis distance to a source x label cell mean, shared Ledoit-Wolf covariance",
                 "cells": gate["cells"], "fit_films": gate["fit_films"], "percentile": gate["percentile"],
-                "per_source_percentile": gate["per_source_percentile"]}
+                "per_source_percentile": gate["per_source_percentile"], "rule": args.gate_rule,
+                "registered_threshold": registered, "crossfit_factor": factor}
     sd = {"means": torch.tensor(gate["means"], dtype=torch.float32),
           "precision": torch.tensor(gate["precision"], dtype=torch.float32)}
     atomic_torch_save(make_checkpoint(sd, ref_meta), default_ood_path(out))
@@ -569,6 +608,47 @@ def cmd_export(args: argparse.Namespace) -> dict:
             "gate_threshold": gate["threshold"], "gate_cells": len(gate["cells"])}
     log.info("wrote %s and %s: %s", out, default_ood_path(out), info)
     return info
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def cmd_probes(args: argparse.Namespace) -> dict:
+    """Every probe family (training.probes) through the serving rules (lung fields, then the out-of-domain
+    score), under each named checkpoint's gate; counts refused in all and by the score alone."""
+    import torch
+
+    from cxr_node.config import BUNDLED_LUNG_CHECKPOINT, BUNDLED_MODELS
+    from cxr_node.eligibility.refusal import RefusalCode
+    from cxr_node.eligibility.rules import pixel_reason
+    from cxr_node.model.checkpoint import load_checkpoint
+    from cxr_node.model.infer import OodReference, default_ood_path
+    from cxr_node.model.lungs import LungSegmenter
+    from training.ood import features_and_lungs
+    from training.probes import write_probes
+
+    torch.set_num_threads(args.threads)
+    inv = sorted(Path(args.inversion_films).glob("*.png"))[:6] if args.inversion_films else []
+    made = write_probes(Path(args.work), {"val": inv[:3], "test": inv[3:]},
+                        dicom_samples=Path(args.dicom_samples) if args.dicom_samples else None,
+                        laterals=Path(args.laterals) if args.laterals else None)
+    seg = LungSegmenter(BUNDLED_LUNG_CHECKPOINT)
+    model, meta = load_checkpoint(BUNDLED_MODELS["v2"])  # the same backbone under every gate
+    refs = {name: OodReference(default_ood_path(BUNDLED_MODELS[name])) for name in args.models.split(",")}
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        for kind, paths in made[split].items():
+            f, lungs, kept = features_and_lungs(paths[:40], model, meta["preprocess"], seg, LAYERS["final"], kind)
+            row: dict[str, Any] = {"n": len(kept)}
+            for name, ref in refs.items():
+                sc = ref.score(torch.as_tensor(f))
+                rs = [pixel_reason(lf, float(x), ref.threshold) for lf, x in zip(lungs, sc)]
+                row[name] = sum(r is not None for r in rs)
+                row[f"{name}_by_score"] = sum(r is not None and r.code == RefusalCode.OUT_OF_DOMAIN for r in rs)
+            out[f"{split}: {kind}"] = row
+            log.info("%s %s: %s", split, kind, row)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -604,8 +684,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--decision", required=True, help="decide's decision.json")
     x.add_argument("--out", required=True, help="the new checkpoint (NAME.pt; the gate goes to NAME.ood.pt)")
     x.add_argument("--version", default="densenet121-128-v5-abnormal")
+    x.add_argument("--gate-rule", choices=["registered", "crossfit"], default="crossfit")
+    b = sub.add_parser("probes", help="probe families through the serving rules under each bundled gate")
+    b.add_argument("--work", default="runs/v5/probes")
+    b.add_argument("--out", required=True)
+    b.add_argument("--models", default="v2,v5")
+    b.add_argument("--inversion-films", help="a folder of frontal PNGs to invert (inverted-film probes)")
+    b.add_argument("--dicom-samples", help="folder with dx_image.dcm (the dog thorax)")
+    b.add_argument("--laterals", help="folder of lateral chest views")
+    b.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    {"extract": cmd_extract, "lso": cmd_lso, "decide": cmd_decide, "export": cmd_export}[args.cmd](args)
+    {"extract": cmd_extract, "lso": cmd_lso, "decide": cmd_decide, "export": cmd_export,
+     "probes": cmd_probes}[args.cmd](args)
     return 0
 
 

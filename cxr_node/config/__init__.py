@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cxr_node.config import layers
 from cxr_node.config.channels import Destination as Destination  # part of this module's API
 from cxr_node.config.channels import Notification as Notification
 from cxr_node.config.channels import parse_destinations, parse_notifications
@@ -218,6 +218,7 @@ class Settings:
     web: WebSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
+    extends: tuple[Path, ...] = ()  # the files `source` extends, nearest first
     onboarding: OnboardingSettings | None = None  # None only for Settings built by hand; parse() sets it
     stations: tuple[Station, ...] = ()
     notifications: tuple[Notification, ...] = ()
@@ -294,22 +295,17 @@ def config_path_from(arg: str | os.PathLike[str] | None) -> Path | None:
 
 
 def load(path: str | os.PathLike[str] | None) -> Settings:
-    """Read and validate a config file; ``None`` gives the built-in defaults."""
+    """Read and validate a config file (and the files it ``extends``, see :mod:`.layers`);
+    ``None`` gives the built-in defaults."""
     if path is None:
         return parse({}, base_dir=Path(DEFAULT_DATA_DIR), source=None)
     p = Path(path).expanduser().resolve()
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (pass --config or set {ENV_VAR})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return parse(raw, base_dir=p.parent, source=p)
+    raw, bases = layers.read(p, ENV_VAR)
+    return parse(raw, base_dir=p.parent, source=p, extends=bases)
 
 
-def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Settings:
+def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
+          extends: tuple[Path, ...] = ()) -> Settings:
     where = f"{source}: " if source else ""
 
     def fail(key: str, rule: str) -> ConfigError:
@@ -384,6 +380,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         web=web,
         destinations=dests,
         source=source,
+        extends=extends,
         onboarding=OnboardingSettings(**values["onboarding"]),
         stations=stations,
         notifications=notifications,

@@ -58,3 +58,17 @@ def test_gate_threshold_is_the_largest_per_source_percentile():
     assert g["per_source_percentile"]["c"] > g["per_source_percentile"]["a"]  # the wider, unseen source
     far = A.gate_score(g, np.full((1, 5), 40.0))
     assert far[0] > g["threshold"]
+
+
+def test_crossfit_gate_allows_for_the_other_sources_shift():
+    folds = {h: {"gate": {"threshold": 10.0}} for h in A.HOLDOUTS}
+    rows = []
+    for k, h in enumerate(A.HOLDOUTS):  # hold-out k's scores run up to 10 * (1 + k / 10)
+        rows += [{"holdout": h, "gate_score": str(v)} for v in np.linspace(0, 10 * (1 + k / 10), 41)]
+    cg = A.crossfit_gate(rows, folds)
+    last, first = A.HOLDOUTS[-1], A.HOLDOUTS[0]
+    assert cg["factor"][first] == pytest.approx(cg["ratio"][last])          # the largest other shift
+    assert cg["factor"][last] == pytest.approx(cg["ratio"][A.HOLDOUTS[-2]])  # its own never counts
+    assert cg["shipped_factor"] == pytest.approx(max(cg["ratio"].values()))
+    marked = A.apply_crossfit_gate(rows, cg)
+    assert {r["gate_crossfit_refused"] for r in marked if r["holdout"] == first} == {"0"}
