@@ -13,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/local.toml
 WORKERS ?= 2
-DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql chromium chromium-driver
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb pixelmed-apps sqlite3 openssl postgresql chromium chromium-driver
 
 .PHONY: run reload test venv debs bench clean
 

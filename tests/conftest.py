@@ -268,10 +268,13 @@ class StoreSCP:
 
 
 class Orthanc:
-    """A real Orthanc (Debian package) as the PACS, on free ports, with its own storage."""
+    """A real Orthanc (Debian package) as the PACS, on free ports, with its own storage; with
+    ``dicomweb=True`` its DICOMweb plugin (Debian orthanc-dicomweb) serves ``/dicom-web/``."""
+
+    DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
     def __init__(self, root: Path, dicom_port: int | None = None, http_port: int | None = None,
-                 modalities: dict | None = None) -> None:
+                 modalities: dict | None = None, dicomweb: bool = False) -> None:
         self.exe = require_tool("Orthanc", "orthanc")
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -285,7 +288,13 @@ class Orthanc:
             "DicomAet": self.ae_title, "DicomPort": self.dicom_port, "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True, "DicomModalities": modalities or {},
             "DicomAssociationCloseDelay": 0, "SaveJobs": False, "HttpBindAddress": "127.0.0.1",
+            **({"Plugins": [self.DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+               if dicomweb else {}),
         }))
+        if dicomweb and not Path(self.DICOMWEB_PLUGIN).is_file():
+            if os.environ.get("CI") == "true":
+                pytest.fail("Orthanc's DICOMweb plugin missing: apt-get install orthanc-dicomweb")
+            pytest.skip("Orthanc's DICOMweb plugin missing (Debian package orthanc-dicomweb)")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Orthanc":

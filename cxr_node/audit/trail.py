@@ -82,6 +82,12 @@ EVENTS: dict[str, str] = {
     "outbox.retry": "a send failed transiently; it will be retried (detail: retry_in_seconds)",
     "outbox.dead": "a send failed permanently or too often; the item is dead-lettered",
     "outbox.requeued": "an admin put an item back to pending",
+    "notify.queued": "an urgent notification (or a correction of one) was written and queued for a "
+                     "[[notifications]] channel (detail: channel, version, call, priority, correction, upstream)",
+    "notify.sent": "the channel acknowledged the notification (HL7 ACK AA, HTTP 2xx)",
+    "notify.retry": "a notification failed transiently (no answer, ACK AE, HTTP 5xx); retried with backoff",
+    "notify.dead": "a notification gave up: rejected (ACK AR, HTTP 4xx) or max_attempts reached",
+    "notify.requeued": "an admin put a notification back to pending",
     "outbox.purged": "an admin removed a sent or dead item",
     "outbox.resend": "an admin queued a study's kept results again (`cxr-node resend`; detail: destinations, counts)",
     "retention.removed": "the retention job deleted an old film or sent result file (detail: kind, path)",

@@ -45,7 +45,14 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"  eligible    body parts {', '.join(e.body_parts)}; views {', '.join(e.views)}; "
               f"pixel checks (lung fields, training distribution) {'on' if e.check_pixels else 'OFF'}\n")
     for d in settings.destinations:
-        out.write(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}\n")
+        auth = f", {d.auth} credentials from {d.secret_file or '$' + d.secret_env}" if d.auth != "none" else ""
+        where = f"DICOMweb {d.where}" if d.kind == "dicomweb" else f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+        out.write(f"  destination {d.name}: {where}{auth}\n")
+    for n in settings.notifications:
+        out.write(f"  notify      {n.name}: {n.kind} {n.where} (urgent studies, and corrections)\n")
+    triggers = ", ".join(settings.triage.triggers) or "the model's own critical outputs"
+    out.write(f"  triggers    {triggers}"
+              " (outputs that may raise a study to urgent)\n")
     w = settings.web
     out.write(f"  web console {'https' if w.tls else 'http'}://{w.host}:{w.port} (`cxr-node web`; sessions end "
               f"after {w.idle_minutes:g} min idle)\n")

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cxr_node.config import layers
+from cxr_node.config.channels import Destination as Destination  # part of this module's API
+from cxr_node.config.channels import Notification as Notification
+from cxr_node.config.channels import parse_destinations, parse_notifications
 from cxr_node.config.schema import (
     DEFAULT_DATA_DIR,
-    DESTINATION_KEYS,
-    DESTINATION_OPTIONAL,
     SCHEMA,
     STATION_KEYS,
     STATION_OPTIONAL,
@@ -45,15 +46,6 @@ BUNDLED_LUNG_CHECKPOINT = BUNDLED_DIR / "lung-unet.pt"
 
 
 @dataclass(frozen=True)
-class Destination:
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    tls: bool
-
-
-@dataclass(frozen=True)
 class Station:
     """A sending station (``[[stations]]``): films whose calling AE title is ``ae_title`` (and, when
     given, whose StationName / InstitutionName match) belong to it."""
@@ -62,6 +54,14 @@ class Station:
     mode: str                    # "active" | "shadow"
     station_name: str            # "" = any
     institution_name: str        # "" = any
+    triggers: tuple[str, ...] | None = None  # None: [triage] triggers
+
+
+@dataclass(frozen=True)
+class TriageSettings:
+    """Which outputs may raise a study to urgent (cxr_node.model.triggers): "abnormal" and/or class
+    labels; empty: the model's own critical outputs. A station's ``triggers`` replaces these."""
+    triggers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,15 @@ class Settings:
     extends: tuple[Path, ...] = ()  # the files `source` extends, nearest first
     onboarding: OnboardingSettings | None = None  # None only for Settings built by hand; parse() sets it
     stations: tuple[Station, ...] = ()
+    notifications: tuple[Notification, ...] = ()
+    triage: TriageSettings = TriageSettings(triggers=())
+
+    def notification(self, name: str) -> Notification:
+        for d in self.notifications:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.notifications) or "none configured"
+        raise ConfigError(f"no notification named {name!r} in [[notifications]] (known: {known})")
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
@@ -303,10 +312,10 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
     def fail(key: str, rule: str) -> ConfigError:
         return ConfigError(f"{where}{key}: {rule}")
 
-    unknown = set(raw) - set(SCHEMA) - {"destinations", "stations"}
+    unknown = set(raw) - set(SCHEMA) - {"destinations", "stations", "notifications"}
     if unknown:
         raise fail(f"[{sorted(unknown)[0]}]",
-                   f"unknown section (known: {', '.join(sorted(SCHEMA))}, destinations, stations)")
+                   f"unknown section (known: {', '.join(sorted(SCHEMA))}, destinations, stations, notifications)")
 
     values: dict[str, dict[str, Any]] = {}
     for sec, keys in SCHEMA.items():
@@ -323,15 +332,6 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
             except Rule as r:
                 raise fail(f"[{sec}] {key}", str(r)) from r
 
-    dests: list[Destination] = []
-    for label, kw in _tables(raw.get("destinations", []), "destinations", DESTINATION_KEYS, DESTINATION_OPTIONAL,
-                             fail):
-        if not kw["name"].strip():
-            raise fail(f"{label} name", "must not be empty")
-        if any(x.name == kw["name"] for x in dests):
-            raise fail(f"{label} name", f"must be unique ({kw['name']!r} is used twice)")
-        dests.append(Destination(**kw))
-
     stations = _parse_stations(raw.get("stations", []), fail)
     o = values["onboarding"]
     if o["drift_min_films"] > o["drift_window"]:
@@ -340,6 +340,9 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
     def resolve(p: str) -> Path:
         q = Path(p).expanduser()
         return q if q.is_absolute() else (base_dir / q).resolve()
+
+    dests = parse_destinations(raw.get("destinations", []), fail, resolve)
+    notifications = parse_notifications(raw.get("notifications", []), fail, resolve)
 
     data_dir = resolve(values["storage"]["data_dir"])
     url = values["database"]["url"] or f"sqlite:///{data_dir / 'cxr-node.db'}"
@@ -376,11 +379,13 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
         metrics=MetricsSettings(port=values["metrics"]["port"]),
         logging=LoggingSettings(**values["logging"]),
         web=web,
-        destinations=tuple(dests),
+        destinations=dests,
         source=source,
         extends=extends,
         onboarding=OnboardingSettings(**values["onboarding"]),
         stations=stations,
+        notifications=notifications,
+        triage=TriageSettings(triggers=tuple(dict.fromkeys(values["triage"]["triggers"]))),
     )
 
 

@@ -25,7 +25,9 @@ PATH_KEYS: dict[str, tuple[str, ...]] = {
     "web": ("certificate", "private_key"),
 }
 #: Arrays of tables: the extending file's list replaces the base file's.
-LISTS = ("destinations", "stations")
+LISTS = ("destinations", "stations", "notifications")
+#: Path keys inside those tables (DICOMweb and FHIR TLS files, secret files).
+LIST_PATH_KEYS = ("ca_certificates", "client_certificate", "client_key", "secret_file")
 MAX_DEPTH = 4
 #: A value that names something instead of a path (``[model] checkpoint = "bundled:v5"``) is kept as it is.
 NAMED = "bundled:"
@@ -76,8 +78,9 @@ def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _absolute_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    for section, keys in PATH_KEYS.items():
-        table = raw.get(section)
+    tables = [(raw.get(section), keys) for section, keys in PATH_KEYS.items()]
+    tables += [(t, LIST_PATH_KEYS) for name in LISTS if isinstance(raw.get(name), list) for t in raw[name]]
+    for table, keys in tables:
         if not isinstance(table, dict):
             continue
         for key in keys:

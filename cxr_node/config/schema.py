@@ -100,6 +100,14 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return check
 
 
+def _trigger_list(v: Any) -> tuple[str, ...]:
+    """Output names as the model calls them ("abnormal", "COVID-19"): kept as written, matched
+    case-insensitively (cxr_node.model.triggers)."""
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise Rule(f"must be a list of output names like [\"abnormal\"] (got {v!r})")
+    return tuple(x.strip() for x in v)
+
+
 # section -> key -> (validator, default). Defaults are the raw TOML values.
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "node": {
@@ -147,6 +155,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "web": {"host": (_host, "127.0.0.1"), "port": (_int(1, 65535), 8080), "certificate": (_str, ""),
             "private_key": (_str, ""), "idle_minutes": (_number(1, 1440), 30),
             "session_hours": (_number(0.1, 168), 12), "trusted_proxies": (_cidr_list, [])},
+    "triage": {"triggers": (_trigger_list, [])},
     "onboarding": {
         "new_stations": (_choice("active", "shadow"), "active"),
         "min_per_class": (_int(1, 100000), 50),
@@ -157,11 +166,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "adapt_min_per_class": (_int(5, 100000), 30),
     },
 }
-DESTINATION_KEYS = {"name": _str, "ae_title": _ae_title, "host": _host, "port": _int(1, 65535), "tls": _bool}
-DESTINATION_OPTIONAL = {"tls": False}
 STATION_KEYS = {"name": _str, "ae_title": _ae_title, "mode": _choice("active", "shadow"), "station_name": _str,
-                 "institution_name": _str}
-STATION_OPTIONAL = {"station_name": "", "institution_name": ""}
+                 "institution_name": _str, "triggers": _trigger_list}
+STATION_OPTIONAL = {"station_name": "", "institution_name": "", "triggers": None}
 
 
 def schema_defaults() -> dict[str, dict[str, Any]]:

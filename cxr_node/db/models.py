@@ -119,6 +119,7 @@ class Instance(Base):
     calling_aet: Mapped[str | None] = mapped_column(AET)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # retention deleted the file
+    dimse_priority: Mapped[int | None] = mapped_column(Integer)  # the C-STORE request's Priority: 0 medium, 1 high, 2 low (0014)
 
 
 class ImageResult(Base):
@@ -173,6 +174,33 @@ class OutboxItem(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # retention deleted the file
+
+
+class Notification(Base):
+    """One urgent notification (or its correction) of one study version to one ``[[notifications]]``
+    channel. The message is on disk (``path``, under the outbox directory) before the row exists (0014)."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("study_uid", "study_version", "channel", name="uq_notification_version_channel"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # hl7v2 | fhir
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    call: Mapped[str] = mapped_column(String(16))  # the node's call this message carries: urgent | review | routine
+    priority: Mapped[str] = mapped_column(String(8))  # the priority sent (HL7 0485: S, A, R), never below upstream's
+    correction: Mapped[bool] = mapped_column(Boolean)  # corrects an earlier notification of the study
+    control_id: Mapped[str] = mapped_column(String(64))  # MSH-10 / the Bundle's id
+    path: Mapped[str] = mapped_column(Text)  # relative to <data_dir>/outbox
+    state: Mapped[str] = mapped_column(String(8), index=True)  # pending | sent | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # HTTP status, or none for HL7 (the reason says the ACK)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # retention deleted the message file
 
 
 class AuditChainHead(Base):

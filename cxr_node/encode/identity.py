@@ -39,6 +39,9 @@ class ModelIdentity:
     #: the operating point on p(abnormal) these results used (None: the model has no abnormality output);
     #: whose it is says ``calibration`` ("model": not yet calibrated at this site)
     abnormal_threshold: float | None = None
+    #: the outputs that may raise a study to urgent for these results ([triage] triggers or the
+    #: station's; empty: the model's own critical outputs), for the SR's algorithm parameters
+    triggers: tuple[str, ...] = ()
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "ModelIdentity":

@@ -21,7 +21,7 @@ from typing import Any
 
 from cxr_node import config
 from cxr_node.audit import trail as audit
-from cxr_node.config import Settings
+from cxr_node.config import Settings, channels
 from cxr_node.db.session import Database
 from cxr_node.errors import ConfigError
 from cxr_node.onboarding import stations
@@ -92,7 +92,7 @@ def merge(old: Settings, new: Settings) -> tuple[Settings, dict[str, Any], list[
         new, node=node, **{sec: getattr(old, sec) for sec in RESTART_SECTIONS + (WEB_SECTION,)},
         retention=old.retention if kept_retention else new.retention)
     live = {k: v for k, v in changed.items() if k not in kept}
-    for name in ("destinations", "stations"):
+    for name in ("destinations", "stations", "notifications"):
         d = _list_diff(getattr(old, name), getattr(new, name))
         if d:
             live[f"[[{name}]]"] = d
@@ -104,8 +104,9 @@ def running_summary(settings: Settings) -> dict[str, Any]:
     ``node.started`` and ``config.reloaded``)."""
     n = settings.node
     return {"pid": os.getpid(), "config": str(settings.source) if settings.source else None,
-            "destinations": [{"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port, "tls": d.tls}
-                             for d in settings.destinations],
+            "destinations": [channels.summary(d) for d in settings.destinations],
+            "notifications": [channels.summary(d) for d in settings.notifications],
+            "triggers": list(settings.triage.triggers),
             "stations": [{"name": s.name, "ae_title": s.ae_title, "mode": s.mode} for s in settings.stations],
             "new_stations": settings.onboarding.new_stations if settings.onboarding else None,
             "allowed_calling_aets": list(n.allowed_calling_aets), "allowed_hosts": [str(h) for h in n.allowed_hosts],

@@ -47,11 +47,13 @@ class _DatabaseCollector:
         from prometheus_client.core import GaugeMetricFamily
         from sqlalchemy import func, select
 
-        from cxr_node.db.models import ImageResult, OutboxItem, StationRow, Study
+        from cxr_node.db.models import ImageResult, Notification, OutboxItem, StationRow, Study
         from cxr_node.eligibility.refusal import RefusalCode
 
         studies = GaugeMetricFamily("cxr_node_studies", "Studies by state", labels=["state"])
         outbox = GaugeMetricFamily("cxr_node_outbox_items", "Outbox items by state", labels=["state"])
+        notes = GaugeMetricFamily("cxr_node_notifications", "Urgent notifications (HL7 v2, FHIR) by channel and state",
+                                  labels=["channel", "state"])
         refused = GaugeMetricFamily("cxr_node_films_not_analysed", "Films not analysed, by kind of reason",
                                     labels=["reason"])
         drifted = GaugeMetricFamily("cxr_node_station_drifted", "1 when the station's films or the model's answers "
@@ -65,6 +67,8 @@ class _DatabaseCollector:
                 for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state)):
                     studies.add_metric([state], n)
                 counts = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
+                note_counts = s.execute(select(Notification.channel, Notification.state, func.count())
+                                        .group_by(Notification.channel, Notification.state)).all()
                 kinds: dict[str, int] = {}
                 for code, n in s.execute(select(ImageResult.refusal_code, func.count())
                                          .where(ImageResult.analysed.is_(False)).group_by(ImageResult.refusal_code)):
@@ -77,6 +81,8 @@ class _DatabaseCollector:
             return
         for state in ("pending", "sent", "dead"):
             outbox.add_metric([state], counts.get(state, 0))
+        for channel, state, n in note_counts:
+            notes.add_metric([channel, state], n)
         for kind, n in sorted(kinds.items()):
             refused.add_metric([kind], n)
         for name, mode, state, values in station_rows:
@@ -87,6 +93,7 @@ class _DatabaseCollector:
                 psi.add_metric([name, stat], float(v))
         yield studies
         yield outbox
+        yield notes
         yield refused
         yield drifted
         yield psi

@@ -1,4 +1,5 @@
-"""Retention: delete spooled films and sent result files older than ``[retention] days``.
+"""Retention: delete spooled films, sent result files and sent notification messages older than
+``[retention] days``.
 
 Never removes a film of a study that is not finished (receiving .. processing) or that has any
 result still pending or dead-lettered, and never a result file that is not sent. Rows stay (with
@@ -15,7 +16,7 @@ from sqlalchemy import select
 
 from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
-from cxr_node.db.models import Instance, OutboxItem, Study, utcnow
+from cxr_node.db.models import Instance, Notification, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.study.states import FINISHED
 
@@ -64,6 +65,14 @@ def run_retention(settings: Settings, db: Database, days: float | None = None) -
             audit.record(s, "retention.removed", study_uid=item.study_uid, sop_instance_uid=item.sop_instance_uid,
                          sop_class_uid=item.sop_class_uid,
                          detail={"kind": f"result-{item.kind}", "path": item.path, "destination": item.destination,
+                                 "days": days})
+            results += 1
+        for note in s.scalars(select(Notification).where(Notification.state == "sent", Notification.removed_at.is_(None),
+                                                         Notification.sent_at < cutoff).with_for_update()):
+            (settings.storage.outbox_dir / note.path).unlink(missing_ok=True)  # it holds the patient's name
+            note.removed_at = utcnow()
+            audit.record(s, "retention.removed", study_uid=note.study_uid,
+                         detail={"kind": f"notification-{note.kind}", "path": note.path, "channel": note.channel,
                                  "days": days})
             results += 1
     if films or results:

@@ -10,7 +10,16 @@ from sqlalchemy import exists, func, select
 
 from cxr_node.audit.backlog import AuditBacklog
 from cxr_node.config import Settings, destinations_warning
-from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, SiteCalibration, StationRow, Study, utcnow
+from cxr_node.db.models import (
+    AuditEvent,
+    ImageResult,
+    Notification,
+    OutboxItem,
+    SiteCalibration,
+    StationRow,
+    Study,
+    utcnow,
+)
 from cxr_node.db.session import Database
 from cxr_node.eligibility.refusal import RefusalCode
 
@@ -33,6 +42,8 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
                                     .group_by(Study.priority)).all())
         outbox = dict(s.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
         oldest = s.scalar(select(func.min(OutboxItem.created_at)).where(OutboxItem.state == "pending"))
+        notes = dict(s.execute(select(Notification.state, func.count()).group_by(Notification.state)).all())
+        oldest_note = s.scalar(select(func.min(Notification.created_at)).where(Notification.state == "pending"))
         errors = _last_errors(s)
         started = s.scalars(select(AuditEvent).where(AuditEvent.event.in_(["node.started", "node.stopped"]))
                             .order_by(AuditEvent.id.desc()).limit(1)).first()
@@ -79,6 +90,10 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "films_not_analysed": not_analysed,
         "outbox": {"pending": outbox.get("pending", 0), "sent": outbox.get("sent", 0), "dead": outbox.get("dead", 0),
                    "oldest_pending_seconds": round((now - oldest).total_seconds()) if oldest else None},
+        "notifications": {"pending": notes.get("pending", 0), "sent": notes.get("sent", 0),
+                          "dead": notes.get("dead", 0), "oldest_pending_seconds":
+                          round((now - oldest_note).total_seconds()) if oldest_note else None},
+        "notify_to": [n.name for n in settings.notifications],
         "model": {"configured": str(settings.model.checkpoint),
                   "last_used_version": model.detail.get("model_version") if model and model.detail else None},
         "audit_backlog": backlog,
@@ -114,7 +129,8 @@ def recent_studies(db: Database, limit: int, state: str | None = None) -> tuple[
 
 def _last_errors(s, n: int = 5) -> list:
     """The newest ``n`` failures, leaving out send failures (outbox.retry, outbox.dead) of objects
-    that have reached that destination since: they are no longer errors anyone must act on."""
+    that have reached that destination since, and notification failures (notify.retry, notify.dead)
+    of notifications delivered since: they are no longer errors anyone must act on."""
     out, offset = [], 0
     while len(out) < n:
         rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
@@ -128,6 +144,13 @@ def _last_errors(s, n: int = 5) -> list:
                                                 OutboxItem.destination == (e.detail or {}).get("destination"),
                                                 OutboxItem.state == "sent").limit(1)) is not None:
                 continue
+            d = e.detail or {}
+            if e.event in ("notify.retry", "notify.dead") and s.scalar(
+                    select(Notification.id).where(Notification.study_uid == e.study_uid,
+                                                  Notification.channel == d.get("channel"),
+                                                  Notification.study_version == d.get("version"),
+                                                  Notification.state == "sent").limit(1)) is not None:
+                continue  # delivered since
             out.append(e)
             if len(out) == n:
                 break
@@ -194,6 +217,12 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
     ob = st["outbox"]
     oldest = f" (oldest waiting {_dur(ob['oldest_pending_seconds'])})" if ob["oldest_pending_seconds"] is not None else ""
     out.write(f"outbox      pending {ob['pending']}{oldest}, sent {ob['sent']}, dead {ob['dead']}\n")
+    nt = st.get("notifications") or {}
+    if st.get("notify_to") or any(nt.get(k) for k in ("pending", "sent", "dead")):
+        waiting = f" (oldest waiting {_dur(nt['oldest_pending_seconds'])})" if nt.get("oldest_pending_seconds") is not None \
+            else ""
+        out.write(f"notify      pending {nt['pending']}{waiting}, sent {nt['sent']}, dead {nt['dead']}  (urgent "
+                  f"notifications to {', '.join(st.get('notify_to') or []) or 'no [[notifications]] now'})\n")
     out.write("send to     " + (", ".join(st["destinations"]) or "NONE: no [[destinations]]")
               + (f"  ({st['destinations_source']})" if st.get("destinations_source") else "") + "\n")
     if st["results_never_queued"]:

@@ -32,8 +32,9 @@ from cxr_node.db.session import Database
 from cxr_node.dicom.status import PERMANENT, SENT, SendOutcome
 from cxr_node.dicom.uids import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from cxr_node.errors import ConfigError, CxrNodeError
+from cxr_node.outbox import channels
 from cxr_node.outbox.files import result_path
-from cxr_node.outbox.send import FileToSend, store_files
+from cxr_node.outbox.send import FileToSend
 from cxr_node.receive.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class Outbox:
         self.dir = settings.storage.outbox_dir
         self._files = Spool(self.dir, incoming_dir or settings.storage.incoming_dir / "outbox")
         self.metrics = None  # set by the service when [metrics] port is on
+        from cxr_node.outbox.notify import Notifier
+
+        self.notifier = Notifier(db, self)  # urgent notifications: same directory, rules and drain
 
     def prepare(self) -> list[Path]:
         """Create the directories and remove temp files of writes a crash interrupted."""
@@ -174,7 +178,17 @@ class Outbox:
         return min(o.retry_max_seconds, o.retry_base_seconds * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
 
     def drain(self, limit: int = 200) -> int:
-        """Send every due item once; returns how many were sent."""
+        """Send every due notification, then every due item, once; returns how many were sent."""
+        sent = self.notifier.drain() if self.settings.notifications or self._notifications_pending() else 0
+        return sent + self._drain_items(limit)
+
+    def _notifications_pending(self) -> bool:
+        from cxr_node.db.models import Notification
+
+        with self.db.session() as s:
+            return s.scalar(select(Notification.id).where(Notification.state == PENDING).limit(1)) is not None
+
+    def _drain_items(self, limit: int) -> int:
         with self.db.session() as s:
             due = s.scalars(select(OutboxItem).where(OutboxItem.state == PENDING,
                                                      OutboxItem.next_attempt_at <= utcnow())
@@ -190,8 +204,9 @@ class Outbox:
                 outcomes = [SendOutcome(PERMANENT, None, f"destination {name!r} is not in the running daemon's [[destinations]] (after adding it "
                                         "to the config, reload the daemon, then `cxr-node outbox retry`)")] * len(items)
             else:
-                files = [FileToSend(self.dir / i.path, i.sop_class_uid, i.transfer_syntax) for i in items]
-                outcomes = store_files(self.settings, dest, files)
+                files = [FileToSend(self.dir / i.path, i.sop_class_uid, i.transfer_syntax, i.sop_instance_uid)
+                         for i in items]
+                outcomes = channels.send(self.settings, dest, files)
             sent += self._record(items, outcomes)
         return sent
 

@@ -63,6 +63,7 @@ class FileToSend:
     path: Path
     sop_class_uid: str
     transfer_syntax: str
+    sop_instance_uid: str = ""
 
 
 def store_files(settings: Settings, dest: Destination, files: Sequence[FileToSend],

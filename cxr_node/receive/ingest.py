@@ -112,7 +112,7 @@ class Ingest:
                 Instance.sop_instance_uid == sop_instance_uid)) is not None
 
     def store(self, file_bytes: bytes, header: Header, transfer_syntax: str,
-              assoc: AssociationInfo | None) -> bool:
+              assoc: AssociationInfo | None, priority: int | None = None) -> bool:
         """Make one instance durable and record it. Returns False if it was already stored.
 
         Raises SpoolError (disk) or SQLAlchemyError (database); nothing is left in the spool then.
@@ -129,7 +129,8 @@ class Ingest:
                 return False
             self.spool.commit(tmp, rel)
             try:
-                self._record_stored(header, rel, len(file_bytes), transfer_syntax, assoc, "instance.stored")
+                self._record_stored(header, rel, len(file_bytes), transfer_syntax, assoc, "instance.stored",
+                                    priority=priority)
             except IntegrityError:
                 if self.is_stored(header.sop_instance_uid):  # another node sharing the database recorded it
                     self._record_duplicate(header, len(file_bytes), assoc)
@@ -142,7 +143,7 @@ class Ingest:
         return True
 
     def _record_stored(self, h: Header, rel, size: int, ts: str, assoc: AssociationInfo | None,
-                       event: str) -> None:
+                       event: str, priority: int | None = None) -> None:
         now = utcnow()
         reason = eligibility.sop_class_reason(h.sop_class_uid)  # stored anyway, marked
         a = assoc.fields() if assoc else {}
@@ -153,7 +154,7 @@ class Ingest:
                            patient_id=h.patient_id, triage_eligible=reason is None,
                            not_for_triage_reason=reason.text if reason else None,
                            study_version=version, association_id=a.get("association_id"),
-                           calling_aet=a.get("calling_aet"), received_at=now))
+                           calling_aet=a.get("calling_aet"), received_at=now, dimse_priority=priority))
             common = dict(study_uid=h.study_uid, series_uid=h.series_uid, sop_instance_uid=h.sop_instance_uid,
                           sop_class_uid=h.sop_class_uid, patient_id=h.patient_id, **a)
             audit.record(s, event, ts=now, transfer_syntax=ts, bytes=size, status=STATUS_SUCCESS,

@@ -386,7 +386,7 @@ class Receiver:
                 raise SOPClassMismatchError(f"dataset SOP Class {header.sop_class_uid} is not the request's")
             if header.sop_instance_uid != rq_sop:
                 raise SOPClassMismatchError("dataset SOP Instance UID differs from the request's")
-            stored = self.ingest.store(data, header, transfer_syntax, info)
+            stored = self.ingest.store(data, header, transfer_syntax, info, priority=_priority(req))
         except InvalidInstanceError as e:
             return self._fail(STATUS_CANNOT_UNDERSTAND, str(e), info, rq_sop, rq_class, header, size)
         except SOPClassMismatchError as e:
@@ -429,3 +429,11 @@ class Receiver:
                                    sop_class_uid=sop_class if is_valid_uid(sop_class) else None,
                                    header=header, size=size)
         return _status(status, reason)
+
+
+def _priority(req) -> int | None:
+    """The C-STORE request's Priority (0 medium, 1 high, 2 low), or None when it has none."""
+    try:
+        return int(req.Priority) if req.Priority is not None else None
+    except (TypeError, ValueError):
+        return None

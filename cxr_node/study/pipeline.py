@@ -218,6 +218,10 @@ class Processor:
         if work.station is None:
             aet = instances[0].calling_aet if instances else None
             work.station = stations.resolve(self.settings, aet)
+        from cxr_node.model.triggers import upstream
+
+        work.upstream = upstream((i.dimse_priority for i in instances),
+                                 (element(f.ds, "RequestedProcedurePriority") for f in work.films))
         return work
 
     @staticmethod
@@ -328,6 +332,7 @@ class Processor:
 
         import numpy as np
 
+        from cxr_node.model import triggers as trigger_rules
         from cxr_node.model.adaptation import apply_site_heads
         from cxr_node.model.calibration import logits_from, softmax
         from cxr_node.onboarding import abnormal, site_adaptation
@@ -355,7 +360,9 @@ class Processor:
             model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
         # the station's operating point on p(abnormal): its head's, else its calibration's, else the model's
         policy, model = abnormal.apply(policy, model, cal, head)
-        w.model = model
+        triggers = self._triggers(w)
+        w.model = model = dataclasses.replace(model, triggers=triggers)
+        ops = trigger_rules.operating_points(policy.thresholds, getattr(policy, "abnormal_threshold", None))
         for film in w.films:
             if film.refused is None and film.prediction is not None:
                 p = film.prediction
@@ -370,7 +377,14 @@ class Processor:
                     p = dataclasses.replace(p, probabilities=q, top_label=p.labels[k], top_probability=q[k])
                 if abnormal_head is not None and film.features is not None and p.abnormal is not None:
                     p = dataclasses.replace(p, abnormal=abnormal.head_probability(abnormal_head, film.features))
-                film.prediction = policy.apply(p)
+                film.prediction = trigger_rules.apply(policy.apply(p), triggers, ops)
+
+    def _triggers(self, w: StudyWork) -> tuple[str, ...]:
+        """The station's ``triggers`` when its [[stations]] entry has them, else ``[triage] triggers``."""
+        entry = stations.configured(self.settings, w.station.name) if w.station is not None else None
+        if entry is not None and entry.triggers is not None:
+            return tuple(entry.triggers)
+        return tuple(self.settings.triage.triggers)
 
     def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
         """The Secondary Capture of each analysed film and the study's SR (naming refused films)."""

@@ -73,9 +73,12 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                                  "temperature": temperature,
                                  **({"character_set": film.charset} if film.charset else {})})
         queued = 0 if shadow else outbox.enqueue(s, written, w.study_uid, w.version)
+        told = [] if shadow else outbox.notifier.decide(s, w, model)  # urgent, or a changed call
         st = s.get(Study, w.study_uid, with_for_update=True)
         detail = {"analysed": len(analysed), "refused": len(w.refused), "skipped": len(not_analysed),
                   "priority": priority, "objects": len(written), "queued": queued,
+                  "sent_priority": w.sent_priority, "upstream": w.upstream.source if w.upstream else None,
+                  "triggers": list(getattr(model, "triggers", ())), "notified": told,
                   "model_version": model.version, "sr_uid": sr.SOPInstanceUID if sr else None,
                   "station": ref.name, "mode": ref.mode, "calibration": model.calibration}
         if shadow and written:

@@ -37,7 +37,24 @@ class StudyWork:
     skipped: list[tuple[Instance, Refusal]] = field(default_factory=list)  # never candidates
     station: object = None      # cxr_node.onboarding.stations.StationRef
     calibration: object = None  # the station's SiteCalibration for these weights, or None
-    model: object = None        # the ModelIdentity its results carry (thresholds, calibration)
+    model: object = None        # the ModelIdentity its results carry (thresholds, calibration, triggers)
+    #: a priority the study carries from upstream (cxr_node.model.triggers.Upstream: C-STORE Priority
+    #: HIGH, Requested Procedure Priority STAT/HIGH), or None; the node never sends a lower one
+    upstream: object = None
+
+    @property
+    def call(self) -> str | None:
+        """The node's call for the study: the most pressing priority of its analysed films."""
+        order = ("urgent", "review", "routine")
+        found = [f.prediction.priority for f in self.analysed if f.prediction is not None]
+        return min(found, key=lambda p: order.index(p) if p in order else len(order), default=None)
+
+    @property
+    def sent_priority(self) -> str:
+        """The priority the node sends (HL7 0485 S/A/R): its call's, never below :attr:`upstream`'s."""
+        from cxr_node.model.triggers import sent_priority
+
+        return sent_priority(self.call, self.upstream)
 
     @property
     def analysed(self) -> list[Film]:

@@ -122,13 +122,31 @@ def outbox_page(console: Console, request: Request, sess: Session, form: Any) ->
         return PlainTextResponse(f"Bad filter: {e}", status_code=400)
     with console.db.session() as s:
         data = queries.outbox(s, state, page)
+        data["notifications"] = _notifications(s, state)
     return console.page(request, "outbox.html", {"user": sess.user, "csrf": sess.csrf, "state": state, **data,
                                                  "message": request.query_params.get("done")})
 
 
-def _ids(form: Any) -> list[int]:
+def _notifications(s, state: str | None, limit: int = 50) -> dict[str, Any]:
+    """The newest urgent notifications (HL7 v2, FHIR) and the counts by state."""
+    from sqlalchemy import func, select
+
+    from cxr_node.db.models import Notification
+
+    q = select(Notification).order_by(Notification.id.desc()).limit(limit)
+    if state:
+        q = q.where(Notification.state == state)
+    rows = [{"id": n.id, "state": n.state, "channel": n.channel, "kind": n.kind, "study_uid": n.study_uid,
+             "study_version": n.study_version, "call": n.call, "priority": n.priority, "correction": n.correction,
+             "attempts": n.attempts, "created_at": queries._iso(n.created_at), "sent_at": queries._iso(n.sent_at),
+             "next_attempt_at": queries._iso(n.next_attempt_at), "last_error": n.last_error} for n in s.scalars(q)]
+    counts = dict(s.execute(select(Notification.state, func.count()).group_by(Notification.state)).all())
+    return {"items": rows, "counts": counts}
+
+
+def _ids(form: Any, name: str = "id") -> list[int]:
     out = []
-    for v in form.getlist("id"):
+    for v in form.getlist(name):
         if v.isascii() and v.isdigit() and len(v) <= 18:  # a row id; larger ones overflow the database's integer
             out.append(int(v))
     return out[:10_000]
@@ -139,17 +157,22 @@ def outbox_retry(console: Console, request: Request, sess: Session, form: Any) -
     """Dead items (all, or the ones ticked) back to pending; a confirmation page first."""
     from cxr_node.outbox.queue import Outbox
 
-    ids, all_dead = _ids(form), form.get("all_dead") == "1"
-    if not ids and not all_dead:
+    ids, nids, all_dead = _ids(form), _ids(form, "nid"), form.get("all_dead") == "1"
+    if not ids and not nids and not all_dead:
         return RedirectResponse("/outbox?" + urlencode({"done": "Nothing selected to retry."}), status_code=303)
     if form.get("confirm") != "yes":
-        what = "every dead item" if all_dead else f"{len(ids)} item(s)"
+        what = ("every dead item and notification" if all_dead else
+                f"{len(ids)} item(s)" + (f" and {len(nids)} notification(s)" if nids else ""))
         return console.page(request, "confirm.html", {
             "user": sess.user, "csrf": sess.csrf, "action": "/outbox/retry", "title": "Retry sending",
             "question": f"Put {what} back to pending, to be sent again now?",
-            "fields": [("id", str(i)) for i in ids] + ([("all_dead", "1")] if all_dead else [])})
-    n = Outbox(console.settings, console.db).retry(ids, all_dead=all_dead, by=sess.user.name)
-    return RedirectResponse("/outbox?" + urlencode({"done": f"{n} item(s) pending again."}), status_code=303)
+            "fields": [("id", str(i)) for i in ids] + [("nid", str(i)) for i in nids]
+            + ([("all_dead", "1")] if all_dead else [])})
+    box = Outbox(console.settings, console.db)
+    n = box.retry(ids, all_dead=all_dead, by=sess.user.name) if ids or all_dead else 0
+    m = box.notifier.retry(nids, all_dead=all_dead, by=sess.user.name) if nids or all_dead else 0
+    return RedirectResponse("/outbox?" + urlencode({"done": f"{n} item(s) and {m} notification(s) pending again."}),
+                            status_code=303)
 
 
 @guarded(permission="outbox")
