@@ -39,13 +39,18 @@ class ModelIdentity:
     #: the operating point on p(abnormal) these results used (None: the model has no abnormality output);
     #: whose it is says ``calibration`` ("model": not yet calibrated at this site)
     abnormal_threshold: float | None = None
+    #: the classes whose probability raises the flag for a model without an abnormality output (v2)
+    critical_labels: tuple[str, ...] = ()
+    #: the patterns a site lets raise the flag beside p(abnormal) (TriagePolicy.pattern_triggers)
+    pattern_triggers: tuple[str, ...] = ()
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "ModelIdentity":
         return cls(name=f"cxr-node {meta['arch']}", version=str(meta["version"]), arch=str(meta["arch"]),
                    weights_sha256=str(meta["weights_sha256"]), labels=tuple(meta["labels"]),
                    thresholds={k: float(v) for k, v in dict(meta.get("thresholds", {})).items()},
-                   abnormal_threshold=float(meta["abnormality"]["threshold"]) if meta.get("abnormality") else None)
+                   abnormal_threshold=float(meta["abnormality"]["threshold"]) if meta.get("abnormality") else None,
+                   critical_labels=tuple(meta.get("critical_labels") or ()))
 
     @property
     def device_uid(self) -> str:
@@ -71,8 +76,10 @@ class ModelIdentity:
         return derived_uid(self.device_uid, source_sop_uid, "tracking")
 
 
-def contributing_equipment(model: ModelIdentity):
-    """Contributing Equipment item (Purpose: Processing Algorithm) with the weights' Device UID."""
+def contributing_equipment(model: ModelIdentity, device_uid: bool = True):
+    """Contributing Equipment item (Purpose: Processing Algorithm) with the weights' Device UID
+    (``device_uid=False`` for the SR, whose device observer context carries it: Device UID is not an
+    attribute of the SR IODs' Contributing Equipment and dciodvfy warns about it there)."""
     import highdicom as hd
     from pydicom.sr.coding import Code
 
@@ -82,7 +89,8 @@ def contributing_equipment(model: ModelIdentity):
         manufacturer_model_name=model.name[:64],
         software_versions=model.software_versions,
     )
-    eq.DeviceUID = model.device_uid
+    if device_uid:
+        eq.DeviceUID = model.device_uid
     return eq
 
 

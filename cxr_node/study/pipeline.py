@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import select
 
 from cxr_node.config import Settings
@@ -331,7 +331,7 @@ class Processor:
             th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in head.heads.items()}}
             policy = dataclasses.replace(policy, thresholds=th)
             model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
-        w.model = model
+        w.model = dataclasses.replace(model, pattern_triggers=tuple(policy.pattern_triggers))
         for film in w.films:
             if film.refused is None and film.prediction is not None:
                 p = film.prediction
@@ -386,5 +386,5 @@ class Processor:
         ref = Dataset()
         ref.StudyInstanceUID, ref.SOPInstanceUID = w.study_uid, last
         ref.SeriesInstanceUID = self._identity.sr_series_uid(w.study_uid)
-        ref.SOPClassUID = Comprehensive3DSRStorage
+        ref.SOPClassUID = ComprehensiveSRStorage
         return ref
