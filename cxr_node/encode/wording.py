@@ -53,6 +53,8 @@ def percent(p: float, digits: int = 3) -> str:
     """A probability as a percentage: 0.8712 -> '87.1%', 0.4 -> '40%', 0.00168 -> '0.168%',
     4.04e-05 -> '< 0.1%'; ``digits=2`` for headlines (0.8712 -> '87%')."""
     v = 100.0 * float(p)
+    if v == 0:
+        return "0%"
     if v < 0.1:
         return "< 0.1%"
     return f"{significant(v, digits)}%"
