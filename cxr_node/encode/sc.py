@@ -31,7 +31,8 @@ def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_ma
     from cxr_node.encode import wording
     from cxr_node.encode.overlay import render_figure
 
-    thresholds = dict(model.thresholds) if model.abnormal_threshold is None else \
+    thresholds = {n: t for n, t in model.thresholds.items() if not wording.is_normal(n)} \
+        if model.abnormal_threshold is None else \
         {n: t for n, t in model.thresholds.items() if n in model.pattern_triggers}
     return render_figure(film, prediction, model.name, model.version, box=box, lung_mask=lung_mask,
                          max_side=max_rows, calibration=_legend_calibration(model),

@@ -211,7 +211,8 @@ def _probability(label: str, p: float, threshold: float | None, *, pattern: bool
 def _film_measurements(p, model: ModelIdentity) -> list:
     """A film's measurements: with an abnormality output the abnormality estimate first (with the
     film's priority) and the patterns after it, a pattern's operating point only when the site lets
-    it raise the flag; without one every class with its operating point, the priority on the first."""
+    it raise the flag; without one every class with its operating point (but the normal class, whose
+    threshold decides nothing), the priority on the first."""
     labels, probs = list(p.labels), [float(x) for x in p.probabilities]
     abnormal = getattr(p, "abnormal", None)
     if abnormal is not None and model.abnormal_threshold is not None:
@@ -220,9 +221,10 @@ def _film_measurements(p, model: ModelIdentity) -> list:
             t = model.thresholds.get(label) if label in model.pattern_triggers else None
             out += _probability(label, prob, t, pattern=True)
         return out
-    out = []
+    out = []  # the normal class's threshold decides nothing (cxr_node.model.policy): not shown
     for i, (label, prob) in enumerate(zip(labels, probs)):
-        out += _probability(label, prob, model.thresholds.get(label), priority=p.priority if i == 0 else None)
+        t = None if wording.is_normal(label) else model.thresholds.get(label)
+        out += _probability(label, prob, t, priority=p.priority if i == 0 else None)
     return out
 
 
