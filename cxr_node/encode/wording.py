@@ -176,16 +176,17 @@ def headline(c: Call) -> str:
     return f"{c.priority.upper()}: {display(c.output)} pattern {percent(c.probability, 2)}{op}"
 
 
-def algorithm_parameter(model: Any) -> str | None:
-    """TID 4019's Algorithm Parameters: which operating point the results used and whose it is."""
-    calibrated = getattr(model, "calibration", "model") != "model"
-    whose = f"site calibration {model.calibration}" if calibrated else f"the model's ({NOT_CALIBRATED})"
+def algorithm_parameter(model: Any) -> str:
+    """TID 4019's Algorithm Parameters: which operating point the results used and whose it is
+    ("operating point on p(abnormal) 40%: the model's (operating point not yet calibrated at this
+    site)"; a site calibration by its name and temperature, as SRs have said it since v2)."""
     t = getattr(model, "abnormal_threshold", None)
-    text = (f"operating point on p(abnormal) {percent(t)}: {whose}" if t is not None
-            else f"operating points: {whose}")
-    if calibrated and getattr(model, "temperature", None) is not None:
-        text += f"; temperature {significant(model.temperature, 4)}"
-    return text[:64 * 16]
+    head = f"operating point on p(abnormal) {percent(t)}: " if t is not None else ""
+    if getattr(model, "calibration", "model") == "model":
+        return f"{head or 'operating points: '}the model's ({NOT_CALIBRATED})"
+    temperature = getattr(model, "temperature", None)
+    return f"{head}calibration {model.calibration}" + (f" temperature {temperature:.4f}"
+                                                       if temperature is not None else "")
 
 
 def top_finding(prediction: Any, model: Any) -> tuple[str, float]:

@@ -156,3 +156,13 @@ def test_dsr2html_renders_the_sr(v5, tmp_path):
     assert text.index(summary) < text.index("Measurement Group") < text.index("Probability:")
     assert f"Probability: {wording.percent_value(pred.abnormal)} %" in text
     assert not re.search(r"\d[eE][-+]\d", text)
+
+
+def test_algorithm_parameter_names_whose_operating_point():
+    _, m, _ = _call()
+    assert wording.algorithm_parameter(m) == ("operating point on p(abnormal) 40%: the model's (operating point "
+                                              "not yet calibrated at this site)")
+    site = dataclasses.replace(m, calibration="site CR1 v3", temperature=1.25)
+    assert wording.algorithm_parameter(site) == "operating point on p(abnormal) 40%: calibration site CR1 v3 temperature 1.2500"
+    v2 = dataclasses.replace(site, abnormal_threshold=None)
+    assert wording.algorithm_parameter(v2) == "calibration site CR1 v3 temperature 1.2500"  # as SRs said it since v2
