@@ -154,8 +154,8 @@ def summary(calls: Sequence[Call], refused: int = 0) -> str:
     text = f"{c.priority.capitalize()}: {_subject(c)} {percent(c.probability, 2)}"
     if c.above is not None:
         text += f", {'above' if c.above else 'below'} {c.operating_point()}"
-    if c.priority == "review" and not c.is_abnormality:
-        text += " (not urgent; the top pattern is not normal)"
+    if c.priority == "review":
+        text += "; not urgent"
     if len(calls) > 1:
         text += f" (the most urgent of {len(calls)} films)"
     text += "."
