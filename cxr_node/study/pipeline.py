@@ -208,15 +208,34 @@ class Processor:
                 work.skipped.append((inst, eligibility.unreadable(
                     f"cannot read the spooled file: {type(e).__name__}: {e}")))
                 continue
+            note, refused = self._character_set(inst, ds)
             if work.station is None:
                 work.station = stations.resolve(self.settings, inst.calling_aet, element(ds, "StationName"),
                                                 element(ds, "InstitutionName"))
-            work.films.append(Film(inst, ds, refused=eligibility.header_reason(ds, **rules),
-                                   stats={"rows": as_int(element(ds, "Rows")), "cols": as_int(element(ds, "Columns"))}))
+            work.films.append(Film(inst, ds, refused=refused or eligibility.header_reason(ds, **rules),
+                                   stats={"rows": as_int(element(ds, "Rows")), "cols": as_int(element(ds, "Columns"))},
+                                   charset=note))
         if work.station is None:
             aet = instances[0].calling_aet if instances else None
             work.station = stations.resolve(self.settings, aet)
         return work
+
+    @staticmethod
+    def _character_set(inst: Instance, ds: Dataset) -> tuple[str | None, Refusal | None]:
+        """The film's text made writable in its results (cxr_node.encode.charset): a note saying how
+        when that took a change, and the refusal when it could not be done (its SR still says so)."""
+        from cxr_node.encode import charset
+
+        try:
+            note = charset.prepare(ds)
+        except Exception as e:  # the last resort: text read as Latin-1, the film refused with its reason
+            charset.fallback(ds)
+            note = f"the character set could not be handled ({type(e).__name__}); text read as Latin-1"
+            log.warning("film %s: %s; refused", inst.sop_instance_uid, note)
+            return note, eligibility.unreadable(f"character set: {note}")
+        if note:
+            log.warning("film %s: %s", inst.sop_instance_uid, note)
+        return note, None
 
     def preprocess(self, predictor, films: list[Film]) -> None:
         import numpy as np
@@ -354,9 +373,17 @@ class Processor:
         model = w.model or self._identity
         analysed, written = [], []
         for n, film in enumerate(w.analysed, start=1):
-            sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction, model,
-                          instance_number=n, box=film.box, lung_mask=film.lungs.mask if film.lungs is not None else None,
-                          max_rows=self.settings.outbox.sc_max_rows)
+            try:
+                sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction, model,
+                              instance_number=n, box=film.box,
+                              lung_mask=film.lungs.mask if film.lungs is not None else None,
+                              max_rows=self.settings.outbox.sc_max_rows)
+            except ValueError as e:  # highdicom judged a header value: the film is refused, the SR says so
+                film.refused = eligibility.unreadable(
+                    f"its Secondary Capture could not be written from its header: {redact_quoted(str(e))[:160]}")
+                log.warning("film %s: %s", film.instance.sop_instance_uid, film.refused.text)
+                film.full = None
+                continue
             film.full = None  # up to tens of MB per film: not kept past its SC
             written.append(self.outbox.write(sc, "sc"))
             analysed.append(AnalysedFilm(film.ds, sc, film.prediction))

@@ -48,9 +48,10 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                               created_at=now, station=ref.name,
                               image_stats=stats.get(inst.sop_instance_uid),
                               ood_score=getattr(film.prediction, "ood_score", None) if film else None))
-            audit.record(s, "image.skipped", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
+            audit.record(s, "image.skipped", "warning", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
                          sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason.text,
-                         detail={"version": w.version, "refusal_code": reason.code.value})
+                         detail={"version": w.version, "refusal_code": reason.code.value,
+                                 **({"character_set": film.charset} if film and film.charset else {})})
         sc_uids = iter(d.sop_instance_uid for d in written if d.kind == "sc")
         for film in analysed:
             p, sc_uid = film.prediction, next(sc_uids)
@@ -72,7 +73,8 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                                  "probabilities": probs, "abnormal": getattr(p, "abnormal", None),
                                  "sc_uid": sc_uid, "ood_score": p.ood_score,
                                  "station": ref.name, "calibration": model.calibration,
-                                 "temperature": temperature})
+                                 "temperature": temperature,
+                                 **({"character_set": film.charset} if film.charset else {})})
         queued = 0 if shadow else outbox.enqueue(s, written, w.study_uid, w.version)
         st = s.get(Study, w.study_uid, with_for_update=True)
         detail = {"analysed": len(analysed), "refused": len(w.refused), "skipped": len(not_analysed),
