@@ -143,7 +143,8 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
     from PIL import Image
 
     from cxr_node.eligibility.rules import lung_reason, ood_reason
-    from cxr_node.encode.overlay import render_figure
+    from cxr_node.encode.identity import ModelIdentity
+    from cxr_node.encode.sc import render
     from cxr_node.model.infer import Predictor
     from cxr_node.model.lungs import LungSegmenter
     from cxr_node.model.preprocess import prepare
@@ -198,9 +199,9 @@ def run_triage(settings: Any, args: Any, out: TextIO) -> int:
             op = _overlay_path(overlay_dir, path, used)
             try:
                 mask = pr.lungs.mask if pr.lungs is not None and pr.lungs.box is not None else None
-                Image.fromarray(render_figure(pr.display, pred, "cxr-node", predictor.version, box=pr.box,
-                                              lung_mask=mask, thresholds=dict(predictor.policy.thresholds))
-                                ).save(op)
+                # the Secondary Capture's own picture and wording (the call, whose operating point)
+                model = ModelIdentity.from_meta(predictor.meta)
+                Image.fromarray(render(pr.display, pred, model, box=pr.box, lung_mask=mask)).save(op)
                 row["overlay"] = str(op)
             except OSError as e:
                 raise CxrNodeError(f"cannot write overlay {op}: {e.strerror or e}") from e

@@ -140,6 +140,9 @@ class ImageResult(Base):
     priority: Mapped[str | None] = mapped_column(String(16))
     probabilities: Mapped[dict | None] = mapped_column(JSON)
     abnormal: Mapped[float | None] = mapped_column(Float)  # p(abnormal), models with that output (0010)
+    # the finding a worklist row names, decided at triage time (0016): "abnormal" or a class, and its p
+    finding: Mapped[str | None] = mapped_column(String(64))
+    finding_probability: Mapped[float | None] = mapped_column(Float)
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     # site onboarding (0005): which station sent it, which calibration triaged it (the temperature the

@@ -253,8 +253,10 @@ def statement() -> str:
     out += _table(["Tag", "Attribute", "Value"], _attributes(s.sc, s.source))
     w(f"### 7.2 Structured Report ({_uid(str(s.sr.SOPClassUID))}): TID 1500")
     w("")
-    w("One per study version, title (126000, DCM, \"Imaging Measurement Report\"), completion COMPLETE, "
-      "verification UNVERIFIED, preliminary flag PRELIMINARY as highdicom writes them. Its content tree, from "
+    t = srmod.TITLE
+    w(f"One per study version, title ({t.value}, {t.scheme_designator}, \"{t.meaning}\"), completion COMPLETE, "
+      "verification UNVERIFIED, preliminary flag PRELIMINARY as highdicom writes them; the first text item says "
+      "the call in one sentence (docs/sr.md). Its content tree, from "
       "the builder run on a study with one analysed film (classes of the bundled model: "
       f"{', '.join(s.labels)}) and one refused film:")
     w("")

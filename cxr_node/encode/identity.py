@@ -42,13 +42,19 @@ class ModelIdentity:
     #: the outputs that may raise a study to urgent for these results ([triage] triggers or the
     #: station's; empty: the model's own critical outputs), for the SR's algorithm parameters
     triggers: tuple[str, ...] = ()
+    #: the classes whose probability raises the flag for a model without an abnormality output (v2)
+    critical_labels: tuple[str, ...] = ()
+    #: the patterns a site lets raise the flag beside p(abnormal) (TriagePolicy.pattern_triggers)
+    pattern_triggers: tuple[str, ...] = ()
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "ModelIdentity":
         return cls(name=f"cxr-node {meta['arch']}", version=str(meta["version"]), arch=str(meta["arch"]),
                    weights_sha256=str(meta["weights_sha256"]), labels=tuple(meta["labels"]),
                    thresholds={k: float(v) for k, v in dict(meta.get("thresholds", {})).items()},
-                   abnormal_threshold=float(meta["abnormality"]["threshold"]) if meta.get("abnormality") else None)
+                   abnormal_threshold=float(meta["abnormality"]["threshold"]) if meta.get("abnormality") else None,
+                   # with an abnormality output no class raises the flag by itself (TriagePolicy.from_meta)
+                   critical_labels=() if meta.get("abnormality") else tuple(meta.get("critical_labels") or ()))
 
     @property
     def device_uid(self) -> str:
@@ -74,8 +80,10 @@ class ModelIdentity:
         return derived_uid(self.device_uid, source_sop_uid, "tracking")
 
 
-def contributing_equipment(model: ModelIdentity):
-    """Contributing Equipment item (Purpose: Processing Algorithm) with the weights' Device UID."""
+def contributing_equipment(model: ModelIdentity, device_uid: bool = True):
+    """Contributing Equipment item (Purpose: Processing Algorithm) with the weights' Device UID
+    (``device_uid=False`` for the SR, whose device observer context carries it: Device UID is not an
+    attribute of the SR IODs' Contributing Equipment and dciodvfy warns about it there)."""
     import highdicom as hd
     from pydicom.sr.coding import Code
 
@@ -85,7 +93,8 @@ def contributing_equipment(model: ModelIdentity):
         manufacturer_model_name=model.name[:64],
         software_versions=model.software_versions,
     )
-    eq.DeviceUID = model.device_uid
+    if device_uid:
+        eq.DeviceUID = model.device_uid
     return eq
 
 

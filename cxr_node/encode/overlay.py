@@ -189,55 +189,77 @@ def flag_label(prediction, thresholds: dict[str, float] | None = None) -> str | 
 
 
 def legend_lines(prediction, model_name: str, model_version: str, calibration: str | None = None,
-                 thresholds: dict[str, float] | None = None, heat_label: str | None = None
+                 thresholds: dict[str, float] | None = None, heat_label: str | None = None, call=None
                  ) -> list[tuple[str, tuple[int, int, int]]]:
-    """The legend: the notice, the call with the operating point it was compared with, every
-    class, what the map shows (or that there is none) and the model."""
+    """The legend: the notice, the call with the operating point it was compared with (``call``, a
+    :class:`cxr_node.encode.wording.Call`: "URGENT: abnormal 87% (operating point 40%); pattern most
+    like COVID-19", and "operating point not yet calibrated at this site" when so), every class as a
+    pattern, what the map shows (or that there is none) and the model."""
+    from cxr_node.encode import wording
+
     flag = str(getattr(prediction, "priority", "") or "").upper()
     thresholds = thresholds or {}
-    label = flag_label(prediction, thresholds)
+    label = _map_for(prediction, thresholds, call)
     p = dict(zip(prediction.labels, prediction.probabilities))
-    if label is not None and label in thresholds:
-        call = f"{flag}: {label} {p[label]:.0%}, above the operating point of {thresholds[label]:.0%}"
+    pct = wording.percent
+    if call is not None:
+        head = wording.headline(call)
+    elif label is not None and label in thresholds:
+        head = f"{flag}: {label} {pct(p[label], 2)}, above the operating point of {pct(thresholds[label], 2)}"
     elif label is not None:
-        call = f"{flag}: top class {label} {p[label]:.0%}"
+        head = f"{flag}: top class {label} {pct(p[label], 2)}"
     else:
-        call = f"{flag}: top class {prediction.top_label} {prediction.top_probability:.0%}; no finding flagged"
-    probs = "  ".join(f"{n} {v:.0%}" + (f" (op. {thresholds[n]:.0%})" if n in thresholds else "")
-                      for n, v in zip(prediction.labels, prediction.probabilities))
+        head = f"{flag}: top class {prediction.top_label} {pct(prediction.top_probability, 2)}; no finding flagged"
+    shown = thresholds  # for a call on p(abnormal): only the patterns a site lets raise the flag
+    probs = ("patterns: " if call is not None and call.is_abnormality else "") + "  ".join(
+        f"{wording.display(n) if call is not None else n} {pct(v, 2)}"
+        + (f" (op. {pct(shown[n], 2)})" if n in shown else "")
+        for n, v in zip(prediction.labels, prediction.probabilities))
+    name = wording.display if call is not None else str
     if heat_label is not None:
-        map_line = (f"map: where the model looked for {heat_label} (Grad-CAM, strongest {TOP_FRACTION:.0%} "
+        map_line = (f"map: where the model looked for {name(heat_label)} (Grad-CAM, strongest {TOP_FRACTION:.0%} "
                     "of the lungs), not a lesion outline")
     elif label is None:
         map_line = "no map: nothing flagged"
     else:
-        map_line = f"no map: the model's map was made for {prediction.cam_label or prediction.top_label}, not {label}"
+        map_line = (f"no map: the model's map was made for {name(prediction.cam_label or prediction.top_label)}, "
+                    f"not {name(label)}")
     model = f"model {model_version}" + (f" ({model_name})" if model_name and model_name not in model_version else "")
-    return [
-        ("NOT FOR DIAGNOSTIC USE - research triage, an AI estimate", (255, 210, 0)),
-        (call, (255, 255, 255)),
+    lines = [("NOT FOR DIAGNOSTIC USE - research triage, an AI estimate", (255, 210, 0)), (head, (255, 255, 255))]
+    if call is not None and call.threshold is not None and not call.site_calibrated:
+        lines.append((wording.NOT_CALIBRATED, (255, 210, 0)))
+    return lines + [
         (probs, (200, 200, 200)),
         (map_line, (200, 200, 200)),
         (model + (f" - {calibration}" if calibration else ""), (200, 200, 200)),
     ]
 
 
+def _map_for(prediction, thresholds: dict[str, float], call=None) -> str | None:
+    """The class whose map is shown: the flagging class (:func:`flag_label`); for a call on
+    p(abnormal) the pattern the film looks most like, unless the call is routine."""
+    if call is not None and call.is_abnormality:
+        return None if call.priority == "routine" else call.pattern
+    return flag_label(prediction, thresholds)
+
+
 def render_figure(film: np.ndarray, prediction, model_name: str, model_version: str,
                   box: Sequence[float] | None = None, lung_mask: np.ndarray | None = None,
                   max_side: int = MAX_ROWS, calibration: str | None = None,
-                  thresholds: dict[str, float] | None = None, min_rows: int = MIN_ROWS) -> np.ndarray:
+                  thresholds: dict[str, float] | None = None, min_rows: int = MIN_ROWS, call=None) -> np.ndarray:
     """The whole picture, RGB uint8: the film (at most ``max_side`` rows, at least ``min_rows``),
     the heat map only for the finding that raised the flag (inside the lungs, strongest part
-    only), and the legend with the operating point and, when a map is shown, its colour scale."""
+    only), and the legend with the operating point and, when a map is shown, its colour scale.
+    ``call`` (:func:`cxr_node.encode.wording.call_for`) words the headline."""
     if prediction.cam is None:
         raise ValueError("the prediction has no Grad-CAM map (predict with explain=True)")
     film = fit(film, max_side, min_rows)
-    label = flag_label(prediction, thresholds)
+    label = _map_for(prediction, thresholds or {}, call)
     heat_label = label if label is not None and label == (prediction.cam_label or prediction.top_label) else None
     if heat_label is not None:
         rgb = render_overlay(film, prediction.cam, box=box, lung_mask=lung_mask,
                              top_fraction=TOP_FRACTION if lung_mask is not None else None)
     else:
         rgb = np.repeat(np.clip(np.rint(film * 255.0), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-    lines = legend_lines(prediction, model_name, model_version, calibration, thresholds, heat_label)
+    lines = legend_lines(prediction, model_name, model_version, calibration, thresholds, heat_label, call)
     return with_legend(rgb, lines, colour_bar=heat_label is not None)

@@ -2,8 +2,10 @@
 rows, ``[outbox] sc_max_rows``), a heat map only for the finding that raised the flag (none for a
 routine call), over the strongest part of the map inside the lungs, and a legend in a strip below
 the film (so it covers no lung), scaled to the film, with "NOT FOR DIAGNOSTIC USE", the call and
-the operating point it was compared with, every class, what the map shows and the model, all
-burned into the pixels (:mod:`cxr_node.encode.overlay`).
+the operating point it was compared with ("URGENT: abnormal 87% (operating point 40%); pattern most
+like COVID-19", :func:`cxr_node.encode.wording.headline`, and "operating point not yet calibrated
+at this site" when the station has no calibration of its own), every class as a pattern, what the
+map shows and the model, all burned into the pixels (:mod:`cxr_node.encode.overlay`).
 
 highdicom's SCImage does most of it; what it leaves out (dciodvfy reports it otherwise) is set here:
 BurnedInAnnotation YES, BodyPartExamined CHEST, SourceImageSequence, and Contributing Equipment
@@ -26,11 +28,15 @@ MAX_ROWS = 2048  # the default of [outbox] sc_max_rows
 def render(film: np.ndarray, prediction, model: ModelIdentity, box=None, lung_mask=None,
            max_rows: int = MAX_ROWS) -> np.ndarray:
     """RGB uint8 (H + legend, W, 3): the overlay (heat only inside the lungs) plus the legend strip."""
+    from cxr_node.encode import wording
     from cxr_node.encode.overlay import render_figure
 
+    thresholds = {n: t for n, t in model.thresholds.items() if not wording.is_normal(n)} \
+        if model.abnormal_threshold is None else \
+        {n: t for n, t in model.thresholds.items() if n in model.pattern_triggers}
     return render_figure(film, prediction, model.name, model.version, box=box, lung_mask=lung_mask,
                          max_side=max_rows, calibration=_legend_calibration(model),
-                         thresholds=dict(model.thresholds))
+                         thresholds=thresholds, call=wording.call_for(prediction, model))
 
 
 def _legend_calibration(model: ModelIdentity) -> str | None:

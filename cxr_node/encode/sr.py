@@ -1,17 +1,24 @@
-"""The study's TID 1500 report for one study version (Comprehensive 3D SR): an AI triage estimate,
-not a diagnosis.
+"""The study's TID 1500 report for one study version, in a Comprehensive SR (no 3D coordinates are
+written, and Comprehensive 3D SR is a SOP class several PACS viewers do not render): an AI triage
+estimate, not a diagnosis. docs/sr.md shows the tree, the codes and what the validators say.
 
-Its root carries, in the Qualitative Evaluations
-container, the study's urgency (SCT 260870009 "Priority": Urgent, Review or Routine) and the
-report's name and the notice "research triage, not for diagnostic use" as a text item (DCM 121106
-"Comment"). The title stays "Imaging Measurement Report" (see :data:`TITLE`).
+The root's first container (Qualitative Evaluations) opens with the call in one sentence (DCM 121106
+"Comment": "Urgent: abnormal chest radiograph 87%, above the site's operating point 40%. Research
+triage, not a diagnosis.", :func:`cxr_node.encode.wording.summary`), then the study's urgency (SCT
+260870009 "Priority") and the notice. The title names what the document is (:data:`TITLE`).
+
 One measurement group per analysed film: tracking identifier and UID, algorithm identification
-(TID 4019: name and version; the site calibration and its temperature as the one parameter
-when one is in force), the film's urgency, and for each class the probability (DCM 122157
-"Probability", at most 3 significant digits, UCUM "1") with its class as a concept modifier (SCT
-246090004 "Associated finding") and whether it is above the operating point, followed by that
-operating point (DCM 122411 "Threshold Value"); the film and its Secondary Capture as source
-images. No "Present"/"Absent" for a disease the model only estimates.
+(TID 4019: name, version, and as its parameter the operating point and whose it is: the site
+calibration's, or the model's "not yet calibrated at this site"), then its findings as TID 300
+measurements, each a probability in percent (DCM 122157 "Probability", UCUM "%", at most 3
+significant digits, never an exponent) with what it is about as a concept modifier (SCT 246090004
+"Associated finding"), whether it is above its operating point, then that operating point (DCM
+122411 "Threshold Value"). For a model with an abnormality output (v5) the first is the abnormality
+estimate (SCT 263654008 "Abnormal", CID 222's code for it) carrying the film's priority; the
+classifier's labels follow, each named as a pattern (TID 300's "Equivalent Meaning of Concept Name"
+says "pattern most like COVID-19; a pattern, not a diagnosis"). Without one (v2) every class is a
+probability as before, the film's priority on the first. The film and its Secondary Capture are the
+source images. No "Present"/"Absent" for a disease the model only estimates.
 
 A film that was sent for triage but not analysed (no lung fields, outside the training
 distribution, a header that is not a frontal chest film, unusable pixels) gets a group of its own
@@ -34,16 +41,18 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from cxr_node.eligibility.refusal import Refusal, RefusalCode
+from cxr_node.encode import wording
 from cxr_node.encode.identity import DEVICE_NAME, MANUFACTURER, ModelIdentity, contributing_equipment, with_type2
 
 SR_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "cxr-node triage report - NOT FOR DIAGNOSTIC USE"
 PRIVATE_SCHEME = "99CXRNODE"
 
-#: The document title stays TID 1500's (CID 7021): pixelmed picks the root template by the title,
-#: and with a title of our own (tried: 99CXRNODE "Chest X-ray AI triage estimate") it validated no
-#: template at all (44 items "not in template"). The report is named in the first text item instead.
-TITLE = Code("126000", "DCM", "Imaging Measurement Report")
+#: A title a reader understands, on TID 1500's own title code: viewers show the Code Meaning, and
+#: pixelmed validates TID 1500 only under one of CID 7021's four codes (a title of our own,
+#: 99CXRNODE, left 44 items "not in template"). pixelmed warns once that the meaning differs from
+#: "Imaging Measurement Report" (docs/sr.md).
+TITLE = Code("126000", "DCM", "Chest X-ray AI triage estimate (Imaging Measurement Report)")
 REPORT_NAME = "cxr-node chest X-ray AI triage estimate"
 NOTICE_TEXT = ("Research triage, not for diagnostic use: probabilities estimated by an AI model from the "
                "film alone and compared with operating points; not a diagnosis, not reviewed by a person.")
@@ -57,7 +66,11 @@ ASSOCIATED_FINDING = Code("246090004", "SCT", "Associated finding")
 ABOVE_OPERATING_POINT = Code("ABOVEOP", PRIVATE_SCHEME, "Above operating point")
 YES = Code("373066001", "SCT", "Yes")
 NO = Code("373067005", "SCT", "No")
-UNIT_ONE = Code("1", "UCUM", "no units")
+UNIT_PERCENT = Code("%", "UCUM", "percent")
+#: the abnormality estimate's subject: SNOMED CT's qualifier value "Abnormal" (CID 222 Normality Codes)
+ABNORMAL = Code("263654008", "SCT", "Abnormal")
+#: TID 300 row 16: says in words that a class is a pattern
+EQUIVALENT_MEANING = Code("121050", "DCM", "Equivalent Meaning of Concept Name")
 PRIORITY = Code("260870009", "SCT", "Priority")
 #: urgent / review / routine (cxr_node.model.policy). SNOMED has Urgent and Routine qualifier values;
 #: "review" (not urgent, but not normal either) has no standard code.
@@ -77,6 +90,8 @@ KNOWN_LABELS = {
 
 
 def label_code(label: str) -> Code:
+    if label == wording.ABNORMAL:
+        return ABNORMAL
     known = KNOWN_LABELS.get(label.strip().lower())
     if known:
         return known
@@ -88,9 +103,6 @@ def priority_code(priority: str) -> Code:
     return PRIORITY_CODES[priority]
 
 
-def significant(x: float, digits: int = 3) -> float:
-    """``x`` rounded to ``digits`` significant digits (0.95294 -> 0.953, 4.0377e-05 -> 4.04e-05)."""
-    return float(f"{float(x):.{digits}g}")
 
 
 NOT_ANALYSED = Code("NOTANALYSED", PRIVATE_SCHEME, "Not analysed")
@@ -155,24 +167,75 @@ def _request(source: Dataset) -> list[Dataset]:
     return [item(None)] if source.get("AccessionNumber") else []
 
 
-def _probability(label: str, p: float, threshold: float | None):
-    """TID 300: the class's probability (3 significant digits) with the class, and whether it is
-    above the operating point, as concept modifiers (TID 300 row 2); then the operating point."""
+def _num(name: Code, p: float):
+    """A TID 300 measurement of a probability in percent, its value a plain decimal with at most 3
+    significant digits (DS '87.1', '0.00404'; never '4.04e-05'), and no FD copy with more digits."""
+    import highdicom as hd
+
+    text = wording.percent_value(p)
+    m = hd.sr.Measurement(name=name, value=float(text), unit=UNIT_PERCENT)
+    mv = m[0].MeasuredValueSequence[0]
+    mv.NumericValue = text
+    if "FloatingPointValue" in mv:
+        del mv.FloatingPointValue
+    return m
+
+
+def _probability(label: str, p: float, threshold: float | None, *, pattern: bool = False,
+                 priority: str | None = None):
+    """TID 300: the probability with what it is about (and, for a pattern, that it is one) and
+    whether it is above the operating point (TID 300 row 2 concept modifiers; the film's priority
+    too on its first measurement); then the operating point."""
     import highdicom as hd
 
     finding = label_code(label)
-    prob = hd.sr.Measurement(name=PROBABILITY, value=significant(p), unit=UNIT_ONE)
+    prob = _num(PROBABILITY, p)
     mods = [hd.sr.CodeContentItem(ASSOCIATED_FINDING, finding, relationship_type="HAS CONCEPT MOD")]
     if threshold is not None:
         mods.append(hd.sr.CodeContentItem(ABOVE_OPERATING_POINT, YES if p >= threshold else NO,
                                           relationship_type="HAS CONCEPT MOD"))
+    if priority is not None:
+        mods.append(hd.sr.CodeContentItem(PRIORITY, priority_code(priority), relationship_type="HAS CONCEPT MOD"))
+    if pattern:
+        mods.append(hd.sr.TextContentItem(
+            EQUIVALENT_MEANING, f"pattern most like {wording.display(label)} (not a diagnosis)",
+            relationship_type="HAS CONCEPT MOD"))
     _add_children(prob[0], mods)
     out = [prob]
     if threshold is not None:
-        op = hd.sr.Measurement(name=THRESHOLD, value=significant(threshold), unit=UNIT_ONE)
+        op = _num(THRESHOLD, threshold)
         _add_children(op[0], [hd.sr.CodeContentItem(ASSOCIATED_FINDING, finding, relationship_type="HAS CONCEPT MOD")])
         out.append(op)
     return out
+
+
+def _film_measurements(p, model: ModelIdentity) -> list:
+    """A film's measurements: with an abnormality output the abnormality estimate first (with the
+    film's priority) and the patterns after it, a pattern's operating point only when the site lets
+    it raise the flag; without one every class with its operating point (but the normal class, whose
+    threshold decides nothing), the priority on the first."""
+    labels, probs = list(p.labels), [float(x) for x in p.probabilities]
+    abnormal = getattr(p, "abnormal", None)
+    if abnormal is not None and model.abnormal_threshold is not None:
+        out = _probability(wording.ABNORMAL, float(abnormal), model.abnormal_threshold, priority=p.priority)
+        for label, prob in zip(labels, probs):
+            t = model.thresholds.get(label) if label in model.pattern_triggers else None
+            out += _probability(label, prob, t, pattern=True)
+        return out
+    out = []  # the normal class's threshold decides nothing (cxr_node.model.policy): not shown
+    for i, (label, prob) in enumerate(zip(labels, probs)):
+        t = None if wording.is_normal(label) else model.thresholds.get(label)
+        out += _probability(label, prob, t, priority=p.priority if i == 0 else None)
+    return out
+
+
+def _separate(container: Dataset) -> None:
+    """Every container SEPARATE: its items are a list of facts, not one flowing text, so that a viewer
+    (dcmtk's dsr2html among them) shows each value with its name ("Probability: 87.1 %")."""
+    container.ContinuityOfContent = "SEPARATE"
+    for item in container.get("ContentSequence", []):
+        if item.ValueType == "CONTAINER":
+            _separate(item)
 
 
 def _add_children(item: Dataset, children: list) -> None:
@@ -197,17 +260,13 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=model.device_uid, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=model.name[:64]),
     )
-    # TID 4019 needs a name and a version; a site calibration changes the probabilities (its temperature)
-    # and the operating points, so it is named as the one parameter
-    params = None if model.calibration == "model" else [
-        f"calibration {model.calibration}" + (f" temperature {model.temperature:.4f}"
-                                              if model.temperature is not None else "")]
+    # TID 4019 needs a name and a version; its one parameter is the operating point and whose it is
+    # (a site calibration's, with its temperature, or the model's, not yet calibrated at this site)
+    params = [wording.algorithm_parameter(model)]
     algorithm = hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64], parameters=params)
     groups = []
     for i, film in enumerate(films, start=1):
-        p = film.prediction
-        measurements = [m for label, prob in zip(p.labels, p.probabilities)
-                        for m in _probability(label, float(prob), model.thresholds.get(label))]
+        measurements = _film_measurements(film.prediction, model)
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=model.tracking_uid(film.source.SOPInstanceUID), identifier=f"cxr-node film {i}"),
@@ -218,8 +277,6 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
                 hd.sr.SourceImageForMeasurementGroup(film.sc.SOPClassUID, film.sc.SOPInstanceUID),
             ],
         )
-        _add_children(group[0], [hd.sr.CodeContentItem(PRIORITY, priority_code(p.priority),
-                                                       relationship_type="CONTAINS")])
         groups.append(group)
     for j, film in enumerate(refused, start=len(films) + 1):
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -239,16 +296,22 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
         title=TITLE,
         referenced_images=library or None,
     )
-    # TID 1500 rows 12-14: the study's urgency and the notice, in the Qualitative Evaluations container
+    # TID 1500 rows 12-14, the Qualitative Evaluations container, put before the measurements so that a
+    # viewer shows it first: the call in one sentence, the study's urgency, the notice
     study_priority = min((f.prediction.priority for f in films), key=_rank, default=None)
     evaluations = hd.sr.ContainerContentItem(QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
-    items = [hd.sr.TextContentItem(COMMENT, f"{REPORT_NAME}. {NOTICE_TEXT}", relationship_type="CONTAINS")]
+    call = wording.summary([wording.call_for(f.prediction, model) for f in films], refused=len(refused))
+    items = [hd.sr.TextContentItem(COMMENT, call, relationship_type="CONTAINS")]
     if study_priority is not None:
-        items.insert(0, hd.sr.CodeContentItem(PRIORITY, priority_code(study_priority), relationship_type="CONTAINS"))
+        items.append(hd.sr.CodeContentItem(PRIORITY, priority_code(study_priority), relationship_type="CONTAINS"))
+    items.append(hd.sr.TextContentItem(COMMENT, f"{REPORT_NAME}. {NOTICE_TEXT}", relationship_type="CONTAINS"))
     evaluations.ContentSequence = items
-    report[0].ContentSequence.append(evaluations)
+    root = report[0].ContentSequence
+    at = next(i for i, it in enumerate(root) if it.ValueType == "CONTAINER")
+    root.insert(at, evaluations)
+    _separate(report[0])
     evidence = [with_type2(f.source) for f in films] + [f.sc for f in films] + [with_type2(f.source) for f in refused]
-    sr = hd.sr.Comprehensive3DSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report[0],
         series_instance_uid=model.sr_series_uid(study_uid),
@@ -261,7 +324,7 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
         is_verified=False,
         requested_procedures=_request(first) or None,
         previous_versions=[_ref(predecessor)] if predecessor is not None else None,
-        contributing_equipment=[contributing_equipment(model)],
+        contributing_equipment=[contributing_equipment(model, device_uid=False)],
         series_description=SR_SERIES_DESCRIPTION,
     )
     for kw in ("AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
@@ -292,55 +355,76 @@ def _key(code: Code) -> tuple[str, str]:
 
 
 def read_report(sr_dataset: Dataset) -> dict:
-    """The study-level part of an SR we wrote: ``title``, ``priority`` (urgent/review/routine or
-    None when no film was analysed) and ``notice``; plus ``films`` (:func:`read_findings`)."""
+    """The study-level part of an SR we wrote: ``title``, ``summary`` (the call in one sentence),
+    ``priority`` (urgent/review/routine or None when no film was analysed) and ``notice``; plus
+    ``films`` (:func:`read_findings`)."""
     by_meaning = {c.meaning: k for k, c in PRIORITY_CODES.items()}
-    out = {"title": sr_dataset.ConceptNameCodeSequence[0].CodeMeaning, "priority": None, "notice": None}
+    out = {"title": sr_dataset.ConceptNameCodeSequence[0].CodeMeaning, "summary": None, "priority": None,
+           "notice": None}
     for item in sr_dataset.ContentSequence:
         if item.ValueType == "CONTAINER" and _code(item) == _key(QUALITATIVE_EVALUATIONS):
             for sub in item.get("ContentSequence", []):
                 if sub.ValueType == "CODE" and _code(sub) == _key(PRIORITY):
                     out["priority"] = by_meaning.get(sub.ConceptCodeSequence[0].CodeMeaning)
                 elif sub.ValueType == "TEXT" and _code(sub) == _key(COMMENT):
-                    out["notice"] = str(sub.TextValue)
+                    out["summary" if out["summary"] is None else "notice"] = str(sub.TextValue)
     out["films"] = read_findings(sr_dataset)
     return out
+
+
+def _fraction(item: Dataset) -> float:
+    """A NUM item's value as a fraction: ours are percent (UCUM '%'); SRs written before were '1'."""
+    mv = item.MeasuredValueSequence[0]
+    v = float(mv.NumericValue)
+    return v / 100.0 if mv.MeasurementUnitsCodeSequence[0].CodeValue == "%" else v
 
 
 def read_findings(sr_dataset: Dataset) -> list[dict]:
     """Read an SR we wrote back into plain findings, one dict per measurement group (film):
     ``tracking_uid``, ``finding`` ("Not analysed" for a refused film, else None), ``priority``
-    (urgent/review/routine), ``probabilities`` {class: p}, ``thresholds`` {class: operating point},
-    ``above`` {class: bool}, ``evaluations`` {name: value} (the refusal reason) and ``source_sop_uids``."""
+    (urgent/review/routine), ``abnormal`` (p(abnormal) or None), ``abnormal_threshold``,
+    ``probabilities`` {class: p} (the patterns for a v5 model), ``thresholds`` {class: operating
+    point}, ``above`` {class: bool}, ``patterns`` (the classes named as patterns), ``evaluations``
+    {name: value} (the refusal reason) and ``source_sop_uids``. Probabilities are fractions."""
     import highdicom as hd
 
-    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset) if not isinstance(sr_dataset, hd.sr.Comprehensive3DSR) \
-        else sr_dataset
+    # SRs written before this version are Comprehensive 3D SR; a just-built object is parsed again too
+    cls = hd.sr.Comprehensive3DSR if str(sr_dataset.SOPClassUID).endswith(".88.34") else hd.sr.ComprehensiveSR
+    sr = cls.from_dataset(sr_dataset)
     by_meaning = {c.meaning: k for k, c in PRIORITY_CODES.items()}
     out = []
     for group in sr.content.get_image_measurement_groups():
         container = group[0]
-        g = {"tracking_uid": group.tracking_uid, "finding": None, "priority": None, "probabilities": {},
-             "thresholds": {}, "above": {}, "evaluations": {}, "source_sop_uids": []}
+        g = {"tracking_uid": group.tracking_uid, "finding": None, "priority": None, "abnormal": None,
+             "abnormal_threshold": None, "probabilities": {}, "thresholds": {}, "above": {}, "patterns": [],
+             "evaluations": {}, "source_sop_uids": []}
         for item in container.ContentSequence:
             key = _code(item)
             if item.ValueType == "CODE":
                 value = item.ConceptCodeSequence[0].CodeMeaning
                 if key == _key(FINDING):  # highdicom's getter skips DCM 121071 "Finding"
                     g["finding"] = value
-                elif key == _key(PRIORITY):
+                elif key == _key(PRIORITY):  # SRs written before the priority moved onto the first measurement
                     g["priority"] = by_meaning.get(value)
                 else:
                     g["evaluations"][item.ConceptNameCodeSequence[0].CodeMeaning] = value
             elif item.ValueType == "NUM":
-                mods = {_code(m): m.ConceptCodeSequence[0].CodeMeaning
-                        for m in item.get("ContentSequence", []) if m.ValueType == "CODE"}
+                subs = list(item.get("ContentSequence", []))
+                mods = {_code(m): m.ConceptCodeSequence[0].CodeMeaning for m in subs if m.ValueType == "CODE"}
                 label = mods.get(_key(ASSOCIATED_FINDING))
-                value = float(item.MeasuredValueSequence[0].NumericValue)
-                if key == _key(PROBABILITY) and label:
+                value = _fraction(item)
+                if _key(PRIORITY) in mods:
+                    g["priority"] = by_meaning.get(mods[_key(PRIORITY)])
+                if key == _key(PROBABILITY) and label == ABNORMAL.meaning:
+                    g["abnormal"] = value
+                elif key == _key(THRESHOLD) and label == ABNORMAL.meaning:
+                    g["abnormal_threshold"] = value
+                elif key == _key(PROBABILITY) and label:
                     g["probabilities"][label] = value
                     if _key(ABOVE_OPERATING_POINT) in mods:
                         g["above"][label] = mods[_key(ABOVE_OPERATING_POINT)] == YES.meaning
+                    if any(m.ValueType == "TEXT" and _code(m) == _key(EQUIVALENT_MEANING) for m in subs):
+                        g["patterns"].append(label)
                 elif key == _key(THRESHOLD) and label:
                     g["thresholds"][label] = value
             elif item.ValueType == "IMAGE":

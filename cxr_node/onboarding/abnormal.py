@@ -183,5 +183,7 @@ def apply(policy, model, calibration=None, head=None):
     if h is not None:
         t = float(h["threshold"])
     if t is None:
-        return policy, model
+        # a class-axis calibration or head (fitted before this model, or for its patterns) does not set the
+        # urgent flag's operating point: the results say it is the model's ("not yet calibrated at this site")
+        return policy, dataclasses.replace(model, calibration="model", abnormal_threshold=policy.abnormal_threshold)
     return dataclasses.replace(policy, abnormal_threshold=t), dataclasses.replace(model, abnormal_threshold=t)

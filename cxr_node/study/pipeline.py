@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import select
 
 from cxr_node.config import Settings
@@ -361,7 +361,7 @@ class Processor:
         # the station's operating point on p(abnormal): its head's, else its calibration's, else the model's
         policy, model = abnormal.apply(policy, model, cal, head)
         triggers = self._triggers(w)
-        w.model = model = dataclasses.replace(model, triggers=triggers)
+        w.model = model = dataclasses.replace(model, triggers=triggers, pattern_triggers=tuple(policy.pattern_triggers))
         ops = trigger_rules.operating_points(policy.thresholds, getattr(policy, "abnormal_threshold", None))
         for film in w.films:
             if film.refused is None and film.prediction is not None:
@@ -434,5 +434,5 @@ class Processor:
         ref = Dataset()
         ref.StudyInstanceUID, ref.SOPInstanceUID = w.study_uid, last
         ref.SeriesInstanceUID = self._identity.sr_series_uid(w.study_uid)
-        ref.SOPClassUID = Comprehensive3DSRStorage
+        ref.SOPClassUID = ComprehensiveSRStorage
         return ref

@@ -11,6 +11,7 @@ from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, Study, utcnow
 from cxr_node.db.session import Database
+from cxr_node.encode import wording
 from cxr_node.encode.identity import ModelIdentity
 from cxr_node.onboarding import stations
 from cxr_node.outbox.queue import Outbox
@@ -55,13 +56,15 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
         for film in analysed:
             p, sc_uid = film.prediction, next(sc_uids)
             probs = dict(zip(p.labels, map(float, p.probabilities)))
+            finding, finding_p = wording.top_finding(p, model)
             s.add(ImageResult(study_uid=w.study_uid, study_version=w.version,
                               sop_instance_uid=film.instance.sop_instance_uid, analysed=True,
                               model_version=model.version, top_label=p.top_label, urgent=p.urgent,
                               priority=p.priority, probabilities=probs, sc_sop_instance_uid=sc_uid,
                               created_at=now, station=ref.name, calibration=model.calibration,
                               temperature=temperature, ood_score=p.ood_score, image_stats=film.stats,
-                              abnormal=getattr(p, "abnormal", None)))
+                              abnormal=getattr(p, "abnormal", None), finding=finding[:64],
+                              finding_probability=finding_p))
             audit.record(s, "image.triaged", study_uid=w.study_uid, sop_instance_uid=film.instance.sop_instance_uid,
                          sop_class_uid=film.instance.sop_class_uid, patient_id=film.instance.patient_id,
                          reason="; ".join(p.reasons) or None,

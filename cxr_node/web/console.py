@@ -22,6 +22,7 @@ from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
 from cxr_node.db.models import utcnow
 from cxr_node.db.session import Database
+from cxr_node.encode.wording import percent
 from cxr_node.logs import PerKeyRate
 from cxr_node.web import images
 from cxr_node.web.auth import SESSION_COOKIE, Session, Sessions, same
@@ -63,7 +64,7 @@ class Console:
         env = Jinja2Templates(directory=str(HERE / "templates")).env
         env.autoescape = True
         env.globals["nav"] = NAV
-        env.filters["pct"] = lambda p: "-" if p is None else f"{100 * float(p):.1f}%"
+        env.filters["pct"] = lambda p: "-" if p is None else percent(p)  # <= 3 significant digits, "< 0.1%"
         env.filters["when"] = _when
         env.filters["short_uid"] = _short_uid
         self.templates = Jinja2Templates(env=env)

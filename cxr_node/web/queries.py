@@ -8,7 +8,6 @@ kind of count over the page's studies only, so its cost hardly grows with the nu
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,31 +171,16 @@ def films_in_words(films: int, analysed: int, refused: int) -> str:
     return f"{films} {noun}: " + ", ".join(parts)
 
 
-_ABOVE = re.compile(r"^(.+?) [0-9.]+ >= threshold")
-
-
-def top_finding(results: list[Any], reasons: dict[str, str] | None = None) -> tuple[str | None, float | None]:
-    """The finding a worklist row names for a study's analysed films (ImageResult rows): for a
-    flagged film the class that raised the flag (from its image.triaged reason, ``reasons`` by
-    SOP Instance UID), else for a review call its most probable non-normal class, else the top
-    class; with its probability. The most urgent film speaks for the study."""
-    from cxr_node.model.policy import NORMAL_NAMES
-
-    analysed = [r for r in results if r.analysed and r.probabilities]
+def top_finding(results: list[Any]) -> tuple[str | None, float | None]:
+    """The finding a worklist row names for a study's analysed films (ImageResult rows): each film's
+    own, stored at triage time (image_results.finding, migration 0016: "abnormal" with p(abnormal) for
+    a model with that output, else the class that raised the flag); the most urgent film speaks."""
+    analysed = [r for r in results if r.analysed and r.finding]
     if not analysed:
         return None, None
     r = min(analysed, key=lambda x: (PRIORITIES.index(x.priority) if x.priority in PRIORITIES else 3,
-                                     -max(x.probabilities.values())))
-    probs = dict(r.probabilities)
-    m = _ABOVE.match((reasons or {}).get(r.sop_instance_uid) or "")
-    if m and m.group(1) in probs:
-        return m.group(1), float(probs[m.group(1)])
-    if r.priority in ("urgent", "review"):
-        flagged = {k: v for k, v in probs.items() if k.strip().lower() not in NORMAL_NAMES}
-        if flagged:
-            label = max(flagged, key=flagged.get)
-            return label, float(flagged[label])
-    return r.top_label, float(probs.get(r.top_label, max(probs.values())))
+                                     -(x.finding_probability or 0.0)))
+    return r.finding, r.finding_probability
 
 
 def _reader_facts(s: Session, settings: Settings, items: list[dict[str, Any]], rows: dict[str, Study]) -> None:
@@ -214,20 +198,11 @@ def _reader_facts(s: Session, settings: Settings, items: list[dict[str, Any]], r
         for r in s.scalars(select(ImageResult).where(ImageResult.study_uid.in_(list(versions)))):
             if versions.get(r.study_uid) == r.study_version:
                 results.setdefault(r.study_uid, []).append(r)
-    reasons: dict[str, str] = {}
-    if results:
-        from cxr_node.db.models import AuditEvent
-
-        for sop, reason in s.execute(select(AuditEvent.sop_instance_uid, AuditEvent.reason).where(
-                AuditEvent.event == "image.triaged", AuditEvent.study_uid.in_(list(results)))
-                .order_by(AuditEvent.id)):
-            if sop and reason:
-                reasons[sop] = reason  # the newest analysis of the film wins
     for item in items:
         uid = item["study_uid"]
         path = images.inside(settings.storage.spool_dir, first[uid]) if uid in first else None
         h = headers.read(path)
-        label, p = top_finding(results.get(uid, []), reasons)
+        label, p = top_finding(results.get(uid, []))
         item.update({
             "patient_name": h.get("patient_name") or "", "accession": rows[uid].accession_number or h.get("accession") or "",
             "study_date": h.get("study_date") or "", "study_description": h.get("study_description") or "",
@@ -268,6 +243,7 @@ class FilmView:
     overlay_uid: str | None = None        # the Secondary Capture, when its file is still there
     model_version: str | None = None
     calibration: str | None = None        # "model", or the site calibration whose operating points applied
+    abnormal: float | None = None         # p(abnormal), models with an abnormality output (v5)
     why: list[str] = field(default_factory=list)  # the flag in words, from the SR's operating points
 
 
@@ -291,7 +267,7 @@ def study(s: Session, settings: Settings, study_uid: str) -> dict[str, Any] | No
         if r is not None:
             f.analysed, f.reason, f.top_label, f.urgent = r.analysed, r.reason, r.top_label, r.urgent
             f.priority, f.probabilities, f.model_version = r.priority, dict(r.probabilities or {}), r.model_version
-            f.calibration = r.calibration
+            f.calibration, f.abnormal = r.calibration, r.abnormal
             f.flag_reasons = flag_reasons.get(inst.sop_instance_uid)
             if r.sc_sop_instance_uid and result_file(settings, study_uid, r.sc_sop_instance_uid) is not None:
                 f.overlay_uid = r.sc_sop_instance_uid
@@ -327,23 +303,30 @@ def study(s: Session, settings: Settings, study_uid: str) -> dict[str, Any] | No
 
 
 def flag_in_words(group: dict[str, Any] | None, priority: str | None, calibration: str | None) -> list[str]:
-    """Why a film got its priority, from its SR group: each non-normal class above its operating
-    point ('COVID-19 95%, above this site's operating point of 26%'), or why nothing was flagged."""
-    from cxr_node.model.policy import NORMAL_NAMES
+    """Why a film got its priority, from its SR group: the abnormality estimate against its operating
+    point ('abnormal 87%, above the model's operating point of 40% (not yet calibrated at this site)'),
+    or each non-normal class above its operating point, or why nothing was flagged."""
+    from cxr_node.encode.wording import is_normal, percent
 
-    if not group or not group.get("thresholds"):
+    if not group or not (group.get("thresholds") or group.get("abnormal_threshold") is not None):
         return []
-    whose = "this site's" if calibration and calibration != "model" else "the model's"
+    site = bool(calibration and calibration != "model")
+    whose, note = ("this site's", "") if site else ("the model's", " (not yet calibrated at this site)")
     probs, ops, above = group["probabilities"], group["thresholds"], group.get("above", {})
-    out = [f"{label} {probs[label]:.0%}, above {whose} operating point of {ops[label]:.0%}"
+    out = [f"{label} pattern {percent(probs[label], 2)}, above {whose} operating point of {percent(ops[label], 2)}"
            for label in sorted(probs, key=probs.get, reverse=True)
-           if above.get(label) and label.strip().lower() not in NORMAL_NAMES and label in ops]
+           if above.get(label) and not is_normal(label) and label in ops]
+    a, t = group.get("abnormal"), group.get("abnormal_threshold")
+    if a is not None and t is not None:
+        side = "above" if a >= t else "below"
+        return [f"abnormal {percent(a, 2)}, {side} {whose} operating point of {percent(t, 2)}{note}"] + out
     if out:
-        return out
+        return [o + note for o in out]
     top = max(probs, key=probs.get)
     if priority == "review":
-        return [f"top class {top} {probs[top]:.0%} is not normal; no class is above its operating point"]
-    return [f"no finding above {whose} operating point (top class {top} {probs[top]:.0%})"]
+        return [f"top class {top} {percent(probs[top], 2)} is not normal; no class is above its operating point"]
+    note = "" if site else "not yet calibrated at this site; "
+    return [f"no finding above {whose} operating point ({note}top class {top} {percent(probs[top], 2)})"]
 
 
 def result_file(settings: Settings, study_uid: str, sop_uid: str) -> Path | None:

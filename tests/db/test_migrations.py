@@ -16,11 +16,11 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0014" in cli("db", "upgrade", config=cfg).stdout
+    assert "0016" in cli("db", "upgrade", config=cfg).stdout
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
             "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads",
             "notifications"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0014"
+    assert cli("db", "current", config=cfg).stdout.strip() == "0016"
     cli("db", "downgrade", "0010", config=cfg)
     assert "notifications" not in _tables(db) and "site_heads" in _tables(db)
     with sqlite3.connect(db) as c:
@@ -56,6 +56,28 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     assert _tables(db) & {"audit_events", "studies", "instances"} == set()
     cli("db", "upgrade", config=cfg)
     assert {"audit_events", "studies", "instances"} <= _tables(db)
+
+
+def test_top_finding_is_backfilled_from_the_rows_own_columns(tmp_path):
+    """0016 fills image_results.finding from each analysed row (p(abnormal), else the most probable
+    non-normal class of a flagged or review call, else the top class), never from the audit text."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
+    db = tmp_path / "d" / "cxr-node.db"
+    cli("db", "upgrade", "0010", config=cfg)
+    rows = [(1, None, "urgent", "Normal", '{"COVID": 0.4, "Normal": 0.45, "Viral Pneumonia": 0.15}'),
+            (1, None, "routine", "Normal", '{"COVID": 0.1, "Normal": 0.8, "Viral Pneumonia": 0.1}'),
+            (1, 0.87, "urgent", "Normal", '{"COVID": 0.2, "Normal": 0.7, "Viral Pneumonia": 0.1}'),
+            (0, None, None, None, None)]
+    with sqlite3.connect(db) as c:
+        for i, (analysed, abnormal, priority, top, probs) in enumerate(rows):
+            c.execute("insert into image_results (study_uid, study_version, sop_instance_uid, analysed, abnormal, "
+                      "priority, top_label, probabilities, created_at) values (?, 1, ?, ?, ?, ?, ?, ?, "
+                      "'2026-12-06 10:00:00')", ("1.2.3", f"1.2.3.{i}", analysed, abnormal, priority, top, probs))
+    cli("db", "upgrade", config=cfg)
+    with sqlite3.connect(db) as c:
+        got = c.execute("select finding, finding_probability from image_results order by id").fetchall()
+    assert got == [("COVID", 0.4), ("Normal", 0.8), ("abnormal", 0.87), (None, None)]
 
 
 def test_serve_refuses_an_unmigrated_database(tmp_path):

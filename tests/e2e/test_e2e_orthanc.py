@@ -11,9 +11,10 @@ from conftest import wait_until as _wait
 from dicomgen import make_cr, uid
 from helpers_model import bundled_or_tiny
 from pydicom import dcmread
+from pydicom.uid import ComprehensiveSRStorage
 
 from cxr_node.encode.identity import MANUFACTURER
-from cxr_node.encode.sr import read_findings
+from cxr_node.encode.sr import read_findings, read_report
 
 
 def _setup(node_factory, orthanc_factory, tmp_path, name="cxr"):
@@ -57,7 +58,8 @@ def test_results_reach_the_pacs_in_the_same_study(node_factory, orthanc_factory,
         assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=2e-3)  # 3 significant digits
         assert g["source_sop_uids"][0] in sources
         assert g["source_sop_uids"][1] in {sc.SOPInstanceUID for sc in sc_sets}
-    assert [e.DeviceUID for e in sr.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
+    assert sr.SOPClassUID == ComprehensiveSRStorage  # a class every viewer opens: no 3D coordinates are written
+    assert [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
     # the same film in two encodings gives the same answer
     p1, p2 = (g["probabilities"] for g in groups)
     assert p1 == pytest.approx(p2, abs=2e-3)
@@ -139,6 +141,46 @@ def test_five_labels_two_critical_classes_reach_the_pacs(node_factory, orthanc_f
     assert len(scs) == 1
     (done,) = node.events("study.processed", study_uid=study)
     assert done["detail"]["priority"] == "urgent"
+
+
+def test_a_v5_model_says_abnormal_first_through_the_real_daemon(node_factory, orthanc_factory, tmp_path):
+    """A checkpoint with an abnormality output (the v5 kind) set in [model] checkpoint: the SR in Orthanc
+    opens with the call in one sentence on p(abnormal) against the model's operating point, which it says is
+    not yet calibrated at this site, its first finding is the abnormality estimate and the classes follow as
+    patterns; the worklist's top finding is stored as data ('abnormal')."""
+    from helpers_model import make_checkpoint
+    from validators import dciodvfy_errors
+
+    from cxr_node.encode import wording
+
+    orthanc = orthanc_factory().start()
+    ckpt = make_checkpoint(tmp_path / "v5.pt", thresholds={"COVID": 0.5, "Normal": 0.5, "Viral Pneumonia": 0.5},
+                           abnormal_threshold=0.0)  # every film is above 0%: urgent
+    node = node_factory("v5", port=free_port(), quiet_seconds=1, extra=(
+        f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\n'
+        "[outbox]\npoll_seconds = 0.5\nretry_base_seconds = 1\nretry_max_seconds = 2\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'))
+    node.start()
+    study = uid()
+    assert storescu(node.port, make_cr(tmp_path / "f.dcm", study_uid=study, rows=128, cols=128, seed=3)).returncode == 0
+    (sr_id,) = _wait(lambda: orthanc.find(StudyInstanceUID=study, Modality="SR"), 180, "no SR in Orthanc", node)
+    raw = orthanc.file(sr_id["ID"])
+    (tmp_path / "sr.dcm").write_bytes(raw)
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    sr = dcmread(io.BytesIO(raw))
+    assert sr.SOPClassUID == ComprehensiveSRStorage
+    report = read_report(sr)
+    (t,) = node.events("image.triaged", study_uid=study)
+    p = t["detail"]["abnormal"]
+    assert t["detail"]["priority"] == "urgent" and p is not None
+    assert report["summary"] == (f"Urgent: abnormal chest radiograph {wording.percent(p, 2)}, above the model's "
+                                 "operating point 0% (not yet calibrated at this site). Research triage, not a diagnosis.")
+    (g,) = report["films"]
+    assert g["abnormal"] == pytest.approx(p, rel=5e-3) and g["abnormal_threshold"] == 0.0 and g["priority"] == "urgent"
+    assert set(g["patterns"]) == {"COVID-19", "Normal", "Viral pneumonia"}
+    with node.db() as c:
+        assert c.execute("select finding, finding_probability from image_results where study_uid = ?",
+                         (study,)).fetchall() == [("abnormal", pytest.approx(p))]
 
 
 def _texts(ds) -> list[str]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers_model import make_checkpoint
 from pydicom import dcmread
+from pydicom.uid import ComprehensiveSRStorage
 from validators import dciodvfy_errors, pixelmed_sr_errors
 
 from cxr_node.encode.identity import MANUFACTURER, ModelIdentity, derived_uid
@@ -126,7 +127,11 @@ def test_structured_report_validates_and_reads_back(analysed, tmp_path):
     assert back.StudyInstanceUID == source.StudyInstanceUID and back.AccessionNumber == "ACC-4711"
     assert back.VerificationFlag == "UNVERIFIED" and back.CompletionFlag == "COMPLETE"
     assert back.ReferencedRequestSequence[0].AccessionNumber == "ACC-4711"
-    assert [e.DeviceUID for e in _ours(back)] == [model.device_uid]
+    assert back.SOPClassUID == ComprehensiveSRStorage  # not Comprehensive 3D SR: no 3D coordinates
+    (eq,) = _ours(back)  # the device UID is the device observer's (dciodvfy: not an SR equipment attribute)
+    assert "DeviceUID" not in eq and any(model.version in v for v in eq.SoftwareVersions)
+    observer = {it.ConceptNameCodeSequence[0].CodeValue: it for it in back.ContentSequence}
+    assert observer["121012"].UID == model.device_uid  # Device Observer UID
     (scheme,) = back.CodingSchemeIdentificationSequence  # our private scheme is declared in the SR
     assert scheme.CodingSchemeDesignator == "99CXRNODE" and scheme.CodingSchemeResponsibleOrganization == MANUFACTURER
     (group,) = read_findings(back)
@@ -135,9 +140,9 @@ def test_structured_report_validates_and_reads_back(analysed, tmp_path):
     assert probs == pytest.approx({"COVID-19": pred.probabilities[0], "Normal": pred.probabilities[1],
                                    "Viral pneumonia": pred.probabilities[2]}, rel=5e-3)
     assert sum(probs.values()) == pytest.approx(1.0, abs=2e-3)
-    assert group["thresholds"] == {"COVID-19": 0.3, "Normal": 0.5, "Viral pneumonia": 0.4}
-    expected = {"COVID-19": pred.probabilities[0] >= 0.3, "Normal": pred.probabilities[1] >= 0.5,
-                "Viral pneumonia": pred.probabilities[2] >= 0.4}
+    # the normal class's threshold decides nothing (cxr_node.model.policy), so the SR does not show one
+    assert group["thresholds"] == {"COVID-19": 0.3, "Viral pneumonia": 0.4}
+    expected = {"COVID-19": pred.probabilities[0] >= 0.3, "Viral pneumonia": pred.probabilities[2] >= 0.4}
     assert group["above"] == expected
     assert group["evaluations"] == {}  # no Present/Absent for a disease the model only estimates
     assert group["priority"] == pred.priority
@@ -187,33 +192,45 @@ def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
     nums = [(p, it) for p, it in items if it.ValueType == "NUM"]
     probabilities = [(p, it) for p, it in nums if _code(it) == ("122157", "DCM")]
     thresholds = [(p, it) for p, it in nums if _code(it) == ("122411", "DCM")]
-    assert len(probabilities) == len(thresholds) == 3
+    assert len(probabilities) == 3 and len(thresholds) == 2  # none for the normal class
     for _, it in probabilities + thresholds:
-        text = str(it.MeasuredValueSequence[0].NumericValue)
-        digits = re.sub(r"e.*$", "", text.lower()).replace(".", "").replace("-", "").lstrip("0")
-        assert len(digits) <= 3, text  # at most 3 significant digits (4.04e-05, 0.953, 0.3)
-        assert it.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+        mv = it.MeasuredValueSequence[0]
+        text = str(mv.NumericValue)
+        assert re.fullmatch(r"\d+(\.\d+)?", text), text  # a plain decimal: never 4.04e-05
+        assert len(text.replace(".", "").lstrip("0")) <= 3, text  # at most 3 significant digits
+        assert mv.MeasurementUnitsCodeSequence[0].CodeValue == "%" and "FloatingPointValue" not in mv
     for _, it in probabilities:
-        mods = {_code(m): m.ConceptCodeSequence[0] for m in it.ContentSequence}
+        mods = {_code(m): m.ConceptCodeSequence[0] for m in it.ContentSequence if m.ValueType == "CODE"}
         assert mods[("246090004", "SCT")].CodingSchemeDesignator == "SCT"  # the class, a standard code
-        assert mods[("ABOVEOP", PRIVATE_SCHEME)].CodeMeaning in ("Yes", "No")
+        if mods[("246090004", "SCT")].CodeMeaning != "Normal":
+            assert mods[("ABOVEOP", PRIVATE_SCHEME)].CodeMeaning in ("Yes", "No")
     meanings = {m for _, it in items if it.ValueType == "CODE" for m in [it.ConceptCodeSequence[0].CodeMeaning]}
     assert not meanings & {"Present", "Absent"}
 
     priorities = [(p, it.ConceptCodeSequence[0]) for p, it in items if _code(it) == ("260870009", "SCT")]
     by_level = {len(p): c for p, c in priorities}
     assert by_level[2].CodeMeaning == PRIORITY_CODES[pred.priority].meaning  # the study's
-    assert by_level[3].CodeMeaning == PRIORITY_CODES[pred.priority].meaning  # the film's
-    (notice,) = [it for _, it in items if it.ValueType == "TEXT" and _code(it) == ("121106", "DCM")]
-    assert "research triage, not for diagnostic use" in notice.TextValue.lower()
-    assert back.ConceptNameCodeSequence[0].CodeValue == "126000"  # TID 1500's title (pixelmed picks the template by it)
+    assert by_level[4].CodeMeaning == PRIORITY_CODES[pred.priority].meaning  # the film's, on its first measurement
+    # the document's first text item (after the observer's name) is the call in one sentence; the notice follows
+    texts = [it for _, it in items if it.ValueType == "TEXT" and _code(it) == ("121106", "DCM")]
+    first_text = next(it for _, it in items if it.ValueType == "TEXT" and it.RelationshipType == "CONTAINS")
+    assert first_text is texts[0] and texts[0].TextValue.startswith(pred.priority.capitalize() + ": ")
+    assert "operating point 30% (not yet calibrated at this site)" in texts[0].TextValue
+    assert texts[0].TextValue.endswith("1 more film was not analysed. Research triage, not a diagnosis.")
+    assert "research triage, not for diagnostic use" in texts[1].TextValue.lower()
+    title = back.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("126000", "DCM")  # TID 1500's: pixelmed picks it
+    assert title.CodeMeaning.startswith("Chest X-ray AI triage estimate")
 
     names = [p[-1] for p, _ in items]
     assert names.count("Algorithm Name") == 2 and names.count("Algorithm Version") == 2  # once per group
-    assert "Algorithm Manufacturer" not in names and "Algorithm Parameters" not in names
+    assert "Algorithm Manufacturer" not in names
+    params = [it.TextValue for p, it in items if p[-1] == "Algorithm Parameters"]
+    assert params == ["operating points: the model's (operating point not yet calibrated at this site)"] * 2
 
     report = read_report(back)
     assert report["priority"] == pred.priority and "not for diagnostic use" in report["notice"]
+    assert report["summary"] == texts[0].TextValue and report["title"] == title.CodeMeaning
     analysed_group, refused_group = report["films"]
     assert refused_group["finding"] == "Not analysed" and refused_group["probabilities"] == {}
     assert refused_group["evaluations"] == {"Reason not analysed": reason_code(why).meaning}

@@ -195,3 +195,21 @@ def test_calibrate_site_on_a_v5_model_stores_the_operating_point(tmp_path):
         v2 = sc.ModelInfo(tuple(LABELS), ("COVID",), "m5", "b" * 64, 1.0, th)
         with pytest.raises(sc.CalibrationRefused, match=r"COVID 0 .*have COVID 0, Normal 70, Viral Pneumonia 35"):
             sc.fit(s, "st1", v2, target_sensitivity=0.9, min_per_class=10)
+
+
+def test_a_class_only_calibration_on_a_v5_model_leaves_the_operating_point_the_models():
+    """A site calibration without an abnormal operating point (class thresholds only) must not make the
+    results call the model's p(abnormal) operating point the site's."""
+    import types
+
+    from cxr_node.encode.identity import ModelIdentity
+    from cxr_node.model.policy import TriagePolicy
+    from cxr_node.onboarding import abnormal
+
+    pol = TriagePolicy(labels=("COVID", "Normal"), thresholds={"COVID": 0.3}, normal_label="Normal",
+                       abnormal_threshold=0.4)
+    ident = ModelIdentity("m", "v5", "densenet121", "0" * 64, ("COVID", "Normal"), calibration="site A v2",
+                          abnormal_threshold=0.4)
+    cal = types.SimpleNamespace(report={}, thresholds={"COVID": 0.5})
+    p2, m2 = abnormal.apply(pol, ident, cal, None)
+    assert p2.abnormal_threshold == 0.4 and m2.calibration == "model" and m2.abnormal_threshold == 0.4

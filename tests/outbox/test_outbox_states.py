@@ -32,7 +32,7 @@ def outbox(tmp_path):
 
 
 def _queue(box: Outbox, n: int = 1) -> list[int]:
-    objs = [WrittenObject(f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.1.2.1", "sr",
+    objs = [WrittenObject(f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.1.2.1", "sr",
                           f"1.2.3/1.2.3.{i}.dcm") for i in range(n)]
     with box.db.transaction() as s:
         assert box.enqueue(s, objs, "1.2.3", 1) == n

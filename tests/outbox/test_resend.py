@@ -74,7 +74,7 @@ def test_results_made_without_a_destination_are_kept_and_resent_later(node_facto
         got = _received(pacs)
         assert {r["sop_instance_uid"] for r in sent} == {dcmread(f).SOPInstanceUID for f in kept} == set(got)
         assert sorted(ds.SOPClassUID.name for ds in got.values()) == [
-            "Comprehensive 3D SR Storage", "Secondary Capture Image Storage"]
+            "Comprehensive SR Storage", "Secondary Capture Image Storage"]
         (ev,) = node.events("outbox.resend", study_uid=study)
         assert ev["detail"]["queued"] == 2 and ev["detail"]["destinations"] == ["pacs"]
         assert "resend to pacs: 2 queued, 0 sent again" in cli("audit", "study", study, config=node.config).stdout

@@ -29,13 +29,22 @@ def test_the_flag_in_words_names_the_operating_point_and_whose_it_is():
     group = {"probabilities": {"COVID-19": 0.953, "Normal": 0.047, "Viral pneumonia": 0.0},
              "thresholds": {"COVID-19": 0.261, "Normal": 0.487, "Viral pneumonia": 0.13},
              "above": {"COVID-19": True, "Normal": False, "Viral pneumonia": False}}
-    assert flag_in_words(group, "urgent", "model") == ["COVID-19 95%, above the model's operating point of 26%"]
-    assert flag_in_words(group, "urgent", "site CR1 v2") == ["COVID-19 95%, above this site's operating point of 26%"]
+    assert flag_in_words(group, "urgent", "model") == [
+        "COVID-19 pattern 95%, above the model's operating point of 26% (not yet calibrated at this site)"]
+    assert flag_in_words(group, "urgent", "site CR1 v2") == [
+        "COVID-19 pattern 95%, above this site's operating point of 26%"]
     routine = {**group, "probabilities": {"COVID-19": 0.01, "Normal": 0.99, "Viral pneumonia": 0.0},
                "above": {"COVID-19": False, "Normal": True, "Viral pneumonia": False}}
     assert flag_in_words(routine, "routine", "model") == [
-        "no finding above the model's operating point (top class Normal 99%)"]  # Normal is not a finding
+        "no finding above the model's operating point (not yet calibrated at this site; top class Normal 99%)"]
     assert flag_in_words(None, "urgent", "model") == []  # no SR to read: the page falls back to the audit reason
+    # a v5 SR: the abnormality estimate speaks first, against its operating point
+    v5 = {"probabilities": {"COVID-19": 0.3, "Normal": 0.6, "Viral pneumonia": 0.1}, "thresholds": {}, "above": {},
+          "abnormal": 0.8712, "abnormal_threshold": 0.4}
+    assert flag_in_words(v5, "urgent", "model") == [
+        "abnormal 87%, above the model's operating point of 40% (not yet calibrated at this site)"]
+    assert flag_in_words({**v5, "abnormal": 0.12}, "routine", "site CR1 v2") == [
+        "abnormal 12%, below this site's operating point of 40%"]
 
 
 def test_the_story_is_sentences_without_json_or_a_repeated_priority():

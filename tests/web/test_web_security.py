@@ -44,7 +44,8 @@ def _seed(cfg_root, data_dir) -> dict:
                            triage_eligible=True, study_version=1, calling_aet="MODALITY", received_at=now))
             s.add(ImageResult(study_uid=study, study_version=1, sop_instance_uid=film, analysed=True, model_version="t",
                               top_label="COVID", urgent=prio == "urgent", priority=prio,
-                              probabilities={"COVID": 0.9, "Normal": 0.1}, sc_sop_instance_uid=sc, created_at=now))
+                              probabilities={"COVID": 0.9, "Normal": 0.1}, finding="COVID", finding_probability=0.9,
+                              sc_sop_instance_uid=sc, created_at=now))
             s.add(OutboxItem(destination="pacs", sop_instance_uid=sc, sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
                              transfer_syntax="1.2.840.10008.1.2.1", study_uid=study, study_version=1, kind="sc",
                              path=f"{study}/{sc}.dcm", state="dead", attempts=15, next_attempt_at=now,
