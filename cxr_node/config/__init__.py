@@ -165,6 +165,14 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """Nodes sharing one database (cxr_node.study.leases): each renews its lease every
+    heartbeat_seconds; one not renewed for lease_seconds is taken over by the others."""
+    heartbeat_seconds: float = 10
+    lease_seconds: float = 30
+
+
+@dataclass(frozen=True)
 class RetentionSettings:
     days: float  # 0 = keep everything
 
@@ -218,6 +226,7 @@ class Settings:
     source: Path | None = None
     onboarding: OnboardingSettings | None = None  # None only for Settings built by hand; parse() sets it
     stations: tuple[Station, ...] = ()
+    fleet: FleetSettings = FleetSettings()
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
@@ -334,7 +343,10 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         dests.append(Destination(**kw))
 
     stations = _parse_stations(raw.get("stations", []), fail)
-    o = values["onboarding"]
+    o, f = values["onboarding"], values["fleet"]
+    if f["lease_seconds"] < 2 * f["heartbeat_seconds"]:
+        raise fail("[fleet] lease_seconds", f"must be at least twice heartbeat_seconds ({f['heartbeat_seconds']:g}), "
+                   "so that one late heartbeat does not end a live node's lease")
     if o["drift_min_films"] > o["drift_window"]:
         raise fail("[onboarding] drift_min_films", f"must not exceed drift_window ({o['drift_window']})")
 
@@ -381,6 +393,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         source=source,
         onboarding=OnboardingSettings(**values["onboarding"]),
         stations=stations,
+        fleet=FleetSettings(**f),
     )
 
 

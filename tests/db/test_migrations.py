@@ -16,10 +16,15 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0009" in cli("db", "upgrade", config=cfg).stdout
+    assert "0013" in cli("db", "upgrade", config=cfg).stdout
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
-            "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0009"
+            "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads",
+            "nodes"} <= _tables(db)
+    assert cli("db", "current", config=cfg).stdout.strip() == "0013"
+    cli("db", "downgrade", "0009", config=cfg)  # the lead's 0010 sits between them once merged
+    assert "nodes" not in _tables(db) and "site_heads" in _tables(db)
+    with sqlite3.connect(db) as c:
+        assert "claimed_by" not in {r[1] for r in c.execute("pragma table_info(outbox)")}
     cli("db", "downgrade", "0008", config=cfg)
     assert "site_heads" not in _tables(db) and "web_users" in _tables(db)
     with sqlite3.connect(db) as c:
