@@ -155,8 +155,9 @@ def register(settings: Settings, db: Database, node_id: str, version: str) -> No
                        "its own")
                 audit.record(s, "node.refused", "failure", called_aet=settings.node.ae_title,
                              port=settings.node.port, reason=why, detail={"node": node_id, "data_dir": str(data_dir)})
-                (data_dir / rel).unlink(missing_ok=True)
-                raise DataDirNotShared(why)
+        if attempt == 2:  # the audit row is committed; the marker goes
+            (data_dir / rel).unlink(missing_ok=True)
+            raise DataDirNotShared(why)
         time.sleep(1.0)
     if old and old != rel:  # the marker of this node's previous run
         (data_dir / old).unlink(missing_ok=True)
