@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import Node, Orthanc, Postgres  # noqa: E402
-from e2e import film_copy  # noqa: E402
+from conftest import Node, Orthanc, Postgres
+from e2e import film_copy
 
 
 def done_count(url: str, studies: list[str]) -> int:

@@ -2,14 +2,14 @@
 so that another node takes over what a dead node held.
 
 Revision ID: 0013
-Revises: 0009 (0010 once the lead's migration lands on main)
+Revises: 0010
 Create Date: 2026-12-06
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0013"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -21,7 +21,7 @@ def test_upgrade_downgrade_upgrade(tmp_path):
             "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads",
             "nodes"} <= _tables(db)
     assert cli("db", "current", config=cfg).stdout.strip() == "0013"
-    cli("db", "downgrade", "0009", config=cfg)  # the lead's 0010 sits between them once merged
+    cli("db", "downgrade", "0010", config=cfg)
     assert "nodes" not in _tables(db) and "site_heads" in _tables(db)
     with sqlite3.connect(db) as c:
         assert "claimed_by" not in {r[1] for r in c.execute("pragma table_info(outbox)")}
