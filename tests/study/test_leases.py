@@ -15,6 +15,7 @@ from cxr_node.db import migrate
 from cxr_node.db.models import AuditEvent, NodeRow, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.dicom.status import SENT, SendOutcome
+from cxr_node.ops import status
 from cxr_node.outbox.queue import PENDING, Outbox, WrittenObject
 from cxr_node.study import leases
 from cxr_node.study import states as studies
@@ -96,6 +97,12 @@ def test_an_expired_nodes_studies_are_taken_over_and_the_attempt_counts(fleet):
     _study(db, "1.3", "live")               # a live node's: untouched
     _study(db, "1.4", "ghost")              # a holder with no row at all (a node from before leases)
     _study(db, "1.5", "dead", state=studies.PROCESSED)  # finished: nothing held
+    with db.session() as s:
+        view = {n["node"]: n for n in leases.fleet(s)}
+    assert view["dead"]["state"] == leases.EXPIRED and view["dead"]["studies"] == 2
+    assert view["ghost"]["state"] == leases.UNKNOWN and view["ghost"]["studies"] == 1
+    assert "NO LEASE" in status.node_line(view["ghost"]) and "LEASE EXPIRED" in status.node_line(view["dead"])
+    assert status.node_line(view["live"]).startswith("live (pid ") and ": live, heartbeat" in status.node_line(view["live"])
     assert leases.take_over(db, "me", study_max_attempts=2, outbox_max_attempts=3) == (3, 0)
     with db.session() as s:
         got = {st.study_uid: (st.state, st.claimed_by) for st in s.scalars(select(Study))}
