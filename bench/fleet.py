@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # this checkout's cxr_node for the in-process heartbeat timing
 
 from conftest import Node, Orthanc, Postgres
 from e2e import film_copy
