@@ -104,7 +104,8 @@ def run_fleet(pg: Postgres, work: Path, n_nodes: int, films: list[Path], heartbe
         orthanc.stop()
     return {"label": label, "nodes": n_nodes, "heartbeat": heartbeat, "studies": len(films), "seconds": elapsed,
             "sent_seconds": sent_at, "per_minute": 60 * len(films) / elapsed, "in_pacs": in_pacs,
-            "per_node": sorted(per_node.values(), reverse=True), "url": url, "data_dir": shared}
+            "per_node": sorted(per_node.values(), reverse=True), "url": url, "data_dir": shared,
+            "load": os.getloadavg()[0]}
 
 
 def beat_cost(url: str, data_dir: Path, beats: int) -> float:
@@ -165,11 +166,12 @@ def main() -> int:
           f"load average {load[0]:.1f}), {args.studies} single-film studies of RG1_UNCR (1955x1841 CR) per run, "
           "bundled model, shipped settings, one PostgreSQL and one data_dir shared by the nodes, Orthanc as the PACS")
     print("| nodes | heartbeat (s) | first send -> all results sent (s) | studies/min | ratio to 1 node | "
-          "studies analysed per node |")
-    print("|---:|---:|---:|---:|---:|---|")
+          "studies analysed per node | load average (1 min) at the end |")
+    print("|---:|---:|---:|---:|---:|---|---:|")
     for r in runs:
         print(f"| {r['nodes']} | {r['heartbeat']:g} | {r['seconds']:.1f} | {r['per_minute']:.1f} | "
-              f"**{r['per_minute'] / ref['per_minute']:.2f}** | {', '.join(map(str, r['per_node']))} |")
+              f"**{r['per_minute'] / ref['per_minute']:.2f}** | {', '.join(map(str, r['per_node']))} | "
+              f"{r['load']:.1f} |")
         assert r["in_pacs"] == r["studies"], f"{r['label']}: {r['in_pacs']} of {r['studies']} studies in Orthanc"
     print(f"one heartbeat (renew + takeover scan), median of {args.beats}: PostgreSQL {pg_ms:.2f} ms, "
           f"SQLite {sqlite_ms:.2f} ms; at the shipped 10 s period that is {pg_ms / 100:.3f}% / "
