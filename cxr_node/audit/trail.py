@@ -46,6 +46,8 @@ def chain_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
 EVENTS: dict[str, str] = {
     "node.started": "the daemon started listening",
     "node.stopped": "the daemon stopped (SIGTERM/SIGINT)",
+    "node.refused": "the daemon refused to start: its data_dir is provably not the one the other live nodes on "
+                    "this database use (reason names the node and its marker file; docs/fleet.md)",
     "config.reloaded": "the daemon read its config file again (SIGHUP, `systemctl reload`; detail: changed, "
                        "kept_until_restart, running)",
     "config.reload_failed": "a reload was asked for but the config file does not validate; the daemon kept its "
@@ -73,6 +75,9 @@ EVENTS: dict[str, str] = {
     "study.processing": "a worker claimed the study",
     "study.processed": "the study's results are encoded and in the outbox (detail: priority, counts, model)",
     "study.failed": "processing failed (reason says why)",
+    "study.requeued": "another node took over a study whose node's lease had expired (detail: node = the dead "
+                      "node's id, by = the node taking over, attempt: the interrupted attempt counts toward "
+                      "[study] max_attempts)",
     "study.reprocess": "an admin queued a finished study for analysis again (`cxr-node reprocess`); its version "
                        "went up, so the new SR names the previous one",
     "image.triaged": "an image was analysed (detail: probabilities, top class, urgent, model version)",
@@ -81,7 +86,8 @@ EVENTS: dict[str, str] = {
     "outbox.sent": "a result object was stored by the destination",
     "outbox.retry": "a send failed transiently; it will be retried (detail: retry_in_seconds)",
     "outbox.dead": "a send failed permanently or too often; the item is dead-lettered",
-    "outbox.requeued": "an admin put an item back to pending",
+    "outbox.requeued": "an admin put an item back to pending, or a node took over an item whose node's lease had "
+                       "expired (detail: node = the dead node's id, by, attempt)",
     "notify.queued": "an urgent notification (or a correction of one) was written and queued for a "
                      "[[notifications]] channel (detail: channel, version, call, priority, correction, upstream)",
     "notify.sent": "the channel acknowledged the notification (HL7 ACK AA, HTTP 2xx)",

@@ -40,6 +40,10 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:
                  else "") + ")\n")
     out.write(f"  database    {make_url(settings.database.url).render_as_string(hide_password=True)}\n")
     out.write(f"  quiet       {settings.study.quiet_seconds:g} s\n")
+    if not settings.database.url.startswith("sqlite:"):
+        f = settings.fleet
+        out.write(f"  fleet       lease {f.lease_seconds:g} s renewed every {f.heartbeat_seconds:g} s; every node on this "
+                  "database must share this data_dir (NFS or a shared volume: docs/fleet.md)\n")
     out.write(f"  model       {settings.model.checkpoint} (device {settings.model.device})\n")
     e = settings.eligibility
     out.write(f"  eligible    body parts {', '.join(e.body_parts)}; views {', '.join(e.views)}; "

@@ -168,6 +168,14 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """Nodes sharing one database (cxr_node.study.leases): each renews its lease every
+    heartbeat_seconds; one not renewed for lease_seconds is taken over by the others."""
+    heartbeat_seconds: float = 10
+    lease_seconds: float = 30
+
+
+@dataclass(frozen=True)
 class RetentionSettings:
     days: float  # 0 = keep everything
 
@@ -224,6 +232,7 @@ class Settings:
     stations: tuple[Station, ...] = ()
     notifications: tuple[Notification, ...] = ()
     triage: TriageSettings = TriageSettings(triggers=())
+    fleet: FleetSettings = FleetSettings()
 
     def notification(self, name: str) -> Notification:
         for d in self.notifications:
@@ -333,7 +342,10 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
                 raise fail(f"[{sec}] {key}", str(r)) from r
 
     stations = _parse_stations(raw.get("stations", []), fail)
-    o = values["onboarding"]
+    o, f = values["onboarding"], values["fleet"]
+    if f["lease_seconds"] < 2 * f["heartbeat_seconds"]:
+        raise fail("[fleet] lease_seconds", f"must be at least twice heartbeat_seconds ({f['heartbeat_seconds']:g}), "
+                   "so that one late heartbeat does not end a live node's lease")
     if o["drift_min_films"] > o["drift_window"]:
         raise fail("[onboarding] drift_min_films", f"must not exceed drift_window ({o['drift_window']})")
 
@@ -386,6 +398,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
         stations=stations,
         notifications=notifications,
         triage=TriageSettings(triggers=tuple(dict.fromkeys(values["triage"]["triggers"]))),
+        fleet=FleetSettings(**f),
     )
 
 

@@ -147,6 +147,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_attempts": (_int(1, 1000), 15),
         "sc_max_rows": (_int(512, 8192), 2048),
     },
+    "fleet": {"heartbeat_seconds": (_number(0.2, 3600), 10), "lease_seconds": (_number(1, 86400), 30)},
     "retention": {"days": (_number(0, 36500), 0)},
     "tls": {"certificate": (_str, ""), "private_key": (_str, ""), "ca_certificates": (_str, ""),
             "require_client_certificate": (_bool, True)},

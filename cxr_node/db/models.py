@@ -177,6 +177,31 @@ class OutboxItem(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # retention deleted the file
+    claimed_by: Mapped[str | None] = mapped_column(String(128), index=True)  # the node sending it now (0013)
+
+
+class NodeRow(Base):
+    """One serving node (``cxr-node serve``) and its lease: it renews ``heartbeat_at`` every
+    ``[fleet] heartbeat_seconds``; once ``lease_seconds`` pass without a renewal (or it has stopped),
+    another node takes over the studies and outbox items it holds (cxr_node.study.leases). ``marker``
+    names a file under its data_dir holding ``token``: the proof, for a node joining, that both see
+    one data_dir (0013)."""
+
+    __tablename__ = "nodes"
+
+    node_id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host name and DICOM port
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    pid: Mapped[int] = mapped_column(Integer)
+    ae_title: Mapped[str | None] = mapped_column(AET)
+    version: Mapped[str | None] = mapped_column(String(32))
+    data_dir: Mapped[str] = mapped_column(Text)  # as this node sees it
+    marker: Mapped[str] = mapped_column(String(255))  # relative to data_dir
+    token: Mapped[str] = mapped_column(String(64))
+    lease_seconds: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # a clean stop: holds nothing
 
 
 class Notification(Base):

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: ``[node]`` keys the running receiver reads on every association.
 NODE_LIVE = ("allowed_calling_aets", "allowed_hosts", "drain_seconds")
 #: Sections that only a restart changes (the process holds their sockets, files, model, engine).
-RESTART_SECTIONS = ("storage", "database", "tls", "model", "metrics")
+RESTART_SECTIONS = ("storage", "database", "tls", "model", "metrics", "fleet")
 #: Read by ``cxr-node web``, not by the daemon: a change is named so that the web console is restarted.
 WEB_SECTION = "web"
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from cxr_node.outbox.queue import Outbox
 from cxr_node.receive.ingest import Ingest
 from cxr_node.receive.scp import Receiver
 from cxr_node.receive.spool import Spool
+from cxr_node.study import leases
 from cxr_node.study.pipeline import Processor
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def serve(settings: Settings) -> int:
     n = settings.node
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # temp files per node: nodes sharing one data_dir (and database) never sweep each other's
-    node_id = f"{socket.gethostname()}-{n.port}"
+    node_id = leases.node_id_of(settings)
     lock_fd = lock_node(settings.storage.data_dir, node_id)  # noqa: F841 - held until the process exits
     db = Database(settings.database.url)
     db.require_current_schema()
@@ -132,6 +132,10 @@ def serve(settings: Settings) -> int:
         raise NetworkError(f"cannot listen on {n.host}:{n.port}: {e.strerror} "
                            "(is another process using the port? set [node] port)") from e
     db.restrict_permissions()
+    # the lease: PostgreSQL nodes refuse a data_dir not shared with the live ones (docs/fleet.md)
+    leases.register(settings, db, node_id, __version__)
+    heartbeat = leases.Heartbeat(settings, db, node_id, metrics)
+    heartbeat.start()
     partial = spool.prepare()
     partial += outbox.prepare()
     if partial:
@@ -141,7 +145,7 @@ def serve(settings: Settings) -> int:
         log.warning("removed %d partial temp file(s) left by an interrupted write", len(partial))
     recovered = ingest.recover()
     receiver.serve()
-    outbox.metrics = metrics
+    outbox.metrics, outbox.node_id = metrics, node_id
     processor = Processor(settings, db, outbox, node_id, metrics)
     processor.requeue_interrupted()
     stations.sync(settings, db)  # a mode changed in [[stations]] since the last start is audited here
@@ -190,11 +194,13 @@ def serve(settings: Settings) -> int:
     for assoc in left:
         assoc.abort()
     scheduler.shutdown(wait=True)
+    heartbeat.stop()  # renewed until the last batch was done; now this node holds nothing
     if preloader is not None and preloader.is_alive():
         # exiting while torch initialises in another thread can abort the interpreter
         # ("terminate called without an active exception", exit status 134)
         log.info("waiting for the model load to finish before exiting")
         preloader.join()
+    leases.stopped(db, node_id, settings.storage.data_dir)
     with db.transaction() as s:
         audit.record(s, "node.stopped", reason=received[0] if received else None,
                      detail={"aborted_associations": len(left)})

@@ -28,6 +28,8 @@ class Metrics:
         self.instances = Counter("cxr_node_instances", "Received instances by outcome", ["outcome"], registry=r)
         self.bytes = Counter("cxr_node_received_bytes", "Bytes of instances stored", registry=r)
         self.send_failures = Counter("cxr_node_send_failures", "Failed result sends by kind", ["kind"], registry=r)
+        self.takeovers = Counter("cxr_node_takeovers", "Studies and outbox items this node took over from nodes "
+                                 "whose lease had expired", ["kind"], registry=r)
         self.inference = Histogram("cxr_node_inference_seconds", "Preprocess + predict + Grad-CAM per image",
                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)
         r.register(_DatabaseCollector(db))
@@ -49,6 +51,7 @@ class _DatabaseCollector:
 
         from cxr_node.db.models import ImageResult, Notification, OutboxItem, StationRow, Study
         from cxr_node.eligibility.refusal import RefusalCode
+        from cxr_node.study import leases
 
         studies = GaugeMetricFamily("cxr_node_studies", "Studies by state", labels=["state"])
         outbox = GaugeMetricFamily("cxr_node_outbox_items", "Outbox items by state", labels=["state"])
@@ -62,6 +65,12 @@ class _DatabaseCollector:
                                 "recent films against its reference", labels=["station", "statistic"])
         shadow = GaugeMetricFamily("cxr_node_station_shadow", "1 when the station is in shadow mode (results kept, "
                                    "not sent)", labels=["station"])
+        up = GaugeMetricFamily("cxr_node_node_live", "1 while the node's lease is current (nodes sharing this "
+                               "database; cxr-node status lists them)", labels=["node"])
+        age = GaugeMetricFamily("cxr_node_node_heartbeat_age_seconds", "Seconds since the node last renewed its "
+                                "lease", labels=["node"])
+        held = GaugeMetricFamily("cxr_node_node_held", "What the node holds under its lease: studies being analysed, "
+                                 "outbox items being sent", labels=["node", "kind"])
         try:
             with self.db.session() as s:
                 for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state)):
@@ -76,6 +85,7 @@ class _DatabaseCollector:
                     kinds[kind] = kinds.get(kind, 0) + n
                 station_rows = [(r.name, r.mode, r.drift_state, dict((r.drift_detail or {}).get("psi") or {}))
                                 for r in s.scalars(select(StationRow))]
+                nodes = leases.fleet(s)
         except Exception as e:  # a scrape must not take the daemon down; the log says why it is empty
             log.error("metrics: database query failed: %s", db_error_text(e))
             return
@@ -91,6 +101,13 @@ class _DatabaseCollector:
                 drifted.add_metric([name], 1 if state == "drifted" else 0)
             for stat, v in values.items():
                 psi.add_metric([name, stat], float(v))
+        for n in nodes:
+            up.add_metric([n["node"]], 1 if n["state"] == leases.LIVE else 0)
+            if n["heartbeat_age_seconds"] is not None:
+                age.add_metric([n["node"]], n["heartbeat_age_seconds"])
+            held.add_metric([n["node"], "studies"], n["studies"])
+            held.add_metric([n["node"], "outbox"], n["outbox"])
+        yield from (up, age, held)
         yield studies
         yield outbox
         yield notes

@@ -22,6 +22,7 @@ from cxr_node.db.models import (
 )
 from cxr_node.db.session import Database
 from cxr_node.eligibility.refusal import RefusalCode
+from cxr_node.study import leases
 
 #: How many of the newest studies ``status`` names (``cxr-node studies`` lists more).
 RECENT = 3
@@ -61,6 +62,7 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
             exists().where(AuditEvent.study_uid == Study.study_uid, AuditEvent.event == "study.shadow")))
         station_rows = list(s.scalars(select(StationRow).order_by(StationRow.name)))
         cals = {c.station: c for c in s.scalars(select(SiteCalibration).where(SiteCalibration.active.is_(True)))}
+        nodes = leases.fleet(s)
     now = utcnow()
     backlog = audit_backlog_count(settings)
     not_analysed: dict[str, int] = {}
@@ -105,6 +107,7 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "results_kept_shadow": kept_shadow,
         "stations_not_configured": [st["name"] for st in station_list if not st["configured"]],
         "stations": station_list,
+        "nodes": nodes,  # every node on this database: its lease and what it holds (docs/fleet.md)
         "warnings": [w for w in (destinations_warning(settings),) if w] + config_warnings + drift_warnings,
         "last_errors": [{"time": e.ts.isoformat(timespec="seconds"), "event": e.event, "reason": e.reason}
                         for e in errors],
@@ -245,6 +248,8 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
         out.write(f"unlisted    {', '.join(st['stations_not_configured'])}: seen but not in [[stations]] (their mode "
                   "comes from [onboarding] new_stations; behind a PACS that forwards studies every film has the "
                   "PACS's AE title: tell stations apart with station_name / institution_name in [[stations]])\n")
+    for nd in st.get("nodes", []):
+        out.write(f"node        {node_line(nd)}\n")
     out.write(f"model       {st['model']['configured']}"
               + (f" (last used: {st['model']['last_used_version']})" if st["model"]["last_used_version"] else "") + "\n")
     if st["audit_backlog"]:
@@ -255,6 +260,21 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
     out.write("last errors" + ("" if st["last_errors"] else " none") + "\n")
     for e in st["last_errors"]:
         out.write(f"  {e['time']}  {e['event']}: {e['reason']}\n")
+
+
+def node_line(nd: dict[str, Any]) -> str:
+    """One node of the fleet: its lease and what it holds."""
+    holds = f"holds {nd['studies']} stud{'y' if nd['studies'] == 1 else 'ies'}, {nd['outbox']} outbox item(s)"
+    if nd["state"] == leases.UNKNOWN:
+        return f"{nd['node']}: NO LEASE (no row in nodes), {holds}: the next heartbeat of a live node takes them over"
+    beat = f"heartbeat {_dur(nd['heartbeat_age_seconds'])} ago"
+    where = f"{nd['node']} (pid {nd['pid']}, since {nd['started']})"
+    if nd["state"] == leases.LIVE:
+        return f"{where}: live, {beat}, {holds}"
+    if nd["state"] == leases.STOPPED:
+        return f"{where}: stopped, {holds}"
+    return (f"{where}: LEASE EXPIRED ({beat}, lease {nd['lease_seconds']:g}s), {holds}"
+            + (": a live node takes them over" if nd["studies"] or nd["outbox"] else ""))
 
 
 def _dur(seconds: int | None) -> str:

@@ -61,6 +61,7 @@ class Outbox:
         from cxr_node.outbox.notify import Notifier
 
         self.notifier = Notifier(db, self)  # urgent notifications: same directory, rules and drain
+        self.node_id = "local"  # the service's node id: items being sent carry it (cxr_node.study.leases)
 
     def prepare(self) -> list[Path]:
         """Create the directories and remove temp files of writes a crash interrupted."""
@@ -189,10 +190,14 @@ class Outbox:
             return s.scalar(select(Notification.id).where(Notification.state == PENDING).limit(1)) is not None
 
     def _drain_items(self, limit: int) -> int:
+        """Send every due item once; returns how many were sent. Each item is claimed for this node
+        first (``claimed_by``, under its lease), so nodes sharing the database never send one twice."""
         with self.db.session() as s:
-            due = s.scalars(select(OutboxItem).where(OutboxItem.state == PENDING,
-                                                     OutboxItem.next_attempt_at <= utcnow())
-                            .order_by(OutboxItem.id).limit(limit)).all()
+            ids = list(s.scalars(select(OutboxItem.id).where(OutboxItem.state == PENDING,
+                                                             OutboxItem.next_attempt_at <= utcnow(),
+                                                             OutboxItem.claimed_by.is_(None))
+                                 .order_by(OutboxItem.id).limit(limit)))
+        due = self._claim(ids) if ids else []
         by_dest: dict[str, list[OutboxItem]] = {}
         for item in due:
             by_dest.setdefault(item.destination, []).append(item)
@@ -210,6 +215,18 @@ class Outbox:
             sent += self._record(items, outcomes)
         return sent
 
+    def _claim(self, ids: list[int]) -> list[OutboxItem]:
+        """The items of ``ids`` still pending and unclaimed, now claimed by this node."""
+        with self.db.transaction() as s:
+            q = select(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.state == PENDING,
+                                         OutboxItem.claimed_by.is_(None)).order_by(OutboxItem.id)
+            if self.db.engine.dialect.name != "sqlite":
+                q = q.with_for_update(skip_locked=True)
+            rows = list(s.scalars(q))
+            for row in rows:
+                row.claimed_by = self.node_id
+        return rows
+
     def _record(self, items: Sequence[OutboxItem], outcomes: Sequence[SendOutcome]) -> int:
         max_attempts = self.settings.outbox.max_attempts
         sent = 0
@@ -218,6 +235,11 @@ class Outbox:
                 row = s.get(OutboxItem, item.id, with_for_update=True)
                 if row is None or row.state != PENDING:
                     continue  # purged or retried meanwhile
+                if row.claimed_by not in (None, self.node_id):
+                    log.warning("outbox item %d: taken over by %s while this node sent it (its lease lapsed); "
+                                "that node's send counts", row.id, row.claimed_by)
+                    continue
+                row.claimed_by = None
                 row.attempts += 1
                 row.last_status, row.last_error = oc.status, None if oc.kind == SENT else oc.reason
                 fields = dict(study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,

@@ -178,7 +178,7 @@ class Processor:
         name among them): quoted parts are withheld before it reaches the audit trail and the log."""
         st = self.settings.study
         studies.fail(self.db, study_uid, version, redact_quoted(reason)[:2000], max_attempts=st.max_attempts,
-                     retry_seconds=st.retry_seconds)
+                     retry_seconds=st.retry_seconds, node_id=self.node_id)
 
     def drift(self, predictor, names: set[str]) -> None:
         """Each station's recent films against its reference; a failure here never fails a study."""
@@ -419,7 +419,7 @@ class Processor:
     def record(self, w: StudyWork, written: list, sr: Dataset | None) -> None:
         """Outbox rows, image results, audit rows and the state change, in one transaction."""
         results.record(self.settings, self.db, self.outbox, w, written, sr, w.model or self._identity,
-                       self._predictor.temperature)
+                       self._predictor.temperature, node_id=self.node_id)
 
     def _predecessor(self, w: StudyWork) -> Dataset | None:
         """The SR this version revises: read from the outbox copy when it is still there."""

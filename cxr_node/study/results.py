@@ -15,6 +15,7 @@ from cxr_node.encode import wording
 from cxr_node.encode.identity import ModelIdentity
 from cxr_node.onboarding import stations
 from cxr_node.outbox.queue import Outbox
+from cxr_node.study import leases
 from cxr_node.study import states as studies
 from cxr_node.study.work import StudyWork, element
 
@@ -28,9 +29,10 @@ def rank(priority: str) -> int:
 
 
 def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, written: list, sr: Dataset | None,
-           model: ModelIdentity, default_temperature: float) -> None:
+           model: ModelIdentity, default_temperature: float, node_id: str | None = None) -> None:
     """Outbox rows (none for a station in shadow mode), image results, audit rows and the study's
-    state change, in one transaction."""
+    state change, in one transaction. With ``node_id``: nothing, if another node has taken the
+    study over meanwhile (this node's lease lapsed: :func:`cxr_node.study.leases.still_holds`)."""
     ref = w.station or stations.resolve(settings, None)
     shadow = ref.mode == stations.SHADOW
     temperature = model.temperature if model.temperature is not None else default_temperature
@@ -40,6 +42,12 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
     now = utcnow()
     stats = {f.instance.sop_instance_uid: f.stats for f in w.films}
     with db.transaction() as s:
+        st = s.get(Study, w.study_uid, with_for_update=True)  # first: the lock order of every study writer
+        if node_id is not None and not leases.still_holds(st, w.version, node_id):
+            log.warning("study %s v%d: taken over by %s while this node analysed it (its lease lapsed); this "
+                        "node's results are dropped, the other node's count", w.study_uid, w.version,
+                        st.claimed_by or "another node")
+            return
         stations.note(s, ref)
         for inst, reason in not_analysed:
             film = next((f for f in w.refused if f.instance is inst), None)
@@ -77,7 +85,6 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                                  **({"character_set": film.charset} if film.charset else {})})
         queued = 0 if shadow else outbox.enqueue(s, written, w.study_uid, w.version)
         told = [] if shadow else outbox.notifier.decide(s, w, model)  # urgent, or a changed call
-        st = s.get(Study, w.study_uid, with_for_update=True)
         detail = {"analysed": len(analysed), "refused": len(w.refused), "skipped": len(not_analysed),
                   "priority": priority, "objects": len(written), "queued": queued,
                   "sent_priority": w.sent_priority, "upstream": w.upstream.source if w.upstream else None,

@@ -207,14 +207,16 @@ def finish(session: Session, study: Study, version: int, **detail) -> bool:
 
 
 def fail(db: Database, study_uid: str, version: int, reason: str, *, max_attempts: int = 1,
-         retry_seconds: float = 60, retry: bool = True) -> dt.datetime | None:
+         retry_seconds: float = 60, retry: bool = True, node_id: str | None = None) -> dt.datetime | None:
     """processing -> failed for ``version``, audited with ``reason``. While the version has been
     claimed fewer than ``max_attempts`` times (and ``retry``), it is queued again after the backoff
-    (:func:`retry_failed`); returns when, or None when this failure is final."""
+    (:func:`retry_failed`); returns when, or None when this failure is final. With ``node_id``, only
+    while that node still holds the claim (another may have taken it over: cxr_node.study.leases)."""
     retry_at = None
     with db.transaction() as s:
         st = s.get(Study, study_uid, with_for_update=True)
-        if st is not None and st.state == PROCESSING and st.version == version:
+        if (st is not None and st.state == PROCESSING and st.version == version
+                and (node_id is None or st.claimed_by == node_id)):
             attempt = st.attempts or 0
             if retry and attempt < max_attempts:
                 retry_at = utcnow() + dt.timedelta(seconds=backoff_seconds(attempt, retry_seconds))

@@ -3,14 +3,14 @@ durable and retried like the outbox; the C-STORE request's Priority of each inst
 never sends a priority lower than one the study carries from upstream).
 
 Revision ID: 0014
-Revises: 0010
+Revises: 0013
 Create Date: 2026-12-06
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0010"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 

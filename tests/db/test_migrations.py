@@ -19,12 +19,13 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     assert "0016" in cli("db", "upgrade", config=cfg).stdout
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
             "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads",
-            "notifications"} <= _tables(db)
+            "notifications", "nodes"} <= _tables(db)
     assert cli("db", "current", config=cfg).stdout.strip() == "0016"
     cli("db", "downgrade", "0010", config=cfg)
-    assert "notifications" not in _tables(db) and "site_heads" in _tables(db)
+    assert "notifications" not in _tables(db) and "nodes" not in _tables(db) and "site_heads" in _tables(db)
     with sqlite3.connect(db) as c:
         assert "dimse_priority" not in {r[1] for r in c.execute("pragma table_info(instances)")}
+        assert "claimed_by" not in {r[1] for r in c.execute("pragma table_info(outbox)")}
     cli("db", "downgrade", "0008", config=cfg)
     assert "site_heads" not in _tables(db) and "web_users" in _tables(db)
     with sqlite3.connect(db) as c:

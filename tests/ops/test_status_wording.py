@@ -45,3 +45,8 @@ def test_status_after_dead_letters_are_sent_with_a_shadow_station_and_an_unliste
     assert "never queued" not in table
     assert "unlisted    ROOM_A: seen but not in [[stations]]" in table and "station_name / institution_name" in table
     assert "send to     pacs  (running daemon)" in table
+    # a single node on SQLite has its lease too: live, holding nothing once its work is done
+    (me,) = st["nodes"]
+    assert me["state"] == "live" and me["pid"] == node.proc.pid and me["studies"] == me["outbox"] == 0
+    assert f"node        {me['node']} (pid {node.proc.pid}, since " in table
+    assert ": live, heartbeat " in table and "holds 0 studies, 0 outbox item(s)" in table
