@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cxr_node.config import layers
+from cxr_node.config.bundled import BUNDLED_CHECKPOINT as BUNDLED_CHECKPOINT  # part of this module's API
+from cxr_node.config.bundled import BUNDLED_DIR as BUNDLED_DIR
+from cxr_node.config.bundled import BUNDLED_LUNG_CHECKPOINT as BUNDLED_LUNG_CHECKPOINT
+from cxr_node.config.bundled import BUNDLED_MODELS as BUNDLED_MODELS
+from cxr_node.config.bundled import checkpoint_setting
 from cxr_node.config.channels import Destination as Destination  # part of this module's API
 from cxr_node.config.channels import Notification as Notification
 from cxr_node.config.channels import parse_destinations, parse_notifications
@@ -33,12 +38,6 @@ from cxr_node.config.schema import schema_defaults as schema_defaults  # part of
 from cxr_node.errors import ConfigError
 
 ENV_VAR = "CXR_NODE_CONFIG"
-#: The model bundled with the package (issue 3); an empty ``[model] checkpoint`` means this.
-BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"  # the weights shipped in the package
-#: Every bundled triage model by name: ``[model] checkpoint = "bundled:v2"`` picks one that is not the default.
-BUNDLED_MODELS = {"v2": BUNDLED_DIR / "cxr-densenet121.pt", "v5": BUNDLED_DIR / "cxr-densenet121-v5.pt"}
-BUNDLED_CHECKPOINT = BUNDLED_MODELS["v2"]
-BUNDLED_LUNG_CHECKPOINT = BUNDLED_DIR / "lung-unet.pt"
 
 
 # The settings classes have no defaults of their own: every default is in SCHEMA (the documented
@@ -380,7 +379,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
         storage=StorageSettings(data_dir=data_dir),
         database=DatabaseSettings(url=url),
         study=StudySettings(**values["study"]),
-        model=ModelSettings(checkpoint=_checkpoint(ckpt, resolve, fail), device=values["model"]["device"],
+        model=ModelSettings(checkpoint=checkpoint_setting(ckpt, resolve, fail), device=values["model"]["device"],
                             batch_size=values["model"]["batch_size"], preload=values["model"]["preload"],
                             lung_checkpoint=resolve(m["lung_checkpoint"]) if m["lung_checkpoint"] else None,
                             ood_reference=resolve(m["ood_reference"]) if m["ood_reference"] else None),
@@ -446,15 +445,3 @@ def _parse_stations(raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[
         out.append(Station(**kw))
     return tuple(out)
 
-
-def _checkpoint(value: str, resolve, fail) -> Path:
-    """``[model] checkpoint``: empty = the bundled default, ``bundled:NAME`` = a bundled model by name, else a path."""
-    if not value:
-        return BUNDLED_CHECKPOINT
-    if value.startswith("bundled:"):
-        name = value.split(":", 1)[1]
-        if name not in BUNDLED_MODELS:
-            raise fail("[model] checkpoint", f"no bundled model {name!r} (bundled: "
-                       f"{', '.join('bundled:' + n for n in BUNDLED_MODELS)})")
-        return BUNDLED_MODELS[name]
-    return resolve(value)
