@@ -156,9 +156,10 @@ FIVE_LABELS = ["COVID", "Normal", "Other pneumonia", "Tuberculosis", "Viral Pneu
 
 def make_checkpoint(path: Path, input_size: int = 64, seed: int = 0, thresholds: dict | None = None,
                     temperature: float = 1.0, arch: str = "densenet121", labels: list[str] | None = None,
-                    critical: list[str] | None = None) -> Path:
+                    critical: list[str] | None = None, abnormal_threshold: float | None = None) -> Path:
     """A randomly initialised but complete checkpoint (no training); ``labels`` and ``critical``
-    default to the three labels with COVID critical (e.g. FIVE_LABELS with COVID and Tuberculosis)."""
+    default to the three labels with COVID critical (e.g. FIVE_LABELS with COVID and Tuberculosis).
+    ``abnormal_threshold``: with a random abnormality head (the v5 kind) at that operating point."""
     import torch
 
     from cxr_node.model.checkpoint import build_model, save_checkpoint
@@ -171,7 +172,22 @@ def make_checkpoint(path: Path, input_size: int = 64, seed: int = 0, thresholds:
             "preprocess": make_params(input_size=input_size), "thresholds": thresholds or {"COVID": 0.5},
             "temperature": temperature, "metrics": {}, "data_manifest_sha256": "0" * 64,
             "version": f"test-{arch}-{input_size}", "critical_labels": list(critical or ["COVID"])}
-    return save_checkpoint(path, model, meta)
+    if abnormal_threshold is None:
+        return save_checkpoint(path, model, meta)
+    import numpy as np
+
+    from cxr_node.model.abnormality import LABELS as ABN
+    from cxr_node.model.abnormality import AbnormalityHead
+    from cxr_node.model.adaptation import LogisticHead
+    from cxr_node.model.checkpoint import output_features
+
+    rng = np.random.default_rng(seed)
+    d = int(model.class_layers.out.in_features) if hasattr(model, "class_layers") else output_features(model)
+    head = AbnormalityHead(LogisticHead(ABN, np.zeros(d), np.ones(d), rng.normal(0, 0.05, (2, d)), np.zeros(2), 1.0),
+                           ("class_layers.flatten",), float(abnormal_threshold), "test: random head")
+    meta["abnormality"] = head.meta()
+    meta["version"] += "-abnormal"
+    return save_checkpoint(path, {**model.state_dict(), **head.state_tensors()}, meta)
 
 
 def bundled_or_tiny(tmp: Path) -> Path:

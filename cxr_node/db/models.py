@@ -138,6 +138,7 @@ class ImageResult(Base):
     urgent: Mapped[bool | None] = mapped_column(Boolean)
     priority: Mapped[str | None] = mapped_column(String(16))
     probabilities: Mapped[dict | None] = mapped_column(JSON)
+    abnormal: Mapped[float | None] = mapped_column(Float)  # p(abnormal), models with that output (0010)
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     # site onboarding (0005): which station sent it, which calibration triaged it (the temperature the

@@ -36,12 +36,16 @@ class ModelIdentity:
     #: (cxr-node calibrate-site); the SR's algorithm parameters and the SC legend name it
     calibration: str = "model"
     temperature: float | None = None  # the site calibration's temperature (None: the checkpoint's)
+    #: the operating point on p(abnormal) these results used (None: the model has no abnormality output);
+    #: whose it is says ``calibration`` ("model": not yet calibrated at this site)
+    abnormal_threshold: float | None = None
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "ModelIdentity":
         return cls(name=f"cxr-node {meta['arch']}", version=str(meta["version"]), arch=str(meta["arch"]),
                    weights_sha256=str(meta["weights_sha256"]), labels=tuple(meta["labels"]),
-                   thresholds={k: float(v) for k, v in dict(meta.get("thresholds", {})).items()})
+                   thresholds={k: float(v) for k, v in dict(meta.get("thresholds", {})).items()},
+                   abnormal_threshold=float(meta["abnormality"]["threshold"]) if meta.get("abnormality") else None)
 
     @property
     def device_uid(self) -> str:

@@ -218,12 +218,23 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     """Build the network named in the metadata, load the verified weights (as fp32), eval mode.
 
     Returns ``(model, meta)``; ``meta`` is a copy of the checkpoint metadata plus ``weights_sha256``."""
+    model, meta, _ = load_classifier(path, device)
+    return model, meta
+
+
+def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "cpu"):
+    """:func:`load_checkpoint` plus the checkpoint's abnormality head
+    (:class:`cxr_node.model.abnormality.AbnormalityHead`, or None). The sha256 covers the head too."""
+    from cxr_node.model.abnormality import AbnormalityHead, split_state
+
     ck = read_checkpoint(path)
     meta = dict(ck["meta"])
     meta["weights_sha256"] = ck["sha256"]
+    own, extra = split_state(ck["state_dict"])
+    abnormality = AbnormalityHead.from_checkpoint(extra, meta, where=str(path))
     model = build_model(meta["arch"], len(meta["labels"]))
     n_out = output_features(model)
-    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in own.items()}
     # the output layer must agree with the label count before anything else
     head = [v for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2]
     if head and head[-1].shape[0] != len(meta["labels"]):
@@ -237,7 +248,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     if n_out != len(meta["labels"]):
         raise CheckpointError(f"{path}: model has {n_out} outputs but metadata names {len(meta['labels'])} labels")
     model.to(device).eval()
-    return model, meta
+    return model, meta, abnormality
 
 
 def resolve_device(device: str | None) -> torch.device:

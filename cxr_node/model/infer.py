@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cxr_node.errors import CheckpointError, PreprocessError
-from cxr_node.model.checkpoint import GRADCAM_LAYERS, load_checkpoint, read_verified, resolve_device
+from cxr_node.model.checkpoint import GRADCAM_LAYERS, load_classifier, read_verified, resolve_device
 from cxr_node.model.policy import TriagePolicy
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ class Prediction:
     cam: np.ndarray | None = None  # (S, S) float32 in [0, 1], read-only; for ``cam_label``
     cam_label: str | None = None
     ood_score: float | None = None  # distance of the film's features from the training films'
+    #: p(abnormal), "something is wrong on this film" (cxr_node.model.abnormality); None for a
+    #: checkpoint without an abnormality head (v2), whose labels are then the only outputs
+    abnormal: float | None = None
 
     def probability(self, label: str) -> float:
         return self.probabilities[self.labels.index(label)]
@@ -51,7 +54,8 @@ class Prediction:
         d = {"probabilities": dict(zip(self.labels, self.probabilities)), "top_label": self.top_label,
              "top_probability": self.top_probability, "model_version": self.model_version, "model_arch": self.model_arch,
              "weights_sha256": self.weights_sha256, "cam_label": self.cam_label,
-             "ood_score": None if self.ood_score is None else round(self.ood_score, 3)}
+             "ood_score": None if self.ood_score is None else round(self.ood_score, 3),
+             "abnormal": self.abnormal}
         if include_cam and self.cam is not None:
             d["cam"] = self.cam.tolist()
         return d
@@ -118,14 +122,14 @@ class Predictor:
                  ood_reference: str | os.PathLike[str] | None = None) -> None:
         self.device = resolve_device(device)
         self.checkpoint = str(checkpoint)
-        self.model, self.meta = load_checkpoint(checkpoint, self.device)
+        self.model, self.meta, self.abnormality = load_classifier(checkpoint, self.device)
         self.weights_sha256: str = self.meta["weights_sha256"]
         self.labels: tuple[str, ...] = tuple(self.meta["labels"])
         self.params: dict[str, Any] = dict(self.meta["preprocess"])
         self.temperature = float(self.meta["temperature"])
         self.version = str(self.meta["version"])
         self.arch = str(self.meta["arch"])
-        self.policy = TriagePolicy.from_meta(self.meta)
+        self.policy = TriagePolicy.from_meta(self.meta, self.abnormality)
         self.target_layer = cam_layer(self.meta)
         self._cams: dict[str, Any] = {}  # one GradCAM (and its hooks) per target layer, made once
         self._preprocess = None
@@ -146,6 +150,27 @@ class Predictor:
             dict(self.model.named_modules())[FEATURE_LAYERS[self.arch]].register_forward_hook(self._keep_features)
         #: the pooled penultimate features (B, D) of the last :meth:`predict` batch (site heads), or None
         self.last_features: np.ndarray | None = None
+        self._head_inputs: dict[str, torch.Tensor] = {}
+        if self.abnormality is not None:
+            modules = dict(self.model.named_modules())
+            for name in self.abnormality.feature_layers:
+                if name not in modules:
+                    raise CheckpointError(f"{checkpoint}: abnormality feature layer {name!r} is not in the model")
+                modules[name].register_forward_hook(self._keep_head_input(name))
+
+    def _keep_head_input(self, name: str):
+        from cxr_node.model.abnormality import pooled
+
+        def hook(module, args, output) -> None:
+            self._head_inputs[name] = pooled(output)
+        return hook
+
+    def _abnormal(self) -> np.ndarray | None:
+        """p(abnormal) of the last forward pass, or None without an abnormality head."""
+        if self.abnormality is None:
+            return None
+        f = torch.cat([self._head_inputs[n] for n in self.abnormality.feature_layers], dim=1)
+        return self.abnormality.probability(f.cpu().numpy().astype(np.float64))
 
     def _keep_features(self, module, args, output) -> None:
         self._features = output.detach()
@@ -211,6 +236,7 @@ class Predictor:
         with torch.inference_mode():
             logits = self.model(x).float()
         feats = self._features  # before Grad-CAM runs the model again on parts of the batch
+        abnormal = self._abnormal()
         self.last_features = None if feats is None else feats.float().cpu().numpy().astype(np.float64)
         ood = self.ood.score(feats) if self.ood is not None and feats is not None else None
         probs = torch.softmax(logits / self.temperature, dim=1).cpu().numpy().astype(np.float64)
@@ -235,7 +261,8 @@ class Predictor:
                                   top_probability=p[top[i]], model_version=self.version, model_arch=self.arch,
                                   weights_sha256=self.weights_sha256, cam=cams[i],
                                   cam_label=self.labels[top[i]] if explain else None,
-                                  ood_score=None if ood is None else float(ood[i])))
+                                  ood_score=None if ood is None else float(ood[i]),
+                                  abnormal=None if abnormal is None else float(abnormal[i])))
         return out
 
     def features(self, images: Sequence[torch.Tensor | np.ndarray], batch_size: int = 32) -> np.ndarray:

@@ -320,7 +320,6 @@ class Processor:
 
         from cxr_node.model.adaptation import apply_site_heads
         from cxr_node.model.calibration import logits_from, softmax
-        from cxr_node.model.policy import TriagePolicy
         from cxr_node.onboarding import site_adaptation
 
         cal = cals.get(w.station.name) if w.station is not None else None
@@ -332,8 +331,7 @@ class Processor:
         w.calibration = cal
         policy, model = predictor.policy, self._identity
         if cal is not None:
-            policy = TriagePolicy(labels=policy.labels, thresholds=dict(cal.thresholds),
-                                  critical_labels=policy.critical_labels, normal_label=policy.normal_label)
+            policy = dataclasses.replace(policy, thresholds=dict(cal.thresholds))
             model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
                                         calibration=stations.calibration_name(cal),
                                         temperature=cal.temperature)
@@ -341,8 +339,7 @@ class Processor:
                                          predictor.weights_sha256)
         if head is not None:  # the station's own heads decide their critical classes
             th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in head.heads.items()}}
-            policy = TriagePolicy(labels=policy.labels, thresholds=th, critical_labels=policy.critical_labels,
-                                  normal_label=policy.normal_label)
+            policy = dataclasses.replace(policy, thresholds=th)
             model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
         w.model = model
         for film in w.films:

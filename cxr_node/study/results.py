@@ -59,13 +59,15 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                               model_version=model.version, top_label=p.top_label, urgent=p.urgent,
                               priority=p.priority, probabilities=probs, sc_sop_instance_uid=sc_uid,
                               created_at=now, station=ref.name, calibration=model.calibration,
-                              temperature=temperature, ood_score=p.ood_score, image_stats=film.stats))
+                              temperature=temperature, ood_score=p.ood_score, image_stats=film.stats,
+                              abnormal=getattr(p, "abnormal", None)))
             audit.record(s, "image.triaged", study_uid=w.study_uid, sop_instance_uid=film.instance.sop_instance_uid,
                          sop_class_uid=film.instance.sop_class_uid, patient_id=film.instance.patient_id,
                          reason="; ".join(p.reasons) or None,
                          detail={"version": w.version, "model_version": model.version, "device_uid": model.device_uid,
                                  "top_label": p.top_label, "urgent": p.urgent, "priority": p.priority,
-                                 "probabilities": probs, "sc_uid": sc_uid, "ood_score": p.ood_score,
+                                 "probabilities": probs, "abnormal": getattr(p, "abnormal", None),
+                                 "sc_uid": sc_uid, "ood_score": p.ood_score,
                                  "station": ref.name, "calibration": model.calibration,
                                  "temperature": temperature})
         queued = 0 if shadow else outbox.enqueue(s, written, w.study_uid, w.version)
