@@ -106,6 +106,15 @@ def _syntax_name(transfer_syntax: str) -> str:
     return UID(transfer_syntax).name
 
 
+def _priority(req) -> int | None:
+    """The C-STORE request's Priority (0x0002 LOW, 0x0000 MEDIUM, 0x0001 HIGH), None if unreadable."""
+    try:
+        value = int(req.Priority)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if value in (0, 1, 2) else None
+
+
 def _any_uid(value: Any) -> tuple[bool, str]:
     """For pynetdicom's ``_config.VALIDATORS["UI"]``: accept every UID a peer sends; the handlers
     check the ones they use (``spool.is_valid_uid``) and answer with a status."""
@@ -358,7 +367,7 @@ class Receiver:
                 raise SOPClassMismatchError(f"dataset SOP Class {header.sop_class_uid} is not the request's")
             if header.sop_instance_uid != rq_sop:
                 raise SOPClassMismatchError("dataset SOP Instance UID differs from the request's")
-            stored = self.ingest.store(data, header, transfer_syntax, info)
+            stored = self.ingest.store(data, header, transfer_syntax, info, priority=_priority(req))
         except InvalidInstanceError as e:
             return self._fail(STATUS_CANNOT_UNDERSTAND, str(e), info, rq_sop, rq_class, header, size)
         except SOPClassMismatchError as e:

@@ -13,7 +13,7 @@ from cxr_node.eligibility.refusal import Refusal
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # a film is itself: compared by identity (it holds arrays)
 class Film:
     instance: Instance
     ds: Dataset
@@ -37,6 +37,17 @@ class StudyWork:
     station: object = None      # cxr_node.onboarding.stations.StationRef
     calibration: object = None  # the station's SiteCalibration for these weights, or None
     model: object = None        # the ModelIdentity its results carry (thresholds, calibration)
+    # across the worker's rounds (cxr_node.study.scheduling)
+    seq: int = 0                # claim order on this node
+    rank: int = 1               # the sender's urgency (DIMSE Priority as a rank, 0 most urgent)
+    todo: list[Film] = field(default_factory=list)     # films still to analyse, in their order
+    written: list = field(default_factory=list)        # outbox objects made so far (the SCs)
+    encoded: list = field(default_factory=list)        # cxr_node.encode.sr.AnalysedFilm per SC
+    policy: object = None       # (calibration, site heads, TriagePolicy), chosen once per study
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.study_uid, self.version)
 
     @property
     def analysed(self) -> list[Film]:

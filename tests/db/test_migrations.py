@@ -16,10 +16,10 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n')
     db = tmp_path / "d" / "cxr-node.db"
-    assert "0010" in cli("db", "upgrade", config=cfg).stdout
+    assert "0012" in cli("db", "upgrade", config=cfg).stdout
     assert {"audit_events", "studies", "instances", "image_results", "outbox", "audit_chain_head",
             "stations", "feedback", "site_calibrations", "web_users", "web_sessions", "site_heads"} <= _tables(db)
-    assert cli("db", "current", config=cfg).stdout.strip() == "0010"
+    assert cli("db", "current", config=cfg).stdout.strip() == "0012"
     cli("db", "downgrade", "0008", config=cfg)
     assert "site_heads" not in _tables(db) and "web_users" in _tables(db)
     with sqlite3.connect(db) as c:
