@@ -1,8 +1,9 @@
 """Processing complete studies: the stages in order, readable top to bottom in :meth:`Processor._run`.
 
 The worker runs in rounds (:mod:`cxr_node.study.scheduling`): it holds the studies it claimed,
-analyses at most ``[study] round_films`` of their films per round, and records each study in the
-round its last film was analysed, so no study's results wait for another study's films.
+analyses at most ``[study] round_films`` of their films per round, one study after the other, and
+records each study as soon as its last film is analysed, so no study's results wait for another
+study's films.
 
     load         claim queued studies, read each film's header from the spool (pixels: in its round)
     eligibility  header rules (cxr_node.eligibility.rules): SOP class, body part, view
@@ -14,9 +15,9 @@ round its last film was analysed, so no study's results wait for another study's
     triage       operating points -> urgent flag and priority (cxr_node.study.triage); a study
                  from a station with a site calibration (cxr_node.onboarding.stations) uses that
                  station's temperature and operating points, and its results say so
-    encode       a Secondary Capture per analysed film (urgent results first), and once a study's
-                 films are done, one SR naming refused films; no SR for a study none of whose films
-                 is a chest film by its header
+    encode       a Secondary Capture per analysed film, and once a study's films are done, one SR
+                 naming refused films; no SR for a study none of whose films is a chest film by its
+                 header
     enqueue      the outbox (durable) for every destination, unless the study's station is in
                  shadow mode (results kept, nothing sent)
     record       image results, audit rows, and the study's state (cxr_node.study.states), in one transaction
@@ -52,12 +53,6 @@ from cxr_node.study import states as studies
 from cxr_node.study.work import Film, StudyWork, as_int, element
 
 log = logging.getLogger(__name__)
-
-def _most_urgent(part: tuple[StudyWork, list[Film]]) -> int:
-    """Sort key of a study's share of a round: its most urgent result (urgent, review, routine)."""
-    return min((results.rank(getattr(f.prediction, "priority", None)) for f in part[1] if f.refused is None),
-               default=len(results.PRIORITY_ORDER))
-
 
 class Processor:
     def __init__(self, settings: Settings, db: Database, outbox: Outbox, node_id: str = "local",
@@ -162,8 +157,11 @@ class Processor:
             for w in held:
                 self._drop(w, str(e))
             return len(held)
-        tickets = [scheduling.Ticket(k, len(w.todo), w.seq, w.rank) for k, w in self._held.items()]
+        tickets = [scheduling.Ticket(k, len(w.todo), w.seq, w.rank, w.starved) for k, w in self._held.items()]
         picks = scheduling.plan(tickets, self.settings.study.round_films)
+        picked = {k for k, _ in picks}
+        for k, w in self._held.items():
+            w.starved = 0 if k in picked or not w.todo else w.starved + 1
         self.run_round(predictor, [(self._held[k], self._held[k].todo[:n]) for k, n in picks])
         return len(picks)
 
@@ -217,23 +215,20 @@ class Processor:
                     self._drop(w, f"processing failed: {type(e1).__name__}: {e1}")
 
     def _run(self, predictor, rnd: list[tuple[StudyWork, list[Film]]]) -> None:
-        films = [f for _, fs in rnd for f in fs]
-        self.preprocess(predictor, films)                                 # pixels, lung fields, crop
-        self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
         ctx = self.triage_context()
-        triaged = []
-        for w, fs in rnd:
+        done = []
+        for w, films in rnd:  # one study after the other, each recorded as soon as its films are done
+            self.preprocess(predictor, films)                             # pixels, lung fields, crop
+            self.infer(predictor, films)                                  # probabilities, OOD, Grad-CAM
             try:
-                self.triage(predictor, w, fs, *ctx)                       # operating points -> priority
-                triaged.append((w, fs))
+                self.triage(predictor, w, films, *ctx)                    # operating points -> priority
             except Exception as e:  # this study only
                 log.error("triage of study %s failed: %s", w.study_uid, type(e).__name__)
                 log.debug("triage failure", exc_info=True)
                 self._drop(w, f"triage failed: {type(e).__name__}: {e}")
-        done = []
-        for w, fs in sorted(triaged, key=_most_urgent):                  # urgent results first
+                continue
             try:
-                for film in fs:
+                for film in films:
                     self.encode_film(w, film)                             # SC per analysed film
                     w.todo.remove(film)                                   # (by identity)
                 if not w.todo:

@@ -6,17 +6,18 @@ The worker (:class:`cxr_node.study.pipeline.Processor`) holds the studies it cla
 picks the round's films from the held studies:
 
 1. a study with no film left to analyse (all done, or none it could analyse) is recorded at once;
-2. the study held longest (claimed first) that still has films gets :data:`RESERVE` of them, so
-   a big study moves on in every round however many small ones keep arriving: a study of N films
-   is done within N rounds of becoming the oldest (bounded, never starved);
-3. the rest of the budget goes to the others, the most urgent upstream first (DIMSE Priority
-   HIGH, then MEDIUM, then LOW), then the fewest films left, then claim order: a small study
-   fits whole and is recorded at the end of the round it entered; a big one is split across
-   rounds, its films in their order.
+2. a study that got no film for :data:`STARVE_ROUNDS` rounds while it had some left gets one now
+   (the longest held first), so a big study moves on however many small ones keep arriving: it
+   gets a film at least every ``STARVE_ROUNDS + 1`` rounds (bounded, never starved);
+3. the rest of the budget goes by order: the most urgent upstream first (DIMSE Priority HIGH, then
+   MEDIUM, then LOW), then the fewest films left, then claim order: a small study fits whole; a
+   big one is split across rounds, its films in their order.
 
-Each study is recorded (SR, outbox, audit, state) in the round its last film was analysed, so a
-one-film study that arrives while a forty-film study is analysed waits at most for the round in
-progress (``round_films`` films), not for the forty. The pure logic is here; the pipeline runs it.
+In a round the studies run one after the other in that order, each through every stage and
+recorded (SR, outbox, audit, state) as soon as its last film is analysed: a one-film study that
+arrives while a forty-film study is analysed waits for the round in progress (at most
+``round_films`` films), then for its own film, not for the forty. The pure logic is here; the
+pipeline runs it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
-#: Films of a round reserved for the study held longest (while others wait beside it).
-RESERVE = 1
+#: A study given no film for this many rounds (while it has films left) gets one in the next.
+STARVE_ROUNDS = 2
 #: A queued study waiting this long is claimed as if it were small (see :func:`claim_order`).
 CLAIM_AGING_SECONDS = 60.0
 
@@ -48,9 +49,10 @@ class Ticket:
     films_left: int        # films still to analyse (0: ready to record)
     seq: int               # claim order on this node (smaller: held longer)
     rank: int = MEDIUM     # upstream urgency, 0 most urgent (:func:`dimse_rank`)
+    starved: int = 0       # rounds in a row it had films left and got none
 
 
-def plan(tickets: Sequence[Ticket], budget: int, reserve: int = RESERVE) -> list[tuple[Hashable, int]]:
+def plan(tickets: Sequence[Ticket], budget: int) -> list[tuple[Hashable, int]]:
     """The next round: ``(key, films)`` pairs in the order to run them, at most ``budget`` films in
     all (a study with nothing left gets 0 and comes first: it costs nothing). Studies given no
     film this round are left out."""
@@ -60,10 +62,11 @@ def plan(tickets: Sequence[Ticket], budget: int, reserve: int = RESERVE) -> list
     active = [t for t in tickets if t.films_left > 0]
     take: dict[Hashable, int] = {}
     left = budget
-    if len(active) > 1 and reserve > 0:
-        oldest = min(active, key=lambda t: t.seq)
-        take[oldest.key] = min(reserve, oldest.films_left, left)
-        left -= take[oldest.key]
+    for t in sorted((t for t in active if t.starved >= STARVE_ROUNDS), key=lambda t: t.seq):
+        if left <= 0:
+            break
+        take[t.key] = 1
+        left -= 1
     order = sorted(active, key=lambda t: (t.rank, t.films_left, t.seq))
     for t in order:
         if left <= 0:

@@ -12,69 +12,79 @@ from conftest import scu_store, storescu, wait_until
 from dicomgen import make_cr, uid
 from helpers_model import bundled_or_tiny
 
-from cxr_node.study.scheduling import Ticket, dimse_rank, plan
+from cxr_node.study.scheduling import STARVE_ROUNDS, Ticket, dimse_rank, plan
 
 
-def _rounds_until_done(tickets: list[Ticket], budget: int, key) -> int:
-    """Run the planner round after round (each study's films done as planned) until ``key`` is
-    recorded; returns the rounds it took."""
-    left = {t.key: t for t in tickets}
-    for n in range(1, 10_000):
+def _simulate(left: dict[str, Ticket], budget: int, arrivals=lambda rnd: [], rounds: int = 10_000):
+    """Run the planner round after round, each study's films done as planned and ``starved``
+    kept as the worker keeps it; yields (round, keys recorded in it)."""
+    for rnd in range(1, rounds + 1):
+        for t in arrivals(rnd):
+            left[t.key] = t
         picks = plan(list(left.values()), budget)
-        assert sum(k for _, k in picks) <= budget
-        for k, films in picks:
-            t = left[k]
-            if t.films_left == 0:
+        assert sum(n for _, n in picks) <= budget
+        picked, recorded = {k for k, _ in picks}, []
+        for k, t in list(left.items()):
+            n = dict(picks).get(k, 0)
+            if k in picked and t.films_left == n:  # its last films (or none left): recorded
+                recorded.append(k)
                 del left[k]
-                if k == key:
-                    return n
-            else:
-                left[k] = Ticket(k, t.films_left - films, t.seq, t.rank)
-    raise AssertionError("never done")
+                continue
+            left[k] = Ticket(k, t.films_left - n, t.seq, t.rank, 0 if k in picked else t.starved + 1)
+        yield rnd, recorded
 
 
 def test_a_small_study_fits_its_round_beside_a_big_one():
     big, small = Ticket("big", 40, seq=1), Ticket("small", 1, seq=2)
-    picks = dict(plan([big, small], budget=4))
-    assert picks == {"small": 1, "big": 3}  # small whole; big has the rest
+    assert plan([big, small], budget=4) == [("small", 1), ("big", 3)]  # small whole and first
     assert dict(plan([big], budget=4)) == {"big": 4}  # alone, a big study uses the whole round
     assert plan([Ticket("done", 0, seq=5), big], 4)[0] == ("done", 0)  # recorded first, costs nothing
+    with pytest.raises(ValueError):
+        plan([big], budget=0)
 
 
 def test_most_urgent_upstream_then_fewest_films_then_claim_order():
     t = [Ticket("low", 1, seq=1, rank=dimse_rank(2)), Ticket("three", 3, seq=2),
          Ticket("one", 1, seq=3), Ticket("high", 2, seq=4, rank=dimse_rank(1))]
-    order = [k for k, _ in plan(t, budget=4)]
-    # "low" is the longest held: it keeps its reserved film, placed by its own rank (last)
-    assert order == ["high", "one", "low"]
-    assert dict(plan(t, budget=4)) == {"high": 2, "one": 1, "low": 1}
+    assert plan(t, budget=4) == [("high", 2), ("one", 1), ("three", 1)]
     assert dimse_rank(None) == dimse_rank(0) == dimse_rank(7) == 1 and dimse_rank(1) == 0
+    # a study passed over for STARVE_ROUNDS rounds gets a film before anyone else is served
+    t[0] = Ticket("low", 1, seq=1, rank=2, starved=STARVE_ROUNDS)
+    assert dict(plan(t, budget=4)) == {"low": 1, "high": 2, "one": 1}
+
+
+def test_a_one_film_study_is_done_in_the_round_after_it_arrives():
+    left = {"big": Ticket("big", 40, seq=1)}
+    arrive = {2: [Ticket("small", 1, seq=2)]}
+    for rnd, recorded in _simulate(left, 4, lambda r: arrive.get(r, [])):
+        if "small" in recorded:
+            assert rnd == 2
+            break
+    assert left["big"].films_left == 40 - 4 - 3  # the big study had the rest of both rounds
 
 
 def test_a_big_study_is_never_starved_by_small_ones_that_keep_coming():
-    """A 60-film study beside a stream of one-film studies (four new every round, more than a
-    round holds) still moves on by at least one film a round, so it is done within 60 rounds."""
+    """A 60-film study beside a stream of one-film studies (four new every round: more than a
+    round holds) still gets a film at least every STARVE_ROUNDS + 1 rounds, so it is done within
+    60 * (STARVE_ROUNDS + 1) rounds; every small study is done too, in bounded time."""
+    seq = iter(range(1, 10**6))
     left = {"big": Ticket("big", 60, seq=0)}
-    seq, rounds = 0, 0
-    while rounds < 200:
-        rounds += 1
-        for _ in range(4):
-            seq += 1
-            left[f"s{seq}"] = Ticket(f"s{seq}", 1, seq=seq)
-        for k, films in plan(list(left.values()), budget=4):
-            t = left.pop(k)
-            if t.films_left - films > 0:
-                left[k] = Ticket(k, t.films_left - films, t.seq, t.rank)
-        if "big" not in left:
+    arrived: dict[str, int] = {}
+
+    def stream(rnd):
+        new = [Ticket(f"s{rnd}-{i}", 1, seq=next(seq)) for i in range(4)] if rnd <= 300 else []
+        arrived.update({t.key: rnd for t in new})
+        return new
+
+    waits, big_done = [], None
+    for rnd, recorded in _simulate(left, 4, stream, rounds=2000):
+        waits += [rnd - arrived[k] for k in recorded if k != "big"]
+        if "big" in recorded:
+            big_done = rnd
+        if not left and rnd > 300:
             break
-    assert "big" not in left and rounds <= 60
-
-
-def test_rounds_bound_how_long_a_one_film_study_waits():
-    # a one-film study claimed after a 40-film study is done in its first round
-    assert _rounds_until_done([Ticket("big", 40, seq=1), Ticket("small", 1, seq=2)], 4, "small") <= 2
-    with pytest.raises(ValueError):
-        plan([Ticket("a", 1, seq=1)], budget=0)
+    assert big_done is not None and big_done <= 60 * (STARVE_ROUNDS + 1)
+    assert not left and len(waits) == 1200  # and every small study was done
 
 
 def test_claim_order_on_the_database(tmp_path):
