@@ -100,34 +100,14 @@ class Processor:
     def preload(self) -> None:
         """Load the model now (``serve`` calls this in a background thread at start-up, so the first
         study does not wait for it); :meth:`predictor` stays the lazy path if this fails. Then warm
-        it up: import the later stages' modules and run both networks (and Grad-CAM) once on a blank
-        film, which took the first study about 5 s more than the next on 2 cores (bench/e2e.py), and
-        draw one overlay with its legend (the first Secondary Capture's imports and font: about 0.8 s).
+        it up: one synthetic film through every stage but the record (:mod:`cxr_node.study.warmup`).
         A study arriving meanwhile waits for the warm-up (the load lock)."""
+        from cxr_node.study.warmup import warm_up
+
         with self._load_lock:
             predictor = self._load()
             t0 = time.perf_counter()
-            import numpy as np
-            import torch
-
-            import cxr_node.encode.sc
-            import cxr_node.encode.sr
-            import cxr_node.model.calibration
-            import cxr_node.model.policy
-            import cxr_node.model.preprocess  # noqa: F401
-
-            s = predictor.input_size
-            blank = list(predictor.predict([torch.zeros(1, s, s)], explain=True))[0]
-            self._segmenter.probability(np.zeros((s, s), dtype=np.float32))
-            # the Secondary Capture's first picture: scipy.ndimage, the colour map, PIL's font, highdicom
-            import highdicom  # noqa: F401
-
-            from cxr_node.encode import overlay
-            if blank.cam is not None:
-                rgb = overlay.render_overlay(np.zeros((s, s), dtype=np.float32), blank.cam,
-                                             lung_mask=np.ones((s, s), dtype=np.float32),
-                                             top_fraction=overlay.TOP_FRACTION)
-                overlay.with_legend(rgb, [("warm-up", (255, 255, 255))])
+            warm_up(predictor, self._segmenter, self._identity, self.settings.outbox.sc_max_rows)
             log.info("model warmed up in %.1f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ the pipeline
