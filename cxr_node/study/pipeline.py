@@ -97,17 +97,18 @@ class Processor:
                      "threshold %.1f" % predictor.ood.threshold if predictor.ood else "none")
         return self._predictor
 
-    def preload(self) -> None:
+    def preload(self, stop=None) -> None:
         """Load the model now (``serve`` calls this in a background thread at start-up, so the first
         study does not wait for it); :meth:`predictor` stays the lazy path if this fails. Then warm
         it up: one synthetic film through every stage but the record (:mod:`cxr_node.study.warmup`).
-        A study arriving meanwhile waits for the warm-up (the load lock)."""
+        A study arriving meanwhile waits for the warm-up (the load lock); ``stop`` (an Event) ends the
+        warm-up early when the node stops meanwhile."""
         from cxr_node.study.warmup import warm_up
 
         with self._load_lock:
             predictor = self._load()
             t0 = time.perf_counter()
-            warm_up(predictor, self._segmenter, self._identity, self.settings.outbox.sc_max_rows)
+            warm_up(predictor, self._segmenter, self._identity, self.settings.outbox.sc_max_rows, stop)
             log.info("model warmed up in %.1f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ the pipeline

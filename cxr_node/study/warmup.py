@@ -40,20 +40,28 @@ def synthetic_film(rows: int = 320, cols: int = 288):
     return dcmread(buf)
 
 
-def warm_up(predictor, segmenter, identity, sc_max_rows: int) -> None:
+def warm_up(predictor, segmenter, identity, sc_max_rows: int, stop=None) -> None:
     """Decode, preprocess (with the lung segmenter), infer with Grad-CAM, triage, and build and
     encode a Secondary Capture (with a heat map) for the synthetic film. A failure is logged and
-    costs only the first study's speed."""
+    costs only the first study's speed. ``stop`` (a threading.Event): set when the node stops, so
+    that the warm-up gives up between stages instead of holding the exit up."""
     import numpy as np
 
     from cxr_node.encode import overlay
     from cxr_node.encode.sc import build_sc
     from cxr_node.model.preprocess import prepare
 
+    def stopping() -> bool:
+        return stop is not None and stop.is_set()
+
     try:
         ds = synthetic_film()
         pr = prepare(ds, predictor.params, segmenter)
+        if stopping():
+            return
         pred = predictor.policy.apply(list(predictor.predict([pr.x], explain=True))[0])
+        if stopping():
+            return
         film = pr.film if pr.film is not None else pr.display
         mask = pr.lungs.mask if pr.lungs is not None else np.ones(film.shape, dtype=np.float32)
         sc = build_sc(ds, film, pred, identity, instance_number=1, box=pr.box, lung_mask=mask, max_rows=sc_max_rows)
