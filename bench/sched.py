@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,7 @@ def report(name: str, r: dict) -> None:
     alone = r.get("alone")
     ref = None
     if alone:
-        ref = sorted(alone)[len(alone) // 2]
+        ref = statistics.median(alone)
         print(f"  alone: one-film study {', '.join(f'{x:.2f}' for x in alone)} s (median {ref:.2f} s)")
     if "after" in r:
         a = r["after"]
