@@ -70,6 +70,7 @@ class Processor:
         self._load_lock = threading.Lock()
         self._held: dict[tuple[str, int], StudyWork] = {}  # claimed, not yet recorded (scheduling)
         self._seq = 0
+        self._limit = 8
 
     # ------------------------------------------------------------------ models, loaded once
 
@@ -123,6 +124,7 @@ class Processor:
         fewer than ``limit`` are held, then analyse at most ``[study] round_films`` of the held
         studies' films and record every study whose films are all done. Returns how many studies
         the round touched (0: nothing held, nothing queued)."""
+        self._limit = limit
         room = limit - len(self._held)
         if room > 0:
             order = scheduling.claim_order(Study, self.settings.study.round_films, utcnow())
@@ -196,32 +198,57 @@ class Processor:
                     self._drop(w, f"processing failed: {type(e1).__name__}: {e1}")
 
     def _run(self, predictor, rnd: list[tuple[StudyWork, list[Film]]]) -> None:
+        """One study after the other, each recorded as soon as its films are done; a study's share
+        of several films goes film by film, and the round ends early once a study is queued that
+        this node has room to claim (it is planned with the others at once: it waits for one
+        film, not for the round)."""
         ctx = self.triage_context()
-        done = []
-        for w, films in rnd:  # one study after the other, each recorded as soon as its films are done
-            self.preprocess(predictor, films)                             # pixels, lung fields, crop
-            self.infer(predictor, films)                                  # probabilities, OOD, Grad-CAM
-            try:
-                self.triage(predictor, w, films, *ctx)                    # operating points -> priority
-            except Exception as e:  # this study only
-                log.error("triage of study %s failed: %s", w.study_uid, type(e).__name__)
-                log.debug("triage failure", exc_info=True)
-                self._drop(w, f"triage failed: {type(e).__name__}: {e}")
-                continue
-            try:
-                for film in films:
-                    self.encode_film(w, film)                             # SC per analysed film
-                    w.todo.remove(film)                                   # (by identity)
-                if not w.todo:
-                    sr = self.encode_sr(w)                                # SR per study
-                    self.record(w, w.written, sr)                         # outbox + results + audit + state
-                    self._held.pop(w.key, None)
+        done, cut = [], False
+        for w, films in rnd:
+            for piece in ([f] for f in films) if len(films) > 1 else [films]:
+                outcome = self._study_part(predictor, w, piece, ctx)
+                if outcome:
                     done.append(w)
-            except Exception as e:  # one broken study must not stop the others; it is recorded
-                log.error("processing study %s failed: %s", w.study_uid, type(e).__name__)
-                log.debug("study failure", exc_info=True)
-                self._drop(w, f"{type(e).__name__}: {e}")
+                if outcome is None or outcome:
+                    break
+                if self._arrived():
+                    cut = True
+                    break
+            if cut or self._arrived():
+                break
         self.drift(predictor, {w.station.name for w in done if w.station is not None})
+
+    def _study_part(self, predictor, w: StudyWork, films: list[Film], ctx) -> bool | None:
+        """``films`` of study ``w`` through every stage; True once the study is recorded, False
+        while it has films left, None if it failed (recorded as failed, no longer held)."""
+        self.preprocess(predictor, films)                                 # pixels, lung fields, crop
+        self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
+        try:
+            self.triage(predictor, w, films, *ctx)                        # operating points -> priority
+        except Exception as e:  # this study only
+            log.error("triage of study %s failed: %s", w.study_uid, type(e).__name__)
+            log.debug("triage failure", exc_info=True)
+            self._drop(w, f"triage failed: {type(e).__name__}: {e}")
+            return None
+        try:
+            for film in films:
+                self.encode_film(w, film)                                 # SC per analysed film
+                w.todo.remove(film)                                       # (by identity)
+            if w.todo:
+                return False
+            sr = self.encode_sr(w)                                        # SR per study
+            self.record(w, w.written, sr)                                 # outbox + results + audit + state
+            self._held.pop(w.key, None)
+            return True
+        except Exception as e:  # one broken study must not stop the others; it is recorded
+            log.error("processing study %s failed: %s", w.study_uid, type(e).__name__)
+            log.debug("study failure", exc_info=True)
+            self._drop(w, f"{type(e).__name__}: {e}")
+            return None
+
+    def _arrived(self) -> bool:
+        """A study is queued and this node has room to claim it."""
+        return len(self._held) < self._limit and studies.any_queued(self.db)
 
     def _drop(self, w: StudyWork, reason: str) -> None:
         self._held.pop(w.key, None)

@@ -13,11 +13,12 @@ picks the round's films from the held studies:
    MEDIUM, then LOW), then the fewest films left, then claim order: a small study fits whole; a
    big one is split across rounds, its films in their order.
 
-In a round the studies run one after the other in that order, each through every stage and
-recorded (SR, outbox, audit, state) as soon as its last film is analysed: a one-film study that
-arrives while a forty-film study is analysed waits for the round in progress (at most
-``round_films`` films), then for its own film, not for the forty. The pure logic is here; the
-pipeline runs it.
+In a round the studies run one after the other in that order (those owed a film first), each
+through every stage and recorded (SR, outbox, audit, state) as soon as its last film is analysed;
+a study's share of several films goes film by film, and the round ends early once a new study is
+queued that the node has room to claim. So a one-film study that arrives while a forty-film study
+is analysed waits for the film in progress, then for its own film, not for the forty. The pure
+logic is here; the pipeline runs it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def plan(tickets: Sequence[Ticket], budget: int) -> list[tuple[Hashable, int]]:
         if n > 0:
             take[t.key] = take.get(t.key, 0) + n
             left -= n
-    return [(t.key, 0) for t in ready] + [(t.key, take[t.key]) for t in order if take.get(t.key)]
+    first = [t for t in sorted(active, key=lambda t: t.seq) if t.starved >= STARVE_ROUNDS and take.get(t.key)]
+    rest = [t for t in order if take.get(t.key) and t not in first]
+    # studies owed a film run first: a round cut short for a new arrival has served them already
+    return [(t.key, 0) for t in ready] + [(t.key, take[t.key]) for t in first + rest]
 
 
 def claim_order(study, round_films: int, now: dt.datetime):

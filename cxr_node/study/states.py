@@ -180,6 +180,12 @@ def claim(db: Database, limit: int, node_id: str, order: tuple | None = None) ->
     return out
 
 
+def any_queued(db: Database) -> bool:
+    """Whether any study waits in the queue (the worker ends its round early for it)."""
+    with db.session() as s:
+        return s.scalar(select(Study.study_uid).where(Study.state == QUEUED).limit(1)) is not None
+
+
 def requeue_interrupted(db: Database, node_id: str, max_attempts: int = 3) -> int:
     """At start-up: studies a crash left in processing (claimed by this node) go back to queued,
     unless they have been interrupted ``max_attempts`` times (then they fail: something in them
