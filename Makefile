@@ -1,16 +1,17 @@
 # cxr-node: the two commands the README opens with.
-#   make run   create .venv if missing, install, upgrade the database, serve with config/cxr-node.toml
+#   make run   create .venv if missing, install, upgrade the database, serve with config/local.toml
+#              (git-ignored; made from config/local.example.toml on first run, over config/cxr-node.toml)
 #   make reload  the running node reads its config file again (SIGHUP)
 #   make test  install the test extra (+ Debian peers and PostgreSQL when root with apt), lint, then pytest
 #   make lint  ruff alone
-# Variables: CONFIG=FILE  the config `make run` uses (default config/cxr-node.toml)
+# Variables: CONFIG=FILE  the config `make run` and `make reload` use (default config/local.toml)
 #            WORKERS=N    pytest-xdist workers for `make test` (default 2; 0 runs the suite in one process)
 #            PYTHON=EXE   the interpreter that creates .venv (default python3)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= config/cxr-node.toml
+CONFIG ?= config/local.toml
 WORKERS ?= 2
 DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql chromium chromium-driver
 
@@ -19,9 +20,9 @@ DEBS := dcmtk dicom3tools orthanc pixelmed-apps sqlite3 openssl postgresql chrom
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq torch==2.13.0
+	$(BIN)/python -m pip install -qq -e '.[test]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -35,13 +36,18 @@ debs:
 	  fi; \
 	else echo "not root or no apt-get: tests needing $(DEBS) will skip (and fail under CI=true)"; fi
 
-run: venv
+# A site's own settings, never tracked: only what differs from config/cxr-node.toml.
+config/local.toml:
+	cp config/local.example.toml $@
+	@echo "made $@ (git-ignored, over config/cxr-node.toml): your node's settings go there"
+
+run: venv $(CONFIG)
 	$(BIN)/cxr-node --config $(CONFIG) db upgrade
 	$(BIN)/cxr-node --config $(CONFIG) serve
 
 # SIGHUP to the node `make run` started (its pid is in the lock file data_dir/.lock-HOST-PORT): it
-# reads CONFIG again (README, "Reloading the configuration").
-reload: venv
+# reads CONFIG again (docs/operations.md, "Reloading the configuration").
+reload: venv $(CONFIG)
 	@lock=$$($(BIN)/python -c "import socket, sys; from cxr_node import config; \
 	s = config.load(sys.argv[1]); print(s.storage.data_dir / f'.lock-{socket.gethostname()}-{s.node.port}')" \
 	$(CONFIG)) && pid=$$(head -1 "$$lock" 2>/dev/null) && [ -n "$$pid" ] && kill -HUP "$$pid" \

@@ -85,16 +85,33 @@ def _library_of(filename: str) -> str | None:
     return next((lib for lib in DATASET_LIBRARIES if lib in parts), None)
 
 
+#: Library warnings nobody running cxr-node can act on, dropped (module regex, message regex, why).
+IGNORED_WARNINGS = (
+    # highdicom checks the person names it is given: a modality's ReferringPhysicianName "ward" (no
+    # caret) gets a UserWarning per Secondary Capture. The SC and SR copy the film's names as they are.
+    (r"highdicom\.", r"(?s)The string .* is unlikely to represent the intended person name"),
+)
+_library_warnings_seen: set[str] = set()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Replacement for :func:`warnings.showwarning`: one log record on ``py.warnings``."""
+    """Replacement for :func:`warnings.showwarning`: one log record on ``py.warnings``. A library
+    warning whose text is withheld is a WARNING the first time its code location warns, then DEBUG."""
     name = getattr(category, "__name__", "Warning")
     where = f"{os.path.basename(filename)}:{lineno}"
     lib = _library_of(filename)
+    level = logging.WARNING
     if lib:
         text = f"{name} from {lib} ({where}); text withheld: it may quote dataset values"
+        key = f"{lib}:{where}"
+        if key in _library_warnings_seen:
+            level = logging.DEBUG
+        else:
+            _library_warnings_seen.add(key)
+            text += " (later ones from there at DEBUG)"
     else:
         text = f"{name} ({where}): {redact_quoted(str(message))}"
-    logging.getLogger("py.warnings").warning("%s", text)
+    logging.getLogger("py.warnings").log(level, "%s", text)
 
 
 class HighdicomInfoToDebug(logging.Filter):
@@ -228,10 +245,15 @@ def configure(level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     warnings.showwarning = _show_warning
+    for module, message in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
     for name in ("highdicom", "highdicom.base"):  # filters do not propagate: the logger that emits them
         logging.getLogger(name).addFilter(HighdicomInfoToDebug())
     for noisy in ("pynetdicom", "apscheduler", "alembic", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # "job skipped: maximum number of running instances reached" every tick while a job runs
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    # "Run time of job ... was missed by 0:00:01" when a busy machine starts a 2 s job late: the
+    # job runs at its next tick, and there is nothing to do about it
+    logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
     configure._done = True  # type: ignore[attr-defined]

@@ -1,8 +1,8 @@
 """The ``cxr-node`` command line: parse, call, print. Nothing heavy is imported up front.
 
-One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``echo``,
+One module per command group (``serve``, ``db``, ``check-config``, ``status``, ``studies``, ``echo``,
 ``audit``, ``outbox``, ``retention``, ``triage``, ``resend``/``reprocess``, ``web``, ``user``, ``feedback``,
-``performance``, ``calibrate-site``); each registers its
+``performance``, ``calibrate-site``, ``adapt-site``, ``conformance``); each registers its
 parser and a ``run(settings, args, out) -> int``. Commands that use the database open it with
 :func:`cxr_node.cli._db.open_database`, which never creates one (only ``db upgrade`` does).
 
@@ -15,6 +15,7 @@ Exit codes: 0 success, 1 an operation failed (the message says why), 2 bad usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Sequence
@@ -25,30 +26,33 @@ from cxr_node.errors import ConfigError, CxrNodeError
 log = logging.getLogger("cxr_node")
 
 #: The command modules, in the order ``--help`` lists them.
-_MODULES = ("serve", "web", "user", "db", "check_config", "status", "echo", "audit", "outbox", "results", "retention",
-            "triage", "feedback", "performance", "calibrate_site", "adapt_site")
+_MODULES = ("serve", "web", "user", "db", "check_config", "status", "studies", "echo", "audit", "outbox", "results", "retention",
+            "triage", "feedback", "performance", "calibrate_site", "adapt_site", "conformance")
 
 EPILOG = """\
 global options --config and --log-level go before or after the command.
 configuration: --config FILE or the CXR_NODE_CONFIG environment variable names a TOML file;
-config/cxr-node.toml documents every key. Without either, built-in defaults apply.
+config/cxr-node.toml documents every key; a site's own file (make run: config/local.toml) holds only what
+differs, starting with extends = "cxr-node.toml". Without either, built-in defaults apply.
 
 examples:
-  cxr-node --config config/cxr-node.toml db upgrade
-  cxr-node serve --config config/cxr-node.toml
+  cxr-node --config config/local.toml db upgrade
+  cxr-node serve --config config/local.toml
   cxr-node echo --to pacs
   cxr-node audit --since 2026-11-01 --event instance.stored --format csv
   cxr-node audit verify
-  cxr-node audit study 1.2.840.113619.2.55.3
-  cxr-node resend 1.2.840.113619.2.55.3 --to pacs
+  cxr-node studies --limit 5
+  cxr-node audit study 1.3.6.1.4.1.5962.1.2.9.20040826185059.5457
+  cxr-node resend 1.3.6.1.4.1.5962.1.2.9.20040826185059.5457 --to pacs
   cxr-node reprocess --since 2026-11-20
   cxr-node triage film.dcm --overlay-dir overlays/
   cxr-node user add alice --role radiologist
-  cxr-node web --config config/cxr-node.toml
+  cxr-node web --config config/local.toml
   cxr-node feedback import labels.csv
   cxr-node performance --station CR_ROOM1 --out perf/
   cxr-node calibrate-site --station CR_ROOM1 --dry-run
   cxr-node adapt-site --station CR_ROOM1 --dry-run
+  cxr-node conformance > docs/conformance.md
 """
 
 
@@ -97,16 +101,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(settings, args, sys.stdout)
     except ConfigError as e:
-        print(f"cxr-node: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except CxrNodeError as e:
-        print(f"cxr-node: {e}", file=sys.stderr)
+        _error(e)
         return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `cxr-node audit | head`
         sys.stderr.close()
         return 0
+
+
+def _error(e: Exception) -> None:
+    """What the command printed so far first (whole lines, even through `2>&1 | cat`), then why it failed."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    print(f"cxr-node: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,14 +27,17 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:
 
     n = settings.node
     where = settings.source or "built-in defaults"
-    out.write(f"configuration OK: {where}\n")
+    over = "".join(f" (over {b})" for b in settings.extends)
+    out.write(f"configuration OK: {where}{over}\n")
     out.write(f"  node        {n.ae_title} on {n.host}:{n.port} (max PDU {n.max_pdu})\n")
     out.write(f"  calling AEs {', '.join(n.allowed_calling_aets) or 'any'}\n")
     out.write(f"  hosts       {', '.join(map(str, n.allowed_hosts)) or 'any'}\n")
     kept = "spool, outbox, database" if settings.database.url.startswith("sqlite:") else "spool, outbox"
     out.write(f"  data_dir    {settings.storage.data_dir}  (the data lives here: {kept}"
               + (f"; a relative data_dir is relative to {settings.source.parent}, so a copy of this file "
-                 "elsewhere points at other data" if settings.source else "") + ")\n")
+                 "elsewhere points at other data" if settings.source and not settings.extends else
+                 "; a relative data_dir is relative to the directory of the file that sets it" if settings.source
+                 else "") + ")\n")
     out.write(f"  database    {make_url(settings.database.url).render_as_string(hide_password=True)}\n")
     out.write(f"  quiet       {settings.study.quiet_seconds:g} s\n")
     out.write(f"  model       {settings.model.checkpoint} (device {settings.model.device})\n")
@@ -56,11 +59,10 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:
     warning = destinations_warning(settings)
     if warning:
         out.write("  destination none\n")
-        sys.stderr.write(f"cxr-node: warning: {warning}\n")
-    exposed = exposure_warning(settings)
-    if exposed:
-        sys.stderr.write(f"cxr-node: warning: {exposed}\n")
-    plain = web_warning(settings)
-    if plain:
-        sys.stderr.write(f"cxr-node: warning: {plain}\n")
+    # the settings first, whole lines, then the warnings (`check-config 2>&1 | cat` keeps that order)
+    out.flush()
+    for w in (warning, exposure_warning(settings), web_warning(settings)):
+        if w:
+            sys.stderr.write(f"cxr-node: warning: {w}\n")
+    sys.stderr.flush()
     return 0

@@ -17,7 +17,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                         description="Queue each study's current results (its Secondary Captures and its last SR, "
                         "kept in data_dir/outbox) for every destination, or the one named by --to: results "
                         "made while no destination was configured, or ones a PACS lost. The running "
-                        "daemon sends them (restart it first if you have just added the destination).")
+                        "daemon sends them: after adding the destination, reload it first (`systemctl reload cxr-node`, "
+                        "`make reload`, or `kill -HUP PID`), so that it knows the destination.")
     rs.add_argument("studies", nargs="+", metavar="STUDY_UID")
     rs.add_argument("--to", metavar="NAME", action="append",
                     help="a [[destinations]] name (repeatable; default: every destination)")

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cxr_node.config import layers
 from cxr_node.config.schema import (
     DEFAULT_DATA_DIR,
     DESTINATION_KEYS,
@@ -34,7 +34,9 @@ from cxr_node.errors import ConfigError
 ENV_VAR = "CXR_NODE_CONFIG"
 #: The model bundled with the package (issue 3); an empty ``[model] checkpoint`` means this.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"  # the weights shipped in the package
-BUNDLED_CHECKPOINT = BUNDLED_DIR / "cxr-densenet121.pt"
+#: Every bundled triage model by name: ``[model] checkpoint = "bundled:v2"`` picks one that is not the default.
+BUNDLED_MODELS = {"v2": BUNDLED_DIR / "cxr-densenet121.pt", "v5": BUNDLED_DIR / "cxr-densenet121-v5.pt"}
+BUNDLED_CHECKPOINT = BUNDLED_MODELS["v2"]
 BUNDLED_LUNG_CHECKPOINT = BUNDLED_DIR / "lung-unet.pt"
 
 
@@ -217,6 +219,7 @@ class Settings:
     web: WebSettings
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None
+    extends: tuple[Path, ...] = ()  # the files `source` extends, nearest first
     onboarding: OnboardingSettings | None = None  # None only for Settings built by hand; parse() sets it
     stations: tuple[Station, ...] = ()
 
@@ -284,22 +287,17 @@ def config_path_from(arg: str | os.PathLike[str] | None) -> Path | None:
 
 
 def load(path: str | os.PathLike[str] | None) -> Settings:
-    """Read and validate a config file; ``None`` gives the built-in defaults."""
+    """Read and validate a config file (and the files it ``extends``, see :mod:`.layers`);
+    ``None`` gives the built-in defaults."""
     if path is None:
         return parse({}, base_dir=Path(DEFAULT_DATA_DIR), source=None)
     p = Path(path).expanduser().resolve()
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (pass --config or set {ENV_VAR})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return parse(raw, base_dir=p.parent, source=p)
+    raw, bases = layers.read(p, ENV_VAR)
+    return parse(raw, base_dir=p.parent, source=p, extends=bases)
 
 
-def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Settings:
+def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
+          extends: tuple[Path, ...] = ()) -> Settings:
     where = f"{source}: " if source else ""
 
     def fail(key: str, rule: str) -> ConfigError:
@@ -367,7 +365,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         storage=StorageSettings(data_dir=data_dir),
         database=DatabaseSettings(url=url),
         study=StudySettings(**values["study"]),
-        model=ModelSettings(checkpoint=resolve(ckpt) if ckpt else BUNDLED_CHECKPOINT, device=values["model"]["device"],
+        model=ModelSettings(checkpoint=_checkpoint(ckpt, resolve, fail), device=values["model"]["device"],
                             batch_size=values["model"]["batch_size"], preload=values["model"]["preload"],
                             lung_checkpoint=resolve(m["lung_checkpoint"]) if m["lung_checkpoint"] else None,
                             ood_reference=resolve(m["ood_reference"]) if m["ood_reference"] else None),
@@ -380,6 +378,7 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Se
         web=web,
         destinations=tuple(dests),
         source=source,
+        extends=extends,
         onboarding=OnboardingSettings(**values["onboarding"]),
         stations=stations,
     )
@@ -428,3 +427,16 @@ def _parse_stations(raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[
                        "is already another station: add station_name or institution_name to tell them apart")
         out.append(Station(**kw))
     return tuple(out)
+
+
+def _checkpoint(value: str, resolve, fail) -> Path:
+    """``[model] checkpoint``: empty = the bundled default, ``bundled:NAME`` = a bundled model by name, else a path."""
+    if not value:
+        return BUNDLED_CHECKPOINT
+    if value.startswith("bundled:"):
+        name = value.split(":", 1)[1]
+        if name not in BUNDLED_MODELS:
+            raise fail("[model] checkpoint", f"no bundled model {name!r} (bundled: "
+                       f"{', '.join('bundled:' + n for n in BUNDLED_MODELS)})")
+        return BUNDLED_MODELS[name]
+    return resolve(value)

@@ -22,14 +22,19 @@ CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED, NOT_AUTHORIZED, DUPLICATE_INSTANCE, PROCESSING_FAILURE = 0x0122, 0x0124, 0x0111, 0x0110
 INVALID_SOP_INSTANCE = 0x0117
 
-#: What each status the receiver sends means, for the README, the audit trail and the tests.
+#: What each status the receiver sends means, for the conformance statement (``cxr-node
+#: conformance``), the audit trail and the tests. Every failure carries an Error Comment saying why.
 RECEIVER = {
     SUCCESS: "success, also for a repeated SOP Instance UID (stored once, audited as duplicate)",
     OUT_OF_RESOURCES: "out of resources: disk full, write error, database unavailable",
     DATASET_MISMATCH: "dataset does not match SOP class: the dataset's SOP Class/Instance UID differ from the "
                       "request or the presentation context",
-    CANNOT_UNDERSTAND: "cannot understand: does not decode in the negotiated transfer syntax, lacks or has "
-                       "malformed Study/Series/SOP UIDs",
+    CANNOT_UNDERSTAND: "cannot understand: does not decode in the negotiated transfer syntax (Explicit VR data on "
+                       "an Implicit VR context or the reverse, native pixels on a compressed context or the reverse), "
+                       "is truncated, lacks or has malformed Study/Series/SOP UIDs, or the request's Affected SOP "
+                       "Instance/Class UID is not a valid UID",
+    SOP_CLASS_NOT_SUPPORTED: "SOP class not supported: the request's SOP Class is not the abstract syntax of the "
+                             "presentation context it came on (a CR C-STORE on the Verification context)",
 }
 
 #: The outbox's verdicts on a destination's answer.

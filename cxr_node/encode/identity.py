@@ -92,12 +92,19 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "ReferringPhysicianName", "AccessionNumber", "StudyID")
 
 
+#: Enumerated values highdicom checks when it copies them (its constructors raise ValueError for
+#: any other, which failed the whole study with no result: issue 30); another value is sent empty
+_ENUMERATED = {"PatientSex": ("M", "F", "O", "")}
+
+
 def with_type2(source):
-    """A shallow copy of ``source`` with missing Type 2 patient/study attributes present and empty."""
+    """A shallow copy of ``source`` with missing Type 2 patient/study attributes present and empty,
+    and enumerated ones highdicom would refuse (``PatientSex`` ``X``) empty."""
     missing = [kw for kw in _TYPE2 if kw not in source]
-    if not missing:
+    bad = [kw for kw, ok in _ENUMERATED.items() if kw in source and str(source.get(kw) or "").strip() not in ok]
+    if not missing and not bad:
         return source
     ds = source.copy()
-    for kw in missing:
+    for kw in missing + bad:
         setattr(ds, kw, "")
     return ds

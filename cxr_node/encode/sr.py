@@ -20,7 +20,8 @@ never looks like a film with no finding. A revised study (a late image) gets a n
 earlier one in PredecessorDocumentsSequence.
 
 Standard codes wherever one exists; the private scheme ``99CXRNODE`` (declared in the SR's Coding
-Scheme Identification Sequence, each code listed in the README) only where none does.
+Scheme Identification Sequence, each code listed in docs/integration.md and docs/conformance.md) only where
+none does.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def build_sr(films: Sequence[AnalysedFilm], model: ModelIdentity, *, study_versi
     # module's Coding Scheme Identification Sequence, so a reader can tell who owns "99CXRNODE"
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
-    item.CodingSchemeName = "cxr-node local codes (concepts without a standard code; listed in the README)"
+    item.CodingSchemeName = "cxr-node local codes (concepts without a standard code; see its conformance statement)"
     item.CodingSchemeResponsibleOrganization = MANUFACTURER
     sr.CodingSchemeIdentificationSequence = [item]
     return sr

@@ -45,9 +45,11 @@ class LogisticHead:
 
 
 def fit_logistic_head(features: np.ndarray, y: np.ndarray, labels: Sequence[str], l2: float = 1.0,
-                      weights: np.ndarray | None = None, max_iter: int = 500) -> LogisticHead:
+                      weights: np.ndarray | None = None, max_iter: int = 500,
+                      init: LogisticHead | None = None) -> LogisticHead:
     """Multinomial logistic regression of ``y`` (indices into ``labels``) on ``features``.
 
+    ``init``: a head on the same features to start from (a path of L2 values, strongest first).
     Loss: the weighted mean cross-entropy (``weights`` default 1, rescaled to mean 1) plus
     ``l2 / (2 N)`` times the squared weights (not the bias): ``l2`` is the inverse of the usual C."""
     from scipy.optimize import minimize
@@ -80,7 +82,8 @@ def fit_logistic_head(features: np.ndarray, y: np.ndarray, labels: Sequence[str]
         gW = g.T @ z + l2 / n * W
         return float(loss), np.concatenate([gW.ravel(), g.sum(0)])
 
-    res = minimize(f, np.zeros(k * d + k), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    x0 = np.zeros(k * d + k) if init is None else np.concatenate([init.weight.ravel(), init.bias])  # warm start
+    res = minimize(f, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     theta = res.x
     return LogisticHead(tuple(labels), mean, scale, theta[:k * d].reshape(k, d), theta[k * d:], float(l2))
 

@@ -87,8 +87,8 @@ def check_dicom(ds: Dataset, min_size: int = 64) -> None:
     """Refuse datasets that are not a single-frame greyscale 2-D image, before decoding; a header
     element that cannot be read is refused the same way (``unusable header``)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise PreprocessError("DICOM dataset has no pixel data (Pixel Data element missing); "
-                              "is it a structured report or a presentation state?")
+        raise PreprocessError("the film has no pixel data: its dataset has no Pixel Data element, so there is "
+                              "no image to analyse")
     spp = header_value(ds, "SamplesPerPixel", _int_value, 1) or 1
     pi = header_value(ds, "PhotometricInterpretation", lambda v: str(v).strip().upper(), "")
     if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):

@@ -14,6 +14,9 @@ from cxr_node.db.models import AuditEvent, ImageResult, OutboxItem, SiteCalibrat
 from cxr_node.db.session import Database
 from cxr_node.eligibility.refusal import RefusalCode
 
+#: How many of the newest studies ``status`` names (``cxr-node studies`` lists more).
+RECENT = 3
+
 
 def audit_backlog_count(settings: Settings) -> int:
     """Audit events the daemon kept on disk while the database was unreachable (not yet replayed)."""
@@ -90,7 +93,23 @@ def collect(settings: Settings, db: Database) -> dict[str, Any]:
         "warnings": [w for w in (destinations_warning(settings),) if w] + config_warnings + drift_warnings,
         "last_errors": [{"time": e.ts.isoformat(timespec="seconds"), "event": e.event, "reason": e.reason}
                         for e in errors],
+        "recent_studies": recent_studies(db, RECENT)[0],
     }
+
+
+def recent_studies(db: Database, limit: int, state: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The newest ``limit`` studies (by their last film received), as ``cxr-node studies`` and
+    ``status`` show them, and how many there are in all (in ``state``, when given)."""
+    q = select(Study)
+    n = select(func.count()).select_from(Study)
+    if state:
+        q, n = q.where(Study.state == state), n.where(Study.state == state)
+    with db.session() as s:
+        rows = s.scalars(q.order_by(Study.last_received_at.desc(), Study.study_uid).limit(limit)).all()
+        total = s.scalar(n)
+    return [{"time": r.last_received_at.isoformat(timespec="seconds"), "patient_id": r.patient_id,
+             "accession_number": r.accession_number, "state": r.state, "priority": r.priority,
+             "study_uid": r.study_uid} for r in rows], total
 
 
 def _last_errors(s, n: int = 5) -> list:
@@ -164,6 +183,10 @@ def write_status(st: dict[str, Any], fmt: str, out: TextIO) -> None:
     up = st["uptime_seconds"]
     out.write(f"daemon      {'running, up ' + _dur(up) if st['running'] else 'not running (last event: stopped)'}\n")
     out.write("studies     " + (", ".join(f"{k} {v}" for k, v in sorted(st["studies"].items())) or "none") + "\n")
+    for r in st.get("recent_studies", []):
+        out.write(f"  {r['time']}  {r['state']:<10} {(r['priority'] or '-'):<8} {r['study_uid']}\n")
+    if st.get("recent_studies"):
+        out.write("            (the newest; `cxr-node studies` lists them all)\n")
     out.write("priority    " + (", ".join(f"{k} {v}" for k, v in sorted(st["priorities"].items())) or "-") + "\n")
     na = st.get("films_not_analysed") or {}
     out.write("not analysed " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(na.items())) or "none")

@@ -30,6 +30,7 @@ from cxr_node.config import Settings
 from cxr_node.db.models import ImageResult, OutboxItem, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.dicom.status import PERMANENT, SENT, SendOutcome
+from cxr_node.dicom.uids import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from cxr_node.errors import ConfigError, CxrNodeError
 from cxr_node.outbox.files import result_path
 from cxr_node.outbox.send import FileToSend, store_files
@@ -64,6 +65,10 @@ class Outbox:
     def write(self, ds: Dataset, kind: str) -> WrittenObject:
         """Encode ``ds`` as a Part 10 file and make it durable under the outbox directory."""
         buf = io.BytesIO()
+        if getattr(ds, "file_meta", None) is not None:
+            # PS3.10 7.1: the implementation that wrote the file (us, not highdicom or pydicom)
+            ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+            ds.file_meta.ImplementationVersionName = implementation_version_name()
         ds.save_as(buf, enforce_file_format=True)
         rel = result_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
         tmp = self._files.write_temp(buf.getvalue(), ds.SOPInstanceUID)

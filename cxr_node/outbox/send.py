@@ -11,6 +11,7 @@ from pynetdicom.sop_class import Verification
 
 from cxr_node.config import Destination, Settings
 from cxr_node.dicom.status import PERMANENT, TRANSIENT, SendOutcome, classify
+from cxr_node.dicom.uids import identify
 from cxr_node.errors import NetworkError
 
 
@@ -22,11 +23,17 @@ def _tls_args(settings: Settings, dest: Destination):
     return (client_context(settings.tls), dest.host)
 
 
-def echo(settings: Settings, dest: Destination, timeout: float = 10.0) -> int:
-    """C-ECHO ``dest`` as our AE title; return the DIMSE status or raise NetworkError."""
-    ae = AE(ae_title=settings.node.ae_title)
+def echo_ae(settings: Settings, timeout: float = 10.0) -> AE:
+    """The AE that C-ECHOes a destination: Verification with pynetdicom's default transfer syntaxes."""
+    ae = identify(AE(ae_title=settings.node.ae_title))
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    return ae
+
+
+def echo(settings: Settings, dest: Destination, timeout: float = 10.0) -> int:
+    """C-ECHO ``dest`` as our AE title; return the DIMSE status or raise NetworkError."""
+    ae = echo_ae(settings, timeout)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=settings.node.max_pdu,
                          tls_args=_tls_args(settings, dest))
     where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
@@ -66,7 +73,7 @@ def store_files(settings: Settings, dest: Destination, files: Sequence[FileToSen
     from pynetdicom import _config
 
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes on disk as they are, in chunks
-    ae = AE(ae_title=settings.node.ae_title)
+    ae = identify(AE(ae_title=settings.node.ae_title))
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     needed: dict[str, set[str]] = {}
     for f in files:

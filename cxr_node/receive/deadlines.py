@@ -36,13 +36,18 @@ A_ASSOCIATE_RQ_TYPE = 0x01
 
 
 def read_associate_rq(sock: socket.socket, raw_recv: Callable[[int], bytes], accepted_at: float,
-                      request_timeout: float, network_timeout: float, max_length: int) -> tuple[bytes | None, str]:
+                      request_timeout: float, network_timeout: float, max_length: int
+                      ) -> tuple[bytes | None, str, bytes | None]:
     """Read one whole A-ASSOCIATE-RQ PDU from ``sock`` (through ``raw_recv``, which bypasses any
     PDU follower). It must be complete ``request_timeout`` s after ``accepted_at`` and
     ``network_timeout`` s after its first byte, whichever comes first.
 
-    Returns ``(pdu, "")``, or ``(None, reason)``: ``reason`` is "" when the peer closed or reset
-    the connection (nothing to refuse), otherwise why the connection is refused."""
+    Returns ``(pdu, "", None)``, or ``(None, reason, answer)``: ``reason`` is "" when the peer
+    closed or reset the connection (nothing to refuse), otherwise why the connection is refused;
+    ``answer`` is the PDU to send the peer first (an A-ABORT for a connection that does not start
+    with an A-ASSOCIATE-RQ), or None."""
+    from cxr_node.receive.associate_check import first_byte_answer
+
     deadline = accepted_at + request_timeout
     why = f"no complete A-ASSOCIATE-RQ within {request_timeout:g} s ([node] association_request_timeout)"
     buf = bytearray()
@@ -51,7 +56,7 @@ def read_associate_rq(sock: socket.socket, raw_recv: Callable[[int], bytes], acc
     while len(buf) < need:
         left = deadline - time.monotonic()
         if left <= 0:
-            return None, why + (f"; {len(buf)} of {need} bytes arrived" if buf else "")
+            return None, why + (f"; {len(buf)} of {need} bytes arrived" if buf else ""), None
         try:
             if tls:
                 if not sock.pending():
@@ -65,13 +70,14 @@ def read_associate_rq(sock: socket.socket, raw_recv: Callable[[int], bytes], acc
             continue
         except (OSError, ValueError):  # reset, or closed under us
             log.debug("connection reset after %d bytes of an A-ASSOCIATE-RQ", len(buf))
-            return None, ""
+            return None, "", None
         if not chunk:
             log.debug("connection closed after %d bytes of an A-ASSOCIATE-RQ", len(buf))
-            return None, ""
+            return None, "", None
         if not buf:
             if chunk[0] != A_ASSOCIATE_RQ_TYPE:
-                return None, f"not DICOM: the first byte 0x{chunk[0]:02X} does not start an A-ASSOCIATE-RQ"
+                answer = first_byte_answer(chunk[0])
+                return None, answer.reason, answer.pdu
             first_byte_deadline = time.monotonic() + network_timeout
             if first_byte_deadline < deadline:
                 deadline = first_byte_deadline
@@ -81,9 +87,10 @@ def read_associate_rq(sock: socket.socket, raw_recv: Callable[[int], bytes], acc
         if need == 6 and len(buf) >= 6:
             length = int.from_bytes(buf[2:6], "big")
             if length > max_length:
-                return None, f"A-ASSOCIATE-RQ of {length} bytes is longer than the {max_length} bytes we accept"
+                return (None, f"A-ASSOCIATE-RQ of {length} bytes is longer than the {max_length} bytes we accept",
+                        bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06]))
             need = 6 + length
-    return bytes(buf), ""
+    return bytes(buf), "", None
 
 
 def associate_rq_fault(pdu: bytes) -> str | None:

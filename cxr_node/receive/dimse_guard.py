@@ -4,7 +4,7 @@ point 4).
 pynetdicom chooses the service class of a request by the request's Affected SOP Class UID, not by
 the presentation context it came on: a C-STORE whose UID is malformed (``1.2.3.``) or has two
 values (``1.2.3\\4``, of which pynetdicom keeps the first) finds no service class and the
-association is aborted, although the README promises 0xC000. :class:`GuardedAssociation` runs
+association is aborted, although the conformance statement promises 0xC000. :class:`GuardedAssociation` runs
 the storage service of the context for such a C-STORE, so the node's C-STORE handler answers it
 (0xC000 with the reason, audited); :func:`note_command_set` records what the command set really
 held, which pynetdicom's primitive no longer shows.
@@ -47,15 +47,28 @@ def bad_sop_class(assoc: Any, message_id: int) -> str | None:
     return bad.pop(message_id, None) if bad else None
 
 
+#: Attribute set on a C-STORE primitive that arrived as a C-STORE-RSP (the node sent no request)
+UNSOLICITED_RSP_ATTR = "_cxr_unsolicited_rsp"
+
+
 class GuardedAssociation(Association):
     """pynetdicom's acceptor association (the class is swapped in when the connection's
-    association is created) with one change: a C-STORE whose SOP Class UID is not a storage class
-    runs the storage service anyway, so that the handler answers it with a status."""
+    association is created) with one change: every C-STORE message on an accepted context runs
+    the storage service, so that the node's handler answers it with a status and audits it,
+    including those pynetdicom would not route (a SOP Class UID that is not a storage class, or
+    empty) or would ignore and leave the peer waiting (a C-STORE-RSP, which the node never asked
+    for, or a request that lacks a required field; issue 30)."""
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         if isinstance(msg, C_STORE) and context_id in self._accepted_cx and not self._sent_release:
             uid = str(msg.AffectedSOPClassUID or "")
-            if uid_to_service_class(uid) is not StorageServiceClass:
+            if msg.Status is not None:  # a C-STORE-RSP: answered as a request that cannot be understood
+                setattr(msg, UNSOLICITED_RSP_ATTR, True)
+                msg.MessageID = msg.MessageIDBeingRespondedTo if msg.MessageIDBeingRespondedTo is not None else 0
+            elif msg.MessageID is None:
+                msg.MessageID = 0  # the answer needs a Message ID Being Responded To
+            if getattr(msg, UNSOLICITED_RSP_ATTR, False) or not msg.is_valid_request or \
+                    uid_to_service_class(uid) is not StorageServiceClass:
                 context = self._accepted_cx[context_id]
                 self._is_paused = True
                 try:

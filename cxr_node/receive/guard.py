@@ -12,6 +12,7 @@ which audits them.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import socketserver
 import ssl
@@ -25,6 +26,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from cxr_node.config import NodeSettings
 from cxr_node.logs import PerKeyRate
+from cxr_node.receive.associate_check import ABORT_INVALID_PARAMETER, Answer, a_abort, check_associate_rq
 from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.deadlines import PDUDeadline, ReplayingAssociationSocket, associate_rq_fault, read_associate_rq
 from cxr_node.receive.dimse_guard import GuardedAssociation
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 # byte), and a peer address may hold at most max_connections_per_host connections. It also
 # watches the PDU stream (PDULimit: length, and time per PDU with peer_deadlines.PDUDeadline).
 
+#: Connections the kernel queues for the accept loop (GuardedServer.request_queue_size).
+LISTEN_BACKLOG = 1024
 #: The largest PDU other than P-DATA-TF we read (an A-ASSOCIATE-RQ proposing every storage
 #: class is about 20 kB).
 MAX_CONTROL_PDU = 1 << 20
@@ -212,9 +216,9 @@ class LimitedSSLSocket(PDULimit, ssl.SSLSocket):
 class ConnectionGuard:
     """Connection counts per peer address and of connections not yet associated, shared by the
     accept loop and the connection threads; refusals go to ``on_refused(host, port, reason,
-    held_back)``, at most once per peer and minute."""
+    held_back, answer)``, at most once per peer and minute."""
 
-    def __init__(self, node: NodeSettings, on_refused: Callable[[str, int, str, int], None],
+    def __init__(self, node: NodeSettings, on_refused: Callable[[str, int, str, int, bytes | None], None],
                  on_tls_failure: Callable[[str, int, str], None],
                  on_violation: Callable[[PDULimit], None]) -> None:
         self.per_host = node.max_connections_per_host
@@ -255,12 +259,14 @@ class ConnectionGuard:
             if waiting:
                 self._waiting -= 1
 
-    def refused(self, host: str, port: int, reason: str) -> None:
+    def refused(self, host: str, port: int, reason: str, answer: bytes | None = None) -> None:
+        """Report a refusal (at most once per host and minute, counting the ones held back);
+        ``answer``: the PDU the peer was sent, if any."""
         held = self._rate.take(host)
         if held is None:
             return
         try:
-            self._on_refused(host, port, reason, held)
+            self._on_refused(host, port, reason, held, answer)
         except Exception:  # the accept loop must outlive a failed report; the failure is logged
             log.exception("could not report the refused connection from %s:%d", host, port)
 
@@ -293,6 +299,10 @@ class GuardedServer(ThreadedAssociationServer):
 
     daemon_threads = True
     block_on_close = False  # service.py drains associations itself, with drain_seconds
+    #: The listen backlog (socketserver's default is 5). A burst of connections the accept loop has
+    #: not taken yet waits in the kernel's queue; at 5, 33 of 200 connects from 20 hosts timed out
+    #: (issue 30) before the per-host limit could say who waits. Linux caps it at net.core.somaxconn.
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
         self.guard = guard
@@ -331,15 +341,19 @@ class GuardedServer(ThreadedAssociationServer):
                     return
             # the whole A-ASSOCIATE-RQ, here, before pynetdicom counts the connection as an
             # association (peer_deadlines.py): closed, reset, dribbled or malformed requests end here
-            pdu, refusal = read_associate_rq(
+            pdu, refusal, answer = read_associate_rq(
                 request, request._raw_recv, accepted_at, self.guard.request_timeout,
                 self.guard.network_timeout, MAX_CONTROL_PDU)
-            if pdu is not None:
-                refusal = associate_rq_fault(pdu) or ""
-                if refusal:
-                    _send_abort(request)
+            if pdu is not None:  # each field checked here, then pynetdicom's own decoder (issue 30)
+                pdu, verdict = check_associate_rq(pdu)
+                if verdict is None and (fault := associate_rq_fault(pdu)):
+                    verdict = Answer(a_abort(ABORT_INVALID_PARAMETER), fault)
+                if verdict is not None:
+                    refusal, answer = verdict.reason, verdict.pdu
+            if answer is not None:
+                _answer_and_close(request, answer)
             if refusal:
-                self.guard.refused(host, port, refusal)
+                self.guard.refused(host, port, refusal, answer)
             if pdu is None or refusal:
                 return  # refused, or closed by the peer before a whole request (a probe): not refused
             request.replay(pdu)
@@ -382,11 +396,21 @@ def abort_when_a_thread_dies(args: threading.ExceptHookArgs) -> None:
     abort_when_a_thread_dies.previous(args)  # type: ignore[attr-defined]
 
 
-def _send_abort(sock: socket.socket) -> None:
-    """A-ABORT (service provider, invalid PDU parameter value) for a request we refuse."""
+def _answer_and_close(sock: socket.socket, pdu: bytes, linger: float = 1.0) -> None:
+    """Send ``pdu`` (an A-ASSOCIATE-RJ or A-ABORT), then end our side and wait up to ``linger``
+    s for the peer to close (PS3.8: the requestor closes after a rejection), reading and dropping
+    what it still sends, so that closing with unread data does not reset the connection before the
+    answer is read. The connection's thread holds no association slot meanwhile."""
     try:
-        sock.sendall(_A_ABORT_INVALID_PARAMETER)
-    except OSError:
+        sock.sendall(pdu)
+        socket.socket.shutdown(sock, socket.SHUT_WR)  # type: ignore[arg-type]
+        deadline = time.monotonic() + linger
+        raw = getattr(sock, "_raw_recv", None)
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([sock], [], [], left)
+            if not readable or not (raw(65536) if raw else sock.recv(65536)):
+                break
+    except (OSError, ValueError):
         pass  # the peer is gone already; nothing more to tell it
 
 

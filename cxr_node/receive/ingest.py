@@ -60,7 +60,7 @@ def read_header(file_bytes: bytes, pixels: bool = True) -> Header:
     except InvalidInstanceError:
         raise
     except Exception as e:  # pydicom raises many types on malformed input; all mean "cannot decode"
-        raise InvalidInstanceError(f"dataset does not decode: {type(e).__name__}") from e
+        raise InvalidInstanceError(f"dataset does not decode: {_decode_fault(e)}") from e
     missing = [k for k, v in raw.items() if not v]
     if missing:
         raise InvalidInstanceError(f"missing {', '.join(missing)}")
@@ -70,6 +70,20 @@ def read_header(file_bytes: bytes, pixels: bool = True) -> Header:
         raise InvalidInstanceError(f"malformed {', '.join(bad)}")
     return Header(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"],
                   uids["SOPClassUID"], str(patient_id).strip() if patient_id else None)
+
+
+def _decode_fault(e: Exception) -> str:
+    """What failed, in words a person can act on (issue 30: a Deflate dataset that did not inflate
+    read only "error", zlib's exception name). Quoted values (a library may quote what it judged,
+    a patient name among them) are withheld."""
+    import zlib
+
+    from cxr_node.logs import redact_quoted
+
+    text = redact_quoted(str(e))[:120]
+    if isinstance(e, zlib.error):
+        return f"the Deflate-compressed dataset does not inflate (zlib: {text or 'no detail'})"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _check_complete(ds: Dataset) -> None:
@@ -150,7 +164,7 @@ class Ingest:
                          detail={"path": str(rel), "study_version": version,
                                  **({"dimse_priority": priority} if priority is not None else {})}, **common)
             if reason:
-                audit.record(s, "instance.not_for_triage", ts=now, reason=reason.text,
+                audit.record(s, "instance.not_for_triage", "warning", ts=now, reason=reason.text,
                              detail={"refusal_code": reason.code.value}, **common)
 
     def _record_duplicate(self, h: Header, size: int, assoc: AssociationInfo | None) -> None:

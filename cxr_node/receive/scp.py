@@ -46,12 +46,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_node.config import Settings
 from cxr_node.dicom import status as dimse
-from cxr_node.dicom.uids import is_valid_uid
+from cxr_node.dicom.uids import identify, is_valid_uid
 from cxr_node.errors import InvalidInstanceError, SOPClassMismatchError, SpoolError, db_error_text
-from cxr_node.logs import PerKeyRate
+from cxr_node.logs import PerKeyRate, redact_quoted
 from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.dataset_check import encoding_fault
-from cxr_node.receive.dimse_guard import bad_sop_class, note_command_set
+from cxr_node.receive.dimse_guard import UNSOLICITED_RSP_ATTR, bad_sop_class, note_command_set
 from cxr_node.receive.guard import (
     REPORTED_ABORT_FILTER,
     ConnectionGuard,
@@ -89,6 +89,8 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
+VERIFICATION_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)   # permanent, service-user, called AE title not recognised
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
@@ -100,6 +102,15 @@ def _status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]  # LO: at most 64 characters
     return ds
+
+
+def _answer_name(pdu: bytes | None) -> str | None:
+    """``A-ASSOCIATE-RJ 1/2/2`` or ``A-ABORT reason 6`` for the PDU a refused peer was sent."""
+    if not pdu:
+        return None
+    if pdu[0] == 0x03:
+        return f"A-ASSOCIATE-RJ {pdu[7]}/{pdu[8]}/{pdu[9]}"
+    return f"A-ABORT reason {pdu[9]}"
 
 
 def _syntax_name(transfer_syntax: str) -> str:
@@ -121,6 +132,24 @@ def _any_uid(value: Any) -> tuple[bool, str]:
     return True, ""
 
 
+def build_ae(settings: Settings) -> AE:
+    """The Storage SCP's AE: our AE title and implementation identity, limits, timeouts, and the
+    presentation contexts it accepts (every storage SOP class in :data:`TRANSFER_SYNTAXES`, and
+    Verification). The conformance statement reads them from here."""
+    n = settings.node
+    ae = identify(AE(ae_title=n.ae_title))
+    ae.maximum_pdu_size = n.max_pdu
+    ae.maximum_associations = n.max_associations
+    ae.network_timeout = n.network_timeout
+    ae.acse_timeout = n.acse_timeout
+    ae.dimse_timeout = n.dimse_timeout
+    ae.require_called_aet = False  # checked in _on_requested so that the rejection is audited
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, VERIFICATION_SYNTAXES)
+    return ae
+
+
 class Receiver:
     """The pynetdicom AE plus the handlers bound to it. Dependencies come in through the
     constructor and the handler registration tuples, never globals."""
@@ -134,22 +163,8 @@ class Receiver:
         #: something (the scheduler's release rule for study completion); set by service.py.
         self.on_released: Callable[[str], None] | None = None
         self._abort_lines = PerKeyRate()  # one log line per host and minute for aborts (all audited)
-        self.ae = self._build_ae()
+        self.ae = build_ae(settings)
         self.server = None
-
-    def _build_ae(self) -> AE:
-        n = self.settings.node
-        ae = AE(ae_title=n.ae_title)
-        ae.maximum_pdu_size = n.max_pdu
-        ae.maximum_associations = n.max_associations
-        ae.network_timeout = n.network_timeout
-        ae.acse_timeout = n.acse_timeout
-        ae.dimse_timeout = n.dimse_timeout
-        ae.require_called_aet = False  # checked in _on_requested so that the rejection is audited
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        return ae
 
     def bind(self) -> GuardedServer:
         """Listen on [node] host:port (raises OSError if it cannot); connections wait in the
@@ -203,11 +218,14 @@ class Receiver:
         self._audit("association.rejected", "failure", host=host, port=port, reason=reason,
                     detail={"stage": "tls"})
 
-    def _on_refused(self, host: str, port: int, reason: str, held_back: int) -> None:
+    def _on_refused(self, host: str, port: int, reason: str, held_back: int, answer: bytes | None = None) -> None:
         more = f" ({held_back} more from this host since the last report)" if held_back else ""
-        log.warning("connection from %s:%d closed: %s%s", host, port, reason, more)
-        self._audit("connection.refused", "failure", host=host, port=port, reason=reason,
-                    detail={"held_back_since_last_row": held_back, "rate_limit": "one row per host and minute"})
+        said = _answer_name(answer)
+        log.warning("connection from %s:%d closed%s: %s%s", host, port, f" with {said}" if said else "", reason, more)
+        detail = {"held_back_since_last_row": held_back, "rate_limit": "one row per host and minute"}
+        if said:
+            detail["answer"] = said
+        self._audit("connection.refused", "failure", host=host, port=port, reason=reason, detail=detail)
 
     def _on_violation(self, sock: PDULimit) -> None:
         info = sock.association
@@ -337,22 +355,30 @@ class Receiver:
     # ------------------------------------------------------------------ C-STORE
 
     def _on_store(self, event) -> int | Dataset:
+        """Every C-STORE message ends here with a status from the table above (never pynetdicom's
+        0xC211 "exception in the handler") and, unless it is stored, an ``instance.failed`` row."""
         info = self._info(event.assoc)
         req = event.request
-        rq_sop = str(req.AffectedSOPInstanceUID)
-        rq_class = str(req.AffectedSOPClassUID)
-        transfer_syntax = str(event.context.transfer_syntax)
-        context_class = str(event.context.abstract_syntax)
-        data = event.encoded_dataset(include_meta=True)
-        size = len(data)
+        rq_sop = str(req.AffectedSOPInstanceUID or "")
+        rq_class = str(req.AffectedSOPClassUID or "")
+        size = 0
         header = None
         try:
+            if getattr(req, UNSOLICITED_RSP_ATTR, False):
+                raise InvalidInstanceError("a C-STORE-RSP, not a request: this node sent no C-STORE-RQ")
             for name, value in (("SOP Instance", rq_sop), ("SOP Class", rq_class)):
+                if not value:
+                    raise InvalidInstanceError(f"request's Affected {name} UID is empty")
                 if not is_valid_uid(value):
                     raise InvalidInstanceError(f"request's Affected {name} UID invalid ({len(value)} chars)")
             why = bad_sop_class(event.assoc, req.MessageID)
             if why:
                 raise InvalidInstanceError(f"request's Affected SOP Class UID invalid ({why})")
+            size = req.DataSet.getbuffer().nbytes if req.DataSet is not None else 0
+            if not size:
+                raise InvalidInstanceError("the C-STORE-RQ carries no dataset")
+            transfer_syntax = str(event.context.transfer_syntax)
+            context_class = str(event.context.abstract_syntax)
             if rq_class != context_class:
                 return self._fail(STATUS_SOP_CLASS_NOT_SUPPORTED,
                                   f"SOP Class not the presentation context's: {rq_class} on {context_class}",
@@ -362,6 +388,8 @@ class Receiver:
                 fault = encoding_fault(raw, transfer_syntax)
             if fault:
                 raise InvalidInstanceError(f"does not decode: {fault} ({_syntax_name(transfer_syntax)})")
+            data = event.encoded_dataset(include_meta=True)
+            size = len(data)
             header = read_header(data, pixels=UID(transfer_syntax).is_deflated)
             if header.sop_class_uid != rq_class:
                 raise SOPClassMismatchError(f"dataset SOP Class {header.sop_class_uid} is not the request's")
@@ -377,6 +405,11 @@ class Receiver:
         except SQLAlchemyError as e:
             log.error("database error storing %s: %s", rq_sop, db_error_text(e))
             return self._fail(STATUS_OUT_OF_RESOURCES, "database unavailable; instance not stored",
+                              info, rq_sop, rq_class, header, size)
+        except Exception as e:  # a fault of ours on the peer's data: said and audited, never 0xC211
+            log.error("C-STORE %s could not be handled: %s: %s", rq_sop or "?", type(e).__name__,
+                      redact_quoted(str(e))[:200])
+            return self._fail(STATUS_CANNOT_UNDERSTAND, f"could not be read ({type(e).__name__})",
                               info, rq_sop, rq_class, header, size)
         if info:
             with info.lock:

@@ -35,7 +35,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import select
 
 from cxr_node.config import Settings
@@ -46,7 +45,6 @@ from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.errors import CheckpointError, PreprocessError
 from cxr_node.logs import redact_quoted
 from cxr_node.onboarding import stations
-from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
 from cxr_node.study import results, scheduling, triage
 from cxr_node.study import states as studies
@@ -295,16 +293,35 @@ class Processor:
                 work.skipped.append((inst, eligibility.unreadable(
                     f"cannot read the spooled file: {type(e).__name__}: {e}")))
                 continue
+            note, refused = self._character_set(inst, ds)
             if work.station is None:
                 work.station = stations.resolve(self.settings, inst.calling_aet, element(ds, "StationName"),
                                                 element(ds, "InstitutionName"))
-            work.films.append(Film(inst, ds, refused=eligibility.header_reason(ds, **rules),
-                                   stats={"rows": as_int(element(ds, "Rows")), "cols": as_int(element(ds, "Columns"))}))
+            work.films.append(Film(inst, ds, refused=refused or eligibility.header_reason(ds, **rules),
+                                   stats={"rows": as_int(element(ds, "Rows")), "cols": as_int(element(ds, "Columns"))},
+                                   charset=note))
         if work.station is None:
             aet = instances[0].calling_aet if instances else None
             work.station = stations.resolve(self.settings, aet)
         work.todo = [f for f in work.films if f.refused is None]
         return work
+
+    @staticmethod
+    def _character_set(inst: Instance, ds: Dataset) -> tuple[str | None, Refusal | None]:
+        """The film's text made writable in its results (cxr_node.encode.charset): a note saying how
+        when that took a change, and the refusal when it could not be done (its SR still says so)."""
+        from cxr_node.encode import charset
+
+        try:
+            note = charset.prepare(ds)
+        except Exception as e:  # the last resort: text read as Latin-1, the film refused with its reason
+            charset.fallback(ds)
+            note = f"the character set could not be handled ({type(e).__name__}); text read as Latin-1"
+            log.warning("film %s: %s; refused", inst.sop_instance_uid, note)
+            return note, eligibility.unreadable(f"character set: {note}")
+        if note:
+            log.warning("film %s: %s", inst.sop_instance_uid, note)
+        return note, None
 
     def preprocess(self, predictor, films: list[Film]) -> None:
         import numpy as np
@@ -393,12 +410,18 @@ class Processor:
         from cxr_node.encode.sr import AnalysedFilm
 
         if film.refused is None and film.prediction is not None:
-            sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction,
-                          w.model or self._identity, instance_number=len(w.encoded) + 1, box=film.box,
-                          lung_mask=film.lungs.mask if film.lungs is not None else None,
-                          max_rows=self.settings.outbox.sc_max_rows)
-            w.written.append(self.outbox.write(sc, "sc"))
-            w.encoded.append(AnalysedFilm(film.ds, sc, film.prediction))
+            try:
+                sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction,
+                              w.model or self._identity, instance_number=len(w.encoded) + 1, box=film.box,
+                              lung_mask=film.lungs.mask if film.lungs is not None else None,
+                              max_rows=self.settings.outbox.sc_max_rows)
+            except ValueError as e:  # highdicom judged a header value: the film is refused, the SR says so
+                film.refused = eligibility.unreadable(
+                    f"its Secondary Capture could not be written from its header: {redact_quoted(str(e))[:160]}")
+                log.warning("film %s: %s", film.instance.sop_instance_uid, film.refused.text)
+            else:
+                w.written.append(self.outbox.write(sc, "sc"))
+                w.encoded.append(AnalysedFilm(film.ds, sc, film.prediction))
         film.full = film.display = film.x = film.lungs = None  # up to tens of MB per film
 
     def encode_sr(self, w: StudyWork) -> Dataset | None:
@@ -410,7 +433,7 @@ class Processor:
                                or any(eligibility.chest_by_header(f.refused) for f in w.films)):
             return None
         sr = build_sr(w.encoded, w.model or self._identity, study_version=w.version,
-                      predecessor=self._predecessor(w), refused=[RefusedFilm(f.ds, f.refused) for f in w.refused])
+                      predecessor=results.predecessor(self.db, self.outbox, self._identity, w), refused=[RefusedFilm(f.ds, f.refused) for f in w.refused])
         w.written.append(self.outbox.write(sr, "sr"))
         return sr
 
@@ -418,19 +441,3 @@ class Processor:
         """Outbox rows, image results, audit rows and the state change, in one transaction."""
         results.record(self.settings, self.db, self.outbox, w, written, sr, w.model or self._identity,
                        self._predictor.temperature)
-
-    def _predecessor(self, w: StudyWork) -> Dataset | None:
-        """The SR this version revises: read from the outbox copy when it is still there."""
-        with self.db.session() as s:
-            st = s.get(Study, w.study_uid)
-            last = st.last_sr_uid if st else None
-        if not last or last == self._identity.sr_uid(w.study_uid, w.version):
-            return None
-        path = self.outbox.dir / result_path(w.study_uid, last)
-        if path.is_file():
-            return dcmread(path, stop_before_pixels=True)
-        ref = Dataset()
-        ref.StudyInstanceUID, ref.SOPInstanceUID = w.study_uid, last
-        ref.SeriesInstanceUID = self._identity.sr_series_uid(w.study_uid)
-        ref.SOPClassUID = Comprehensive3DSRStorage
-        return ref

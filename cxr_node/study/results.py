@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
 
 from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
@@ -13,6 +15,7 @@ from cxr_node.db.models import ImageResult, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.encode.identity import ModelIdentity
 from cxr_node.onboarding import stations
+from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
 from cxr_node.study import states as studies
 from cxr_node.study.work import StudyWork, element
@@ -47,9 +50,10 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                               created_at=now, station=ref.name,
                               image_stats=stats.get(inst.sop_instance_uid),
                               ood_score=getattr(film.prediction, "ood_score", None) if film else None))
-            audit.record(s, "image.skipped", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
+            audit.record(s, "image.skipped", "warning", study_uid=w.study_uid, sop_instance_uid=inst.sop_instance_uid,
                          sop_class_uid=inst.sop_class_uid, patient_id=inst.patient_id, reason=reason.text,
-                         detail={"version": w.version, "refusal_code": reason.code.value})
+                         detail={"version": w.version, "refusal_code": reason.code.value,
+                                 **({"character_set": film.charset} if film and film.charset else {})})
         sc_uids = iter(d.sop_instance_uid for d in written if d.kind == "sc")
         for film in analysed:
             p, sc_uid = film.prediction, next(sc_uids)
@@ -69,7 +73,8 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
                                  "probabilities": probs, "abnormal": getattr(p, "abnormal", None),
                                  "sc_uid": sc_uid, "ood_score": p.ood_score,
                                  "station": ref.name, "calibration": model.calibration,
-                                 "temperature": temperature})
+                                 "temperature": temperature,
+                                 **({"character_set": film.charset} if film.charset else {})})
         queued = 0 if shadow else outbox.enqueue(s, written, w.study_uid, w.version)
         st = s.get(Study, w.study_uid, with_for_update=True)
         detail = {"analysed": len(analysed), "refused": len(w.refused), "skipped": len(not_analysed),
@@ -100,3 +105,20 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
     log.info("study %s v%d: %d analysed, %d refused, %d skipped, priority %s, %d object(s) queued%s", w.study_uid,
              w.version, len(analysed), len(w.refused), len(w.skipped), priority, queued,
              f" (station {ref.name} in shadow mode: kept, not sent)" if shadow else "")
+
+
+def predecessor(db: Database, outbox: Outbox, identity: ModelIdentity, w: StudyWork) -> Dataset | None:
+    """The SR this version revises: read from the outbox copy when it is still there."""
+    with db.session() as s:
+        st = s.get(Study, w.study_uid)
+        last = st.last_sr_uid if st else None
+    if not last or last == identity.sr_uid(w.study_uid, w.version):
+        return None
+    path = outbox.dir / result_path(w.study_uid, last)
+    if path.is_file():
+        return dcmread(path, stop_before_pixels=True)
+    ref = Dataset()
+    ref.StudyInstanceUID, ref.SOPInstanceUID = w.study_uid, last
+    ref.SeriesInstanceUID = identity.sr_series_uid(w.study_uid)
+    ref.SOPClassUID = Comprehensive3DSRStorage
+    return ref

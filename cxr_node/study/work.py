@@ -26,6 +26,7 @@ class Film:
     refused: Refusal | None = None  # why this film was not analysed (code + text)
     stats: dict | None = None   # image size and intensity, for drift
     features: object = None     # pooled penultimate features (site heads: cxr_node.onboarding.site_adaptation)
+    charset: str | None = None  # how its text was made writable (cxr_node.encode.charset), when it took a change
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
@@ -130,10 +130,16 @@ def _when(t: str | None) -> str:
     return t.replace("T", " ").replace("Z", " UTC").replace("+00:00", " UTC")
 
 
-def _short_uid(uid: str | None, keep: int = 8) -> str:
-    """A long UID shortened for a table: its first and last ``keep`` characters."""
+def _short_uid(uid: str | None, among: Any = (), keep: int = 8) -> str:
+    """A long UID shortened for a table: its first ``keep`` characters and as many of its last
+    (``keep`` at least) as tell it apart from every other UID in ``among`` (the page's UIDs):
+    ``1.3.6.1.…185059.5457`` and ``1.3.6.1.…182059.5457``, not ``1.3.6.1.…059.5457`` twice."""
     uid = uid or ""
-    return uid if len(uid) <= 2 * keep + 3 else f"{uid[:keep]}\u2026{uid[-keep:]}"
+    others = {u for u in among or () if u and u != uid}
+    tail = keep
+    while tail < len(uid) and any(o.endswith(uid[-tail:]) for o in others):
+        tail += 1
+    return uid if len(uid) <= keep + tail + 3 else f"{uid[:keep]}\u2026{uid[-tail:]}"
 
 
 def client_host(request: Request) -> str:
@@ -213,15 +219,43 @@ def guarded(permission: str = "view", api: bool = False) -> Callable:
             if request.method == "POST":
                 form = await request.form(max_files=0, max_fields=1000)
                 if not same(form.get("csrf_token"), sess.csrf):
-                    return PlainTextResponse("Forbidden: the form's security token is missing or wrong; reload "
-                                             "the page and try again.", status_code=403)
+                    return forbidden(console, request, sess, "Forbidden: the form's security token is missing or "
+                                     "wrong; reload the page and try again.", api)
             if not sess.user.may(permission):
-                return PlainTextResponse(f"Forbidden: the {sess.user.role} role may not do this.", status_code=403)
+                return forbidden(console, request, sess, f"Forbidden: the {sess.user.role} role may not "
+                                 f"{PERMISSION_WORDS.get(permission, 'do this')}. Ask an admin if you need it.", api)
             return await run_in_threadpool(fn, console, request, sess, form)
 
         return endpoint
 
     return wrap
+
+
+#: What each permission lets a user do, for the page that says a role may not.
+PERMISSION_WORDS = {"view": "see the worklist and the studies",
+                    "operations": "see the audit trail or the outbox",
+                    "outbox": "retry or purge the outbox",
+                    "feedback": "store readers' labels"}
+
+
+def forbidden(console: "Console", request: Request, sess: Any, why: str, api: bool = False) -> Response:
+    """403 as a page of the console (its menu, and a way back), or as JSON for the API."""
+    if api:
+        return JSONResponse({"error": why}, status_code=403)
+    return console.page(request, "message.html", {"user": sess.user if sess else None,
+                                                  "csrf": sess.csrf if sess else None, "title": "Not allowed",
+                                                  "message": why, "back": safe_back(request)}, status=403)
+
+
+def safe_back(request: Request) -> str:
+    """The page the user came from (the Referer's path, on this console only), else the worklist."""
+    from urllib.parse import urlsplit
+
+    ref = urlsplit(request.headers.get("referer", ""))
+    if ref.netloc and ref.netloc != request.url.netloc:
+        return "/"
+    path = ref.path + (f"?{ref.query}" if ref.query else "")
+    return safe_next(path) if path and path != request.url.path else "/"
 
 
 def safe_next(value: str | None) -> str:
@@ -234,6 +268,10 @@ def safe_next(value: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------- middleware
+
+
+async def _bad_request(scope, receive, send) -> None:
+    await PlainTextResponse("Request body incomplete.", status_code=400)(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
@@ -258,6 +296,7 @@ class SecurityHeaders:
         if not length.isdigit() or int(length) > MAX_BODY:
             return await too_large(scope, receive, send)
         received = [0]
+        note = ""
 
         async def receive_limited():
             message = await receive()
@@ -286,6 +325,11 @@ class SecurityHeaders:
             if status[0]:  # pragma: no cover - every handler reads its form before it answers
                 raise
             await too_large(scope, receive, send_with_headers)
+        except ClientDisconnect:  # the client went away before its body came (issue 30): said in the
+            # request's one line, no traceback; the 400 goes nowhere if the connection is gone already
+            note = f" (the client went away before its {int(length)}-byte body arrived)"
+            if not status[0]:
+                await _bad_request(scope, receive, send_with_headers)
         finally:
-            log.info("%s %s %d %.0fms", scope.get("method"), scope.get("path"), status[0],
-                     1000 * (time.perf_counter() - t0))
+            log.info("%s %s %d %.0fms%s", scope.get("method"), scope.get("path"), status[0],
+                     1000 * (time.perf_counter() - t0), note)

@@ -20,8 +20,9 @@ from dicomgen import make_cr
 
 from cxr_node.audit.trail import FIELDS
 
-COMMANDS = {"serve", "db", "check-config", "status", "echo", "audit", "outbox", "resend", "reprocess", "retention",
-            "triage", "web", "user", "feedback", "performance", "calibrate-site", "adapt-site"}
+COMMANDS = {"serve", "db", "check-config", "status", "studies", "echo", "audit", "outbox", "resend", "reprocess", "retention",
+            "triage", "web", "user", "feedback", "performance", "calibrate-site", "adapt-site",
+            "conformance"}
 
 
 def test_help_lists_every_command(capsys):
@@ -87,7 +88,7 @@ def test_read_only_commands_create_nothing(tmp_path):
     `db upgrade` fails saying so, and leaves no file or directory behind."""
     cfg = _config(tmp_path, dest=True)
     data = tmp_path / "data"
-    for args in (["db", "current"], ["db", "downgrade", "base"], ["status"], ["status", "--format", "json"],
+    for args in (["db", "current"], ["db", "downgrade", "base"], ["status"], ["status", "--format", "json"], ["studies"],
                  ["audit"], ["audit", "verify"], ["audit", "study", "1.2.3"], ["audit", "export", "--format",
                  "dicom-audit"], ["outbox", "list"], ["outbox", "retry", "--all-dead"], ["retention"],
                  ["resend", "1.2.3"], ["reprocess", "1.2.3"], ["web"], ["user", "list"], ["user", "add", "x",
@@ -116,6 +117,42 @@ def test_read_only_commands_create_nothing(tmp_path):
         cli(*args, config=cfg)
         assert sorted(data.rglob("*")) == before, args  # no spool, outbox or other directory made
 
+
+
+def test_studies_lists_the_newest_first_and_status_names_the_last_few(tmp_path):
+    """`cxr-node studies`: time, patient ID, accession, state, priority and the UID the other
+    commands take, newest first; `status` names the newest three."""
+    import datetime as dt
+
+    from cxr_node.db.models import Study
+    from cxr_node.db.session import Database
+
+    cfg = _config(tmp_path)
+    cli("db", "upgrade", config=cfg)
+    t0 = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.timezone.utc)
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'cxr-node.db'}")
+    with db.transaction() as s:
+        for i, (state, prio) in enumerate([("processed", "urgent"), ("processed", "routine"), ("failed", None),
+                                           ("queued", None), ("receiving", None)]):
+            at = t0 + dt.timedelta(minutes=i)
+            s.add(Study(study_uid=f"1.2.826.0.1.3680043.10.1394.{i}", state=state, patient_id=f"P{i}",
+                        accession_number=f"A{i}" if state == "processed" else None, priority=prio, instance_count=1,
+                        first_received_at=at, last_received_at=at, state_changed_at=at))
+    db.dispose()
+    out = cli("studies", config=cfg).stdout.splitlines()
+    assert out[0].split() == ["TIME", "PATIENT", "ACCESSION", "STATE", "PRIORITY", "STUDY", "UID"]
+    uids = [line.split()[-1] for line in out[2:-1]]
+    assert uids == [f"1.2.826.0.1.3680043.10.1394.{i}" for i in (4, 3, 2, 1, 0)] and out[-1] == "5 studies, newest first"
+    assert out[-2].split() == ["2026-12-06T09:00:00+00:00", "P0", "A0", "processed", "urgent", uids[-1]]
+    out = cli("studies", "--limit", "2", "--state", "processed", config=cfg).stdout.splitlines()
+    assert [line.split()[-1] for line in out[2:-1]] == uids[3:] and out[-1] == "2 processed studies, newest first"
+    rows = json.loads(cli("studies", "--limit", "1", "--format", "json", config=cfg).stdout)
+    assert rows == [{"time": "2026-12-06T09:04:00+00:00", "patient_id": "P4", "accession_number": None,
+                     "state": "receiving", "priority": None, "study_uid": uids[0]}]
+    status = cli("status", config=cfg).stdout
+    assert [u for u in uids if u in status] == uids[:3]
+    assert [r["study_uid"] for r in json.loads(cli("status", "--format", "json", config=cfg).stdout)
+            ["recent_studies"]] == uids[:3]
 
 
 def test_status_says_an_old_schema_needs_an_upgrade_not_that_the_database_is_down(tmp_path):

@@ -93,3 +93,57 @@ def test_check_config_names_the_stations(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "station     cr1-er: calling AE CR1 (StationName ER), active" in out
     assert "new station shadow (stations not listed in [[stations]])" in out
+
+
+def test_a_local_file_extends_the_shipped_one_without_touching_it(tmp_path):
+    """config/local.toml (git-ignored) holds a site's changes over config/cxr-node.toml: sections
+    merge key by key, its [[destinations]] replace the base's, and a relative path keeps the
+    meaning it had in the file that wrote it."""
+    shipped = tmp_path / "config" / "cxr-node.toml"
+    shipped.parent.mkdir()
+    shipped.write_text('[storage]\ndata_dir = "../var"\n[node]\nport = 11112\nmax_associations = 4\n'
+                       '[model]\ncheckpoint = "bundled:v2"\n'
+                       '[[destinations]]\nname = "old"\nae_title = "OLD"\nhost = "h"\nport = 1\n')
+    site = tmp_path / "elsewhere" / "local.toml"
+    site.parent.mkdir()
+    site.write_text(f'extends = "{shipped}"\n[node]\nport = 11113\n[model]\nlung_checkpoint = "lungs.pt"\n'
+                    '[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "pacs"\nport = 4242\n')
+    s = cfg.load(site)
+    assert s.node.port == 11113 and s.node.max_associations == 4  # merged key by key
+    assert s.storage.data_dir == tmp_path / "var"  # the shipped file's "../var", from its own directory
+    assert s.model.lung_checkpoint == site.parent / "lungs.pt"  # the local file's, from its directory
+    assert s.model.checkpoint == cfg.BUNDLED_MODELS["v2"]  # a bundled model by name is a name, not a path
+    assert [d.name for d in s.destinations] == ["pacs"]  # the list is replaced
+    assert s.source == site and s.extends == (shipped,)
+    out = cli("check-config", config=site).stdout
+    assert out.splitlines()[0] == f"configuration OK: {site} (over {shipped})"
+
+    site.write_text('extends = "local.toml"\n')
+    with pytest.raises(ConfigError, match="circle"):
+        cfg.load(site)
+    site.write_text('extends = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="missing.toml is not a file"):
+        cfg.load(site)
+
+
+def test_the_local_example_is_what_make_run_starts_with():
+    s = cfg.load(REPO / "config" / "local.example.toml")
+    assert s.extends == ((REPO / "config" / "cxr-node.toml").resolve(),)
+    assert s.node.host == "127.0.0.1" and s.storage.data_dir == REPO / "var"
+    assert "config/local.toml" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_check_config_prints_whole_lines_in_order_through_a_pipe(tmp_path):
+    """`check-config 2>&1 | cat`: the settings, then each warning, every line ending in a newline."""
+    import subprocess
+
+    from conftest import PY
+
+    f = tmp_path / "c.toml"
+    f.write_text("")
+    p = subprocess.run([PY, "-m", "cxr_node", "--config", str(f), "check-config"], cwd=REPO, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    lines = p.stdout.split("\n")
+    assert p.stdout.endswith("\n") and lines.index("  destination none") < min(
+        i for i, x in enumerate(lines) if x.startswith("cxr-node: warning:"))
+    assert all(x.startswith(("configuration OK", "  ", "cxr-node: warning: ")) for x in lines if x), lines

@@ -40,6 +40,7 @@ def test_a_film_without_lungs_is_refused_audited_and_named_in_the_sr(node_factor
     (skipped,) = node.events("image.skipped", study_uid=study)
     assert skipped["sop_instance_uid"] == noise_uid
     assert "lung field" in skipped["reason"]
+    assert skipped["outcome"] == "warning"  # a refusal is not a success (nor an error for `status`)
     (triaged,) = node.events("image.triaged", study_uid=study)
     assert triaged["sop_instance_uid"] == chest_uid and triaged["detail"]["urgent"] is True
     (processed,) = node.events("study.processed", study_uid=study)

@@ -163,7 +163,8 @@ def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
     significant digits, each with its class, its operating point and whether it was exceeded; a
     coded urgency for the study and the film; the notice as a text item; algorithm name and
     version once per group and nothing more; a refused film's group with its coded reason;
-    standard codes except where none exists, each private one listed in the README."""
+    standard codes except where none exists, each private one listed in docs/integration.md and
+    docs/conformance.md."""
     import re
     from pathlib import Path
 
@@ -218,11 +219,13 @@ def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
     assert refused_group["evaluations"] == {"Reason not analysed": reason_code(why).meaning}
     assert refused_group["source_sop_uids"] == [refused.SOPInstanceUID]
 
-    # every private code used is listed in the README
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    # every private code used is listed for the integration engineer and in the conformance statement
+    docs = Path(__file__).resolve().parents[2] / "docs"
     private = {c.CodeValue for _, it in items for key in ("ConceptNameCodeSequence", "ConceptCodeSequence")
                for c in it.get(key, []) if c.CodingSchemeDesignator == PRIVATE_SCHEME}
-    assert private and all(f"`{v}`" in readme for v in private), private
+    for doc in ("integration.md", "conformance.md"):
+        text = (docs / doc).read_text()
+        assert private and all(f"`{v}`" in text for v in private), (doc, private)
 
 
 def test_revised_report_names_its_predecessor(analysed, tmp_path):

@@ -82,3 +82,18 @@ def test_head_round_trips_through_meta_and_tensors():
     back = AbnormalityHead.from_checkpoint(h.state_tensors(), {"abnormality": h.meta()})
     x = rng.normal(size=(5, 4))
     assert np.allclose(back.probability(x), h.probability(x), atol=1e-6) and back.threshold == 0.25
+
+
+def test_bundled_v5_loads_with_its_head_and_gate_and_is_not_the_default(tmp_path):
+    """The v5 checkpoint ships beside v2 (training/results/v5: it did not pass the ship rule), selectable as
+    [model] checkpoint = "bundled:v5"; its gate is bound to its own weights."""
+    from cxr_node.config import BUNDLED_CHECKPOINT, BUNDLED_MODELS, parse
+
+    pr = Predictor(BUNDLED_MODELS["v5"])
+    assert pr.abnormality is not None and pr.ood is not None
+    assert pr.meta["based_on"]["version"] == "densenet121-128-covid19radiography-v2"
+    assert pr.policy.abnormal_threshold == pytest.approx(pr.meta["abnormality"]["threshold"])
+    assert BUNDLED_CHECKPOINT == BUNDLED_MODELS["v2"]
+    assert parse({"model": {"checkpoint": "bundled:v5"}}, tmp_path).model.checkpoint == BUNDLED_MODELS["v5"]
+    with pytest.raises(Exception, match="no bundled model 'v9'"):
+        parse({"model": {"checkpoint": "bundled:v9"}}, tmp_path)

@@ -195,7 +195,7 @@ def test_missing_pixel_data_is_refused(ramp, tmp_path):
     with pytest.raises(PreprocessError, match="no pixel data"):
         R.dicom_to_float(ds)
     ds.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
-    with pytest.raises(PreprocessError, match="nopix.dcm: DICOM dataset has no pixel data"):
+    with pytest.raises(PreprocessError, match="nopix.dcm: the film has no pixel data"):
         P.LoadRadiograph()(tmp_path / "nopix.dcm")
 
 

@@ -212,10 +212,11 @@ def test_names_without_caret_never_reach_a_log_through_the_whole_pipeline(node_f
         sent = [dcmread(p, stop_before_pixels=True) for p in pacs.out_dir.iterdir()]
     assert any(str(d.get("PatientName", "")) == patient for d in sent)  # the name did travel, in the data
     node.stop()
-    assert "text withheld" in node.log or "<redacted>" in node.log  # the warnings were raised ...
+    # highdicom's person-name warning (one per Secondary Capture, nothing an admin can act on) is dropped
+    assert "UserWarning from highdicom (sop.py" not in node.log, node.log[-2000:]
     texts = {p.name: p.read_text(errors="replace") for p in node.root.rglob("*.log")}
     texts["audit"] = cli("audit", "--format", "json", config=node.config).stdout
-    for where, text in texts.items():  # ... and no name got through
+    for where, text in texts.items():  # no name got through
         for word in (*patient.split(), *referrer.split()):
             assert word not in text, f"{word} in {where}"
 

@@ -48,7 +48,7 @@ def test_a_class_cxr_node_does_not_triage_is_kept_and_marked_with_its_code(inges
         (inst,) = s.query(Instance).all()
         (ev,) = s.query(AuditEvent).filter(AuditEvent.event == "instance.not_for_triage").all()
     assert inst.triage_eligible is False and "not a radiograph class" in inst.not_for_triage_reason
-    assert ev.detail["refusal_code"] == "sop_class"
+    assert ev.detail["refusal_code"] == "sop_class" and ev.outcome == "warning"  # stored, but refused for triage
 
 
 @pytest.mark.parametrize("case, expect", [

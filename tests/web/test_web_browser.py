@@ -4,8 +4,8 @@ logs in, finds the patient's name and accession at the top of the worklist, open
 clicking its row, sees its overlay load, turns the overlay off and on, opens the full-size film,
 and finds that view in the study's audit story; an admin finds it in the audit trail.
 
-``CXR_WEB_SCREENSHOTS=DIR`` saves the worklist and study pages as PNGs there (the README's are
-made this way: ``CXR_WEB_SCREENSHOTS=docs python -m pytest tests/test_web_browser.py``).
+``CXR_WEB_SCREENSHOTS=DIR`` saves the worklist and study pages as PNGs there (docs/console.md's are
+made this way: ``CXR_WEB_SCREENSHOTS=docs python -m pytest tests/web/test_web_browser.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _driver(tmp_path: Path):
         pytest.skip(msg)
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1360,900",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1366,900",
                 "--disable-extensions", "--no-first-run", "--password-store=basic",
                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(arg)
@@ -85,7 +85,7 @@ def _add_admin(config: Path) -> None:
 
 
 def _shot(driver, path: Path) -> None:
-    """A screenshot as a small PNG (256-colour palette) for the README."""
+    """A screenshot as a small PNG (256-colour palette) for docs/console.md."""
     import io
 
     from PIL import Image
@@ -152,6 +152,12 @@ def test_a_radiologist_sees_the_urgent_study_first_and_its_overlay(node_factory,
             assert finding.startswith("COVID ") and finding.endswith("%")
             assert top.find_element(By.CSS_SELECTOR, ".delivery").text == "sent"
             assert "PAT-0043" in rows[1].text and "1 film, not analysed" in rows[1].text
+            # a 1366 px screen shows every column without a horizontal scroll bar (page or table)
+            widths = driver.execute_script(
+                "const t = document.querySelector('table.worklist'), f = t.parentElement;"
+                "return [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+                " f.scrollWidth, f.clientWidth, t.getBoundingClientRect().right, window.innerWidth];")
+            assert widths[0] <= widths[1] and widths[2] <= widths[3] and widths[4] <= widths[5], widths
             if shots:
                 Path(shots).mkdir(parents=True, exist_ok=True)
                 _shot(driver, Path(shots) / "web-worklist.png")

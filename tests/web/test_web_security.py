@@ -202,6 +202,11 @@ def test_a_viewer_and_a_radiologist_cannot_retry_or_purge_the_outbox(console):
         else:  # a radiologist has the worklist and studies, not the outbox or the whole audit trail
             assert c.get("/outbox").status == 403 and c.get("/audit").status == 403
             assert c.get("/audit?format=csv").status == 403
+            # a page of the console saying what the role may not do, with its menu and a way back
+            r = c.get("/audit")
+            assert r.headers["content-type"].startswith("text/html") and "<h1>Not allowed</h1>" in r.text
+            assert "may not see the audit trail" in r.text and '<a href="/">Back to the worklist</a>' in r.text
+            assert 'href="/stations"' in r.text
             assert 'href="/audit"' not in c.get("/").text
         r = c.post("/outbox/retry", {"id": ["2"], "confirm": "yes", "csrf_token": token})
         assert r.status == 403 and f"the {'viewer' if name == 'vic' else 'radiologist'} role may not" in r.text

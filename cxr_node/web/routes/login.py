@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from cxr_node.web.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginRefused, Session, new_token, same
 from cxr_node.web.console import Console, client_host, guarded, safe_next
@@ -32,8 +32,10 @@ async def login_submit(request: Request) -> Response:
     console: Console = request.app.state.console
     form = await request.form(max_files=0, max_fields=10)
     if not same(form.get("csrf_token"), request.cookies.get(LOGIN_COOKIE)):
-        return PlainTextResponse("Forbidden: the login form's security token is missing or wrong; reload the "
-                                 "login page and try again.", status_code=403)
+        return console.page(request, "message.html", {
+            "user": None, "csrf": None, "title": "Not allowed", "back_home": "/login", "back_home_text": "Back to login",
+            "message": "Forbidden: the login form's security token is missing or wrong; reload the login page and "
+                       "try again."}, status=403)
     name, password = str(form.get("username") or ""), str(form.get("password") or "")
     nxt = safe_next(str(form.get("next") or "/"))
     try:
