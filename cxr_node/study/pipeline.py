@@ -69,6 +69,7 @@ class Processor:
         self._held: dict[tuple[str, int], StudyWork] = {}  # claimed, not yet recorded (scheduling)
         self._seq = 0
         self._limit = 8
+        self._films = 0  # films analysed by this worker (scheduling counts starvation in them)
 
     # ------------------------------------------------------------------ models, loaded once
 
@@ -138,11 +139,9 @@ class Processor:
             for w in held:
                 self._drop(w, str(e))
             return len(held)
-        tickets = [scheduling.Ticket(k, len(w.todo), w.seq, w.rank, w.starved) for k, w in self._held.items()]
+        tickets = [scheduling.Ticket(k, len(w.todo), w.seq, w.rank, self._films - w.mark)
+                   for k, w in self._held.items()]
         picks = scheduling.plan(tickets, self.settings.study.round_films)
-        picked = {k for k, _ in picks}
-        for k, w in self._held.items():
-            w.starved = 0 if k in picked or not w.todo else w.starved + 1
         self.run_round(predictor, [(self._held[k], self._held[k].todo[:n]) for k, n in picks])
         return len(picks)
 
@@ -158,7 +157,7 @@ class Processor:
                 self.fail(uid, version, f"loading failed: {type(e).__name__}: {e}")
                 continue
             self._seq += 1
-            w.seq = self._seq
+            w.seq, w.mark = self._seq, self._films
             self._held[w.key] = w
             new.append(w)
         if new:
@@ -221,6 +220,8 @@ class Processor:
         while it has films left, None if it failed (recorded as failed, no longer held)."""
         self.preprocess(predictor, films)                                 # pixels, lung fields, crop
         self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
+        self._films += len(films)
+        w.mark = self._films  # starvation is counted in the films others had meanwhile
         try:
             self.triage(predictor, w, films, *ctx)                        # operating points -> priority
         except Exception as e:  # this study only

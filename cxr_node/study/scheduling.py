@@ -6,9 +6,10 @@ The worker (:class:`cxr_node.study.pipeline.Processor`) holds the studies it cla
 picks the round's films from the held studies:
 
 1. a study with no film left to analyse (all done, or none it could analyse) is recorded at once;
-2. a study that got no film for :data:`STARVE_ROUNDS` rounds while it had some left gets one now
-   (the longest held first), so a big study moves on however many small ones keep arriving: it
-   gets a film at least every ``STARVE_ROUNDS + 1`` rounds (bounded, never starved);
+2. a study that waited while :data:`STARVE_FILMS` films of other studies were analysed gets one
+   now (the longest held first), so a big study moves on however many small ones keep arriving:
+   it gets at least one film in every ``STARVE_FILMS + 1`` analysed (bounded, never starved;
+   counted in films, not rounds, because a round ends early when a study arrives);
 3. the rest of the budget goes by order: the most urgent upstream first (DIMSE Priority HIGH, then
    MEDIUM, then LOW), then the fewest films left, then claim order: a small study fits whole; a
    big one is split across rounds, its films in their order.
@@ -27,8 +28,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
-#: A study given no film for this many rounds (while it has films left) gets one in the next.
-STARVE_ROUNDS = 2
+#: A study that waited while this many films of other studies were analysed gets one next.
+STARVE_FILMS = 8
 #: A queued study waiting this long is claimed as if it were small (see :func:`claim_order`).
 CLAIM_AGING_SECONDS = 60.0
 
@@ -50,7 +51,7 @@ class Ticket:
     films_left: int        # films still to analyse (0: ready to record)
     seq: int               # claim order on this node (smaller: held longer)
     rank: int = MEDIUM     # upstream urgency, 0 most urgent (:func:`dimse_rank`)
-    starved: int = 0       # rounds in a row it had films left and got none
+    starved: int = 0       # films of other studies analysed since its last one (or its claim)
 
 
 def plan(tickets: Sequence[Ticket], budget: int) -> list[tuple[Hashable, int]]:
@@ -63,7 +64,7 @@ def plan(tickets: Sequence[Ticket], budget: int) -> list[tuple[Hashable, int]]:
     active = [t for t in tickets if t.films_left > 0]
     take: dict[Hashable, int] = {}
     left = budget
-    for t in sorted((t for t in active if t.starved >= STARVE_ROUNDS), key=lambda t: t.seq):
+    for t in sorted((t for t in active if t.starved >= STARVE_FILMS), key=lambda t: t.seq):
         if left <= 0:
             break
         take[t.key] = 1
@@ -76,7 +77,7 @@ def plan(tickets: Sequence[Ticket], budget: int) -> list[tuple[Hashable, int]]:
         if n > 0:
             take[t.key] = take.get(t.key, 0) + n
             left -= n
-    first = [t for t in sorted(active, key=lambda t: t.seq) if t.starved >= STARVE_ROUNDS and take.get(t.key)]
+    first = [t for t in sorted(active, key=lambda t: t.seq) if t.starved >= STARVE_FILMS and take.get(t.key)]
     rest = [t for t in order if take.get(t.key) and t not in first]
     # studies owed a film run first: a round cut short for a new arrival has served them already
     return [(t.key, 0) for t in ready] + [(t.key, take[t.key]) for t in first + rest]

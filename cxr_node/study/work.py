@@ -41,7 +41,7 @@ class StudyWork:
     # across the worker's rounds (cxr_node.study.scheduling)
     seq: int = 0                # claim order on this node
     rank: int = 1               # the sender's urgency (DIMSE Priority as a rank, 0 most urgent)
-    starved: int = 0            # rounds in a row it had films left and got none
+    mark: int = 0               # the worker's film count when it last got a film (or was claimed)
     todo: list[Film] = field(default_factory=list)     # films still to analyse, in their order
     written: list = field(default_factory=list)        # outbox objects made so far (the SCs)
     encoded: list = field(default_factory=list)        # cxr_node.encode.sr.AnalysedFilm per SC

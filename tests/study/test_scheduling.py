@@ -12,12 +12,12 @@ from conftest import scu_store, storescu, wait_until
 from dicomgen import make_cr, uid
 from helpers_model import bundled_or_tiny
 
-from cxr_node.study.scheduling import STARVE_ROUNDS, Ticket, dimse_rank, plan
+from cxr_node.study.scheduling import STARVE_FILMS, Ticket, dimse_rank, plan
 
 
 def _simulate(left: dict[str, Ticket], budget: int, arrivals=lambda rnd: [], rounds: int = 10_000):
     """Run the planner round after round, each study's films done as planned and ``starved``
-    kept as the worker keeps it; yields (round, keys recorded in it)."""
+    kept as the worker keeps it (films of others since its last); yields (round, keys recorded)."""
     for rnd in range(1, rounds + 1):
         for t in arrivals(rnd):
             left[t.key] = t
@@ -30,7 +30,8 @@ def _simulate(left: dict[str, Ticket], budget: int, arrivals=lambda rnd: [], rou
                 recorded.append(k)
                 del left[k]
                 continue
-            left[k] = Ticket(k, t.films_left - n, t.seq, t.rank, 0 if k in picked else t.starved + 1)
+            left[k] = Ticket(k, t.films_left - n, t.seq, t.rank,
+                             0 if k in picked else t.starved + sum(m for _, m in picks))
         yield rnd, recorded
 
 
@@ -48,8 +49,8 @@ def test_most_urgent_upstream_then_fewest_films_then_claim_order():
          Ticket("one", 1, seq=3), Ticket("high", 2, seq=4, rank=dimse_rank(1))]
     assert plan(t, budget=4) == [("high", 2), ("one", 1), ("three", 1)]
     assert dimse_rank(None) == dimse_rank(0) == dimse_rank(7) == 1 and dimse_rank(1) == 0
-    # a study passed over for STARVE_ROUNDS rounds gets a film before anyone else is served
-    t[0] = Ticket("low", 1, seq=1, rank=2, starved=STARVE_ROUNDS)
+    # a study passed over for STARVE_FILMS rounds gets a film before anyone else is served
+    t[0] = Ticket("low", 1, seq=1, rank=2, starved=STARVE_FILMS)
     assert dict(plan(t, budget=4)) == {"low": 1, "high": 2, "one": 1}
 
 
@@ -65,8 +66,8 @@ def test_a_one_film_study_is_done_in_the_round_after_it_arrives():
 
 def test_a_big_study_is_never_starved_by_small_ones_that_keep_coming():
     """A 60-film study beside a stream of one-film studies (four new every round: more than a
-    round holds) still gets a film at least every STARVE_ROUNDS + 1 rounds, so it is done within
-    60 * (STARVE_ROUNDS + 1) rounds; every small study is done too, in bounded time."""
+    round holds) still gets a film once others had STARVE_FILMS, so with rounds of 4 it is done
+    within 60 * (STARVE_FILMS / 4 + 1) rounds; every small study is done too, in bounded time."""
     seq = iter(range(1, 10**6))
     left = {"big": Ticket("big", 60, seq=0)}
     arrived: dict[str, int] = {}
@@ -83,7 +84,7 @@ def test_a_big_study_is_never_starved_by_small_ones_that_keep_coming():
             big_done = rnd
         if not left and rnd > 300:
             break
-    assert big_done is not None and big_done <= 60 * (STARVE_ROUNDS + 1)
+    assert big_done is not None and big_done <= 60 * (STARVE_FILMS // 4 + 1)
     assert not left and len(waits) == 1200  # and every small study was done
 
 
