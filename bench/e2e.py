@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
 import statistics
@@ -37,6 +38,16 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import Node, Orthanc, free_port
 from dicomgen import uid
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile by nearest rank: a value that was measured, for any number of values
+    (one study: that study's time; ``statistics.quantiles`` needs two and extrapolates beyond the
+    largest value with few)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def film_copy(src: Path, dst: Path) -> Path:
@@ -127,14 +138,17 @@ def main() -> int:
     finally:
         node.stop()
         orthanc.stop()
-    q = statistics.quantiles(lat, n=20) if len(lat) > 1 else lat * 19
     rules = sorted({s["rule"] for s in split})
     print(f"\ne2e latency {dt.date.today()} on {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), "
           f"{args.studies} single-film studies of RG1_UNCR (1955x1841 CR), storescu's exit -> SR and SC in Orthanc; "
           f"quiet_seconds {args.quiet:g}{' (subtracted)' if subtract else ''}, release rule "
           f"{'off' if args.no_release else 'on (grace 2 s)'}, outbox poll_seconds {args.outbox_poll:g}; "
           f"completed by rule: {', '.join(map(str, rules))}")
-    print(f"  p50 {statistics.median(lat):.2f} s   p95 {q[18]:.2f} s   min {min(lat):.2f} s   max {max(lat):.2f} s")
+    if not lat:
+        print("  no studies timed (--studies 0): the warm-up study only")
+    else:
+        print(f"  p50 {statistics.median(lat):.2f} s   p95 {percentile(lat, 95):.2f} s   min {min(lat):.2f} s   "
+              f"max {max(lat):.2f} s")
     for key, what in (("study.complete", "complete"), ("study.processing", "analysis starts"),
                       ("study.processed", "results in the outbox"), ("outbox.sent", "last object sent")):
         vals = [s[key] - subtract for s in split if key in s]

@@ -213,9 +213,10 @@ def storescu(port: int, *files: Path, aet: str = "MODALITY", aec: str = "CXRNODE
                           capture_output=True, text=True, timeout=timeout)
 
 
-def scu_store(port: int, path: Path, aec: str = "CXRNODE", sop_class: str | None = None):
+def scu_store(port: int, path: Path, aec: str = "CXRNODE", sop_class: str | None = None, priority: int = 2):
     """Send a file by path with a pynetdicom SCU, chunked so its bytes go out exactly as they are on
-    disk; returns the C-STORE response (Status, ErrorComment)."""
+    disk; returns the C-STORE response (Status, ErrorComment). ``priority``: the request's DIMSE
+    Priority (2 LOW, pynetdicom's default; 0 MEDIUM; 1 HIGH)."""
     from pynetdicom import AE, _config
     from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
@@ -228,7 +229,7 @@ def scu_store(port: int, path: Path, aec: str = "CXRNODE", sop_class: str | None
         assoc = ae.associate("127.0.0.1", port, ae_title=aec)
         assert assoc.is_established, "association should be accepted"
         try:
-            return assoc.send_c_store(path)
+            return assoc.send_c_store(path, priority=priority)
         finally:
             assoc.release()
     finally:

@@ -136,6 +136,7 @@ class StudySettings:
     retry_seconds: float = 60
     complete_on_release: bool = True      # the release of the delivering association completes a study
     release_grace_seconds: float = 2      # ... once nothing more arrived for this long after it
+    round_films: int = 4                  # films per round of the worker (cxr_node.study.scheduling)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "database": {"url": (_str, "")},
     "study": {"quiet_seconds": (_number(0.1, 86400), 30), "max_attempts": (_int(1, 100), 3),
               "retry_seconds": (_number(0, 86400), 60), "complete_on_release": (_bool, True),
-              "release_grace_seconds": (_number(0, 3600), 2)},
+              "release_grace_seconds": (_number(0, 3600), 2), "round_films": (_int(2, 256), 4)},
     "model": {"checkpoint": (_str, ""), "device": (_choice("auto", "cpu", "cuda"), "auto"),
               "batch_size": (_int(1, 256), 8), "preload": (_bool, True),
               "lung_checkpoint": (_str, ""), "ood_reference": (_str, "")},

@@ -99,6 +99,8 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16), index=True)  # set when analysed (0005)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims of this version (0007)
     retry_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)  # failed: queued again then (0007)
+    # the sender's DIMSE Priority as a scheduling rank, 0 HIGH 1 MEDIUM 2 LOW (0012; cxr_node.study.scheduling)
+    upstream_rank: Mapped[int | None] = mapped_column(Integer)
 
 
 class Instance(Base):

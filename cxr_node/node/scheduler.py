@@ -148,9 +148,12 @@ def build_scheduler(settings: Settings, db: Database, processor=None, outbox=Non
     if processor is not None:
         def process_studies() -> None:
             worked = False
-            while processor.process_queued(limit=current[0].model.batch_size):
+            while processor.process_queued(limit=current[0].model.batch_size):  # one round each
                 worked = True
-                wake("drain-outbox")  # send each batch's results while the next batch is analysed
+                wake("drain-outbox")  # send each round's results while the next round is analysed
+                if sched.state != STATE_RUNNING:  # stopping: what is held waits in the queue, not here
+                    processor.release_held("the node stopped before finishing it; queued again")
+                    break
             if worked:
                 memory.release_free_memory()  # freed pages back to the system (cxr_node.node.memory)
 

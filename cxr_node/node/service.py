@@ -70,9 +70,9 @@ def lock_node(data_dir: Path, node_id: str) -> int:
     return fd
 
 
-def _preload(processor: Processor) -> None:
+def _preload(processor: Processor, stop: threading.Event) -> None:
     try:
-        processor.preload()
+        processor.preload(stop)
     # torch and checkpoint loading raise many types; reported here, and the first study retries through
     # the lazy path, which records the failure on the study
     except Exception as e:
@@ -152,7 +152,8 @@ def serve(settings: Settings) -> int:
     preloader = None
     if settings.model.preload:
         log.info("loading the model in the background; receiving already")
-        preloader = threading.Thread(target=_preload, args=(processor,), name="cxr-node-model-preload", daemon=True)
+        preloader = threading.Thread(target=_preload, args=(processor, stop), name="cxr-node-model-preload",
+                                     daemon=True)
         preloader.start()
     scheduler = build_scheduler(settings, db, processor, outbox, backlog)
     scheduler.start()

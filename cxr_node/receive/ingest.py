@@ -29,6 +29,7 @@ from cxr_node.eligibility import rules as eligibility
 from cxr_node.errors import InvalidInstanceError, db_error_text
 from cxr_node.receive.association import AssociationInfo
 from cxr_node.receive.spool import Spool
+from cxr_node.study import scheduling
 from cxr_node.study import states as studies
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Ingest:
     def store(self, file_bytes: bytes, header: Header, transfer_syntax: str,
               assoc: AssociationInfo | None, priority: int | None = None) -> bool:
         """Make one instance durable and record it. Returns False if it was already stored.
+        ``priority``: the C-STORE request's DIMSE Priority (the study is scheduled by it).
 
         Raises SpoolError (disk) or SQLAlchemyError (database); nothing is left in the spool then.
         """
@@ -148,7 +150,8 @@ class Ingest:
         reason = eligibility.sop_class_reason(h.sop_class_uid)  # stored anyway, marked
         a = assoc.fields() if assoc else {}
         with self.db.transaction() as s:
-            version = studies.note_instance(s, h.study_uid, h.patient_id, now, a.get("association_id"))
+            version = studies.note_instance(s, h.study_uid, h.patient_id, now, a.get("association_id"),
+                                            rank=None if priority is None else scheduling.dimse_rank(priority))
             s.add(Instance(sop_instance_uid=h.sop_instance_uid, study_uid=h.study_uid, series_uid=h.series_uid,
                            sop_class_uid=h.sop_class_uid, transfer_syntax=ts, path=str(rel), bytes=size,
                            patient_id=h.patient_id, triage_eligible=reason is None,
@@ -158,7 +161,8 @@ class Ingest:
             common = dict(study_uid=h.study_uid, series_uid=h.series_uid, sop_instance_uid=h.sop_instance_uid,
                           sop_class_uid=h.sop_class_uid, patient_id=h.patient_id, **a)
             audit.record(s, event, ts=now, transfer_syntax=ts, bytes=size, status=STATUS_SUCCESS,
-                         detail={"path": str(rel), "study_version": version}, **common)
+                         detail={"path": str(rel), "study_version": version,
+                                 **({"dimse_priority": priority} if priority is not None else {})}, **common)
             if reason:
                 audit.record(s, "instance.not_for_triage", "warning", ts=now, reason=reason.text,
                              detail={"refusal_code": reason.code.value}, **common)

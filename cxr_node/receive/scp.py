@@ -117,6 +117,15 @@ def _syntax_name(transfer_syntax: str) -> str:
     return UID(transfer_syntax).name
 
 
+def _priority(req) -> int | None:
+    """The C-STORE request's Priority (0x0002 LOW, 0x0000 MEDIUM, 0x0001 HIGH), None if unreadable."""
+    try:
+        value = int(req.Priority)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if value in (0, 1, 2) else None
+
+
 def _any_uid(value: Any) -> tuple[bool, str]:
     """For pynetdicom's ``_config.VALIDATORS["UI"]``: accept every UID a peer sends; the handlers
     check the ones they use (``spool.is_valid_uid``) and answer with a status."""

@@ -1,17 +1,23 @@
-"""Processing complete studies: the stages in order, readable top to bottom in :meth:`Processor.run_studies`.
+"""Processing complete studies: the stages in order, readable top to bottom in :meth:`Processor._run`.
 
-    load         claim queued studies, read each film's header from the spool
+The worker runs in rounds (:mod:`cxr_node.study.scheduling`): it holds the studies it claimed,
+analyses at most ``[study] round_films`` of their films per round, one study after the other, and
+records each study as soon as its last film is analysed, so no study's results wait for another
+study's films.
+
+    load         claim queued studies, read each film's header from the spool (pixels: in its round)
     eligibility  header rules (cxr_node.eligibility.rules): SOP class, body part, view
     preprocess   the one MONAI chain (cxr_node.model.preprocess.prepare): LUTs, CLAHE, lung fields,
                  lung crop when the model was trained with it, resize; films without two
                  plausible lung fields are refused here
     infer        probabilities, out-of-domain score, Grad-CAM (cxr_node.model.infer), in batches;
                  films outside the training distribution are refused here
-    triage       operating points -> urgent flag and priority (cxr_node.model.policy.Finding); a study
+    triage       operating points -> urgent flag and priority (cxr_node.study.triage); a study
                  from a station with a site calibration (cxr_node.onboarding.stations) uses that
                  station's temperature and operating points, and its results say so
-    encode       a Secondary Capture per analysed film, one SR per study naming refused films; no
-                 SR for a study none of whose films is a chest film by its header
+    encode       a Secondary Capture per analysed film, and once a study's films are done, one SR
+                 naming refused films; no SR for a study none of whose films is a chest film by its
+                 header
     enqueue      the outbox (durable) for every destination, unless the study's station is in
                  shadow mode (results kept, nothing sent)
     record       image results, audit rows, and the study's state (cxr_node.study.states), in one transaction
@@ -29,20 +35,18 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import select
 
 from cxr_node.config import Settings
-from cxr_node.db.models import Instance, Study
+from cxr_node.db.models import Instance, Study, utcnow
 from cxr_node.db.session import Database
 from cxr_node.eligibility import rules as eligibility
 from cxr_node.eligibility.refusal import Refusal, RefusalCode
 from cxr_node.errors import CheckpointError, PreprocessError
 from cxr_node.logs import redact_quoted
 from cxr_node.onboarding import stations
-from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
-from cxr_node.study import results
+from cxr_node.study import results, scheduling, triage
 from cxr_node.study import states as studies
 from cxr_node.study.work import Film, StudyWork, as_int, element
 
@@ -62,6 +66,10 @@ class Processor:
         # the start-up preload thread and the first worker may both ask for the models; importing
         # MONAI from two threads at once fails (a partially initialised module), so one loads
         self._load_lock = threading.Lock()
+        self._held: dict[tuple[str, int], StudyWork] = {}  # claimed, not yet recorded (scheduling)
+        self._seq = 0
+        self._limit = 8
+        self._films = 0  # films analysed by this worker (scheduling counts starvation in them)
 
     # ------------------------------------------------------------------ models, loaded once
 
@@ -89,27 +97,18 @@ class Processor:
                      "threshold %.1f" % predictor.ood.threshold if predictor.ood else "none")
         return self._predictor
 
-    def preload(self) -> None:
+    def preload(self, stop=None) -> None:
         """Load the model now (``serve`` calls this in a background thread at start-up, so the first
         study does not wait for it); :meth:`predictor` stays the lazy path if this fails. Then warm
-        it up: import the later stages' modules and run both networks (and Grad-CAM) once on a blank
-        film, which took the first study about 5 s more than the next on 2 cores (bench/e2e.py). A
-        study arriving meanwhile waits for the warm-up (the load lock)."""
+        it up: one synthetic film through every stage but the record (:mod:`cxr_node.study.warmup`).
+        A study arriving meanwhile waits for the warm-up (the load lock); ``stop`` (an Event) ends the
+        warm-up early when the node stops meanwhile."""
+        from cxr_node.study.warmup import warm_up
+
         with self._load_lock:
             predictor = self._load()
             t0 = time.perf_counter()
-            import numpy as np
-            import torch
-
-            import cxr_node.encode.sc
-            import cxr_node.encode.sr
-            import cxr_node.model.calibration
-            import cxr_node.model.policy
-            import cxr_node.model.preprocess  # noqa: F401
-
-            s = predictor.input_size
-            predictor.predict([torch.zeros(1, s, s)], explain=True)
-            self._segmenter.probability(np.zeros((s, s), dtype=np.float32))
+            warm_up(predictor, self._segmenter, self._identity, self.settings.outbox.sc_max_rows, stop)
             log.info("model warmed up in %.1f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ the pipeline
@@ -120,56 +119,139 @@ class Processor:
         return studies.requeue_interrupted(self.db, self.node_id, self.settings.study.max_attempts)
 
     def process_queued(self, limit: int = 8) -> int:
-        claimed = studies.claim(self.db, limit, self.node_id)
-        if claimed:
-            self.run_studies(claimed)
-        return len(claimed)
-
-    def run_studies(self, claimed: list[tuple[str, int]]) -> None:
-        """The stages over every claimed study (films are batched across studies). No study is left
-        in ``processing``: a film that breaks a stage is refused with its reason, a study that breaks
-        one is failed (and retried, bounded), and a fault no stage caught sends each study through
-        alone so that one study cannot take the batch down with it."""
+        """One round of the worker (:mod:`cxr_node.study.scheduling`): claim queued studies while
+        fewer than ``limit`` are held, then analyse at most ``[study] round_films`` of the held
+        studies' films and record every study whose films are all done. Returns how many studies
+        the round touched (0: nothing held, nothing queued)."""
+        self._limit = limit
+        room = limit - len(self._held)
+        if room > 0:
+            order = scheduling.claim_order(Study, self.settings.study.round_films, utcnow())
+            claimed = studies.claim(self.db, room, self.node_id, order=order)
+            if claimed:
+                self.admit(claimed)
+        if not self._held:
+            return 0
         try:
             predictor = self.predictor()
         except CheckpointError as e:
-            for uid, version in claimed:
-                self.fail(uid, version, str(e))
-            return
+            held = list(self._held.values())
+            for w in held:
+                self._drop(w, str(e))
+            return len(held)
+        tickets = [scheduling.Ticket(k, len(w.todo), w.seq, w.rank, self._films - w.mark)
+                   for k, w in self._held.items()]
+        picks = scheduling.plan(tickets, self.settings.study.round_films)
+        self.run_round(predictor, [(self._held[k], self._held[k].todo[:n]) for k, n in picks])
+        return len(picks)
+
+    def admit(self, claimed: list[tuple[str, int]]) -> None:
+        """Claimed studies join the held ones: headers read, header rules applied, stations noted."""
+        new = []
+        for uid, version in claimed:
+            try:
+                w = self.load(uid, version)
+            except Exception as e:  # the database or the spool, for this study: failed, retried
+                log.error("loading study %s failed: %s", uid, type(e).__name__)
+                log.debug("load failure", exc_info=True)
+                self.fail(uid, version, f"loading failed: {type(e).__name__}: {e}")
+                continue
+            self._seq += 1
+            w.seq, w.mark = self._seq, self._films
+            self._held[w.key] = w
+            new.append(w)
+        if new:
+            stations.ensure(self.db, [w.station for w in new])              # new stations audited once
+
+    def release_held(self, why: str) -> int:
+        """The node stops: held studies go back to the queue (this claim not counted as an attempt),
+        so that no study waits for this node's rounds; their films are analysed again from the
+        start (the objects already written are made again, with the same UIDs)."""
+        held = list(self._held.values())
+        self._held.clear()
+        return studies.release(self.db, [w.key for w in held], why)
+
+    def run_round(self, predictor, rnd: list[tuple[StudyWork, list[Film]]]) -> None:
+        """The stages over one round. No study is left held by a fault: a film that breaks a
+        stage is refused with its reason, a study that breaks one is failed (and retried, bounded),
+        and a fault no stage caught sends each study's share of the round through alone, so that
+        one study cannot take the others down with it."""
         try:
-            self._run(predictor, claimed)
+            self._run(predictor, rnd)
         except Exception as e:  # not one film's or one study's fault as far as the stages could tell
-            pending = studies.still_processing(self.db, claimed)
-            log.error("a batch of %d stud(ies) failed (%s); %d still to finish are processed one by one",
-                      len(claimed), type(e).__name__, len(pending))
-            log.debug("batch failure", exc_info=True)
-            if len(claimed) == 1:
-                for uid, version in pending:
-                    self.fail(uid, version, f"processing failed: {type(e).__name__}: {e}")
+            log.error("a round of %d stud(ies) failed (%s); those still held are run one by one",
+                      len(rnd), type(e).__name__)
+            log.debug("round failure", exc_info=True)
+            if len(rnd) == 1:
+                self._drop(rnd[0][0], f"processing failed: {type(e).__name__}: {e}")
                 return
-            for one in pending:
+            for w, films in rnd:
+                if w.key not in self._held:
+                    continue
                 try:
-                    self._run(predictor, [one])
+                    self._run(predictor, [(w, [f for f in films if f in w.todo])])
                 except Exception as e1:  # this study's own fault: failed, retried with backoff
                     log.debug("study failure", exc_info=True)
-                    self.fail(*one, f"processing failed: {type(e1).__name__}: {e1}")
+                    self._drop(w, f"processing failed: {type(e1).__name__}: {e1}")
 
-    def _run(self, predictor, claimed: list[tuple[str, int]]) -> None:
-        work = [self.load(uid, version) for uid, version in claimed]      # load + header eligibility
-        stations.ensure(self.db, [w.station for w in work])                 # new stations audited once
-        films = [f for w in work for f in w.films]
+    def _run(self, predictor, rnd: list[tuple[StudyWork, list[Film]]]) -> None:
+        """One study after the other, each recorded as soon as its films are done; a study's share
+        of several films goes film by film, and the round ends early once a study is queued that
+        this node has room to claim (it is planned with the others at once: it waits for one
+        film, not for the round)."""
+        ctx = self.triage_context()
+        done, cut = [], False
+        for w, films in rnd:
+            for piece in ([f] for f in films) if len(films) > 1 else [films]:
+                outcome = self._study_part(predictor, w, piece, ctx)
+                if outcome:
+                    done.append(w)
+                if outcome is None or outcome:
+                    break
+                if self._arrived():
+                    cut = True
+                    break
+            if cut or self._arrived():
+                break
+        self.drift(predictor, {w.station.name for w in done if w.station is not None})
+
+    def _study_part(self, predictor, w: StudyWork, films: list[Film], ctx) -> bool | None:
+        """``films`` of study ``w`` through every stage; True once the study is recorded, False
+        while it has films left, None if it failed (recorded as failed, no longer held)."""
         self.preprocess(predictor, films)                                 # pixels, lung fields, crop
         self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
-        work = self.triage(predictor, work)                               # operating points -> priority
-        for w in work:
-            try:
-                written, sr = self.encode(w)                              # SC per film, SR per study
-                self.record(w, written, sr)                               # outbox + results + audit + state
-            except Exception as e:  # one broken study must not stop the others; it is recorded
-                log.error("processing study %s failed: %s", w.study_uid, type(e).__name__)
-                log.debug("study failure", exc_info=True)
-                self.fail(w.study_uid, w.version, f"{type(e).__name__}: {e}")
-        self.drift(predictor, {w.station.name for w in work if w.station is not None})
+        self._films += len(films)
+        w.mark = self._films  # starvation is counted in the films others had meanwhile
+        try:
+            self.triage(predictor, w, films, *ctx)                        # operating points -> priority
+        except Exception as e:  # this study only
+            log.error("triage of study %s failed: %s", w.study_uid, type(e).__name__)
+            log.debug("triage failure", exc_info=True)
+            self._drop(w, f"triage failed: {type(e).__name__}: {e}")
+            return None
+        try:
+            for film in films:
+                self.encode_film(w, film)                                 # SC per analysed film
+                w.todo.remove(film)                                       # (by identity)
+            if w.todo:
+                return False
+            sr = self.encode_sr(w)                                        # SR per study
+            self.record(w, w.written, sr)                                 # outbox + results + audit + state
+            self._held.pop(w.key, None)
+            return True
+        except Exception as e:  # one broken study must not stop the others; it is recorded
+            log.error("processing study %s failed: %s", w.study_uid, type(e).__name__)
+            log.debug("study failure", exc_info=True)
+            self._drop(w, f"{type(e).__name__}: {e}")
+            return None
+
+    def _arrived(self) -> bool:
+        """A study is queued and this node has room to claim it."""
+        return len(self._held) < self._limit and studies.any_queued(self.db)
+
+    def _drop(self, w: StudyWork, reason: str) -> None:
+        self._held.pop(w.key, None)
+        self.fail(w.study_uid, w.version, reason)
 
     def fail(self, study_uid: str, version: int, reason: str) -> None:
         """The study failed this attempt: recorded, and queued again after the backoff while the
@@ -191,19 +273,23 @@ class Processor:
             log.exception("drift check for %s failed", ", ".join(sorted(names)))
 
     def load(self, study_uid: str, version: int) -> StudyWork:
-        """Read the study's films and apply the header rules (why not, per image)."""
+        """Read the study's films' headers and apply the header rules (why not, per image); the
+        pixels are read in the film's round (:meth:`preprocess`), so a held study costs memory
+        for its headers only."""
         work = StudyWork(study_uid, version)
         rules = eligibility.settings_rules(self.settings)
         with self.db.session() as s:
             instances = list(s.scalars(select(Instance).where(Instance.study_uid == study_uid)
                                        .order_by(Instance.received_at)))
+            rank = s.scalar(select(Study.upstream_rank).where(Study.study_uid == study_uid))
+        work.rank = scheduling.MEDIUM if rank is None else rank
         for inst in instances:
             if not inst.triage_eligible:
                 work.skipped.append((inst, Refusal(RefusalCode.SOP_CLASS,
                                                    inst.not_for_triage_reason or "not a triage SOP class")))
                 continue
             try:
-                ds = dcmread(self.settings.storage.spool_dir / inst.path)
+                ds = dcmread(self.settings.storage.spool_dir / inst.path, stop_before_pixels=True)
             except Exception as e:  # the file was valid on receipt; anything now is an I/O or decode fault
                 work.skipped.append((inst, eligibility.unreadable(
                     f"cannot read the spooled file: {type(e).__name__}: {e}")))
@@ -222,6 +308,7 @@ class Processor:
 
         work.upstream = upstream((i.dimse_priority for i in instances),
                                  (element(f.ds, "RequestedProcedurePriority") for f in work.films))
+        work.todo = [f for f in work.films if f.refused is None]
         return work
 
     @staticmethod
@@ -251,7 +338,12 @@ class Processor:
             if film.refused:
                 continue
             try:
-                pr = prepare(film.ds, predictor.params, self._segmenter)
+                full = dcmread(self.settings.storage.spool_dir / film.instance.path)
+            except Exception as e:  # the file was valid on receipt; anything now is an I/O or decode fault
+                film.refused = eligibility.unreadable(f"cannot read the spooled file: {type(e).__name__}: {e}")
+                continue
+            try:
+                pr = prepare(full, predictor.params, self._segmenter)
             except PreprocessError as e:
                 film.refused = eligibility.preprocess_refusal(e)
                 continue
@@ -305,134 +397,52 @@ class Processor:
                 return [(None, None)]
             return [p for f in batch for p in Processor._predict(predictor, [f])]
 
-    def triage(self, predictor, work: list[StudyWork]) -> list[StudyWork]:
-        """Each study with its station's site calibration when it has one for these weights, else
-        with the model's own operating points. Returns the studies that go on; a study this stage
-        cannot triage is failed here."""
-        from cxr_node.onboarding import site_adaptation
+    def triage_context(self) -> tuple[dict, dict]:
+        """The active site calibrations and site heads, by station."""
+        return triage.context(self.db)
 
-        cals = stations.active_calibrations(self.db)
-        heads = site_adaptation.active_heads(self.db)
-        ok = []
-        for w in work:
-            try:
-                self._triage_study(predictor, w, cals, heads)
-                ok.append(w)
-            except Exception as e:  # this study only
-                log.error("triage of study %s failed: %s", w.study_uid, type(e).__name__)
-                log.debug("triage failure", exc_info=True)
-                self.fail(w.study_uid, w.version, f"triage failed: {type(e).__name__}: {e}")
-        return ok
+    def triage(self, predictor, w: StudyWork, films: list[Film], cals: dict, heads: dict) -> None:
+        """``films`` of one study, with its station's calibration and site heads when it has them
+        for these weights (chosen in the study's first round, so that its films are triaged alike)."""
+        if w.policy is None:
+            w.policy = triage.study_policy(predictor, self._identity, w, cals, heads, self.settings)
+        triage.apply_policy(predictor, films, *w.policy)
 
-    def _triage_study(self, predictor, w: StudyWork, cals: dict, heads: dict) -> None:
-        """One study: the station's calibration (temperature, operating points; on a model with an
-        abnormality output, its operating point on p(abnormal)) and its site heads (the critical
-        classes' own probabilities, or its own p(abnormal), from the film's features) when it has them."""
-        import dataclasses
-
-        import numpy as np
-
-        from cxr_node.model import triggers as trigger_rules
-        from cxr_node.model.adaptation import apply_site_heads
-        from cxr_node.model.calibration import logits_from, softmax
-        from cxr_node.onboarding import abnormal, site_adaptation
-
-        cal = cals.get(w.station.name) if w.station is not None else None
-        if cal is not None and cal.weights_sha256 != predictor.weights_sha256:
-            log.warning("station %s: site calibration v%d was fitted for other model weights; using the "
-                        "model's operating points (run `cxr-node calibrate-site --station %s` again)",
-                        w.station.name, cal.version, w.station.name)
-            cal = None
-        w.calibration = cal
-        policy, model = predictor.policy, self._identity
-        if cal is not None:
-            policy = dataclasses.replace(policy, thresholds=dict(cal.thresholds))
-            model = dataclasses.replace(model, thresholds=dict(cal.thresholds),
-                                        calibration=stations.calibration_name(cal),
-                                        temperature=cal.temperature)
-        head = site_adaptation.heads_for(heads.get(w.station.name) if w.station is not None else None,
-                                         predictor.weights_sha256)
-        class_heads = {c: h for c, h in head.heads.items() if c != abnormal.HEAD_KEY} if head is not None else {}
-        abnormal_head = head.heads.get(abnormal.HEAD_KEY) if head is not None and policy.has_abnormality else None
-        if head is not None:  # the station's own heads decide their critical classes
-            th = {**dict(policy.thresholds), **{c: float(h["threshold"]) for c, h in class_heads.items()}}
-            policy = dataclasses.replace(policy, thresholds=th)
-            model = dataclasses.replace(model, thresholds=th, calibration=site_adaptation.head_name(head))
-        # the station's operating point on p(abnormal): its head's, else its calibration's, else the model's
-        policy, model = abnormal.apply(policy, model, cal, head)
-        triggers = self._triggers(w)
-        w.model = model = dataclasses.replace(model, triggers=triggers, pattern_triggers=tuple(policy.pattern_triggers))
-        ops = trigger_rules.operating_points(policy.thresholds, getattr(policy, "abnormal_threshold", None))
-        for film in w.films:
-            if film.refused is None and film.prediction is not None:
-                p = film.prediction
-                if cal is not None:  # the same logits, the site's temperature
-                    q = softmax(logits_from([p.probabilities], predictor.temperature), cal.temperature)[0]
-                    k = int(np.argmax(q))
-                    p = dataclasses.replace(p, probabilities=tuple(float(x) for x in q),
-                                            top_label=p.labels[k], top_probability=float(q[k]))
-                if class_heads and film.features is not None:
-                    q = apply_site_heads(p.probabilities, list(p.labels), film.features, class_heads)
-                    k = int(np.argmax(q))
-                    p = dataclasses.replace(p, probabilities=q, top_label=p.labels[k], top_probability=q[k])
-                if abnormal_head is not None and film.features is not None and p.abnormal is not None:
-                    p = dataclasses.replace(p, abnormal=abnormal.head_probability(abnormal_head, film.features))
-                film.prediction = trigger_rules.apply(policy.apply(p), triggers, ops)
-
-    def _triggers(self, w: StudyWork) -> tuple[str, ...]:
-        """The station's ``triggers`` when its [[stations]] entry has them, else ``[triage] triggers``."""
-        entry = stations.configured(self.settings, w.station.name) if w.station is not None else None
-        if entry is not None and entry.triggers is not None:
-            return tuple(entry.triggers)
-        return tuple(self.settings.triage.triggers)
-
-    def encode(self, w: StudyWork) -> tuple[list, Dataset | None]:
-        """The Secondary Capture of each analysed film and the study's SR (naming refused films)."""
+    def encode_film(self, w: StudyWork, film: Film) -> None:
+        """The Secondary Capture of an analysed film (numbered in the study's film order); the
+        film's pixels are not kept past it."""
         from cxr_node.encode.sc import build_sc
-        from cxr_node.encode.sr import AnalysedFilm, RefusedFilm, build_sr
+        from cxr_node.encode.sr import AnalysedFilm
 
-        model = w.model or self._identity
-        analysed, written = [], []
-        for n, film in enumerate(w.analysed, start=1):
+        if film.refused is None and film.prediction is not None:
             try:
-                sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction, model,
-                              instance_number=n, box=film.box,
+                sc = build_sc(film.ds, film.full if film.full is not None else film.display, film.prediction,
+                              w.model or self._identity, instance_number=len(w.encoded) + 1, box=film.box,
                               lung_mask=film.lungs.mask if film.lungs is not None else None,
                               max_rows=self.settings.outbox.sc_max_rows)
             except ValueError as e:  # highdicom judged a header value: the film is refused, the SR says so
                 film.refused = eligibility.unreadable(
                     f"its Secondary Capture could not be written from its header: {redact_quoted(str(e))[:160]}")
                 log.warning("film %s: %s", film.instance.sop_instance_uid, film.refused.text)
-                film.full = None
-                continue
-            film.full = None  # up to tens of MB per film: not kept past its SC
-            written.append(self.outbox.write(sc, "sc"))
-            analysed.append(AnalysedFilm(film.ds, sc, film.prediction))
-        sr = None
-        if w.films and (self.settings.eligibility.report_non_chest
-                        or any(eligibility.chest_by_header(f.refused) for f in w.films)):
-            sr = build_sr(analysed, model, study_version=w.version, predecessor=self._predecessor(w),
-                          refused=[RefusedFilm(f.ds, f.refused) for f in w.refused])
-            written.append(self.outbox.write(sr, "sr"))
-        return written, sr
+            else:
+                w.written.append(self.outbox.write(sc, "sc"))
+                w.encoded.append(AnalysedFilm(film.ds, sc, film.prediction))
+        film.full = film.display = film.x = film.lungs = None  # up to tens of MB per film
+
+    def encode_sr(self, w: StudyWork) -> Dataset | None:
+        """The study's SR (its analysed films, naming refused ones), written to the outbox; none for
+        a study none of whose films is a chest film by its header."""
+        from cxr_node.encode.sr import RefusedFilm, build_sr
+
+        if not w.films or not (self.settings.eligibility.report_non_chest
+                               or any(eligibility.chest_by_header(f.refused) for f in w.films)):
+            return None
+        sr = build_sr(w.encoded, w.model or self._identity, study_version=w.version,
+                      predecessor=results.predecessor(self.db, self.outbox, self._identity, w), refused=[RefusedFilm(f.ds, f.refused) for f in w.refused])
+        w.written.append(self.outbox.write(sr, "sr"))
+        return sr
 
     def record(self, w: StudyWork, written: list, sr: Dataset | None) -> None:
         """Outbox rows, image results, audit rows and the state change, in one transaction."""
         results.record(self.settings, self.db, self.outbox, w, written, sr, w.model or self._identity,
                        self._predictor.temperature, node_id=self.node_id)
-
-    def _predecessor(self, w: StudyWork) -> Dataset | None:
-        """The SR this version revises: read from the outbox copy when it is still there."""
-        with self.db.session() as s:
-            st = s.get(Study, w.study_uid)
-            last = st.last_sr_uid if st else None
-        if not last or last == self._identity.sr_uid(w.study_uid, w.version):
-            return None
-        path = self.outbox.dir / result_path(w.study_uid, last)
-        if path.is_file():
-            return dcmread(path, stop_before_pixels=True)
-        ref = Dataset()
-        ref.StudyInstanceUID, ref.SOPInstanceUID = w.study_uid, last
-        ref.SeriesInstanceUID = self._identity.sr_series_uid(w.study_uid)
-        ref.SOPClassUID = ComprehensiveSRStorage
-        return ref

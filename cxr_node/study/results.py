@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage
 
 from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
@@ -14,6 +16,7 @@ from cxr_node.db.session import Database
 from cxr_node.encode import wording
 from cxr_node.encode.identity import ModelIdentity
 from cxr_node.onboarding import stations
+from cxr_node.outbox.files import result_path
 from cxr_node.outbox.queue import Outbox
 from cxr_node.study import leases
 from cxr_node.study import states as studies
@@ -115,3 +118,20 @@ def record(settings: Settings, db: Database, outbox: Outbox, w: StudyWork, writt
     log.info("study %s v%d: %d analysed, %d refused, %d skipped, priority %s, %d object(s) queued%s", w.study_uid,
              w.version, len(analysed), len(w.refused), len(w.skipped), priority, queued,
              f" (station {ref.name} in shadow mode: kept, not sent)" if shadow else "")
+
+
+def predecessor(db: Database, outbox: Outbox, identity: ModelIdentity, w: StudyWork) -> Dataset | None:
+    """The SR this version revises: read from the outbox copy when it is still there."""
+    with db.session() as s:
+        st = s.get(Study, w.study_uid)
+        last = st.last_sr_uid if st else None
+    if not last or last == identity.sr_uid(w.study_uid, w.version):
+        return None
+    path = outbox.dir / result_path(w.study_uid, last)
+    if path.is_file():
+        return dcmread(path, stop_before_pixels=True)
+    ref = Dataset()
+    ref.StudyInstanceUID, ref.SOPInstanceUID = w.study_uid, last
+    ref.SeriesInstanceUID = identity.sr_series_uid(w.study_uid)
+    ref.SOPClassUID = ComprehensiveSRStorage
+    return ref

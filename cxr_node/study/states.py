@@ -3,7 +3,8 @@
     receiving --(quiet for quiet_seconds)--> complete --> queued --(claimed by a worker)--> processing
     receiving --(its association released, nothing more for release_grace_seconds)--> complete
     processing --> processed | failed            (the pipeline, cxr_node.study.pipeline)
-    processing --> queued                        (start-up: processing was interrupted)
+    processing --> queued                        (start-up: processing was interrupted; or the node
+                                                  stopped in order while holding it unfinished)
     failed --(retry_at reached, attempts left)--> queued   (retry_failed: bounded, with backoff)
     any state but receiving --(an instance arrives)--> receiving, version + 1   (study.reopened)
     processed | failed --(cxr-node reprocess)--> queued, version + 1
@@ -59,8 +60,10 @@ def move(session: Session, study: Study, new: str, *, reason: str | None = None,
 
 
 def note_instance(session: Session, study_uid: str, patient_id: str | None, now: dt.datetime,
-                  association_id: str | None = None) -> int:
+                  association_id: str | None = None, rank: int | None = None) -> int:
     """Record that an instance of ``study_uid`` arrived; returns the study version it joins.
+    ``rank``: the sender's urgency (:func:`cxr_node.study.scheduling.dimse_rank`); the version keeps
+    the most urgent of its instances'.
 
     Runs inside the caller's transaction, together with the instance row.
     """
@@ -82,6 +85,9 @@ def note_instance(session: Session, study_uid: str, patient_id: str | None, now:
                      reason=f"instance arrived while the study was {previous}",
                      detail={"from": previous, "to": RECEIVING, "version": study.version})
         log.info("study %s reopened as version %d (was %s)", study_uid, study.version, previous)
+        study.upstream_rank = None
+    if rank is not None:
+        study.upstream_rank = rank if study.upstream_rank is None else min(study.upstream_rank, rank)
     study.instance_count += 1
     study.last_received_at = now
     return study.version
@@ -157,11 +163,13 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
-def claim(db: Database, limit: int, node_id: str) -> list[tuple[str, int]]:
-    """Atomically move up to ``limit`` queued studies to processing, for ``node_id``."""
+def claim(db: Database, limit: int, node_id: str, order: tuple | None = None) -> list[tuple[str, int]]:
+    """Atomically move up to ``limit`` queued studies to processing, for ``node_id``; ``order`` is
+    the ORDER BY (the worker's: :func:`cxr_node.study.scheduling.claim_order`), else first queued
+    first."""
     out = []
     with db.transaction() as s:
-        q = select(Study).where(Study.state == QUEUED).order_by(Study.state_changed_at).limit(limit)
+        q = select(Study).where(Study.state == QUEUED).order_by(*(order or (Study.state_changed_at,))).limit(limit)
         if db.engine.dialect.name != "sqlite":
             q = q.with_for_update(skip_locked=True)
         for st in s.scalars(q):
@@ -170,6 +178,12 @@ def claim(db: Database, limit: int, node_id: str) -> list[tuple[str, int]]:
             move(s, st, PROCESSING, node=node_id, attempt=st.attempts)
             out.append((st.study_uid, st.version))
     return out
+
+
+def any_queued(db: Database) -> bool:
+    """Whether any study waits in the queue (the worker ends its round early for it)."""
+    with db.session() as s:
+        return s.scalar(select(Study.study_uid).where(Study.state == QUEUED).limit(1)) is not None
 
 
 def requeue_interrupted(db: Database, node_id: str, max_attempts: int = 3) -> int:
@@ -188,6 +202,23 @@ def requeue_interrupted(db: Database, node_id: str, max_attempts: int = 3) -> in
                 continue
             move(s, st, QUEUED, reason="processing was interrupted; queued again at start-up", attempt=st.attempts)
             n += 1
+    return n
+
+
+def release(db: Database, keys: list[tuple[str, int]], why: str) -> int:
+    """processing -> queued for the ``(uid, version)`` pairs a node held unfinished when it stopped
+    in order (the claim does not count as an attempt). Returns how many were queued again."""
+    n = 0
+    with db.transaction() as s:
+        for uid, version in keys:
+            st = s.get(Study, uid, with_for_update=True)
+            if st is None or st.state != PROCESSING or st.version != version:
+                continue
+            st.attempts = max(0, (st.attempts or 0) - 1)
+            move(s, st, QUEUED, reason=why, attempt=st.attempts)
+            n += 1
+    if n:
+        log.info("%d unfinished stud(ies) queued again: %s", n, why)
     return n
 
 

@@ -13,7 +13,7 @@ from cxr_node.eligibility.refusal import Refusal
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # a film is itself: compared by identity (it holds arrays)
 class Film:
     instance: Instance
     ds: Dataset
@@ -38,6 +38,14 @@ class StudyWork:
     station: object = None      # cxr_node.onboarding.stations.StationRef
     calibration: object = None  # the station's SiteCalibration for these weights, or None
     model: object = None        # the ModelIdentity its results carry (thresholds, calibration, triggers)
+    # across the worker's rounds (cxr_node.study.scheduling)
+    seq: int = 0                # claim order on this node
+    rank: int = 1               # the sender's urgency (DIMSE Priority as a rank, 0 most urgent)
+    mark: int = 0               # the worker's film count when it last got a film (or was claimed)
+    todo: list[Film] = field(default_factory=list)     # films still to analyse, in their order
+    written: list = field(default_factory=list)        # outbox objects made so far (the SCs)
+    encoded: list = field(default_factory=list)        # cxr_node.encode.sr.AnalysedFilm per SC
+    policy: object = None       # cxr_node.study.triage.study_policy's tuple, chosen once per study
     #: a priority the study carries from upstream (cxr_node.model.triggers.Upstream: C-STORE Priority
     #: HIGH, Requested Procedure Priority STAT/HIGH), or None; the node never sends a lower one
     upstream: object = None
@@ -55,6 +63,10 @@ class StudyWork:
         from cxr_node.model.triggers import sent_priority
 
         return sent_priority(self.call, self.upstream)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.study_uid, self.version)
 
     @property
     def analysed(self) -> list[Film]:

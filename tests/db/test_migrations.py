@@ -26,6 +26,7 @@ def test_upgrade_downgrade_upgrade(tmp_path):
     with sqlite3.connect(db) as c:
         assert "dimse_priority" not in {r[1] for r in c.execute("pragma table_info(instances)")}
         assert "claimed_by" not in {r[1] for r in c.execute("pragma table_info(outbox)")}
+        assert "upstream_rank" not in {r[1] for r in c.execute("pragma table_info(studies)")}
     cli("db", "downgrade", "0008", config=cfg)
     assert "site_heads" not in _tables(db) and "web_users" in _tables(db)
     with sqlite3.connect(db) as c:

@@ -264,3 +264,27 @@ def test_derived_uids_are_valid_and_stable():
     u = derived_uid("a", "b")
     assert u == derived_uid("a", "b") != derived_uid("a", "c")
     assert u.startswith("2.25.") and len(u) <= 64 and u.replace(".", "").isdigit()
+
+
+def test_heat_made_small_then_enlarged_is_the_full_resolution_heat():
+    """The overlay's heat map is smoothed and masked at most overlay.HEAT_SIDE pixels wide and then
+    enlarged (the full-size Gaussian was most of a Secondary Capture's cost): the map and the
+    pixels it colours agree with the same map made at the film's own resolution."""
+    from cxr_node.encode import overlay
+
+    rng = np.random.default_rng(7)
+    cam = rng.random((8, 8)).astype(np.float32)
+    yy, xx = np.mgrid[0:256, 0:240]
+    mask = (((yy - 128) / 100.0) ** 2 + ((xx - 70) / 45.0) ** 2 < 1) | (((yy - 128) / 100.0) ** 2
+                                                                           + ((xx - 170) / 45.0) ** 2 < 1)
+    shape, box = (1955, 1841), (0.1, 0.9, 0.05, 0.95)
+    small = overlay.heat(shape, cam, box, mask)
+    full = overlay.heat(shape, cam, box, mask, work_side=4096)
+    assert small.shape == full.shape == shape
+    assert float(np.abs(small - full).max()) < 0.03
+    film = rng.random(shape).astype(np.float32) * 0.2 + 0.4
+    a = overlay.render_overlay(film, cam, box=box, lung_mask=mask, top_fraction=overlay.TOP_FRACTION)
+    coloured = (a[..., 0] != a[..., 1]) | (a[..., 1] != a[..., 2])
+    assert 0.02 < coloured.mean() < 0.2  # the strongest part of the lungs, not all of them
+    grey = np.rint(film * 255).astype(np.uint8)
+    assert np.array_equal(a[~coloured][:, 0], grey[~coloured])  # the film itself is untouched elsewhere

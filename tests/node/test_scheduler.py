@@ -19,6 +19,7 @@ class SlowProcessor:
     def __init__(self) -> None:
         self.started = threading.Event()
         self.calls = 0
+        self.released: list[str] = []
 
     def process_queued(self, limit: int) -> int:
         self.calls += 1
@@ -27,6 +28,10 @@ class SlowProcessor:
             time.sleep(1.0)
             return 1
         return 0
+
+    def release_held(self, why: str) -> int:
+        self.released.append(why)
+        return 1
 
 
 class Outbox:
@@ -64,6 +69,10 @@ def test_shutdown_while_a_stage_wakes_the_next_does_not_deadlock(scheduler):
     done = threading.Event()
     threading.Thread(target=lambda: (sched.shutdown(wait=True), done.set()), daemon=True).start()
     assert done.wait(10), "scheduler shutdown deadlocked on a wake-up from a finishing job"
+    # the round in progress ends, and what the worker still holds goes back to the queue, not
+    # analysed to the end while the node is stopping
+    assert proc.released and "stopped" in proc.released[0]
+    assert proc.calls == 1
 
 
 def test_finished_stage_wakes_the_outbox_before_its_poll(scheduler):
