@@ -185,5 +185,7 @@ def apply(policy, model, calibration=None, head=None):
     if t is None:
         # a class-axis calibration or head (fitted before this model, or for its patterns) does not set the
         # urgent flag's operating point: the results say it is the model's ("not yet calibrated at this site")
+        if model.calibration == "model":
+            return policy, model
         return policy, dataclasses.replace(model, calibration="model", abnormal_threshold=policy.abnormal_threshold)
     return dataclasses.replace(policy, abnormal_threshold=t), dataclasses.replace(model, abnormal_threshold=t)
