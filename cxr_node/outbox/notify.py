@@ -223,18 +223,7 @@ class Notifier:
             return list(s.scalars(q))
 
     def retry(self, ids: Sequence[int] = (), all_dead: bool = False, by: str | None = None) -> int:
-        n = 0
-        with self.db.transaction() as s:
-            q = select(Notification).where(Notification.state.in_([DEAD, PENDING]))
-            if ids:
-                q = q.where(Notification.id.in_(list(ids)))
-            elif all_dead:
-                q = q.where(Notification.state == DEAD)
-            else:
-                return 0
-            for row in s.scalars(q.with_for_update()):
-                row.state, row.attempts, row.next_attempt_at = PENDING, 0, utcnow()
-                audit.record(s, "notify.requeued", study_uid=row.study_uid,
-                             detail={"channel": row.channel, "id": row.id, **({"user": by} if by else {})})
-                n += 1
-        return n
+        from cxr_node.outbox.requeue import requeue
+
+        return requeue(self.db, Notification, "notify.requeued", lambda r: {"channel": r.channel, "id": r.id},
+                       ids, all_dead, by)

@@ -278,21 +278,10 @@ class Outbox:
     def retry(self, ids: Sequence[int] = (), all_dead: bool = False, by: str | None = None) -> int:
         """Put dead (or pending) items back to pending, due now, attempts reset. ``by``: the web
         console user who asked (recorded in the audit rows)."""
-        n = 0
-        with self.db.transaction() as s:
-            q = select(OutboxItem).where(OutboxItem.state.in_([DEAD, PENDING]))
-            if ids:
-                q = q.where(OutboxItem.id.in_(list(ids)))
-            elif all_dead:
-                q = q.where(OutboxItem.state == DEAD)
-            else:
-                return 0
-            for row in s.scalars(q.with_for_update()):
-                row.state, row.attempts, row.next_attempt_at = PENDING, 0, utcnow()
-                audit.record(s, "outbox.requeued", study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
-                             detail={"destination": row.destination, "id": row.id, **({"user": by} if by else {})})
-                n += 1
-        return n
+        from cxr_node.outbox.requeue import requeue
+
+        return requeue(self.db, OutboxItem, "outbox.requeued",
+                       lambda r: {"destination": r.destination, "id": r.id}, ids, all_dead, by)
 
     def purge(self, states: Sequence[str], older_than_days: float | None = None, by: str | None = None) -> int:
         """Delete sent and/or dead items (rows and files). Pending items are never purged. ``by``:
