@@ -18,7 +18,7 @@ import logging
 import re
 from typing import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from cxr_node.audit import trail as audit
 from cxr_node.config import Notification as Channel
@@ -161,8 +161,22 @@ class Notifier:
                                  .order_by(Notification.id).limit(limit)))
         sent = 0
         for row in due:
-            sent += self._record(row, self._send(row))
+            if self._claim(row):
+                sent += self._record(row, self._send(row))
         return sent
+
+    def _claim(self, row: Notification) -> bool:
+        """Take ``row`` for this node: its next attempt moves one lease ahead, in one conditional UPDATE, so
+        nodes sharing the database never send one notification twice, and a node that dies mid-send leaves
+        it due again once the lease has passed (no column of its own: the outbox items' ``claimed_by`` is
+        what the node leases hand over; a notification needs only its due time)."""
+        lease = dt.timedelta(seconds=float(self.settings.fleet.lease_seconds))
+        with self.db.transaction() as s:
+            got = s.execute(update(Notification)
+                            .where(Notification.id == row.id, Notification.state == PENDING,
+                                   Notification.next_attempt_at == row.next_attempt_at)
+                            .values(next_attempt_at=utcnow() + lease)).rowcount
+        return got == 1
 
     def _send(self, row: Notification) -> SendOutcome:
         from cxr_node.outbox import fhir, hl7v2

@@ -199,3 +199,17 @@ def test_a_header_value_hl7_cannot_carry_is_left_out(tmp_path, peers):
     box.drain()
     pid = segments(mllp.received[0])["PID"][0]
     assert pid[7] == "" and pid[3] == "P 7 X^^^^MR"  # no delimiter from a header value reaches the message
+
+
+def test_two_nodes_never_send_one_notification_twice(tmp_path, peers):
+    """Nodes sharing the database: the one that claims a due notification first sends it; the other's
+    claim of the same row (same due time) fails, and a claim whose node died is due again after a lease."""
+    mllp, http = peers
+    box = _box(tmp_path, mllp, http)
+    assert _decide(box, study(2, (0.95, 0.03, 0.02))) == ["ris", "fhir"]
+    rows = box.notifier.list()
+    other = Outbox(box.settings, Database(box.settings.database.url)).notifier  # a second node
+    assert box.notifier._claim(rows[0]) and not other._claim(rows[0])
+    (again,) = [r for r in box.notifier.list() if r.id == rows[0].id]
+    assert again.state == "pending" and again.next_attempt_at > rows[0].next_attempt_at  # due after the lease
+    assert box.drain() == 1 and len(mllp.received) == 0  # only the unclaimed FHIR one went
