@@ -281,8 +281,19 @@ class Orthanc:
         root.mkdir(parents=True, exist_ok=True)
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
+        self._ports_given = dicom_port is not None or http_port is not None
         self.ae_title = "ORTHANC"
         self.config = root / "orthanc.json"
+        self._modalities, self._dicomweb = modalities, dicomweb
+        self._write_config()
+        if dicomweb and not Path(self.DICOMWEB_PLUGIN).is_file():
+            if os.environ.get("CI") == "true":
+                pytest.fail("Orthanc's DICOMweb plugin missing: apt-get install orthanc-dicomweb")
+            pytest.skip("Orthanc's DICOMweb plugin missing (Debian package orthanc-dicomweb)")
+        self.proc: subprocess.Popen | None = None
+
+    def _write_config(self) -> None:
+        root, modalities, dicomweb = self.root, self._modalities, self._dicomweb
         self.config.write_text(json.dumps({
             "Name": "cxr-node-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
             "Plugins": [], "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
@@ -292,17 +303,24 @@ class Orthanc:
             **({"Plugins": [self.DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
                if dicomweb else {}),
         }))
-        if dicomweb and not Path(self.DICOMWEB_PLUGIN).is_file():
-            if os.environ.get("CI") == "true":
-                pytest.fail("Orthanc's DICOMweb plugin missing: apt-get install orthanc-dicomweb")
-            pytest.skip("Orthanc's DICOMweb plugin missing (Debian package orthanc-dicomweb)")
-        self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Orthanc":
-        self._log = open(self.root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([self.exe, str(self.config)], stdout=self._log, stderr=subprocess.STDOUT)
-        wait_port(self.http_port, proc=self.proc)
-        wait_port(self.dicom_port, proc=self.proc)
+        """Start it; a free port that another test process took meanwhile (two xdist workers pick ports
+        at the same time) gets new free ports and another start, at most three times."""
+        for attempt in range(3):
+            self._log = open(self.root / "orthanc.log", "ab")
+            self.proc = subprocess.Popen([self.exe, str(self.config)], stdout=self._log, stderr=subprocess.STDOUT)
+            try:
+                wait_port(self.http_port, proc=self.proc)
+                wait_port(self.dicom_port, proc=self.proc)
+                return self
+            except RuntimeError:
+                self._log.close()
+                in_use = b"already in use" in (self.root / "orthanc.log").read_bytes()[-4000:]
+                if self._ports_given or not in_use or attempt == 2:
+                    raise
+                self.dicom_port, self.http_port = free_port(), free_port()
+                self._write_config()
         return self
 
     def stop(self) -> None:
