@@ -10,7 +10,7 @@ shown for reference; ``predict_gradcam`` is
 ``Predictor.predict(explain=True)``: forward, softmax, Grad-CAM forward + backward) and
 the total (decode + preprocess + predict_gradcam) is reported as p50/p95. Training throughput runs ``--train-steps``
 AdamW steps of the checkpoint's architecture at its input size on cached uint8 films with the
-training augmentation (the loop of training/train.py), after one warm-up step.
+training augmentation (the loop of training/train/loop.py), after one warm-up step.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def train_throughput(checkpoint: Path, steps: int, batch: int) -> dict:
     import torch
 
     from cxr_node.model.checkpoint import build_model, read_checkpoint
-    from training.train import CachedDataset
+    from training.train.sampling import CachedDataset
 
     meta = read_checkpoint(checkpoint)["meta"]
     s = int(meta["input_size"])

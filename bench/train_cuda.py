@@ -6,7 +6,7 @@ Both runs are AdamW steps of MONAI's DenseNet121 (the bundled classifier's archi
 outputs) on batches already on the device, so the figure is the model's own training speed (the
 data pipeline is measured by the training log's films/s). The reference run is fp32 with
 contiguous memory in the same go; the AMP run uses ``torch.autocast`` (float16) + ``GradScaler``
-+ ``channels_last``, exactly as ``training/train.py`` does on CUDA. Printed: images/s of each and
++ ``channels_last``, exactly as ``training/train/loop.py`` does on CUDA. Printed: images/s of each and
 the ratio.
 
 The AMP-vs-fp32 check: both start from the same weights and see the same batches; the script

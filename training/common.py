@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training import data as D
+from training.data import records as D
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 #
 # RECIPE is v2, v3 or v4 (v4: training/results/v4/PROTOCOL.md; HOLDOUTS="shenzhen openist nih ieee8023
 # hannover" for its five hold-outs) (the recipes of the protocol, same configuration: 224 px, 12 epochs,
-# cosine schedule, batch 32, patience 3); PACK and MANIFEST come from `python -m training.pack
+# cosine schedule, batch 32, patience 3); PACK and MANIFEST come from `python -m training.data.pack
 # build ... --manifest-out`; OUT receives what comes back: the CUDA benchmark, the log, each
 # fold's and the final model's weights (fp16 exports, < 16 MB each) and results.tgz (LSO reports,
 # predictions, training histories and splits). With `final`, a v3 model is also trained on every
@@ -33,7 +33,7 @@ TRAIN_ARGS=()
 for a in "${CONFIG[@]}" "${RECIPE_TRAIN[@]}"; do TRAIN_ARGS+=("--train-arg=$a"); done
 HOLDOUT_ARGS=()
 for h in ${HOLDOUTS:-hannover nih ieee8023}; do HOLDOUT_ARGS+=(--holdout "$h"); done
-python3 -m training.lso run --manifest "$MANIFEST" --film-pack "$PACK" --out "$WORK/lso-$RECIPE-recipe" \
+python3 -m training.evaluate.lso run --manifest "$MANIFEST" --film-pack "$PACK" --out "$WORK/lso-$RECIPE-recipe" \
     "${HOLDOUT_ARGS[@]}" "${LSO_ONLY[@]}" "${TRAIN_ARGS[@]}"
 if [ "$RECIPE" = v3 ]; then
   for h in hannover nih ieee8023; do
@@ -49,7 +49,7 @@ if [ "$FINAL" = final ]; then
       "${CONFIG[@]}" "${RECIPE_TRAIN[@]}" --version 3.0.0 \
     || python3 -m training.train --data "$MANIFEST" --film-pack "$PACK" --out "$F" "${CONFIG[@]}" "${RECIPE_TRAIN[@]}" \
       --version 3.0.0
-  python3 -m training.calibrate --checkpoint "$F/best.pt" --data "$MANIFEST" --film-pack "$PACK" --split val \
+  python3 -m training.train.calibrate --checkpoint "$F/best.pt" --data "$MANIFEST" --film-pack "$PACK" --split val \
       --device "$DEVICE" > "$F/calibration.json"
   python3 -m training.evaluate --checkpoint "$F/best.pt" --data "$MANIFEST" --film-pack "$PACK" --split val \
       --device "$DEVICE" --out "$F/eval-val"

@@ -1,7 +1,7 @@
 """Logistic heads on a classifier's frozen penultimate features.
 
 Shared by the site adaptation (``cxr-node adapt-site``) and the frozen-feature configuration of
-the model's training protocol (``python -m training.frozen``): a multinomial logistic regression
+the model's training protocol (``python -m training.evaluate.frozen``): a multinomial logistic regression
 on standardised features, fitted by L-BFGS with an L2 penalty and optional per-film weights. The
 head is stored as plain numbers (feature mean and scale, weights, bias), so it needs no pickling and
 folds into the network's last linear layer exactly (:meth:`LogisticHead.as_linear`).

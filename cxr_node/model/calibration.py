@@ -1,6 +1,6 @@
 """Classification metrics and calibration in numpy/scipy only (no scikit-learn dependency).
 
-Shared by training (``training.calibrate``, ``training.evaluate``; ``training.metrics`` re-exports
+Shared by training (``training.train.calibrate``, ``training.evaluate``; ``training.evaluate.metrics`` re-exports
 these) and the node's own site onboarding (``cxr-node performance``, ``cxr-node calibrate-site``),
 so a site calibration is fitted by exactly the code that calibrated the model.
 

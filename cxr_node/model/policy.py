@@ -10,7 +10,7 @@ With an abnormality output (the v5 model, :mod:`cxr_node.model.abnormality`):
 Without one (v2 and earlier checkpoints):
 
 * ``urgent``  a critical class (COVID by default) has probability >= its operating threshold;
-  the threshold is chosen on the validation split (``training.calibrate``) for sensitivity >= 0.95.
+  the threshold is chosen on the validation split (``training.train.calibrate``) for sensitivity >= 0.95.
 * ``review``  not urgent, but the top class is not the normal class (e.g. Viral Pneumonia), or a
   non-critical class is at or above its own threshold.
 * ``routine`` otherwise.

@@ -19,7 +19,7 @@ The chain is defined once, in :func:`chain`; training, serving and the dictionar
 (:class:`ApplyToKeys` over each array transform) all build from it. :func:`prepare` runs it for
 serving and keeps the display film and the lung fields (:mod:`cxr_node.model.lungs`); with
 ``lung_crop`` set, the chain crops to the lungs after CLAHE. Nothing here is random: training's
-augmentations live in ``training/`` (``training.transforms``, ``training.augment``).
+augmentations live in ``training/`` (``training.train.transforms``, ``training.train.augment``).
 
 Anything that is not a usable 2-D greyscale radiograph raises
 :class:`cxr_node.errors.PreprocessError` naming the rule it broke.

@@ -11,7 +11,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cxr_node.errors import PreprocessError
 from cxr_node.model import preprocess as P
 from cxr_node.model import radiograph as R
-from training import transforms as T
+from training.train import transforms as T
 
 
 def make_ds(arr: np.ndarray, photometric: str = "MONOCHROME2", **elems) -> Dataset:

@@ -68,7 +68,7 @@ def test_split_is_stratified_grouped_and_saved(tiny):
 
 
 def test_grouped_split_unit():
-    from training.data import Record, grouped_stratified_split
+    from training.data.records import Record, grouped_stratified_split
 
     recs = [Record(f"/x/{i}", "A" if i % 4 else "B", f"g{i // 5}", f"{i}") for i in range(200)]
     a1 = grouped_stratified_split(recs, seed=3)
@@ -129,7 +129,7 @@ def test_fine_tune_from_checkpoint_keeps_split_and_weights(tiny, tmp_path):
 def test_calibrate_then_evaluate_then_triage(tiny, tmp_path):
     run = tiny["run"]
     cal = tmp_path / "cal.pt"
-    run_module("training.calibrate", "--checkpoint", str(run / "best.pt"), "--data", str(tiny["manifest"]),
+    run_module("training.train.calibrate", "--checkpoint", str(run / "best.pt"), "--data", str(tiny["manifest"]),
                "--out", str(cal), "--split-file", str(run / "split.csv"))
     from cxr_node.model.checkpoint import read_checkpoint
 
@@ -185,7 +185,13 @@ def test_ddp_gloo_two_processes(tmp_path):
 
 
 def test_metrics_against_brute_force():
-    from training.metrics import expected_calibration_error, fit_temperature, nll, roc_auc, threshold_for_sensitivity
+    from training.evaluate.metrics import (
+        expected_calibration_error,
+        fit_temperature,
+        nll,
+        roc_auc,
+        threshold_for_sensitivity,
+    )
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 60).astype(bool)
@@ -211,8 +217,8 @@ def test_film_pack_trains_without_the_source_images(tiny, tmp_path):
     preprocessing parameters is refused with what to do."""
     import shutil
 
-    from training import data as D
-    from training.filmpack import FilmPack
+    from training.data import records as D
+    from training.data.filmpack import FilmPack
 
     data = tmp_path / "data"
     shutil.copytree(tiny["manifest"].parent, data)
@@ -224,7 +230,7 @@ def test_film_pack_trains_without_the_source_images(tiny, tmp_path):
         w.writeheader()
         w.writerows({**r, "source": "gen", "split": split[r["path"]]} for r in rows)
     pack = tmp_path / "films.npz"
-    run_module("training.pack", "build", "--manifest", str(manifest), "--out", str(pack), "--splits",
+    run_module("training.data.pack", "build", "--manifest", str(manifest), "--out", str(pack), "--splits",
                "train,val,test", "--input-size", "64", "--cap", "gen:train=5", "--manifest-out",
                str(tmp_path / "packed.csv"), "--cache-dir", str(tmp_path / "cache"))
     fp = FilmPack(pack)

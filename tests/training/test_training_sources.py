@@ -28,7 +28,7 @@ def run_module(mod: str, *args: str, timeout: float = 300) -> subprocess.Complet
 
 
 def build(srcs: dict[str, Path], out: Path, *extra: str) -> list[dict[str, str]]:
-    from training.sources import main
+    from training.data.sources import main
 
     args = ["build", *[a for name, d in srcs.items() for a in ("--source", f"{name}={d}")], "--out", str(out), *extra]
     assert main(args) == 0
@@ -96,7 +96,7 @@ def test_builder_groups_never_straddle_splits(sources):
     assert all(len(s) == 1 for s in splits.values())
     assert {x["split"] for x in sources["rows"] if not x["exclude"]} == {"train", "val", "test"}
     # the trainer's reader: excluded rows skipped, the manifest's split used
-    from training.data import manifest_split, read_dataset
+    from training.data.records import manifest_split, read_dataset
 
     recs = read_dataset(sources["manifest"])
     assert len(recs) == sum(1 for x in sources["rows"] if not x["exclude"])
@@ -118,10 +118,10 @@ def test_builder_options_and_plain_trees(sources, tmp_path):
     kept = [x for x in rows if not x["exclude"]]
     assert {x["label"] for x in kept} == {"Pneumonia", "Tuberculosis"} and len(kept) == 8
     assert all(not Path(x["path"]).is_absolute() for x in rows)
-    from training.data import read_dataset
+    from training.data.records import read_dataset
 
     assert all(Path(x.path).is_file() for x in read_dataset(tmp_path / "out" / "tb.csv"))
-    from training.sources import main
+    from training.data.sources import main
 
     with pytest.raises(SystemExit, match="NAME=DIR"):
         main(["build", "--source", str(tree), "--out", str(tmp_path / "x.csv")])
@@ -141,19 +141,20 @@ def test_other_label_sets_train_from_a_tree(tmp_path, labels, critical, augment)
     urgent by either."""
     from cxr_node.model.checkpoint import read_checkpoint
     from cxr_node.model.policy import TriagePolicy
-    from training import train as T
+    from training.train.cli import build_parser
+    from training.train.loop import train
 
     tree = make_tree(tmp_path / "d", per_class=8, labels=labels)
-    args = T.build_parser().parse_args(["--data", str(tree), "--out", str(tmp_path / "run"), "--epochs", "1",
+    args = build_parser().parse_args(["--data", str(tree), "--out", str(tmp_path / "run"), "--epochs", "1",
                                         "--critical", critical, "--max-batches", "2", "--augment", augment,
                                         "--balance", "class", "--preprocess", "clahe_clip_limit=0.02", *TINY])
-    T.train(args)
+    train(args)
     crits = critical.split(",")
     meta = read_checkpoint(tmp_path / "run" / "best.pt")["meta"]
     assert meta["labels"] == sorted(labels) and meta["critical_labels"] == crits
     assert meta["preprocess"]["clahe_clip_limit"] == 0.02 and meta["augment"] == augment
     assert meta["balance"] == "class"
-    run_module("training.calibrate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tree),
+    run_module("training.train.calibrate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tree),
                "--threads", "1")
     meta = read_checkpoint(tmp_path / "run" / "best.pt")["meta"]
     assert meta["critical_labels"] == crits and set(crits) <= set(meta["thresholds"])
@@ -164,7 +165,7 @@ def test_other_label_sets_train_from_a_tree(tmp_path, labels, critical, augment)
 
 
 def test_critical_classes_rule():
-    from training.train import critical_classes
+    from training.train.sampling import critical_classes
 
     assert critical_classes(["COVID,Tuberculosis"], FIVE) == ["COVID", "Tuberculosis"]
     assert critical_classes(["COVID", "Tuberculosis"], ["COVID", "Normal"]) == ["COVID"]  # a fold without TB
@@ -177,7 +178,7 @@ def test_v4_augment_downscales_every_class_half_the_time():
     """v4 = v3 with the down-scale-and-up-scale at probability 0.5 over 0.3-0.9, for every film."""
     import torch
 
-    from training.augment import RandResolutionDrop, make_v3_augment, make_v4_augment
+    from training.train.augment import RandResolutionDrop, make_v3_augment, make_v4_augment
 
     drops = [t for t in make_v4_augment(32).transforms if isinstance(t, RandResolutionDrop)]
     assert len(drops) == 1 and drops[0].prob == 0.5 and drops[0].scale_range == (0.3, 0.9)
@@ -207,7 +208,7 @@ def test_preprocess_option_validates():
 
 
 def test_balanced_sampling_weights_and_sampler():
-    from training.train import BalancedSampler, sample_weights
+    from training.train.sampling import BalancedSampler, sample_weights
 
     labels = ["COVID"] * 60 + ["COVID"] * 10 + ["Normal"] * 30
     sources = ["a"] * 60 + ["b"] * 10 + ["a"] * 30
@@ -235,7 +236,7 @@ def test_v3_augment_is_seedable_and_changes_the_image():
     import torch
     from helpers_model import synthetic_film
 
-    from training import augment as A
+    from training.train import augment as A
 
     x = torch.from_numpy(synthetic_film(0, np.random.default_rng(0), 64) / 255.0).float()[None]
     aug = A.make_v3_augment(64)
@@ -265,7 +266,7 @@ def test_v3_augment_is_seedable_and_changes_the_image():
 
 
 def test_wilson_and_threshold_rules():
-    from training.metrics import threshold_for_sensitivity_rule, wilson_interval
+    from training.evaluate.metrics import threshold_for_sensitivity_rule, wilson_interval
 
     lo, hi = wilson_interval(8, 8)
     assert abs(lo - 0.6756) < 1e-3 and hi == 1.0
@@ -283,7 +284,7 @@ def test_wilson_and_threshold_rules():
 
 
 def test_lso_fold_leaves_out_groups_and_sites_of_the_holdout(sources):
-    from training.lso import held_out, read_rows, training_rows
+    from training.evaluate.lso.folds import held_out, read_rows, training_rows
 
     rows = read_rows(sources["manifest"])
     test = held_out("ieee8023", rows)
@@ -315,7 +316,7 @@ def test_lso_harness_end_to_end(sources, tmp_path):
     hold-out, report; then a fixed checkpoint on a hold-out; then a threshold from the LSO predictions."""
     man = sources["manifest"]
     out = tmp_path / "lso"
-    run_module("training.lso", "run", "--manifest", str(man), "--out", str(out), "--holdout", "hannover",
+    run_module("training.evaluate.lso", "run", "--manifest", str(man), "--out", str(out), "--holdout", "hannover",
                "--holdout", "nih", "--max-per-source-class", "4", "--n-boot", "20",
                *[f"--train-arg={a}" for a in ["--epochs=1", "--input-size=32", "--batch-size=8", "--threads=1",
                                              "--augment=v3", "--balance=source,class"]])
@@ -354,7 +355,7 @@ def test_lso_harness_end_to_end(sources, tmp_path):
     # a fixed checkpoint, trained on "covid19-radiography": the ieee8023 film that is also there is left out
     ck = out / "hannover" / "run" / "best.pt"
     ev = tmp_path / "ev"
-    run_module("training.lso", "evaluate", "--checkpoint", str(ck), "--manifest", str(man), "--out", str(ev),
+    run_module("training.evaluate.lso", "evaluate", "--checkpoint", str(ck), "--manifest", str(man), "--out", str(ev),
                "--holdout", "ieee8023", "--seen-source", "covid19-radiography", "--n-boot", "20", "--threads", "1",
                "--holdout-splits", "train,val,test")
     rep2 = json.loads((ev / "report.json").read_text())
@@ -366,7 +367,7 @@ def test_lso_harness_end_to_end(sources, tmp_path):
 
     # the critical threshold chosen on the pooled LSO predictions, with the Wilson rule
     cal = tmp_path / "cal.pt"
-    run_module("training.calibrate", "--checkpoint", str(ck), "--data", str(out / "hannover" / "train-manifest.csv"),
+    run_module("training.train.calibrate", "--checkpoint", str(ck), "--data", str(out / "hannover" / "train-manifest.csv"),
                "--out", str(cal), "--lso-predictions", str(out / "predictions.csv"), "--sensitivity-rule", "wilson",
                "--target-sensitivity", "0.5", "--threads", "1")
     from cxr_node.model.checkpoint import read_checkpoint
@@ -376,7 +377,7 @@ def test_lso_harness_end_to_end(sources, tmp_path):
     preds = list(csv.DictReader(open(out / "predictions.csv")))
     y = np.array([x["label"] == "COVID" for x in preds])
     s = np.array([float(x["p_COVID"]) for x in preds])
-    from training.metrics import wilson_interval
+    from training.evaluate.metrics import wilson_interval
 
     th = c["operating_points"]["COVID"]["threshold"]
     k = int((s[y] >= th).sum())
@@ -384,7 +385,7 @@ def test_lso_harness_end_to_end(sources, tmp_path):
 
 
 def _fake_predictions(path: Path, seed: int = 0, shift: dict[str, float] | None = None) -> Path:
-    """Predictions of three hold-outs as training.lso writes them: hannover (COVID only), nih
+    """Predictions of three hold-outs as training.evaluate.lso writes them: hannover (COVID only), nih
     (Normal only), ieee8023 (both). ``shift`` moves one hold-out's COVID scores."""
     rng = np.random.default_rng(seed)
     labels = ["COVID", "Normal", "Viral Pneumonia"]
@@ -409,7 +410,8 @@ def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
     (moving a hold-out's own scores leaves them unchanged), reach the Wilson rule on those films,
     and decide that hold-out's urgent flags; report.md names them."""
     from cxr_node.model.calibration import wilson_interval
-    from training.lso import crossfit, read_predictions
+    from training.evaluate.lso.folds import read_predictions
+    from training.evaluate.lso.report import crossfit
 
     base = read_predictions([_fake_predictions(tmp_path / "a.csv")])
     moved = read_predictions([_fake_predictions(tmp_path / "b.csv", shift={"ieee8023": 3.0})])
@@ -433,11 +435,11 @@ def test_crossfit_operating_points_never_see_their_own_holdout(tmp_path):
         assert r["urgent"] == str(int(float(r["p_COVID"]) >= th)) and r["threshold_COVID"] == f"{th:.6f}"
     assert len(rows_a) == len(base) and info_a["all"]["fitted_on_films"] == len(base)
     # the CLI: report plus the operating-point table; no COVID outside a hold-out is refused
-    run_module("training.lso", "crossfit", "--predictions", str(tmp_path / "a.csv"), "--out", str(tmp_path / "cf"),
+    run_module("training.evaluate.lso", "crossfit", "--predictions", str(tmp_path / "a.csv"), "--out", str(tmp_path / "cf"),
                "--n-boot", "50")
     md = (tmp_path / "cf" / "report.md").read_text()
     assert "Operating points cross-fitted" in md and "| nih | hannover, ieee8023 | 80 (70) |" in md
-    from training.lso import main as lso_main
+    from training.evaluate.lso.cli import main as lso_main
 
     with pytest.raises(SystemExit, match="no predictions in splits val"):  # --splits filters (all are train)
         lso_main(["crossfit", "--predictions", str(tmp_path / "a.csv"), "--out", str(tmp_path / "cf2"),
@@ -471,7 +473,7 @@ def test_shenzhen_and_openist_rules(tmp_path):
     assert all(r["patient_id"] == Path(r["path"]).stem for r in sz)
     assert len({r["group"] for r in sz}) == len(sz) and len({r["group"] for r in op}) == len(op)
     assert len({r["site"] for r in op}) == 1 and "OpenIST" in op[0]["site"]
-    from training.lso import held_out, read_rows
+    from training.evaluate.lso.folds import held_out, read_rows
 
     man = read_rows(tmp_path / "m.csv")
     assert {r["id"] for r in held_out("shenzhen", man)} == {r["id"] for r in sz}
@@ -479,14 +481,14 @@ def test_shenzhen_and_openist_rules(tmp_path):
 
 
 def test_lso_five_labels_two_critical_classes(tmp_path):
-    """training.lso run with the v4 recipe's critical classes: the shenzhen fold trains without any
+    """training.evaluate.lso run with the v4 recipe's critical classes: the shenzhen fold trains without any
     TB film (four labels; its TB films are reported as flagged or not through COVID), the openist fold
     has TB with its own threshold; both folds' predictions share one header; the report gives the TB
     figures, and crossfit takes TB's threshold from the given cross-validation predictions."""
     srcs = {**make_sources(tmp_path / "data"), **make_tb_sources(tmp_path / "data")}
     build(srcs, tmp_path / "m.csv")
     out = tmp_path / "lso"
-    run_module("training.lso", "run", "--manifest", str(tmp_path / "m.csv"), "--out", str(out),
+    run_module("training.evaluate.lso", "run", "--manifest", str(tmp_path / "m.csv"), "--out", str(out),
                "--holdout", "shenzhen", "--holdout", "openist", "--max-per-source-class", "4", "--n-boot", "20",
                "--holdout-splits", "train,val,test",
                *[f"--train-arg={a}" for a in ["--epochs=1", "--input-size=32", "--batch-size=8", "--threads=1",
@@ -512,7 +514,8 @@ def test_lso_five_labels_two_critical_classes(tmp_path):
     assert rep["per_holdout"]["openist"]["urgent_on_normals"]["n"] == len(op)
     assert "| shenzhen | Tuberculosis |" in (out / "report.md").read_text()
     # crossfit: TB films lie in one hold-out only, so TB's threshold comes from --fit-critical rows
-    from training.lso import crossfit, read_predictions
+    from training.evaluate.lso.folds import read_predictions
+    from training.evaluate.lso.report import crossfit
 
     cv = [dict(r, holdout="shenzhen-cv") for r in op] + [
         dict(r, holdout="shenzhen-cv", label="Tuberculosis", p_Tuberculosis="0.9") for r in op]
@@ -526,16 +529,16 @@ def test_lso_five_labels_two_critical_classes(tmp_path):
 
 
 def test_frozen_feature_configuration_end_to_end(tmp_path):
-    """training.frozen: features of a checkpoint once per film (plus squashed 128 px copies), then
+    """training.evaluate.frozen: features of a checkpoint once per film (plus squashed 128 px copies), then
     each recipe as a head per leave-source-out fold, the checkpoint itself, and the grouped Shenzhen
-    split; predictions in training.lso's format, so its report and crossfit read them."""
+    split; predictions in training.evaluate.lso's format, so its report and crossfit read them."""
     from helpers_model import make_checkpoint
 
     srcs = {**make_sources(tmp_path / "data", n=10), **make_tb_sources(tmp_path / "data", n=12)}
     build(srcs, tmp_path / "m.csv")
     ck = make_checkpoint(tmp_path / "ck.pt", input_size=32)
     feats = tmp_path / "f.npz"
-    run_module("training.frozen", "extract", "--manifest", str(tmp_path / "m.csv"), "--out", str(feats),
+    run_module("training.evaluate.frozen", "extract", "--manifest", str(tmp_path / "m.csv"), "--out", str(feats),
                "--checkpoint", str(ck), "--degrade", "openist", "--cache-dir", str(tmp_path / "cache"),
                "--splits", "train,val,test")
     z = np.load(feats)
@@ -543,7 +546,7 @@ def test_frozen_feature_configuration_end_to_end(tmp_path):
     assert z["features"].shape[1] == 1024 and sum(str(i).endswith("#as-shenzhen") for i in z["ids"]) == n_open
     for recipe in ("v4", "v2-bundled"):
         out = tmp_path / recipe
-        run_module("training.frozen", "lso", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
+        run_module("training.evaluate.frozen", "lso", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
                    "--recipe", recipe, "--out", str(out), "--holdout", "shenzhen", "--holdout", "openist",
                    "--holdout-splits", "train,val,test", "--n-boot", "20")
         rep = json.loads((out / "report.json").read_text())
@@ -555,7 +558,7 @@ def test_frozen_feature_configuration_end_to_end(tmp_path):
     assert "Tuberculosis" not in folds["shenzhen"]["labels"] and "Tuberculosis" in folds["openist"]["critical"]
     assert "mean_p_tb_as_shenzhen" in folds["openist"]["degraded"]
     cv = tmp_path / "cv"
-    run_module("training.frozen", "shenzhen-cv", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
+    run_module("training.evaluate.frozen", "shenzhen-cv", "--manifest", str(tmp_path / "m.csv"), "--features", str(feats),
                "--out", str(cv), "--folds", "2", "--n-boot", "20")
     rep = json.loads((cv / "report.json").read_text())
     tb = rep["per_holdout"]["shenzhen-cv"]["other_critical"]["Tuberculosis"]
@@ -564,7 +567,7 @@ def test_frozen_feature_configuration_end_to_end(tmp_path):
                                      and r["split"] in ("train", "val"))
     # the site-adaptation goal figure reads the same features (ieee8023 COVID vs other pneumonias)
     so = tmp_path / "so"
-    run_module("training.site_onboarding", "--adaptation", str(feats), "--manifest", str(tmp_path / "m.csv"),
+    run_module("training.onboarding.calibration", "--adaptation", str(feats), "--manifest", str(tmp_path / "m.csv"),
                "--checkpoint", str(ck), "--out", str(so), "--repeats", "2", "--max-labelled", "8", "--n-boot", "20")
     rep = json.loads((so / "report.json").read_text())
     assert "ieee8023 (all countries)" in rep["sites"] and (so / "report.md").read_text().startswith("Site head")

@@ -1,22 +1,22 @@
 """The frozen-feature configuration of the v4 protocol (training/results/v4/PROTOCOL.md).
 
     # 1. every film once through the bundled model: its pooled penultimate features and its logits
-    python -m training.frozen extract --manifest runs/v4/merged.csv --out runs/v4/frozen/features.npz \\
+    python -m training.evaluate.frozen extract --manifest runs/v4/merged.csv --out runs/v4/frozen/features.npz \\
         --cap covid19-radiography:train=600 --cap covid19-radiography:val=150 --degrade openist --degrade nih
     # 2. leave-source-out with each recipe as a logistic head on those features, plus the bundled model
-    python -m training.frozen lso --manifest runs/v4/merged.csv --features runs/v4/frozen/features.npz \\
+    python -m training.evaluate.frozen lso --manifest runs/v4/merged.csv --features runs/v4/frozen/features.npz \\
         --recipe v4 --out training/results/v4/frozen/lso-v4-recipe
     # 3. TB on a grouped Shenzhen split (5-fold by patient), the v4 head
-    python -m training.frozen shenzhen-cv --manifest ... --features ... --out training/results/v4/frozen/shenzhen-cv
+    python -m training.evaluate.frozen shenzhen-cv --manifest ... --features ... --out training/results/v4/frozen/shenzhen-cv
 
 Recipes (heads; the backbone is the bundled v2 model's, unchanged):
   * ``v2-bundled``: the bundled model as shipped (its own head, temperature and thresholds);
   * ``v2``: a head on covid19-radiography only, COVID / Normal / Viral Pneumonia, class-weighted;
   * ``v3``: + hannover, nih, ieee8023, + Other pneumonia, balanced over source x class;
   * ``v4``: + nlm-shenzhen-tb and openist-normal, + Tuberculosis (critical), balanced over source x class.
-Each fold (``training.lso`` hold-out rules): the head on the other sources' train split, L2 chosen on
+Each fold (``training.evaluate.lso`` hold-out rules): the head on the other sources' train split, L2 chosen on
 their val split by macro AUC, temperature and operating points on that val split (critical classes:
-highest threshold with sensitivity >= 0.95, as ``training.calibrate``). Films whose copy is in
+highest threshold with sensitivity >= 0.95, as ``training.train.calibrate``). Films whose copy is in
 covid19-radiography (the backbone's training folder) are never predicted. ``--degrade SOURCE``
 adds a copy of that source's Normal films squashed to 128x128 (as the Shenzhen films were
 published) and reports, per hold-out, p(TB) and the urgent rate on them against the originals.
@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-log = logging.getLogger("training.frozen")
+log = logging.getLogger("training.evaluate.frozen")
 
 RECIPES: dict[str, dict[str, Any]] = {
     "v2": {"sources": ["covid19-radiography"], "labels": ["COVID", "Normal", "Viral Pneumonia"],
@@ -67,9 +67,9 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from cxr_node.config import BUNDLED_CHECKPOINT
     from cxr_node.model.checkpoint import load_checkpoint
     from cxr_node.model.infer import FEATURE_LAYERS
-    from training import data as D
     from training.common import predict_logits
-    from training.lso import read_rows
+    from training.data import records as D
+    from training.evaluate.lso.folds import read_rows
 
     torch.set_num_threads(args.threads)
     rows = [r for r in read_rows(Path(args.manifest)) if not r.get("exclude") and r["split"] in args.splits.split(",")]
@@ -213,16 +213,16 @@ def bundled_meta(path: Path | None) -> dict:
 
 def cmd_lso(args: argparse.Namespace) -> dict:
     from cxr_node.model.calibration import softmax
-    from training.lso import (
-        _splits,
+    from training.evaluate.lso.folds import (
         expand_holdouts,
         held_out,
+        holdout_splits,
         read_predictions,
         read_rows,
         training_rows,
         write_predictions,
-        write_report,
     )
+    from training.evaluate.lso.report import write_report
 
     rows = read_rows(Path(args.manifest))
     index, X, L, _ = load_features(Path(args.features))
@@ -235,7 +235,7 @@ def cmd_lso(args: argparse.Namespace) -> dict:
     pred_files, folds = [], {}
     for h in expand_holdouts(args.holdout, rows):
         name = h.replace("site:", "site-").replace("/", "-").replace(" ", "_")
-        test = [r for r in held_out(h, rows, _splits(args.holdout_splits)) if r["id"] not in seen and r["id"] in index]
+        test = [r for r in held_out(h, rows, holdout_splits(args.holdout_splits)) if r["id"] not in seen and r["id"] in index]
         pf = out / f"{name}-predictions.csv"
         if recipe_name == "v2-bundled":
             z = np.load(args.features)
@@ -269,7 +269,8 @@ def cmd_lso(args: argparse.Namespace) -> dict:
 def cmd_shenzhen_cv(args: argparse.Namespace) -> dict:
     """5-fold patient-grouped CV over Shenzhen's train+val films, the v4 head trained on every other
     source's train split plus Shenzhen's other folds (their builder split kept)."""
-    from training.lso import read_predictions, read_rows, write_predictions, write_report
+    from training.evaluate.lso.folds import read_predictions, read_rows, write_predictions
+    from training.evaluate.lso.report import write_report
 
     rows = [r for r in read_rows(Path(args.manifest)) if not r.get("exclude") and r["split"] in ("train", "val")]
     index, X, _, _ = load_features(Path(args.features))
@@ -306,7 +307,7 @@ def cmd_shenzhen_cv(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog="python -m training.frozen", description=doc.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.evaluate.frozen", description=doc.split("\n\n")[0],
                                 epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("extract", help="features and logits of the bundled model for a merged manifest's films")

@@ -1,6 +1,6 @@
 """Calibrate a checkpoint on the VALIDATION split: temperature scaling + per-class operating points.
 
-    python -m training.calibrate --checkpoint RUN/best.pt --data DIR_OR_MANIFEST [--out RUN/calibrated.pt]
+    python -m training.train.calibrate --checkpoint RUN/best.pt --data DIR_OR_MANIFEST [--out RUN/calibrated.pt]
 
 * temperature T minimises the validation negative log-likelihood of ``softmax(logits / T)``;
 * the critical class (``meta["critical_labels"]``, COVID by default) gets the highest threshold
@@ -11,7 +11,7 @@ Safety margins for the critical threshold (``--sensitivity-rule``): ``point`` (a
 the edge, so on new films sensitivity scatters around the target), ``margin`` (the target plus
 ``--margin``), ``wilson`` (the highest threshold whose sensitivity's lower Wilson 95% bound reaches
 the target). ``--lso-predictions`` chooses the critical threshold on pooled leave-source-out
-predictions (``python -m training.lso run``: ``predictions.csv``) instead of the validation split:
+predictions (``python -m training.evaluate.lso run``: ``predictions.csv``) instead of the validation split:
 they show how the probability behaves on hospitals the model did not see. They come from the LSO
 fold models, not from this checkpoint, so the threshold is an estimate for a model trained the
 same way; the temperature is still fitted on validation.
@@ -29,11 +29,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-log = logging.getLogger("training.calibrate")
+log = logging.getLogger("training.train.calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.train.calibrate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint to calibrate (e.g. RUN/best.pt)")
     p.add_argument("--data", required=True, help="the training data (folder-per-class dir or manifest CSV)")
@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.0, help="safety margin for --sensitivity-rule margin")
     p.add_argument("--lso-predictions", default=None, metavar="CSV",
                    help="choose the critical threshold on these pooled leave-source-out predictions "
-                   "(training.lso run's predictions.csv) instead of the validation split")
+                   "(training.evaluate.lso run's predictions.csv) instead of the validation split")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="uint8 preprocessing cache folder (default: a temp dir)")
-    p.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.pack) instead of the source images")
+    p.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.data.pack) instead of the source images")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -103,7 +103,7 @@ def calibrate(args: argparse.Namespace) -> dict:
 
 
 def read_lso_predictions(path: Path, critical: Sequence[str]) -> dict[str, tuple]:
-    """critical label -> (is that label, its probability) from a training.lso predictions.csv."""
+    """critical label -> (is that label, its probability) from a training.evaluate.lso predictions.csv."""
     import csv
 
     import numpy as np
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     if args.film_pack:
-        from training import data as D
+        from training.data import records as D
 
         D.use_pack(args.film_pack)
     cal = calibrate(args)

@@ -1,6 +1,6 @@
 """Classification metrics: the implementation lives in :mod:`cxr_node.model.calibration` (the node's site
 calibration uses the same code); re-exported here so training code keeps importing them from
-``training.metrics``. Training-only statistics (the bootstrap of a mean) live here."""
+``training.evaluate.metrics``. Training-only statistics (the bootstrap of a mean) live here."""
 
 from cxr_node.model.calibration import (  # noqa: F401 - re-exports
     binary_ece,

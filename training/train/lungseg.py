@@ -1,7 +1,7 @@
 """Train the lung-field segmenter (a small MONAI UNet) and export it next to the classifier.
 
-    python -m training.lungseg --data DIR --out runs/lung-unet [--epochs 80] [--size 128]
-    python -m training.lungseg --data DIR --out runs/lung-unet --evaluate-only   # Dice on test, once
+    python -m training.train.lungseg --data DIR --out runs/lung-unet [--epochs 80] [--size 128]
+    python -m training.train.lungseg --data DIR --out runs/lung-unet --evaluate-only   # Dice on test, once
 
 ``DIR`` is a folder with ``manifest.csv`` whose rows have ``path``, ``patient_id``, ``near_dup_group``
 and ``lung_mask`` (a PNG, 255 = lung, same size as the image; rows without a mask are ignored), as in
@@ -34,9 +34,9 @@ import torch
 
 from cxr_node.model.checkpoint import atomic_torch_save, make_checkpoint
 from cxr_node.model.lungs import ARCH, DEFAULT_PLAUSIBILITY, KIND, analyse_mask, build_segmenter, segmenter_input
-from training.metrics import bootstrap_mean_ci
+from training.evaluate.metrics import bootstrap_mean_ci
 
-log = logging.getLogger("training.lungseg")
+log = logging.getLogger("training.train.lungseg")
 
 CHANNELS = (8, 16, 32, 64, 128)
 STRIDES = (2, 2, 2, 2)
@@ -44,7 +44,7 @@ RES_UNITS = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.lungseg", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.train.lungseg", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder with manifest.csv, images and lung masks")
     p.add_argument("--out", required=True, help="run folder (split, checkpoints, history, results)")

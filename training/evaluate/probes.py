@@ -1,6 +1,6 @@
 """Out-of-domain probe sets: images that are not frontal human chest films, written as files.
 
-    python -m training.probes --out runs/probes [--dicom-samples DIR] [--laterals DIR]
+    python -m training.evaluate.probes --out runs/probes [--dicom-samples DIR] [--laterals DIR]
 
 Two disjoint sets, so the refusal threshold is chosen on one and measured on the other:
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from training.lungseg import text_page
+from training.train.lungseg import text_page
 
 PHOTOS_A = ("camera", "astronaut", "coffee", "coins", "moon", "page", "brick", "grass")
 PHOTOS_B = ("horse", "hubble_deep_field", "retina", "cell", "clock", "immunohistochemistry",
@@ -114,7 +114,7 @@ def write_probes(out: Path, chest_films_for_inversion: dict[str, Sequence[Path]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.probes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate.probes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--dicom-samples", help="folder with real DICOM negatives (dx_image.dcm: a dog thorax)")
     ap.add_argument("--laterals", help="folder of lateral chest views (PNG)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +37,7 @@ def export(args: argparse.Namespace) -> dict:
 
     from cxr_node.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
     from training.common import logits_for, split_records
-    from training.metrics import softmax
+    from training.evaluate.metrics import softmax
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +73,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     export(args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

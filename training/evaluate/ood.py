@@ -1,6 +1,6 @@
 """Fit a classifier's out-of-domain reference and measure what the eligibility rules refuse.
 
-    python -m training.ood --checkpoint CK --train-data DIR --split-file SPLIT.csv \\
+    python -m training.evaluate.ood --checkpoint CK --train-data DIR --split-file SPLIT.csv \\
         --external NAME=DIR ... --probes runs/probes --segmenter-split runs/lung-unet/split.json \\
         --out-reference CK.ood.pt --results training/results/ood-v2
 
@@ -10,7 +10,7 @@
 2. The threshold is chosen on **validation** films only: the classifier's validation split and
    half of each external source's patients (the other half is test), as the largest per-source
    97.5th percentile of the scores of films that pass the lung-field rules. Probe set ``val``
-   (``training.probes``) is looked at to report, never to fit.
+   (``training.evaluate.probes``) is looked at to report, never to fit.
 3. Every set is then run through the serving rules (:func:`cxr_node.eligibility.rules.pixel_reason`:
    lung fields, then the score) and the refusal rates are written with Wilson intervals.
 
@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger("training.ood")
+log = logging.getLogger("training.evaluate.ood")
 
 
 def ledoit_wolf(x: np.ndarray) -> np.ndarray:
@@ -105,7 +105,7 @@ def wilson(k: int, n: int) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="python -m training.ood", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate.ood", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--train-data", required=True, help="folder the split file's paths are relative to")
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-source", type=int, default=150, help="films per external source and half")
     ap.add_argument("--max-val", type=int, default=400, help="classifier validation films to score")
     ap.add_argument("--max-train", type=int, default=2500, help="classifier training films to fit on (random)")
-    ap.add_argument("--probes", required=True, help="output folder of python -m training.probes")
+    ap.add_argument("--probes", required=True, help="output folder of python -m training.evaluate.probes")
     ap.add_argument("--laterals", help="folder of lateral views (test probes)")
     ap.add_argument("--dicom-samples", help="folder with dx_image.dcm (test probe)")
     ap.add_argument("--segmenter-split", help="split.json of the lung segmenter (its train films are left out)")
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_node.model.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
     from cxr_node.model.infer import FEATURE_LAYERS, OOD_KIND
     from cxr_node.model.lungs import shared_segmenter
-    from training.probes import write_probes
+    from training.evaluate.probes import write_probes
 
     model, meta = load_checkpoint(a.checkpoint)
     params, layer = dict(meta["preprocess"]), FEATURE_LAYERS[meta["arch"]]

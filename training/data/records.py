@@ -5,7 +5,7 @@ A dataset is a list of :class:`Record` (path, label, group). It comes from eithe
 * a folder-per-class tree: ``DIR/<label>/*.{png,jpg,jpeg,dcm}`` (each file its own group), or
 * a manifest CSV with at least ``path,label`` (paths relative to the CSV's folder, or absolute);
   rows that share a non-empty ``group``, ``patient_id`` or ``near_dup_group`` are one group and stay
-  in one split. The merged manifests written by ``python -m training.sources build`` add
+  in one split. The merged manifests written by ``python -m training.data.sources build`` add
   ``source``, ``site``, ``split`` (used as the split when every kept row has one) and ``exclude``
   (a reason; rows with one are skipped here but still count for grouping).
 """
@@ -87,7 +87,7 @@ class UnionFind:
 
 def read_manifest(csv_path: Path, include_excluded: bool = False) -> list[Record]:
     """Records of a manifest CSV. Rows with a non-empty ``exclude`` column (a reason written by
-    ``training.sources``) are skipped unless ``include_excluded``; they still join groups, so a
+    ``training.data.sources``) are skipped unless ``include_excluded``; they still join groups, so a
     kept film is grouped with its dropped copies' patients."""
     csv_path = Path(csv_path)
     root = csv_path.parent
@@ -144,7 +144,7 @@ def manifest_sha256(records: Sequence[Record]) -> str:
 
 def grouped_stratified_split(records: Sequence[Record], fractions: Sequence[float] = (0.70, 0.15, 0.15),
                              seed: int = 42, stratum: Callable[[Record], str] | None = None) -> dict[str, str]:
-    """relpath -> split name. Per stratum (default: the label; ``training.sources`` uses
+    """relpath -> split name. Per stratum (default: the label; ``training.data.sources`` uses
     source/label), groups are shuffled with ``seed`` and dealt to the splits so each split gets about
     its fraction of that stratum's images; a group never straddles splits. Groups with mixed strata
     are assigned by their most common stratum."""
@@ -222,17 +222,17 @@ def select(records: Sequence[Record], assign: Mapping[str, str] | None, split: s
 # --------------------------------------------------------------------------- uint8 cache
 
 
-_PACK: Any = None  # training.filmpack.FilmPack, set by use_pack()
+_PACK: Any = None  # training.data.filmpack.FilmPack, set by use_pack()
 
 
 def use_pack(path: str | os.PathLike[str] | None) -> None:
-    """Read films from a film pack (``python -m training.pack``) instead of the source images, for
+    """Read films from a film pack (``python -m training.data.pack``) instead of the source images, for
     the rest of the process (train, calibrate, evaluate and lso take ``--film-pack``)."""
     global _PACK
     if not path:
         _PACK = None
         return
-    from training.filmpack import FilmPack
+    from training.data.filmpack import FilmPack
 
     _PACK = FilmPack(path)
     log.info("reading films from pack %s (%d films, %s)", path, len(_PACK), _PACK.codec)

@@ -1,6 +1,6 @@
 """The film pack's format: preprocessed films (uint8, one codec) keyed by path, with the
-preprocessing parameters they were made with. Written by ``python -m training.pack``
-(:mod:`training.pack`), read by :func:`training.data.use_pack`.
+preprocessing parameters they were made with. Written by ``python -m training.data.pack``
+(:mod:`training.data.pack`), read by :func:`training.data.records.use_pack`.
 """
 
 from __future__ import annotations

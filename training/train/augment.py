@@ -340,7 +340,7 @@ def make_v3_augment(size: int = 128, resolution_prob: float = 0.25,
     contrast, blur/sharpen, resolution drop, JPEG, noise), then occlusion (borders, markers)."""
     from monai.transforms import Compose, RandAffine
 
-    from training.transforms import RandWindowJitter
+    from training.train.transforms import RandWindowJitter
 
     return Compose([
         RandAffine(prob=0.7, rotate_range=math.radians(10), scale_range=(0.12, 0.12),

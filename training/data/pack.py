@@ -9,7 +9,7 @@ films from the pack instead of the source images (the pack's preprocessing param
 the run's, or the run stops).
 
     # every train+val film of a merged manifest, lung crop at 224 px, covid19-radiography subsampled
-    python -m training.pack build --manifest runs/v3/merged.csv --splits train,val \\
+    python -m training.data.pack build --manifest runs/v3/merged.csv --splits train,val \\
         --input-size 224 --preprocess 'lung_crop={"margin": 0.1, "segmenter_sha256": "..."}' \\
         --cap covid19-radiography:train=600 --cap covid19-radiography:val=150 \\
         --codec jpeg:92 --out runs/gpu/v3.pack.npz --manifest-out runs/gpu/v3.csv
@@ -34,9 +34,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from training.filmpack import check_codec, encode_film, write_pack
+from training.data.filmpack import check_codec, encode_film, write_pack
 
-log = logging.getLogger("training.pack")
+log = logging.getLogger("training.data.pack")
 
 
 
@@ -72,8 +72,8 @@ def choose(rows: Sequence[dict[str, str]], splits: Sequence[str], caps: Mapping[
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from training import data as D
     from training.common import parse_preprocess
+    from training.data import records as D
 
     manifest = Path(args.manifest).resolve()
     with open(manifest, newline="", encoding="utf-8") as f:
@@ -83,7 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     splits = tuple(s for s in args.splits.split(",") if s)
     chosen = choose(rows, splits, parse_caps(args.cap), args.seed)
     params = parse_preprocess(args.preprocess, args.input_size)
-    # keys are the manifest's paths made absolute, as training.data.Record.path and training.lso name them
+    # keys are the manifest's paths made absolute, as training.data.records.Record.path and training.evaluate.lso name them
     keys = []
     for i in sorted(chosen):
         p = Path(rows[i]["path"].strip())
@@ -116,11 +116,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.pack", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.data.pack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="preprocess a manifest's films into one pack file")
-    b.add_argument("--manifest", required=True, help="manifest CSV (path,label,...; e.g. python -m training.sources build)")
+    b.add_argument("--manifest", required=True, help="manifest CSV (path,label,...; e.g. python -m training.data.sources build)")
     b.add_argument("--out", required=True, help="the pack file (.npz)")
     b.add_argument("--splits", default="train,val", help="builder splits to pack (default train,val)")
     b.add_argument("--cap", action="append", default=[], metavar="SOURCE:SPLIT=N",

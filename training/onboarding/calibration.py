@@ -1,7 +1,7 @@
 """Goal figure for site onboarding: does a site calibration put the urgent flag's sensitivity where
 the site asked, on films the bundled model never saw?
 
-    OMP_NUM_THREADS=2 nice -n 10 python -m training.site_onboarding --data /path/to/data \\
+    OMP_NUM_THREADS=2 nice -n 10 python -m training.onboarding.calibration --data /path/to/data \\
         --covid hannover-covid --normal nih-chestxray8-subset --out training/results/site-onboarding
 
 The simulated site: the COVID films of one folder (default hannover-covid, Hannover Medical School)
@@ -19,7 +19,7 @@ Repetition 0 is reported with Wilson 95% intervals; all repetitions give the spr
 
 **Site adaptation goal** (issue 20, ``cxr-node adapt-site``), with ``--adaptation FEATURES.npz``:
 
-    python -m training.site_onboarding --adaptation runs/v4/frozen/features.npz \
+    python -m training.onboarding.calibration --adaptation runs/v4/frozen/features.npz \
         --manifest runs/v4/merged.csv --out training/results/v4/site-adaptation \
         [--baseline-predictions training/results/v4/frozen/lso-v4-recipe/ieee8023-predictions.csv]
 
@@ -28,7 +28,7 @@ ieee8023 country with both classes. Copies of covid19-radiography films (the bac
 folder) are left out. Each of ``--repeats`` draws takes whole patients as the site's labelled
 films, at most ``--max-labelled`` (200) and at most half the site's films, fits the site head
 (:func:`cxr_node.model.adaptation.fit_site_head`, the code ``adapt-site`` runs) on the frozen features
-``training.frozen extract`` wrote, and measures COVID AUC on the site's OTHER films, the model as is
+``training.evaluate.frozen extract`` wrote, and measures COVID AUC on the site's OTHER films, the model as is
 against the head. Draw 0 has the paired patient-bootstrap 95% interval of the gain; all draws give
 the median and the 5-95% spread. Goal: gain >= 0.10.
 """
@@ -43,14 +43,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-log = logging.getLogger("training.site_onboarding")
+log = logging.getLogger("training.onboarding.calibration")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.site_onboarding", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.onboarding.calibration", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adaptation", default=None, metavar="FEATURES_NPZ",
-                   help="report the site-adaptation goal instead (frozen features from python -m training.frozen "
+                   help="report the site-adaptation goal instead (frozen features from python -m training.evaluate.frozen "
                    "extract); needs --manifest")
     p.add_argument("--manifest", default=None, help="merged manifest (with --adaptation)")
     p.add_argument("--baseline-predictions", default=None,
@@ -267,8 +267,8 @@ def adaptation(args: argparse.Namespace) -> dict:
 
     from cxr_node.model.adaptation import fit_site_head, paired_auc_difference
     from cxr_node.model.calibration import roc_auc, softmax
-    from training.frozen import bundled_meta, load_features, seen_copies
-    from training.lso import read_rows
+    from training.evaluate.frozen import bundled_meta, load_features, seen_copies
+    from training.evaluate.lso.folds import read_rows
 
     rows = read_rows(Path(args.manifest))
     index, X, L, flabels = load_features(Path(args.adaptation))

@@ -2,7 +2,7 @@
 ask for before its champion/challenger gate stops keeping a site safe, and does a site head on the
 abnormal axis reach its goal?
 
-    python -m training.site_abnormal --features runs/v5/features.npz --manifest runs/v5/merged.csv \\
+    python -m training.onboarding.abnormal --features runs/v5/features.npz --manifest runs/v5/merged.csv \\
         --out runs/site-abnormal [--minimums 10,15,20,25,30,40,50] [--repeats 30]
 
 Simulated sites the champion never saw: each source holding both classes whose films the bundled
@@ -26,7 +26,7 @@ left out.
   accept a head whose AUC on the site's other films is below the champion's, and the accepted heads'
   sensitivity at their threshold on those films has a median within 0.05 of the target.
 
-Features: ``python -m training.abnormal extract`` (``f_final``, ``logits``, ``ids``).
+Features: ``python -m training.evaluate.abnormal extract`` (``f_final``, ``logits``, ``ids``).
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ from typing import Sequence
 
 import numpy as np
 
-log = logging.getLogger("training.site_abnormal")
+log = logging.getLogger("training.onboarding.abnormal")
 
 SITES = ("nih", "shenzhen")
 NORMAL_LABELS = ("Normal", "No Finding")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.site_abnormal", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.onboarding.abnormal", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", required=True, help="features.npz from python -m training.abnormal extract")
+    p.add_argument("--features", required=True, help="features.npz from python -m training.evaluate.abnormal extract")
     p.add_argument("--manifest", required=True, help="the merged manifest it was extracted from")
     p.add_argument("--out", required=True)
     p.add_argument("--sites", default=",".join(SITES))
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace):
-    from training.frozen import seen_copies
-    from training.lso import read_rows
+    from training.evaluate.frozen import seen_copies
+    from training.evaluate.lso.folds import read_rows
 
     z = np.load(args.features)
     index = {str(i): k for k, i in enumerate(z["ids"])}
@@ -80,7 +80,7 @@ def champion(args, rows, index, X, logits, flabels, site: str, site_rows: list[d
     """The champion's p(abnormal) on the site's films, and its operating point (module docstring)."""
     from cxr_node.model.adaptation import balanced_weights, fit_logistic_head
     from cxr_node.model.calibration import softmax, threshold_for_sensitivity
-    from training.frozen import bundled_meta
+    from training.evaluate.frozen import bundled_meta
 
     idx = [index[r["id"]] for r in site_rows]
     groups = {r["group"] for r in site_rows}
@@ -107,7 +107,7 @@ def one_draw(x, y, p0, t0, groups, n: int, rng, args, seed: int) -> dict | None:
     from cxr_node.model.adaptation import fit_site_head
     from cxr_node.model.calibration import roc_auc
     from cxr_node.onboarding import abnormal
-    from training.site_onboarding import draw
+    from training.onboarding.calibration import draw
 
     films = [{"label": "abnormal" if v else "normal", "patient": g} for v, g in zip(y, groups)]
     lab, ev = draw(films, n, rng)

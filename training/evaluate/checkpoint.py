@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="uint8 preprocessing cache folder (default: a temp dir)")
-    p.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.pack) instead of the source images")
+    p.add_argument("--film-pack", default=None, metavar="FILE", help="read preprocessed films from this pack (python -m training.data.pack) instead of the source images")
     p.add_argument("--record-in-checkpoint", action="store_true",
                    help="also store the summary under meta['metrics'][SPLIT] in the checkpoint")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -53,7 +52,7 @@ def plot_all(metrics: dict[str, Any], y: np.ndarray, p: np.ndarray, labels: Sequ
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.metrics import roc_curve
+    from training.evaluate.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for k, name in enumerate(labels):
@@ -106,7 +105,7 @@ def plot_all(metrics: dict[str, Any], y: np.ndarray, p: np.ndarray, labels: Sequ
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from cxr_node.model.checkpoint import read_checkpoint, save_checkpoint
     from training.common import split_logits
-    from training.metrics import softmax, summarize
+    from training.evaluate.metrics import softmax, summarize
 
     ckpt = Path(args.checkpoint)
     t0 = time.perf_counter()
@@ -154,12 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     if args.film_pack:
-        from training import data as D
+        from training.data import records as D
 
         D.use_pack(args.film_pack)
     evaluate(args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

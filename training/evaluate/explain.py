@@ -1,6 +1,6 @@
 """How much of the Grad-CAM heat falls inside the lungs, on films with drawn lung masks.
 
-    python -m training.explain --checkpoint CK --data DIR [--split-file runs/lung-unet/split.json]
+    python -m training.evaluate.explain --checkpoint CK --data DIR [--split-file runs/lung-unet/split.json]
         [--layers class_layers.relu features.denseblock3] --out training/results/cam-in-lung
 
 For each film with a mask (``manifest.csv`` column ``lung_mask``; films the lung segmenter trained
@@ -23,7 +23,7 @@ import torch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.explain", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate.explain", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data", required=True)
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr_node.model.infer import Predictor
     from cxr_node.model.lungs import shared_segmenter
     from cxr_node.model.preprocess import prepare
-    from training.metrics import bootstrap_mean_ci
+    from training.evaluate.metrics import bootstrap_mean_ci
 
     root, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
