@@ -54,6 +54,11 @@ def classify(status: int) -> SendOutcome:
     """A destination's C-STORE response status -> what the outbox does with the item."""
     if status in _STORED:
         return SendOutcome(SENT, status, "stored" if status == SUCCESS else f"stored with warning 0x{status:04X}")
+    if status == DUPLICATE_INSTANCE:
+        # our result UIDs are derived from the source and the model, so the destination holds this very
+        # object already (an earlier send arrived but its answer did not): retrying would only repeat
+        return SendOutcome(SENT, status, f"0x{status:04X} the destination already holds this SOP Instance "
+                                         "(duplicate); counted as sent")
     if 0xA700 <= status <= 0xA7FF:
         return SendOutcome(TRANSIENT, status, f"0x{status:04X} out of resources at the destination")
     if 0xA900 <= status <= 0xA9FF:

@@ -123,9 +123,42 @@ def test_permanent_rejection_dead_letters_and_admin_cli(node_factory, tmp_path):
 @pytest.mark.parametrize("status, kind", [
     (0x0000, SENT), (0xB000, SENT), (0xB007, SENT), (0xA700, TRANSIENT), (0xA7FF, TRANSIENT),
     (0xA900, PERMANENT), (0xC000, PERMANENT), (0xC123, PERMANENT), (0x0122, PERMANENT), (0x0211, TRANSIENT),
+    (0x0111, SENT),
 ])
 def test_status_classification(status, kind):
     assert classify_status(status).kind == kind
+
+
+def test_a_destination_that_already_holds_the_object_is_not_retried(node_factory, tmp_path):
+    """A pynetdicom Storage SCP that answers 0x0111 (duplicate SOP Instance) to every C-STORE: each result is
+    recorded sent with the status and why, at the first attempt, and never retried."""
+    from conftest import free_port
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    seen: list[str] = []
+
+    def duplicate(event):
+        seen.append(event.request.AffectedSOPInstanceUID)
+        return 0x0111
+
+    ae = AE(ae_title="DUPPACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, duplicate)])
+    try:
+        node = _node(node_factory, tmp_path, "dup", "DUPPACS", port).start()
+        study = uid()
+        assert storescu(node.port, make_cr(tmp_path / "d.dcm", study_uid=study, rows=128, cols=128)).returncode == 0
+        sent = _wait_sent(node, study, 2, timeout=60)
+        time.sleep(3)  # three retry periods (retry_base_seconds 1): a retry would show by now
+    finally:
+        server.shutdown()
+    assert all(r["status"] == 0x0111 and "already holds" in r["reason"] for r in sent)
+    assert all(r["detail"]["attempt"] == 1 for r in sent)
+    assert not node.events("outbox.retry", study_uid=study)
+    assert sorted(seen) == sorted(r["sop_instance_uid"] for r in sent)  # each offered once
+    listed = json.loads(cli("outbox", "list", "--format", "json", config=node.config).stdout)
+    assert {r["state"] for r in listed} == {"sent"} and {r["last_status"] for r in listed} == {0x0111}
 
 
 def test_prometheus_metrics(node_factory, tmp_path):
