@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 
 from cxr_node.audit import trail as audit
 from cxr_node.config import Settings
@@ -36,6 +36,7 @@ from cxr_node.outbox import channels
 from cxr_node.outbox.files import result_path
 from cxr_node.outbox.send import FileToSend
 from cxr_node.receive.spool import Spool
+from cxr_node.study.scheduling import MEDIUM
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,9 @@ class Outbox:
     def _drain_items(self, limit: int) -> int:
         """Send every due item once; returns how many were sent. Each item is claimed for this node
         first (``claimed_by``, under its lease), so nodes sharing the database never send one twice."""
-        with self.db.session() as s:
-            ids = list(s.scalars(select(OutboxItem.id).where(OutboxItem.state == PENDING,
-                                                             OutboxItem.next_attempt_at <= utcnow(),
-                                                             OutboxItem.claimed_by.is_(None))
-                                 .order_by(OutboxItem.id).limit(limit)))
-        due = self._claim(ids) if ids else []
+        ids = self._due_ids(limit)
+        rank = {item_id: k for k, item_id in enumerate(ids)}
+        due = sorted(self._claim(ids), key=lambda r: rank[r.id]) if ids else []
         by_dest: dict[str, list[OutboxItem]] = {}
         for item in due:
             by_dest.setdefault(item.destination, []).append(item)
@@ -214,6 +212,21 @@ class Outbox:
                 outcomes = channels.send(self.settings, dest, files)
             sent += self._record(items, outcomes)
         return sent
+
+    def _due_ids(self, limit: int) -> list[int]:
+        """The due, unclaimed items, most urgent first: a study version the node called urgent (any of
+        its films), then the sender's DIMSE Priority, then the order they were queued. So a PACS back
+        from an outage, or a backlog longer than one drain, gets the urgent results first."""
+        urgent = (select(ImageResult.id).where(ImageResult.study_uid == OutboxItem.study_uid,
+                                               ImageResult.study_version == OutboxItem.study_version,
+                                               ImageResult.urgent.is_(True)).exists())
+        with self.db.session() as s:
+            return list(s.scalars(
+                select(OutboxItem.id).outerjoin(Study, Study.study_uid == OutboxItem.study_uid)
+                .where(OutboxItem.state == PENDING, OutboxItem.next_attempt_at <= utcnow(),
+                       OutboxItem.claimed_by.is_(None))
+                .order_by(case((urgent, 0), else_=1), func.coalesce(Study.upstream_rank, MEDIUM), OutboxItem.id)
+                .limit(limit)))
 
     def _claim(self, ids: list[int]) -> list[OutboxItem]:
         """The items of ``ids`` still pending and unclaimed, now claimed by this node."""
