@@ -1,17 +1,21 @@
 """Real peers for the HTTP and HL7 senders, started by a test on 127.0.0.1 at a free port: an HTTP
 server that answers what the test scripts (a refusing STOW-RS server, a FHIR server, a webhook)
-and an MLLP listener that answers each HL7 message with a scripted ACK code. Both record what
-they received, in order."""
+and an MLLP listener that answers each HL7 message with a scripted ACK code, either over TLS when
+given a context. Both record what they received, in order. ``make_pki``: a private CA and its
+certificates, for the TLS tests."""
 
 from __future__ import annotations
 
 import json
 import socket
 import socketserver
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Sequence
 
 from conftest import free_port
 
@@ -93,6 +97,8 @@ class MLLPPeer:
     codes: list[str | None] = field(default_factory=lambda: ["AA"])
     received: list[str] = field(default_factory=list)
     acked_at: list[float] = field(default_factory=list)  # time.time() of each ACK sent (benchmarks)
+    tls: object = None  # an ssl.SSLContext (server side): MLLP over TLS, client certificates as it requires
+    refused: list[str] = field(default_factory=list)  # why each TLS handshake it refused failed
 
     def __post_init__(self) -> None:
         peer = self
@@ -101,6 +107,12 @@ class MLLPPeer:
             def handle(self) -> None:
                 buf = b""
                 self.request.settimeout(10)
+                if peer.tls is not None:
+                    try:
+                        self.request = peer.tls.wrap_socket(self.request, server_side=True)
+                    except OSError as e:  # ssl.SSLError included: no client certificate, an unknown CA
+                        peer.refused.append(str(e))
+                        return
                 while True:
                     try:
                         chunk = self.request.recv(65536)
@@ -128,6 +140,42 @@ class MLLPPeer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def make_pki(d: Path, names: Sequence[str], rogue: bool = False) -> Path:
+    """A private CA (``d/ca.pem``) and, for each name, a certificate it signed for IP 127.0.0.1
+    (``d/NAME.pem``, ``d/NAME.key``), made with the openssl command; ``rogue``: also a self-signed
+    ``d/rogue.pem`` no CA knows."""
+    from conftest import require_tool
+
+    def openssl(*args: str) -> None:
+        subprocess.run([require_tool("openssl", "openssl"), *args], cwd=d, check=True, capture_output=True,
+                       timeout=60)
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=cxr-node test CA")
+    for name in names:
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext")
+    if rogue:
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.pem",
+                "-days", "2", "-subj", "/CN=rogue")
+    return d
+
+
+def server_context(d: Path, name: str, require_client: bool = True):
+    """A server-side ssl.SSLContext with ``d/NAME.pem`` that trusts the CA of :func:`make_pki`."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / f"{name}.pem", d / f"{name}.key")
+    ctx.load_verify_locations(d / "ca.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE
+    return ctx
 
 
 def segments(msg: str) -> dict[str, list[list[str]]]:

@@ -66,6 +66,7 @@ class Notification:
     sending_facility: str = ""
     receiving_application: str = ""
     receiving_facility: str = ""
+    tls: bool = False             # hl7v2: MLLP over TLS (the listener's certificate and host name checked)
     ca_certificates: Path | None = None
     client_certificate: Path | None = None
     client_key: Path | None = None
@@ -77,7 +78,9 @@ class Notification:
 
     @property
     def where(self) -> str:
-        return public_url(self.url) if self.kind == FHIR else f"MLLP {self.host}:{self.port}"
+        if self.kind == FHIR:
+            return public_url(self.url)
+        return f"MLLP{' over TLS' if self.tls else ''} {self.host}:{self.port}"
 
 
 def public_url(url: str) -> str:
@@ -138,13 +141,15 @@ DESTINATION_KEYS: dict[str, tuple[Callable[[Any], Any], Any]] = {
 NOTIFICATION_KEYS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "name": (_str, None), "kind": (_choice(HL7V2, FHIR), None), "host": (_host, None), "port": (_int(1, 65535), None),
     "url": (_url, None), "sending_application": (_hl7_id, None), "sending_facility": (_hl7_id, None),
-    "receiving_application": (_hl7_id, None), "receiving_facility": (_hl7_id, None),
+    "receiving_application": (_hl7_id, None), "receiving_facility": (_hl7_id, None), "tls": (_bool, False),
     **{k: (check, None) for k, check in _HTTP.items()}}
+#: MLLP over TLS: on with ``tls = true``; the certificate keys apply only then
+_MLLP_TLS = ("tls", "ca_certificates", "client_certificate", "client_key")
 #: which keys each kind needs (R) and which it may have (O); the others are refused for that kind
 _NEEDS = {DIMSE: ({"ae_title", "host", "port"}, {"tls"}),
           DICOMWEB: ({"url"}, set(_HTTP)),
           HL7V2: ({"host", "port"}, {"sending_application", "sending_facility", "receiving_application",
-                                     "receiving_facility", "timeout"}),
+                                     "receiving_facility", "timeout", *_MLLP_TLS}),
           FHIR: ({"url"}, set(_HTTP))}
 
 
@@ -196,6 +201,10 @@ def _entries(raw: Any, section: str, keys: dict, fail: Callable[[str, str], Conf
             raise fail(f"{label} auth", "secret_file/secret_env given but auth is \"none\"")
         if kw.get("client_key") and not kw.get("client_certificate"):
             raise fail(f"{label} client_key", "needs client_certificate")
+        if kind == HL7V2 and not kw.get("tls"):
+            for key in _MLLP_TLS[1:]:
+                if kw.get(key):
+                    raise fail(f"{label} {key}", "applies to MLLP only with tls = true")
         out.append((label, kw))
     return out
 

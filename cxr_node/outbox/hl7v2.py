@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from typing import Any
 
 from cxr_node.config.channels import Notification
@@ -95,11 +96,38 @@ def build(n: Notification, info: dict, control_id: str, correction: bool) -> str
     return m.to_er7() + "\r"
 
 
+def tls_context(n: Notification) -> ssl.SSLContext:
+    """The client side of MLLP over TLS: the listener's certificate checked against ``ca_certificates``
+    (else the system's CAs) and its host name or IP; ours presented when ``client_certificate`` is set."""
+    ctx = ssl.create_default_context(cafile=str(n.ca_certificates) if n.ca_certificates else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if n.client_certificate is not None:
+        ctx.load_cert_chain(str(n.client_certificate), str(n.client_key) if n.client_key else None)
+    return ctx
+
+
+def _connect(n: Notification, ctx: ssl.SSLContext | None) -> socket.socket:
+    sock = socket.create_connection((n.host, n.port), timeout=n.timeout)
+    if ctx is None:
+        return sock
+    try:
+        return ctx.wrap_socket(sock, server_hostname=n.host)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def send(n: Notification, message: bytes) -> SendOutcome:
-    """One MLLP exchange: the framed message out, the framed ACK back, classified."""
+    """One MLLP exchange (over TLS with ``tls = true``): the framed message out, the framed ACK back,
+    classified."""
     where = n.where
     try:
-        with socket.create_connection((n.host, n.port), timeout=n.timeout) as sock:
+        ctx = tls_context(n) if n.tls else None
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a file that is not PEM, a key that does not fit
+        return SendOutcome(TRANSIENT, None, f"cannot load the TLS files for {where} (ca_certificates, "
+                                            f"client_certificate, client_key): {getattr(e, 'strerror', None) or e}")
+    try:
+        with _connect(n, ctx) as sock:
             sock.settimeout(n.timeout)
             sock.sendall(SB + message + EB + CR)
             buf = b""
@@ -112,6 +140,10 @@ def send(n: Notification, message: bytes) -> SendOutcome:
                     return SendOutcome(TRANSIENT, None, f"{where} sent more than 1 MiB without ending its ACK")
     except socket.timeout:
         return SendOutcome(TRANSIENT, None, f"no ACK from {where} within {n.timeout:g}s")
+    except ssl.SSLError as e:  # before OSError, its base: the handshake or the certificate check failed
+        why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e)
+        return SendOutcome(TRANSIENT, None, f"{where}: TLS failed: {why} (check ca_certificates / "
+                                            "client_certificate)")
     except OSError as e:
         return SendOutcome(TRANSIENT, None, f"cannot reach {where}: {e.strerror or e}")
     start = buf.find(SB)

@@ -166,31 +166,11 @@ def test_outcomes_of_a_200_with_warning_and_of_a_list_answer():
     assert oc.kind == "permanent" and "request too large" in oc.reason
 
 
-def _openssl(*args, cwd):
-    import subprocess
-
-    from conftest import require_tool
-
-    subprocess.run([require_tool("openssl", "openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 def test_https_with_a_private_ca_and_a_client_certificate(tmp_path):
-    import ssl
+    from helpers_peers import make_pki, server_context
 
-    d = tmp_path / "pki"
-    d.mkdir()
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=cxr-node test CA", cwd=d)
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(d / "server.pem", d / "server.key")
-    ctx.load_verify_locations(d / "ca.pem")
-    ctx.verify_mode = ssl.CERT_REQUIRED  # the archive wants our client certificate
+    d = make_pki(tmp_path / "pki", ("server", "client"))
+    ctx = server_context(d, "server")  # the archive wants our client certificate
     peer = HTTPPeer(tls=ctx)
     try:
         tls = {"name": "cloud", "kind": "dicomweb", "url": peer.url, "ca_certificates": str(d / "ca.pem"),

@@ -213,3 +213,58 @@ def test_two_nodes_never_send_one_notification_twice(tmp_path, peers):
     (again,) = [r for r in box.notifier.list() if r.id == rows[0].id]
     assert again.state == "pending" and again.next_attempt_at > rows[0].next_attempt_at  # due after the lease
     assert box.drain() == 1 and len(mllp.received) == 0  # only the unclaimed FHIR one went
+
+
+def _mllp_box(tmp_path, port: int, **tls) -> Outbox:
+    settings = config.parse({"storage": {"data_dir": str(tmp_path)}, "outbox": {"max_attempts": 3},
+                             "notifications": [{"name": "ris", "kind": "hl7v2", "host": "127.0.0.1", "port": port,
+                                                "timeout": 3, **tls}]}, base_dir=tmp_path)
+    migrate.upgrade(settings.database.url)
+    box = Outbox(settings, Database(settings.database.url))
+    box.prepare()
+    return box
+
+
+def _notify_once(box: Outbox):
+    _decide(box, study(1, (0.95, 0.03, 0.02)))
+    box.drain()
+    (row,) = box.notifier.list()
+    return row
+
+
+def test_mllp_over_tls_with_a_private_ca_and_a_client_certificate(tmp_path):
+    """The RIS listens for MLLP over TLS and wants our client certificate: sent with the files, and
+    each missing piece (our certificate, the CA, TLS itself) is retried with a reason that says which."""
+    from helpers_peers import make_pki, server_context
+
+    d = make_pki(tmp_path / "pki", ("ris", "node"))
+    ris = MLLPPeer(tls=server_context(d, "ris"))
+    try:
+        tls = {"tls": True, "ca_certificates": str(d / "ca.pem"), "client_certificate": str(d / "node.pem"),
+               "client_key": str(d / "node.key")}
+        row = _notify_once(_mllp_box(tmp_path / "a", ris.port, **tls))
+        assert row.state == DONE and len(ris.received) == 1 and segments(ris.received[0])["MSH"][0][9].startswith("ORU")
+        # no client certificate: the listener refuses the handshake
+        row = _notify_once(_mllp_box(tmp_path / "b", ris.port, tls=True, ca_certificates=str(d / "ca.pem")))
+        assert row.state == PENDING and len(ris.received) == 1 and ris.refused
+        assert "MLLP over TLS 127.0.0.1" in row.last_error
+        # the system's CAs do not know the RIS's: its certificate is not trusted, nothing is sent
+        row = _notify_once(_mllp_box(tmp_path / "c", ris.port, tls=True, client_certificate=str(d / "node.pem"),
+                                     client_key=str(d / "node.key")))
+        assert row.state == PENDING and len(ris.received) == 1
+        assert row.last_error.startswith("MLLP over TLS 127.0.0.1") and "TLS failed" in row.last_error
+        assert "certificate" in row.last_error
+        # plain MLLP to a TLS listener: no ACK, retried
+        row = _notify_once(_mllp_box(tmp_path / "d", ris.port))
+        assert row.state == PENDING and len(ris.received) == 1
+        # a CA file that is not there: said so before any connection
+        row = _notify_once(_mllp_box(tmp_path / "e", ris.port, tls=True, ca_certificates=str(d / "nope.pem")))
+        assert row.state == PENDING and "cannot load the TLS files" in row.last_error
+    finally:
+        ris.stop()
+
+
+def test_mllp_certificate_keys_need_tls(tmp_path):
+    with pytest.raises(config.ConfigError, match="ca_certificates.*applies to MLLP only with tls = true"):
+        config.parse({"notifications": [{"name": "ris", "kind": "hl7v2", "host": "127.0.0.1", "port": 2575,
+                                         "ca_certificates": "/etc/ssl/ris-ca.pem"}]}, base_dir=tmp_path)

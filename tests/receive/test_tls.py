@@ -9,27 +9,13 @@ import subprocess
 import pytest
 from conftest import StoreSCP, cli, require_tool, storescu, wait_port
 from dicomgen import make_cr
+from helpers_peers import make_pki
 from pydicom import dcmread
-
-
-def _openssl(*args, cwd):
-    subprocess.run([require_tool("openssl", "openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=cxr-node test CA", cwd=d)
-    for name in ("node", "modality", "pacs"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.pem",
-             "-days", "2", "-subj", "/CN=rogue", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), ("node", "modality", "pacs"), rogue=True)
 
 
 def _tls_section(d) -> str:
