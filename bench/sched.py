@@ -108,7 +108,8 @@ def run(code: Path | None, args, src, work: Path) -> dict:
     node_port = free_port()
     orthanc = Orthanc(root / "orthanc", modalities={"cxrnode": ["CXRNODE", "127.0.0.1", node_port]}).start()
     node = Node(root / "node", port=node_port, log_level="INFO", extra=(
-        '[outbox]\npoll_seconds = 2\n[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\n'
+        '[outbox]\npoll_seconds = 2\n' + (f"sc_max_rows = {args.sc_max_rows}\n" if args.sc_max_rows else "")
+        + '[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\n'
         f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\n'))
     saved = conftest.REPO
     conftest.REPO = code or saved
@@ -182,6 +183,7 @@ def main() -> int:
     ap.add_argument("--scenarios", default="alone,after,burst")
     ap.add_argument("--baseline", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--sc-max-rows", type=int, default=None, help="[outbox] sc_max_rows (shipped: 2048)")
     args = ap.parse_args()
     args.scenarios = set(args.scenarios.split(","))
     src = dcmread(get_testdata_file("RG1_UNCR.dcm"))
@@ -193,7 +195,8 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"\nscheduling {started:%Y-%m-%d %H:%M}-{dt.datetime.now(dt.timezone.utc):%H:%M} UTC on {platform.node()} "
           f"({platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end); RG1_UNCR "
-          f"(1955x1841 CR) copies; shipped configuration (release grace 2 s, outbox poll 2 s)")
+          f"(1955x1841 CR) copies; shipped configuration (release grace 2 s, outbox poll 2 s"
+          + (f", sc_max_rows {args.sc_max_rows}" if args.sc_max_rows else "") + ")")
     for name, r in results.items():
         report(name, r)
     if args.json:

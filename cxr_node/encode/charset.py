@@ -17,12 +17,15 @@ so that the SR can still say the film was not analysed.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
+
+log = logging.getLogger(__name__)
 
 UTF8 = "ISO_IR 192"
 _TEXT_VRS = ("SH", "LO", "ST", "LT", "UT", "UC", "PN")
@@ -96,3 +99,21 @@ def fallback(ds: Dataset) -> None:
             text = raw.value.decode("latin-1").rstrip("\0 ")
             ds[tag] = DataElement(tag, raw.VR, PersonName(text) if raw.VR == "PN" else text)
     _rewrite(ds)
+
+
+def make_writable(ds: Dataset, sop_instance_uid: str):
+    """:func:`prepare` for the pipeline: ``(note, refusal)``, the note saying how the film's text was
+    made writable when that took a change (logged), and the refusal when it could not be done
+    (:func:`fallback`; the film's SR still says so)."""
+    from cxr_node.eligibility.rules import unreadable
+
+    try:
+        note = prepare(ds)
+    except Exception as e:  # the last resort: text read as Latin-1, the film refused with its reason
+        fallback(ds)
+        note = f"the character set could not be handled ({type(e).__name__}); text read as Latin-1"
+        log.warning("film %s: %s; refused", sop_instance_uid, note)
+        return note, unreadable(f"character set: {note}")
+    if note:
+        log.warning("film %s: %s", sop_instance_uid, note)
+    return note, None

@@ -200,6 +200,7 @@ class Processor:
         this node has room to claim (it is planned with the others at once: it waits for one
         film, not for the round)."""
         ctx = self.triage_context()
+        self._analyse_together(predictor, rnd)
         done, cut = [], False
         for w, films in rnd:
             for piece in ([f] for f in films) if len(films) > 1 else [films]:
@@ -215,11 +216,21 @@ class Processor:
                 break
         self.drift(predictor, {w.station.name for w in done if w.station is not None})
 
+    def _analyse_together(self, predictor, rnd: list[tuple[StudyWork, list[Film]]]) -> None:
+        """The round's one-film shares (a burst of small studies) preprocessed and analysed as one
+        batch: one forward pass with Grad-CAM for up to batch_size films, not one each (bench/stages.py)."""
+        singles = [films[0] for _, films in rnd if len(films) == 1 and films[0].prediction is None]
+        if len(singles) > 1:  # (a share cut off from the last round was analysed then)
+            self.preprocess(predictor, singles)
+            self.infer(predictor, singles)
+            log.debug("analysed %d one-film shares of a round together", len(singles))
+
     def _study_part(self, predictor, w: StudyWork, films: list[Film], ctx) -> bool | None:
         """``films`` of study ``w`` through every stage; True once the study is recorded, False
         while it has films left, None if it failed (recorded as failed, no longer held)."""
-        self.preprocess(predictor, films)                                 # pixels, lung fields, crop
-        self.infer(predictor, films)                                      # probabilities, OOD, Grad-CAM
+        fresh = [f for f in films if f.prediction is None]  # the round's batch may have analysed them
+        self.preprocess(predictor, fresh)                                 # pixels, lung fields, crop
+        self.infer(predictor, fresh)                                      # probabilities, OOD, Grad-CAM
         self._films += len(films)
         w.mark = self._films  # starvation is counted in the films others had meanwhile
         try:
@@ -276,6 +287,8 @@ class Processor:
         """Read the study's films' headers and apply the header rules (why not, per image); the
         pixels are read in the film's round (:meth:`preprocess`), so a held study costs memory
         for its headers only."""
+        from cxr_node.encode import charset
+
         work = StudyWork(study_uid, version)
         rules = eligibility.settings_rules(self.settings)
         with self.db.session() as s:
@@ -294,7 +307,7 @@ class Processor:
                 work.skipped.append((inst, eligibility.unreadable(
                     f"cannot read the spooled file: {type(e).__name__}: {e}")))
                 continue
-            note, refused = self._character_set(inst, ds)
+            note, refused = charset.make_writable(ds, inst.sop_instance_uid)
             if work.station is None:
                 work.station = stations.resolve(self.settings, inst.calling_aet, element(ds, "StationName"),
                                                 element(ds, "InstitutionName"))
@@ -310,23 +323,6 @@ class Processor:
                                  (element(f.ds, "RequestedProcedurePriority") for f in work.films))
         work.todo = [f for f in work.films if f.refused is None]
         return work
-
-    @staticmethod
-    def _character_set(inst: Instance, ds: Dataset) -> tuple[str | None, Refusal | None]:
-        """The film's text made writable in its results (cxr_node.encode.charset): a note saying how
-        when that took a change, and the refusal when it could not be done (its SR still says so)."""
-        from cxr_node.encode import charset
-
-        try:
-            note = charset.prepare(ds)
-        except Exception as e:  # the last resort: text read as Latin-1, the film refused with its reason
-            charset.fallback(ds)
-            note = f"the character set could not be handled ({type(e).__name__}); text read as Latin-1"
-            log.warning("film %s: %s; refused", inst.sop_instance_uid, note)
-            return note, eligibility.unreadable(f"character set: {note}")
-        if note:
-            log.warning("film %s: %s", inst.sop_instance_uid, note)
-        return note, None
 
     def preprocess(self, predictor, films: list[Film]) -> None:
         import numpy as np

@@ -158,3 +158,37 @@ def test_one_film_study_is_recorded_while_a_big_study_is_analysed(node_factory, 
     assert detail["objects"] == detail["analysed"] + 1  # and one SR
     (stored,) = n.events("instance.stored", study_uid=small)
     assert stored["detail"]["dimse_priority"] == 1
+
+
+def test_a_burst_of_one_film_studies_is_analysed_in_one_batch(node_factory, tmp_path):
+    """Real daemon: four one-film studies in one association are completed together (release rule),
+    claimed into one round and analysed in one forward pass; each is recorded with its own SC and SR,
+    and their results are those of the films analysed one by one (batching changes no call)."""
+    model = bundled_or_tiny(tmp_path)
+    n = node_factory("batch", quiet_seconds=60, log_level="DEBUG", study_extra="release_grace_seconds = 0.3",
+                     extra=f'[model]\ncheckpoint = "{model}"\n').start()
+    n.wait_log("model warmed up", timeout=120)
+    studies = [uid() for _ in range(4)]
+    films = [make_cr(tmp_path / f"s{i}.dcm", study_uid=s, seed=i, rows=320, cols=300) for i, s in enumerate(studies)]
+    assert storescu(n.port, *films).returncode == 0
+    for s in studies:
+        wait_until(lambda s=s: _row(n, "study.processed", s), 120, f"study {s} processed", n)
+    assert "analysed 4 one-film shares of a round together" in n.log
+    with n.db() as c:
+        batched = c.execute("select study_uid, urgent, probabilities from image_results where analysed=1").fetchall()
+    assert sorted(r[0] for r in batched) == sorted(studies)
+    # the same films one at a time (each its own association and round) give the same probabilities
+    alone = node_factory("alone", quiet_seconds=60, log_level="DEBUG", study_extra="release_grace_seconds = 0.3",
+                         extra=f'[model]\ncheckpoint = "{model}"\n').start()
+    alone.wait_log("model warmed up", timeout=120)
+    for f, s in zip(films, studies):
+        assert storescu(alone.port, f).returncode == 0
+        wait_until(lambda s=s: _row(alone, "study.processed", s), 120, f"study {s} processed alone", alone)
+    assert "one-film shares of a round together" not in alone.log
+    with alone.db() as c:
+        single = c.execute("select study_uid, urgent, probabilities from image_results where analysed=1").fetchall()
+    by_study = {r[0]: r for r in single}
+    for study, urgent, probs in batched:
+        p1, p2 = json.loads(probs), json.loads(by_study[study][2])
+        assert urgent == by_study[study][1]
+        assert all(abs(p1[k] - p2[k]) < 1e-4 for k in p1), (p1, p2)
