@@ -72,7 +72,10 @@ def run(settings, args: argparse.Namespace, out: TextIO) -> int:
         out.write("  destination none\n")
     # the settings first, whole lines, then the warnings (`check-config 2>&1 | cat` keeps that order)
     out.flush()
-    for w in (warning, exposure_warning(settings), web_warning(settings)):
+    from cxr_node.config.channels import file_warnings
+
+    for w in (warning, exposure_warning(settings), web_warning(settings),
+              *file_warnings((*settings.destinations, *settings.notifications))):
         if w:
             sys.stderr.write(f"cxr-node: warning: {w}\n")
     sys.stderr.flush()

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from cxr_node.config.schema import Rule, _ae_title, _bool, _choice, _host, _int, _number, _str
@@ -236,3 +236,19 @@ def summary(entry: Destination | Notification) -> dict[str, Any]:
         if entry.auth != "none":
             d["auth"] = entry.auth
     return d
+
+
+def file_warnings(entries: Sequence[Destination | Notification]) -> list[str]:
+    """A line for each certificate, key or secret file an entry names that this process cannot read
+    now: sending to it would fail at every attempt (``check-config`` and the daemon's start say so)."""
+    out = []
+    for e in entries:
+        for key in ("ca_certificates", "client_certificate", "client_key", "secret_file"):
+            path = getattr(e, key, None)
+            if path is None:
+                continue
+            if not path.is_file():
+                out.append(f"{e.name}: {key} {path} does not exist (or is not a file): sends to it will fail")
+            elif not os.access(path, os.R_OK):
+                out.append(f"{e.name}: {key} {path} cannot be read by this user: sends to it will fail")
+    return out

@@ -167,7 +167,10 @@ def serve(settings: Settings) -> int:
                              "running": running_summary(settings)})
     log.info("cxr-node %s listening as %s on %s:%d (data_dir %s)", __version__, n.ae_title, n.host, n.port,
              settings.storage.data_dir)
-    for warning in (exposure_warning(settings), destinations_warning(settings)):
+    from cxr_node.config.channels import file_warnings
+
+    for warning in (exposure_warning(settings), destinations_warning(settings),
+                    *file_warnings((*settings.destinations, *settings.notifications))):
         if warning:
             log.warning("%s", warning)
 

@@ -206,3 +206,25 @@ def test_check_config_names_the_secret_source_never_the_secret(tmp_path):
     assert "destination cloud: DICOMweb https://archive.example.org/dicom-web, bearer credentials from" in out
     assert str(secret) in out and SECRET not in out
     assert "notify      ris: hl7v2 MLLP 127.0.0.1:2575" in out and "triggers    abnormal, COVID" in out
+
+
+def test_check_config_warns_of_a_certificate_file_that_is_not_there(tmp_path):
+    """A CA bundle, client certificate or secret file the entry names but the node cannot read: every
+    send would fail, so check-config says which entry and which file (and a file that is there, not)."""
+    from conftest import cli
+
+    ca = tmp_path / "ris-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "d"}"\n'
+                   f'[[destinations]]\nname = "cloud"\nkind = "dicomweb"\nurl = "https://archive.example.org/dicom-web"\n'
+                   f'ca_certificates = "{tmp_path / "gone.pem"}"\n'
+                   f'[[notifications]]\nname = "ris"\nkind = "hl7v2"\nhost = "127.0.0.1"\nport = 2576\ntls = true\n'
+                   f'ca_certificates = "{ca}"\nclient_certificate = "{tmp_path / "node.pem"}"\n')
+    p = cli("check-config", config=cfg)
+    assert p.returncode == 0 and "notify      ris: hl7v2 MLLP over TLS 127.0.0.1:2576" in p.stdout
+    warned = [line for line in p.stderr.splitlines() if "sends to it will fail" in line]
+    assert warned == [f"cxr-node: warning: cloud: ca_certificates {tmp_path / 'gone.pem'} does not exist (or is not "
+                      "a file): sends to it will fail",
+                      f"cxr-node: warning: ris: client_certificate {tmp_path / 'node.pem'} does not exist (or is "
+                      "not a file): sends to it will fail"]
