@@ -53,6 +53,7 @@ def scheduler(tmp_path: Path, monkeypatch):
     import cxr_node.node.scheduler as sch
 
     monkeypatch.setattr(sch.studies, "complete_quiet_studies", lambda db, quiet: [])
+    monkeypatch.setattr(sch.studies, "retry_failed", lambda db: [])  # no database here (NoDb)
     settings = parse({"storage": {"data_dir": str(tmp_path)}, "outbox": {"poll_seconds": 600},
                       "retention": {"days": 0}}, tmp_path)
     proc, outbox = SlowProcessor(), Outbox()
