@@ -33,6 +33,7 @@ from cxr_node.config.schema import (
     STATION_KEYS,
     STATION_OPTIONAL,
     Rule,
+    array_of_tables,
 )
 from cxr_node.config.schema import schema_defaults as schema_defaults  # part of this module's API
 from cxr_node.errors import ConfigError
@@ -405,16 +406,8 @@ def parse(raw: dict[str, Any], base_dir: Path, source: Path | None = None,
 def _tables(raw: Any, name: str, keys: dict[str, Callable[[Any], Any]], optional: dict[str, Any],
             fail: Callable[[str, str], ConfigError]) -> list[tuple[str, dict[str, Any]]]:
     """An array of tables (``[[name]]``) checked against ``keys``: (label for messages, values) each."""
-    if not isinstance(raw, list):
-        raise fail(f"[[{name}]]", f"must be an array of tables ([[{name}]])")
     out = []
-    for i, d in enumerate(raw):
-        label = f"[[{name}]] #{i + 1}"
-        if not isinstance(d, dict):
-            raise fail(label, "must be a table")
-        extra = set(d) - set(keys)
-        if extra:
-            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(keys)})")
+    for label, d in array_of_tables(raw, name, keys, fail):
         kw = {}
         for key, check in keys.items():
             if key not in d:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
-from cxr_node.config.schema import Rule, _ae_title, _bool, _choice, _host, _int, _number, _str
+from cxr_node.config.schema import Rule, _ae_title, _bool, _choice, _host, _int, _number, _str, array_of_tables
 from cxr_node.errors import ConfigError
 
 DIMSE, DICOMWEB = "dimse", "dicomweb"
@@ -155,16 +155,8 @@ _NEEDS = {DIMSE: ({"ae_title", "host", "port"}, {"tls"}),
 
 def _entries(raw: Any, section: str, keys: dict, fail: Callable[[str, str], ConfigError],
              default_kind: str | None) -> list[tuple[str, dict[str, Any]]]:
-    if not isinstance(raw, list):
-        raise fail(f"[[{section}]]", f"must be an array of tables ([[{section}]])")
     out: list[tuple[str, dict[str, Any]]] = []
-    for i, d in enumerate(raw):
-        label = f"[[{section}]] #{i + 1}"
-        if not isinstance(d, dict):
-            raise fail(label, "must be a table")
-        extra = set(d) - set(keys)
-        if extra:
-            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(keys)})")
+    for label, d in array_of_tables(raw, section, keys, fail):
         kind = d.get("kind", default_kind)
         if kind is None:
             raise fail(f"{label} kind", f"is required ({' or '.join(k for k in _NEEDS if k in (HL7V2, FHIR))})")

@@ -175,3 +175,18 @@ STATION_OPTIONAL = {"station_name": "", "institution_name": "", "triggers": None
 def schema_defaults() -> dict[str, dict[str, Any]]:
     """The documented default of every key, as raw TOML values."""
     return {sec: {k: d for k, (_, d) in keys.items()} for sec, keys in SCHEMA.items()}
+
+
+def array_of_tables(raw: Any, name: str, keys, fail: Callable[[str, str], Exception]):
+    """``[[name]]``'s entries, each a table holding only ``keys``: ``(label for messages, the table)``
+    each; the checks every array of tables shares (stations, destinations, notifications)."""
+    if not isinstance(raw, list):
+        raise fail(f"[[{name}]]", f"must be an array of tables ([[{name}]])")
+    for i, d in enumerate(raw):
+        label = f"[[{name}]] #{i + 1}"
+        if not isinstance(d, dict):
+            raise fail(label, "must be a table")
+        extra = set(d) - set(keys)
+        if extra:
+            raise fail(f"{label} {sorted(extra)[0]}", f"unknown key (known: {', '.join(keys)})")
+        yield label, d
