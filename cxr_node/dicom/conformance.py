@@ -201,9 +201,8 @@ def statement() -> str:
                    dimse.DATASET_MISMATCH, dimse.CANNOT_UNDERSTAND, dimse.SOP_CLASS_NOT_SUPPORTED, dimse.NOT_AUTHORIZED,
                    dimse.INVALID_SOP_INSTANCE, dimse.PROCESSING_FAILURE, dimse.DUPLICATE_INSTANCE})
     out += _table(["Status", "Outcome", "Meaning"],
-                  [(f"0x{c:04X}", "already held: sent" if c == dimse.DUPLICATE_INSTANCE else
-                    {"sent": "stored", "transient": "retried later", "permanent": "dead letter"}[dimse.classify(c).kind],
-                    dimse.classify(c).reason)
+                  [(f"0x{c:04X}", {"sent": "sent", "transient": "retried later",
+                                   "permanent": "dead letter"}[dimse.classify(c).kind], dimse.classify(c).reason)
                    for c in read] + [("0xA7xx, 0xA9xx, 0xCxxx", "as 0xA700, 0xA900, 0xC000", "the class's rule"),
                                      ("any other", "retried later", "unexpected status")])
     w("### 3.4 DIMSE statuses returned (C-STORE SCP)")
