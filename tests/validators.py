@@ -32,3 +32,13 @@ def pixelmed_sr_errors(path: Path) -> list[str]:
     if "Root Template Validation Complete" not in out and "IOD validation complete" not in out:
         raise AssertionError(f"pixelmed did not validate {path}:\n{out[-2000:]}")
     return [line for line in out.splitlines() if line.lower().startswith("error")]
+
+
+def saved_valid_sr(sr, path: Path):
+    """``sr`` written to ``path`` as Part 10, passed by both validators, and read back."""
+    from pydicom import dcmread
+
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert pixelmed_sr_errors(path) == []
+    return dcmread(path)

@@ -10,7 +10,7 @@ import pytest
 from helpers_model import make_checkpoint
 from pydicom import dcmread
 from pydicom.uid import ComprehensiveSRStorage
-from validators import dciodvfy_errors, pixelmed_sr_errors
+from validators import dciodvfy_errors, saved_valid_sr
 
 from cxr_node.encode.identity import MANUFACTURER, ModelIdentity, derived_uid
 from cxr_node.encode.sc import build_sc
@@ -119,11 +119,7 @@ def test_structured_report_validates_and_reads_back(analysed, tmp_path):
     sc = build_sc(source, film, pred, model, instance_number=1)
     sr = build_sr([AnalysedFilm(source, sc, pred)], model, study_version=1)
     path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    assert dciodvfy_errors(path) == []
-    assert pixelmed_sr_errors(path) == []
-
-    back = dcmread(path)
+    back = saved_valid_sr(sr, path)
     assert back.StudyInstanceUID == source.StudyInstanceUID and back.AccessionNumber == "ACC-4711"
     assert back.VerificationFlag == "UNVERIFIED" and back.CompletionFlag == "COMPLETE"
     assert back.ReferencedRequestSequence[0].AccessionNumber == "ACC-4711"
@@ -183,10 +179,7 @@ def test_sr_content_tree_reads_as_a_triage_estimate(analysed, tmp_path):
     why = Refusal(RefusalCode.NO_LUNG_FIELDS, "no plausible lung fields: one lung field only")
     sr = build_sr([AnalysedFilm(source, sc, pred)], model, study_version=1, refused=[RefusedFilm(refused, why)])
     path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    assert dciodvfy_errors(path) == []
-    assert pixelmed_sr_errors(path) == []
-    back = dcmread(path)
+    back = saved_valid_sr(sr, path)
     items = list(_items(back))
 
     nums = [(p, it) for p, it in items if it.ValueType == "NUM"]

@@ -14,7 +14,7 @@ import pytest
 from conftest import require_tool
 from helpers_model import make_checkpoint
 from pydicom import dcmread
-from validators import dciodvfy_errors, pixelmed_sr_errors
+from validators import saved_valid_sr
 
 from cxr_node.encode import wording
 from cxr_node.encode.identity import ModelIdentity
@@ -87,10 +87,7 @@ def test_v5_sr_first_finding_is_the_abnormality_estimate(v5, tmp_path):
     sc = build_sc(source, film, pred, model, instance_number=1)
     sr = build_sr([AnalysedFilm(source, sc, pred)], model, study_version=1)
     path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    assert dciodvfy_errors(path) == []
-    assert pixelmed_sr_errors(path) == []
-    back = dcmread(path)
+    back = saved_valid_sr(sr, path)
     report = read_report(back)  # read back through highdicom
     above = pred.abnormal >= 0.4
     assert report["summary"] == (f"{pred.priority.capitalize()}: abnormal chest radiograph "
